@@ -1,0 +1,223 @@
+//! The virtio-rng device as a vhost-user backend: what it offers the VMM
+//! (features, one request queue) and what it does when the guest kicks.
+//!
+//! One `RngDevice` lives for one VMM connection; the [`Guest`] it serves
+//! outlives it, so counters survive a VM reboot.
+
+use std::io;
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex, RwLock};
+
+use log::{debug, warn};
+use vhost::vhost_user::message::{VhostUserProtocolFeatures, VhostUserVirtioFeatures};
+use vhost_user_backend::{VhostUserBackend, VringRwLock, VringT};
+use virtio_bindings::bindings::virtio_config::VIRTIO_F_VERSION_1;
+use virtio_bindings::bindings::virtio_ring::{
+    VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC,
+};
+use vm_memory::{GuestAddressSpace, GuestMemoryAtomic, GuestMemoryMmap};
+use vmm_sys_util::epoll::EventSet;
+use vmm_sys_util::event::{
+    EventConsumer, EventFlag, EventNotifier, new_event_consumer_and_notifier,
+};
+
+use super::request::{QueueOutcome, RequestProcessor};
+use crate::guest::Guest;
+use crate::pool::EntropyStream;
+
+/// virtio device id of an entropy device.
+pub const VIRTIO_ID_RNG: u32 = 4;
+/// Largest queue the device accepts; the VMM picks the size up to this.
+pub const MAX_QUEUE_SIZE: usize = 1024;
+const NUM_QUEUES: usize = 1;
+const REQUEST_QUEUE: u16 = 0;
+
+/// Virtio features offered to the driver.
+pub const VIRTIO_FEATURES: u64 = (1 << VIRTIO_F_VERSION_1)
+    | (1 << VIRTIO_RING_F_EVENT_IDX)
+    | (1 << VIRTIO_RING_F_INDIRECT_DESC)
+    | VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits();
+
+/// vhost-user protocol features offered to the VMM. cloud-hypervisor's
+/// generic vhost-user frontend needs CONFIGURE_MEM_SLOTS and REPLY_ACK.
+pub fn protocol_features() -> VhostUserProtocolFeatures {
+    VhostUserProtocolFeatures::REPLY_ACK
+        | VhostUserProtocolFeatures::MQ
+        | VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS
+}
+
+type GuestMemory = GuestMemoryAtomic<GuestMemoryMmap>;
+
+/// The virtio-rng device for one VMM connection.
+pub struct RngDevice {
+    guest: Arc<Guest>,
+    memory: RwLock<Option<GuestMemory>>,
+    data_path: Mutex<DataPath>,
+    /// The vring worker's exit event, handed to the worker once; the
+    /// vhost-user handler fires it when the connection's handler is dropped.
+    exit_consumer: Mutex<Option<EventConsumer>>,
+    exit_notifier: EventNotifier,
+}
+
+struct DataPath {
+    processor: RequestProcessor,
+    stream: Box<dyn EntropyStream>,
+}
+
+impl RngDevice {
+    pub fn new(guest: Arc<Guest>) -> io::Result<Arc<Self>> {
+        let (exit_consumer, exit_notifier) =
+            new_event_consumer_and_notifier(EventFlag::NONBLOCK | EventFlag::CLOEXEC)?;
+        let stream = guest.pool().stream();
+        Ok(Arc::new(RngDevice {
+            guest,
+            memory: RwLock::new(None),
+            data_path: Mutex::new(DataPath {
+                processor: RequestProcessor::default(),
+                stream,
+            }),
+            exit_consumer: Mutex::new(Some(exit_consumer)),
+            exit_notifier,
+        }))
+    }
+
+    fn serve_queue(&self, vring: &VringRwLock) {
+        let Some(memory) = self
+            .memory
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+        else {
+            debug!(
+                "guest {}: kick before the memory table; ignored",
+                self.guest.name()
+            );
+            return;
+        };
+        let guest_memory = memory.memory();
+        let outcome = {
+            let mut data_path = self.data_path.lock().unwrap_or_else(|e| e.into_inner());
+            let DataPath { processor, stream } = &mut *data_path;
+            let mut vring_state = vring.get_mut();
+            let guest = &self.guest;
+            processor.process_queue(
+                vring_state.get_queue_mut(),
+                &*guest_memory,
+                stream.as_mut(),
+                &mut |head, defect| {
+                    if let Some(suppressed) = guest.defect_log.permit() {
+                        warn!(
+                            "guest {}: request {head} answered with 0 bytes: {defect} \
+                             ({suppressed} similar messages suppressed)",
+                            guest.name()
+                        );
+                    }
+                },
+            )
+        };
+        match outcome {
+            Ok(outcome) => self.account(vring, outcome),
+            Err(e) => {
+                if let Some(suppressed) = self.guest.defect_log.permit() {
+                    warn!(
+                        "guest {}: request queue unusable until the driver resets it: {e} \
+                         ({suppressed} similar messages suppressed)",
+                        self.guest.name()
+                    );
+                }
+            }
+        }
+    }
+
+    fn account(&self, vring: &VringRwLock, outcome: QueueOutcome) {
+        let stats = &self.guest.stats;
+        stats
+            .requests
+            .fetch_add(outcome.completed, Ordering::Relaxed);
+        stats.bytes.fetch_add(outcome.bytes, Ordering::Relaxed);
+        stats
+            .defective_requests
+            .fetch_add(outcome.defects, Ordering::Relaxed);
+        if outcome.starved {
+            debug!(
+                "guest {}: pool empty, request left pending",
+                self.guest.name()
+            );
+        }
+        if outcome.notify {
+            if let Err(e) = vring.signal_used_queue() {
+                warn!(
+                    "guest {}: cannot signal the used queue: {e}",
+                    self.guest.name()
+                );
+            }
+        }
+    }
+}
+
+impl VhostUserBackend for RngDevice {
+    type Bitmap = ();
+    type Vring = VringRwLock;
+
+    fn num_queues(&self) -> usize {
+        NUM_QUEUES
+    }
+
+    fn max_queue_size(&self) -> usize {
+        MAX_QUEUE_SIZE
+    }
+
+    fn features(&self) -> u64 {
+        VIRTIO_FEATURES
+    }
+
+    fn protocol_features(&self) -> VhostUserProtocolFeatures {
+        protocol_features()
+    }
+
+    /// The handler has already set EVENT_IDX on the vring's queue, which is
+    /// where request processing reads it.
+    fn set_event_idx(&self, _enabled: bool) {}
+
+    fn update_memory(&self, memory: GuestMemory) -> io::Result<()> {
+        *self.memory.write().unwrap_or_else(|e| e.into_inner()) = Some(memory);
+        Ok(())
+    }
+
+    fn exit_event(&self, _thread_index: usize) -> Option<(EventConsumer, EventNotifier)> {
+        let consumer = self
+            .exit_consumer
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take()?;
+        match self.exit_notifier.try_clone() {
+            Ok(notifier) => Some((consumer, notifier)),
+            Err(e) => {
+                warn!(
+                    "guest {}: cannot set up the worker exit event: {e}",
+                    self.guest.name()
+                );
+                None
+            }
+        }
+    }
+
+    /// Never returns an error for anything a guest did: an error here ends
+    /// the vring worker thread, and with it the guest's service.
+    fn handle_event(
+        &self,
+        device_event: u16,
+        _evset: EventSet,
+        vrings: &[VringRwLock],
+        _thread_id: usize,
+    ) -> io::Result<()> {
+        match (device_event, vrings.first()) {
+            (REQUEST_QUEUE, Some(vring)) => self.serve_queue(vring),
+            _ => debug!(
+                "guest {}: unexpected event {device_event}",
+                self.guest.name()
+            ),
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,209 @@
+//! Serving one guest's vhost-user connections, one after another, for as
+//! long as the daemon runs: a VM shutting down, rebooting or crashing ends a
+//! connection, never the guest's service.
+
+use std::io;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread;
+use std::time::Duration;
+
+use log::{debug, info, warn};
+use vhost::vhost_user::{Error as VhostUserError, Listener};
+use vhost_user_backend::{ShutdownHandle, VhostUserDaemon};
+use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
+
+use super::device::RngDevice;
+use super::socket::GuestSocket;
+use crate::guest::Guest;
+
+/// How a guest's VMM reaches the daemon.
+#[derive(Debug)]
+pub enum Endpoint {
+    /// The daemon listens; the VMM connects (QEMU `-chardev socket,path=`).
+    Listen(GuestSocket),
+    /// The VMM listens; the daemon connects, and connects again after each
+    /// connection ends (QEMU `-chardev socket,server=on`).
+    Connect(PathBuf),
+}
+
+impl Endpoint {
+    pub fn path(&self) -> &Path {
+        match self {
+            Endpoint::Listen(socket) => socket.path(),
+            Endpoint::Connect(path) => path,
+        }
+    }
+}
+
+/// Retry delays while a VMM is not there to connect to: short at first, so
+/// a VM that is starting is served quickly, capped so the wait stays cheap.
+const CONNECT_RETRY_FIRST: Duration = Duration::from_millis(50);
+const CONNECT_RETRY_MAX: Duration = Duration::from_secs(1);
+/// Pause after a failure to accept or set up a connection, so a persistent
+/// failure (e.g. out of file descriptors) does not spin.
+const SETUP_RETRY: Duration = Duration::from_millis(500);
+
+/// A running guest server; the daemon keeps it to stop it.
+pub struct GuestServer {
+    guest: Arc<Guest>,
+    endpoint: Endpoint,
+    stopping: AtomicBool,
+    active: Mutex<Option<ShutdownHandle>>,
+}
+
+impl GuestServer {
+    /// Starts serving `guest` on `endpoint` in a thread of its own.
+    pub fn spawn(guest: Arc<Guest>, endpoint: Endpoint) -> io::Result<Arc<Self>> {
+        let listener = match &endpoint {
+            Endpoint::Listen(socket) => Some(Listener::from(socket.try_clone_listener()?)),
+            Endpoint::Connect(_) => None,
+        };
+        let server = Arc::new(GuestServer {
+            guest,
+            endpoint,
+            stopping: AtomicBool::new(false),
+            active: Mutex::new(None),
+        });
+        let worker = Arc::clone(&server);
+        thread::Builder::new()
+            .name(format!("guest-{}", server.guest.name()))
+            .spawn(move || match listener {
+                Some(mut listener) => worker.listen_loop(&mut listener),
+                None => worker.connect_loop(),
+            })?;
+        Ok(server)
+    }
+
+    pub fn guest(&self) -> &Arc<Guest> {
+        &self.guest
+    }
+
+    pub fn path(&self) -> &Path {
+        self.endpoint.path()
+    }
+
+    /// Ends the current connection (if any) and stops taking new ones;
+    /// removes the socket file if the daemon created it.
+    pub fn stop(&self) {
+        self.stopping.store(true, Ordering::SeqCst);
+        if let Some(connection) = self.lock_active().take() {
+            connection.shutdown();
+        }
+        if let Endpoint::Listen(socket) = &self.endpoint {
+            socket.remove();
+        }
+    }
+
+    fn is_stopping(&self) -> bool {
+        self.stopping.load(Ordering::SeqCst)
+    }
+
+    fn lock_active(&self) -> std::sync::MutexGuard<'_, Option<ShutdownHandle>> {
+        self.active.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn new_daemon(&self) -> Option<VhostUserDaemon<Arc<RngDevice>>> {
+        let device = match RngDevice::new(Arc::clone(&self.guest)) {
+            Ok(device) => device,
+            Err(e) => {
+                warn!("guest {}: cannot create device: {e}", self.guest.name());
+                return None;
+            }
+        };
+        let memory = GuestMemoryAtomic::new(GuestMemoryMmap::new());
+        match VhostUserDaemon::new(format!("vhost-rng-{}", self.guest.name()), device, memory) {
+            Ok(daemon) => Some(daemon),
+            Err(e) => {
+                warn!(
+                    "guest {}: cannot create vhost-user handler: {e}",
+                    self.guest.name()
+                );
+                None
+            }
+        }
+    }
+
+    fn listen_loop(&self, listener: &mut Listener) {
+        while !self.is_stopping() {
+            let Some(mut daemon) = self.new_daemon() else {
+                thread::sleep(SETUP_RETRY);
+                continue;
+            };
+            if let Err(e) = daemon.start(listener) {
+                if !self.is_stopping() {
+                    warn!(
+                        "guest {}: accepting on {}: {e}",
+                        self.guest.name(),
+                        self.path().display()
+                    );
+                    thread::sleep(SETUP_RETRY);
+                }
+                continue;
+            }
+            self.serve_connection(daemon);
+        }
+    }
+
+    fn connect_loop(&self) {
+        let path = self.path().to_owned();
+        // `start_client` takes a &str; the CLI only accepts UTF-8 paths.
+        let path_str = path.to_string_lossy().into_owned();
+        let mut delay = CONNECT_RETRY_FIRST;
+        let mut waiting_logged = false;
+        while !self.is_stopping() {
+            let Some(mut daemon) = self.new_daemon() else {
+                thread::sleep(SETUP_RETRY);
+                continue;
+            };
+            match daemon.start_client(&path_str) {
+                Ok(()) => {
+                    delay = CONNECT_RETRY_FIRST;
+                    waiting_logged = false;
+                    self.serve_connection(daemon);
+                }
+                Err(e) => {
+                    if !waiting_logged {
+                        info!(
+                            "guest {}: waiting for the VMM to listen on {}: {e}",
+                            self.guest.name(),
+                            path.display()
+                        );
+                        waiting_logged = true;
+                    } else {
+                        debug!(
+                            "guest {}: connect to {}: {e}",
+                            self.guest.name(),
+                            path.display()
+                        );
+                    }
+                    thread::sleep(delay);
+                    delay = (delay * 2).min(CONNECT_RETRY_MAX);
+                }
+            }
+        }
+    }
+
+    fn serve_connection(&self, mut daemon: VhostUserDaemon<Arc<RngDevice>>) {
+        let name = self.guest.name();
+        let path = self.path().display();
+        *self.lock_active() = daemon.shutdown_handle();
+        if self.is_stopping() {
+            // stop() ran between accept and registering the connection.
+            daemon.request_shutdown();
+        }
+        self.guest.stats.connections.fetch_add(1, Ordering::Relaxed);
+        info!("guest {name}: VMM connected on {path}");
+        let result = daemon.wait();
+        self.lock_active().take();
+        match result {
+            Ok(())
+            | Err(vhost_user_backend::Error::HandleRequest(
+                VhostUserError::Disconnected | VhostUserError::PartialMessage,
+            )) => info!("guest {name}: VMM disconnected from {path}"),
+            Err(e) => warn!("guest {name}: connection on {path} ended: {e}"),
+        }
+        // Dropping the daemon stops and joins this connection's vring worker.
+    }
+}

@@ -1,0 +1,22 @@
+//! vhost-rng: a host entropy service for virtual machines.
+//!
+//! Data path, one module per stage:
+//!
+//! ```text
+//! source (OS CSPRNG today; hardware sources next)   -> src/source/
+//!   -> pool: what every guest draws from            -> src/pool.rs
+//!     -> guest frontends: vhost-user virtio-rng     -> src/frontend/vhost_user/
+//! ```
+//!
+//! [`daemon`] wires the stages together for `vhost-rng serve`; [`testing`]
+//! holds a minimal VMM side of vhost-user used by the integration tests and
+//! benchmarks.
+
+pub mod cli;
+pub mod daemon;
+pub mod frontend;
+pub mod guest;
+pub mod log_limit;
+pub mod pool;
+pub mod source;
+pub mod testing;
