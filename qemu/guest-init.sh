@@ -1,0 +1,116 @@
+#!/bin/sh
+# /init of the vhost-rng test guest (busybox ash; build-guest.sh copies it in).
+#
+# Reads vrng.bytes bytes from /dev/hwrng, reports on the console in lines
+# prefixed "VRNG " for the host to parse, then powers off.  Parameters come
+# from the kernel command line:
+#   vrng.bytes=N      bytes to read (default 1048576)
+#   vrng.out=DEV      also write the bytes to DEV (a virtio-blk disk, /dev/vda)
+#   vrng.timeout=S    give up reading after S seconds (default 60)
+#   vrng.mode=shell   skip the test and start a shell (debugging)
+#
+# No "set -e": PID 1 exiting panics the kernel and hides the reason, so every
+# failure goes through fail(), which still prints a "VRNG done" line.
+
+export PATH=/bin
+
+mount -t proc proc /proc
+mount -t sysfs sysfs /sys
+mount -t devtmpfs devtmpfs /dev
+# The kernel may have found no /dev/console in the initramfs to give us.
+exec </dev/console >/dev/console 2>&1
+
+say() { echo "VRNG $*"; }
+
+finish() {
+	sync
+	poweroff -f
+	# poweroff -f does not return; if it somehow does, let the kernel panic
+	# (panic=-1 plus QEMU's -no-reboot ends the VM either way).
+	exit 1
+}
+
+fail() {
+	say "done status=error reason=$1"
+	finish
+}
+
+bytes=1048576
+out=
+timeout=60
+mode="test"
+read -r cmdline </proc/cmdline
+# shellcheck disable=SC2086 # split into words on purpose
+for arg in $cmdline; do
+	case "$arg" in
+	vrng.bytes=*) bytes=${arg#*=} ;;
+	vrng.out=*) out=${arg#*=} ;;
+	vrng.timeout=*) timeout=${arg#*=} ;;
+	vrng.mode=*) mode=${arg#*=} ;;
+	esac
+done
+
+say "kernel=$(uname -r)"
+
+# Dependency order was worked out on the host; a missing module is reported
+# but not fatal, since the rng checks below catch what actually matters.
+while read -r mod; do
+	insmod "/lib/modules/$mod.ko" || say "warning=insmod_failed module=$mod"
+done </etc/vrng-modules
+
+if [ "$mode" = shell ]; then
+	/bin/busybox --install -s /bin
+	echo "vrng: debug shell; 'poweroff -f' to leave"
+	setsid cttyhack sh
+	finish
+fi
+
+case "$bytes" in
+'' | *[!0-9]*) fail "bad_vrng.bytes" ;;
+esac
+
+# virtio-rng registers with hw_random asynchronously after probe; give it a
+# moment rather than racing it.
+hw=/sys/class/misc/hw_random
+i=0
+while [ "$(cat $hw/rng_current 2>/dev/null)" != virtio_rng.0 ] && [ $i -lt 50 ]; do
+	sleep 0.1
+	i=$((i + 1))
+done
+# sysfs separates names with spaces (and ends with one): make it one token.
+avail=$(tr -s ' \n' ',,' <$hw/rng_available 2>/dev/null)
+say "rng_available=${avail%,}"
+current=$(cat $hw/rng_current 2>/dev/null)
+say "rng_current=$current"
+[ "$current" = virtio_rng.0 ] || fail "no_virtio_rng"
+
+# Bytes go to RAM first so the timing covers /dev/hwrng alone.  fullblock
+# makes dd retry the short reads virtio-rng returns; count_bytes makes the
+# count exact for sizes that are not a multiple of bs.
+data=/tmp/rng.bin
+mkdir -p /tmp
+ms() { awk '{ printf "%d", $1 * 1000 }' /proc/uptime; }
+start=$(ms)
+timeout "$timeout" dd if=/dev/hwrng of="$data" bs=4096 count="$bytes" \
+	iflag=fullblock,count_bytes 2>/tmp/dd.err
+rc=$?
+end=$(ms)
+got=$(wc -c <"$data")
+say "read_bytes=$got elapsed_ms=$((end - start))"
+if [ "$rc" -ne 0 ]; then
+	sed 's/^/VRNG dd: /' /tmp/dd.err
+	[ "$got" -lt "$bytes" ] && fail "read_timeout_or_error"
+fi
+[ "$got" -eq "$bytes" ] || fail "short_read"
+
+say "sha256=$(sha256sum "$data" | cut -d' ' -f1)"
+say "first16=$(head -c 16 "$data" | od -An -tx1 | tr -d ' \n')"
+
+if [ -n "$out" ]; then
+	[ -b "$out" ] || fail "out_not_a_block_device"
+	dd if="$data" of="$out" bs=4096 conv=notrunc,fsync 2>/tmp/dd.err ||
+		fail "write_out_failed"
+fi
+
+say "done status=ok"
+finish

@@ -1,0 +1,136 @@
+#!/usr/bin/env bash
+# Boot the vhost-rng test guest once under QEMU (TCG) in the foreground.
+# The guest prints "VRNG ..." lines on stdout and powers off; this script
+# exits with QEMU's status (124 if --timeout expired).  Note that QEMU exits
+# 0 even when the guest reports "VRNG done status=error": parse the output.
+# shellcheck disable=SC2054 # commas inside QEMU option values are intended
+set -euo pipefail
+
+here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+
+usage() {
+	cat <<EOF
+Usage: $0 [RNG SOURCE] [OPTIONS]
+
+RNG source (at most one; with none the guest has no virtio-rng and reports
+"VRNG done status=error reason=no_virtio_rng"):
+  --socket PATH    vhost-user-rng-pci; QEMU connects to a daemon on PATH
+  --server PATH    vhost-user-rng-pci; QEMU listens on PATH and waits for
+                   the daemon to connect before starting the guest
+  --builtin        QEMU's own virtio-rng-pci fed from /dev/urandom
+  --egd PATH       QEMU's virtio-rng-pci fed by an EGD server on PATH
+
+Options:
+  --bytes N        bytes the guest reads from /dev/hwrng (default 1048576)
+  --out FILE       create FILE (N bytes rounded up to 512) as a virtio-blk
+                   disk; the guest writes the bytes it read to its start
+  --guest-dir DIR  built guest (default: \$VHOST_RNG_GUEST_DIR, else
+                   <repo>/target/qemu-guest); see qemu/build-guest.sh
+  --timeout SECS   kill QEMU after SECS seconds (default 120)
+  --append STR     extra kernel command line arguments
+  --log FILE       also write the guest console to FILE
+  --shell          start a shell in the guest instead of the test
+EOF
+}
+
+die() {
+	echo "run-guest: error: $*" >&2
+	exit 1
+}
+
+guest_dir=${VHOST_RNG_GUEST_DIR:-$here/../target/qemu-guest}
+bytes=1048576
+timeout=120
+source_args=()
+sources=0
+out=
+append=
+log=
+shell=0
+need() { [ "$2" -ge 2 ] || die "$1 needs a value"; }
+while [ $# -gt 0 ]; do
+	case "$1" in
+	--socket | --server | --egd | --bytes | --out | --guest-dir | --timeout | --append | --log)
+		need "$1" $#
+		;;
+	esac
+	case "$1" in
+	--socket)
+		source_args=(-chardev "socket,id=vrng0,path=$2"
+			-device vhost-user-rng-pci,chardev=vrng0)
+		sources=$((sources + 1))
+		;;
+	--server)
+		source_args=(-chardev "socket,id=vrng0,path=$2,server=on,wait=on"
+			-device vhost-user-rng-pci,chardev=vrng0)
+		sources=$((sources + 1))
+		;;
+	--builtin)
+		source_args=(-object rng-random,filename=/dev/urandom,id=r0
+			-device virtio-rng-pci,rng=r0)
+		sources=$((sources + 1))
+		;;
+	--egd)
+		source_args=(-chardev "socket,id=egd0,path=$2"
+			-object rng-egd,id=r0,chardev=egd0 -device virtio-rng-pci,rng=r0)
+		sources=$((sources + 1))
+		;;
+	--bytes) bytes=$2 ;;
+	--out) out=$2 ;;
+	--guest-dir) guest_dir=$2 ;;
+	--timeout) timeout=$2 ;;
+	--append) append=$2 ;;
+	--log) log=$2 ;;
+	--shell) shell=1 ;;
+	-h | --help) usage && exit 0 ;;
+	*) usage >&2 && exit 2 ;;
+	esac
+	case "$1" in
+	--builtin | --shell) shift ;;
+	*) shift 2 ;;
+	esac
+done
+[ "$sources" -le 1 ] || die "give at most one of --socket, --server, --builtin, --egd"
+[[ "$bytes" =~ ^[0-9]+$ ]] || die "--bytes wants a number, not '$bytes'"
+
+kernel=$guest_dir/bzImage
+initrd=$guest_dir/initramfs.cpio.gz
+if [ ! -f "$kernel" ] || [ ! -f "$initrd" ]; then
+	die "no test guest in $guest_dir: run qemu/build-guest.sh first"
+fi
+
+cmdline="console=ttyS0 quiet loglevel=3 panic=-1 vrng.bytes=$bytes"
+args=()
+if [ -n "$out" ]; then
+	# Start from zeros so stale bytes from an earlier run cannot pass a check.
+	: >"$out"
+	truncate -s $(((bytes + 511) / 512 * 512)) "$out"
+	args+=(-drive "file=$out,format=raw,if=virtio")
+	cmdline+=" vrng.out=/dev/vda"
+fi
+[ "$shell" = 0 ] || cmdline+=" vrng.mode=shell"
+[ -z "$append" ] || cmdline+=" $append"
+
+serial=stdio,id=ser0,signal=off
+[ -z "$log" ] || serial+=",logfile=$log"
+if [ "$shell" = 1 ]; then
+	serial=${serial/signal=off/signal=on}
+else
+	# Unattended runs (CI has no stdin) must not read from, or wait on, a TTY.
+	exec </dev/null
+fi
+
+firmware=()
+# qboot boots straight into the kernel, without SeaBIOS's terminal escape
+# codes on the console; Debian ships it in qemu-system-data.
+[ ! -e /usr/share/qemu/qboot.rom ] || firmware=(-bios qboot.rom)
+
+# vhost-user needs guest RAM shared with the backend: hence the memfd.
+# --foreground keeps QEMU in our process group so callers can signal it.
+exec timeout --foreground -k 5 "$timeout" qemu-system-x86_64 \
+	"${firmware[@]}" -accel tcg -m 256M \
+	-object memory-backend-memfd,id=mem,size=256M,share=on -numa node,memdev=mem \
+	-nographic -nodefaults -no-reboot -monitor none \
+	-chardev "$serial" -serial chardev:ser0 \
+	-kernel "$kernel" -initrd "$initrd" -append "$cmdline" \
+	"${source_args[@]}" "${args[@]}"

@@ -1,0 +1,296 @@
+//! Shared helpers for the integration tests: run the real `vhost-rng`
+//! binary, and boot the real test guest under QEMU.
+
+#![allow(dead_code)] // each test binary uses a different subset
+
+use std::collections::HashMap;
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Output, Stdio};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use nix::sys::signal::{self, Signal};
+use nix::unistd::Pid;
+
+/// Upper bound for anything a test waits on; only there so a broken build
+/// fails instead of hanging CI.
+pub const PATIENCE: Duration = Duration::from_secs(60);
+
+pub fn repo_root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+/// Polls `condition` until it holds or `PATIENCE` runs out.
+pub fn wait_until(what: &str, mut condition: impl FnMut() -> bool) {
+    let deadline = Instant::now() + PATIENCE;
+    while !condition() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// A `vhost-rng` process started by a test; SIGKILLed if the test forgets it.
+pub struct Daemon {
+    child: Child,
+    log_path: PathBuf,
+    _log_dir: tempfile::TempDir,
+}
+
+impl Daemon {
+    /// Starts `vhost-rng` with `args` (RUST_LOG=info, stderr captured).
+    pub fn start<I, S>(args: I) -> Daemon
+    where
+        I: IntoIterator<Item = S>,
+        S: AsRef<std::ffi::OsStr>,
+    {
+        let log_dir = tempfile::tempdir().unwrap();
+        let log_path = log_dir.path().join("daemon.log");
+        let log = fs::File::create(&log_path).unwrap();
+        let child = Command::new(env!("CARGO_BIN_EXE_vhost-rng"))
+            .args(args)
+            .env("RUST_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("start vhost-rng");
+        Daemon {
+            child,
+            log_path,
+            _log_dir: log_dir,
+        }
+    }
+
+    /// Starts `vhost-rng serve` listening on each of `sockets` and waits
+    /// until every socket accepts connections.
+    pub fn serve(sockets: &[&Path]) -> Daemon {
+        let mut args = vec!["serve".to_owned()];
+        for socket in sockets {
+            args.push("--socket".into());
+            args.push(socket.display().to_string());
+        }
+        let mut daemon = Daemon::start(args);
+        for socket in sockets {
+            daemon.wait_for_socket(socket);
+        }
+        daemon
+    }
+
+    /// Waits until the daemon reports it listens on `path`. Watches the log
+    /// rather than probing the socket, since a probe is a VMM connection.
+    pub fn wait_for_socket(&mut self, path: &Path) {
+        let needle = format!("serving on {}", path.display());
+        wait_until(&format!("{} to accept connections", path.display()), || {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                panic!("vhost-rng exited with {status}:\n{}", self.log());
+            }
+            self.log().contains(&needle)
+        });
+    }
+
+    pub fn log(&self) -> String {
+        fs::read_to_string(&self.log_path).unwrap_or_default()
+    }
+
+    /// Waits until the log holds `needle` at least `count` times.
+    pub fn wait_for_log(&self, needle: &str, count: usize) {
+        wait_until(&format!("{count} x '{needle}' in the daemon log"), || {
+            self.log().matches(needle).count() >= count
+        });
+    }
+
+    pub fn pid(&self) -> Pid {
+        Pid::from_raw(self.child.id() as i32)
+    }
+
+    pub fn is_running(&mut self) -> bool {
+        self.child.try_wait().unwrap().is_none()
+    }
+
+    /// Sends `sig` and waits for the process to exit.
+    pub fn stop_with(mut self, sig: Signal) -> ExitStatus {
+        signal::kill(self.pid(), sig).unwrap();
+        let deadline = Instant::now() + PATIENCE;
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return status;
+            }
+            assert!(Instant::now() < deadline, "vhost-rng ignored {sig}");
+            thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Waits for a daemon that is expected to exit by itself.
+    pub fn wait_exit(mut self) -> (ExitStatus, String) {
+        let mut status = None;
+        wait_until("vhost-rng to exit", || {
+            status = self.child.try_wait().unwrap();
+            status.is_some()
+        });
+        (status.unwrap(), self.log())
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Runs `vhost-rng` with `args` to completion (for commands that must exit).
+pub fn run_cli<I, S>(args: I) -> Output
+where
+    I: IntoIterator<Item = S>,
+    S: AsRef<std::ffi::OsStr>,
+{
+    Command::new(env!("CARGO_BIN_EXE_vhost-rng"))
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .expect("run vhost-rng")
+}
+
+/// The built test guest (qemu/build-guest.sh), or `None` when the QEMU tests
+/// are explicitly skipped with VHOST_RNG_SKIP_QEMU=1. Anything else missing is
+/// a test failure: CI must run these tests, not skip them.
+pub fn test_guest() -> Option<PathBuf> {
+    if std::env::var_os("VHOST_RNG_SKIP_QEMU").is_some_and(|v| v == "1") {
+        eprintln!("VHOST_RNG_SKIP_QEMU=1: skipping a real-guest test");
+        return None;
+    }
+    let dir = std::env::var_os("VHOST_RNG_GUEST_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| repo_root().join("target/qemu-guest"));
+    let have_qemu = Command::new("qemu-system-x86_64")
+        .arg("--version")
+        .stdout(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success());
+    assert!(
+        have_qemu && dir.join("bzImage").exists() && dir.join("initramfs.cpio.gz").exists(),
+        "real-guest tests need qemu-system-x86_64 and a test guest in {}: run \
+         tests/run-all.sh (or qemu/build-guest.sh), or set VHOST_RNG_SKIP_QEMU=1",
+        dir.display()
+    );
+    Some(dir)
+}
+
+/// What one boot of the test guest reported.
+#[derive(Debug)]
+pub struct GuestReport {
+    pub status: ExitStatus,
+    /// `VRNG key=value` lines, by key (later lines win).
+    pub values: HashMap<String, String>,
+    pub console: String,
+}
+
+impl GuestReport {
+    pub fn get(&self, key: &str) -> &str {
+        self.values
+            .get(key)
+            .map(String::as_str)
+            .unwrap_or_else(|| panic!("guest did not report {key}:\n{}", self.console))
+    }
+
+    /// Asserts the guest read `bytes` bytes through virtio-rng and finished cleanly.
+    pub fn assert_read(&self, bytes: usize) {
+        assert!(
+            self.status.success(),
+            "QEMU failed: {}\n{}",
+            self.status,
+            self.console
+        );
+        assert_eq!(self.get("rng_current"), "virtio_rng.0", "{}", self.console);
+        assert_eq!(
+            self.get("read_bytes"),
+            bytes.to_string(),
+            "{}",
+            self.console
+        );
+        assert_eq!(self.get("done"), "status=ok", "{}", self.console);
+    }
+}
+
+fn parse_report(status: ExitStatus, console: String) -> GuestReport {
+    let mut values = HashMap::new();
+    for line in console.lines() {
+        let Some(rest) = line.trim_end().strip_prefix("VRNG ") else {
+            continue;
+        };
+        // `done status=ok` is keyed "done"; `read_bytes=N elapsed_ms=M`
+        // yields both keys.
+        if let Some(done) = rest.strip_prefix("done ") {
+            values.insert("done".to_owned(), done.to_owned());
+            continue;
+        }
+        for pair in rest.split_whitespace() {
+            if let Some((key, value)) = pair.split_once('=') {
+                values.insert(key.to_owned(), value.to_owned());
+            }
+        }
+    }
+    GuestReport {
+        status,
+        values,
+        console,
+    }
+}
+
+fn guest_command(guest_dir: &Path, args: &[&str]) -> Command {
+    let mut command = Command::new(repo_root().join("qemu/run-guest.sh"));
+    command
+        .arg("--guest-dir")
+        .arg(guest_dir)
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    command
+}
+
+/// Boots the test guest once with `args` for qemu/run-guest.sh and returns
+/// what it reported.
+pub fn boot_guest(guest_dir: &Path, args: &[&str]) -> GuestReport {
+    let output = guest_command(guest_dir, args)
+        .output()
+        .expect("run qemu/run-guest.sh");
+    finish_report(output)
+}
+
+/// Starts a guest boot without waiting (for QEMU in server mode, which
+/// waits for the daemon before the guest starts).
+pub fn spawn_guest(guest_dir: &Path, args: &[&str]) -> Child {
+    guest_command(guest_dir, args)
+        .spawn()
+        .expect("run qemu/run-guest.sh")
+}
+
+pub fn wait_guest(child: Child) -> GuestReport {
+    finish_report(child.wait_with_output().expect("wait for QEMU"))
+}
+
+fn finish_report(output: Output) -> GuestReport {
+    let mut console = String::from_utf8_lossy(&output.stdout).into_owned();
+    console.push_str(&String::from_utf8_lossy(&output.stderr));
+    parse_report(output.status, console)
+}
+
+/// SHA-256 of a file's first `len` bytes, via coreutils (the guest reports
+/// its own with busybox sha256sum).
+pub fn sha256_prefix(path: &Path, len: usize) -> String {
+    let bytes = fs::read(path).unwrap();
+    let prefix = tempfile::NamedTempFile::new().unwrap();
+    fs::write(prefix.path(), &bytes[..len]).unwrap();
+    let output = Command::new("sha256sum")
+        .arg(prefix.path())
+        .output()
+        .unwrap();
+    String::from_utf8(output.stdout)
+        .unwrap()
+        .split_whitespace()
+        .next()
+        .unwrap()
+        .to_owned()
+}

@@ -1,0 +1,126 @@
+//! End to end: a real Linux guest under QEMU reads /dev/hwrng through
+//! `vhost-user-rng-pci` served by the `vhost-rng` binary.
+
+mod common;
+
+use std::fs;
+
+use common::{Daemon, boot_guest, sha256_prefix, spawn_guest, test_guest, wait_guest, wait_until};
+use nix::sys::signal::Signal;
+
+const MIB: usize = 1 << 20;
+
+#[test]
+fn guest_reads_one_mib_from_hwrng_through_the_daemon() {
+    let Some(guest) = test_guest() else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let socket = dir.path().join("vm.sock");
+    let received = dir.path().join("received.bin");
+    let daemon = Daemon::serve(&[&socket]);
+
+    let report = boot_guest(
+        &guest,
+        &[
+            "--socket",
+            socket.to_str().unwrap(),
+            "--bytes",
+            &MIB.to_string(),
+            "--out",
+            received.to_str().unwrap(),
+        ],
+    );
+
+    report.assert_read(MIB);
+    // The bytes the guest read reached the host disk intact, and they are
+    // not a constant fill.
+    assert_eq!(sha256_prefix(&received, MIB), report.get("sha256"));
+    let bytes = fs::read(&received).unwrap();
+    let zeros = bytes[..MIB].iter().filter(|&&b| b == 0).count();
+    assert!(
+        zeros < MIB / 128,
+        "{zeros} zero bytes in 1 MiB of random data"
+    );
+    daemon.wait_for_log("guest vm: VMM connected on", 1);
+    daemon.wait_for_log("guest vm: VMM disconnected from", 1);
+}
+
+#[test]
+fn three_power_cycles_against_one_daemon_socket() {
+    let Some(guest) = test_guest() else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let socket = dir.path().join("cycled.sock");
+    let mut daemon = Daemon::serve(&[&socket]);
+
+    let mut digests = Vec::new();
+    for boot in 1..=3 {
+        let report = boot_guest(
+            &guest,
+            &["--socket", socket.to_str().unwrap(), "--bytes", "65536"],
+        );
+        report.assert_read(65536);
+        digests.push(report.get("sha256").to_owned());
+        daemon.wait_for_log("guest cycled: VMM disconnected from", boot);
+        assert!(
+            daemon.is_running(),
+            "daemon died after boot {boot}:\n{}",
+            daemon.log()
+        );
+    }
+    digests.dedup();
+    assert_eq!(digests.len(), 3, "every boot must get fresh bytes");
+
+    let log = daemon.log();
+    assert_eq!(log.matches("VMM connected on").count(), 3, "{log}");
+    let status = daemon.stop_with(Signal::SIGTERM);
+    assert!(status.success(), "{status}");
+    assert!(!socket.exists(), "socket file left behind after SIGTERM");
+}
+
+#[test]
+fn connect_mode_serves_qemu_listening_and_reconnects() {
+    let Some(guest) = test_guest() else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let socket = dir.path().join("server.sock");
+    let socket_arg = socket.to_str().unwrap();
+
+    // QEMU listens and holds the guest until the daemon connects.
+    let first = spawn_guest(&guest, &["--server", socket_arg, "--bytes", "131072"]);
+    wait_until("QEMU to listen", || socket.exists());
+    let daemon = Daemon::start(["serve", "--connect", socket_arg]);
+    wait_guest(first).assert_read(131072);
+    daemon.wait_for_log("guest server: VMM disconnected from", 1);
+
+    // The next VM on the same path is picked up without restarting the daemon.
+    fs::remove_file(&socket).ok();
+    let second = spawn_guest(&guest, &["--server", socket_arg, "--bytes", "65536"]);
+    wait_guest(second).assert_read(65536);
+    daemon.wait_for_log("guest server: VMM connected on", 2);
+}
+
+#[test]
+fn a_crashed_vm_does_not_need_a_daemon_restart() {
+    let Some(guest) = test_guest() else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let socket = dir.path().join("crash.sock");
+    let mut daemon = Daemon::serve(&[&socket]);
+    let socket_arg = socket.to_str().unwrap();
+
+    // A large read keeps the queue busy when QEMU is killed.
+    let mut doomed = spawn_guest(&guest, &["--socket", socket_arg, "--bytes", "50000000"]);
+    daemon.wait_for_log("guest crash: VMM connected on", 1);
+    std::thread::sleep(std::time::Duration::from_secs(3));
+    // run-guest.sh execs `timeout`, which runs QEMU as its child: kill QEMU
+    // itself, as a crash would.
+    let children = format!("/proc/{0}/task/{0}/children", doomed.id());
+    let qemu: i32 = fs::read_to_string(&children)
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(qemu), Signal::SIGKILL).unwrap();
+    doomed.wait().unwrap();
+    daemon.wait_for_log("guest crash: VMM disconnected from", 1);
+
+    boot_guest(&guest, &["--socket", socket_arg, "--bytes", "65536"]).assert_read(65536);
+    assert!(daemon.is_running(), "{}", daemon.log());
+}
