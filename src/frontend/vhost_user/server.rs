@@ -3,6 +3,8 @@
 //! connection, never the guest's service.
 
 use std::io;
+use std::os::fd::AsFd;
+use std::os::unix::net::UnixListener;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
@@ -10,6 +12,7 @@ use std::thread;
 use std::time::Duration;
 
 use log::{debug, info, warn};
+use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
 use vhost::vhost_user::{Error as VhostUserError, Listener};
 use vhost_user_backend::{ShutdownHandle, VhostUserDaemon};
 use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
@@ -57,7 +60,10 @@ impl GuestServer {
     /// Starts serving `guest` on `endpoint` in a thread of its own.
     pub fn spawn(guest: Arc<Guest>, endpoint: Endpoint) -> io::Result<Arc<Self>> {
         let listener = match &endpoint {
-            Endpoint::Listen(socket) => Some(Listener::from(socket.try_clone_listener()?)),
+            Endpoint::Listen(socket) => Some((
+                socket.try_clone_listener()?,
+                Listener::from(socket.try_clone_listener()?),
+            )),
             Endpoint::Connect(_) => None,
         };
         let server = Arc::new(GuestServer {
@@ -70,7 +76,7 @@ impl GuestServer {
         thread::Builder::new()
             .name(format!("guest-{}", server.guest.name()))
             .spawn(move || match listener {
-                Some(mut listener) => worker.listen_loop(&mut listener),
+                Some((readiness, mut listener)) => worker.listen_loop(&readiness, &mut listener),
                 None => worker.connect_loop(),
             })?;
         Ok(server)
@@ -125,8 +131,22 @@ impl GuestServer {
         }
     }
 
-    fn listen_loop(&self, listener: &mut Listener) {
+    /// `readiness` and `listener` are the same listening socket: the first
+    /// to wait on, the second for vhost-user to accept on.
+    fn listen_loop(&self, readiness: &UnixListener, listener: &mut Listener) {
         while !self.is_stopping() {
+            // The connection's handler and vring worker thread are only
+            // created once a VMM is knocking, so an idle guest costs one
+            // sleeping thread.
+            if let Err(e) = wait_readable(readiness) {
+                warn!(
+                    "guest {}: waiting on {}: {e}",
+                    self.guest.name(),
+                    self.path().display()
+                );
+                thread::sleep(SETUP_RETRY);
+                continue;
+            }
             let Some(mut daemon) = self.new_daemon() else {
                 thread::sleep(SETUP_RETRY);
                 continue;
@@ -205,5 +225,16 @@ impl GuestServer {
             Err(e) => warn!("guest {name}: connection on {path} ended: {e}"),
         }
         // Dropping the daemon stops and joins this connection's vring worker.
+    }
+}
+
+/// Blocks until a connection is waiting on `listener`.
+fn wait_readable(listener: &UnixListener) -> nix::Result<()> {
+    let mut fds = [PollFd::new(listener.as_fd(), PollFlags::POLLIN)];
+    loop {
+        match poll(&mut fds, PollTimeout::NONE) {
+            Err(nix::errno::Errno::EINTR) => continue,
+            result => return result.map(|_| ()),
+        }
     }
 }
