@@ -3,11 +3,15 @@
 
 use std::collections::HashSet;
 use std::path::PathBuf;
+use std::time::Duration;
 
 use clap::{ArgGroup, Args, Parser, Subcommand};
 use nix::unistd::{Gid, Group};
 
+use crate::drbg::ReseedPolicy;
 use crate::frontend::vhost_user::SocketAccess;
+use crate::pool::{Mode, PoolConfig};
+use crate::source::{self, SourceSpec};
 
 #[derive(Debug, Parser)]
 #[command(
@@ -29,6 +33,44 @@ pub struct Cli {
 pub enum Command {
     /// Serve guests over vhost-user until SIGTERM or SIGINT.
     Serve(ServeArgs),
+    /// Run entropy sources through the health tests and report on each;
+    /// exit 0 if all are healthy, 1 if not.
+    Check(CheckArgs),
+}
+
+/// Entropy sources and how guests are served from them.
+#[derive(Debug, Args)]
+pub struct EntropyArgs {
+    /// Entropy source: hwrng[=PATH], rdseed, file=PATH or os, optionally
+    /// followed by ,min-entropy=BITS (per byte). Repeatable. Default: every
+    /// hardware source that works on this host.
+    #[arg(long = "source", value_name = "SPEC")]
+    pub sources: Vec<SourceSpec>,
+}
+
+impl EntropyArgs {
+    /// The sources given, or the host's working hardware sources.
+    pub fn sources_or_defaults(&self) -> Vec<SourceSpec> {
+        if self.sources.is_empty() {
+            source::default_sources()
+        } else {
+            self.sources.clone()
+        }
+    }
+}
+
+#[derive(Debug, Args)]
+pub struct CheckArgs {
+    #[command(flatten)]
+    pub entropy: EntropyArgs,
+
+    /// Bytes to read from each source.
+    #[arg(long, value_name = "N", default_value_t = 65536, value_parser = parse_positive)]
+    pub bytes: u64,
+
+    /// Give up on a source that has not delivered --bytes after this many seconds.
+    #[arg(long, value_name = "SECS", default_value_t = 30, value_parser = parse_positive)]
+    pub timeout: u64,
 }
 
 #[derive(Debug, Args)]
@@ -54,6 +96,22 @@ pub struct ServeArgs {
     /// combine with --socket-mode 0660 to let that group's VMMs connect.
     #[arg(long, value_name = "GROUP", value_parser = parse_group)]
     pub socket_group: Option<Gid>,
+
+    #[command(flatten)]
+    pub entropy: EntropyArgs,
+
+    /// drbg: a per-guest DRBG seeded from conditioned hardware entropy;
+    /// raw: only conditioned full-entropy output, shared among guests.
+    #[arg(long, value_enum, default_value_t = Mode::Drbg)]
+    pub mode: Mode,
+
+    /// In drbg mode, reseed each guest's DRBG after at most this many bytes.
+    #[arg(long, value_name = "BYTES", default_value_t = 1 << 20, value_parser = parse_positive)]
+    pub reseed_bytes: u64,
+
+    /// In drbg mode, reseed each guest's DRBG after at most this many seconds.
+    #[arg(long, value_name = "SECS", default_value_t = 60, value_parser = parse_positive)]
+    pub reseed_secs: u64,
 }
 
 impl ServeArgs {
@@ -76,6 +134,24 @@ impl ServeArgs {
             mode: self.socket_mode,
             group: self.socket_group,
         }
+    }
+
+    pub fn pool_config(&self) -> PoolConfig {
+        PoolConfig {
+            sources: self.entropy.sources_or_defaults(),
+            mode: self.mode,
+            reseed: ReseedPolicy {
+                max_bytes: self.reseed_bytes,
+                max_age: Duration::from_secs(self.reseed_secs),
+            },
+        }
+    }
+}
+
+fn parse_positive(value: &str) -> Result<u64, String> {
+    match value.parse::<u64>() {
+        Ok(n) if n > 0 => Ok(n),
+        _ => Err(format!("'{value}' is not a positive whole number")),
     }
 }
 
@@ -122,6 +198,7 @@ mod tests {
     fn serve(args: &[&str]) -> ServeArgs {
         match parse(args).unwrap().command {
             Command::Serve(serve) => serve,
+            other => panic!("parsed as {other:?}"),
         }
     }
 
@@ -189,6 +266,58 @@ mod tests {
         ])
         .unwrap_err();
         assert!(err.to_string().contains("no group named"), "{err}");
+    }
+
+    #[test]
+    fn entropy_options_parse_and_default() {
+        let args = serve(&["serve", "--socket", "/a"]);
+        assert_eq!(args.mode, Mode::Drbg);
+        let config = args.pool_config();
+        assert_eq!(config.reseed.max_bytes, 1 << 20);
+        assert_eq!(config.reseed.max_age, Duration::from_secs(60));
+
+        let args = serve(&[
+            "serve",
+            "--socket",
+            "/a",
+            "--source",
+            "os",
+            "--source",
+            "file=/f,min-entropy=2",
+            "--mode",
+            "raw",
+            "--reseed-bytes",
+            "4096",
+            "--reseed-secs",
+            "5",
+        ]);
+        assert_eq!(args.entropy.sources.len(), 2);
+        assert_eq!(args.mode, Mode::Raw);
+        assert_eq!(args.pool_config().reseed.max_bytes, 4096);
+
+        for bad in [
+            &["serve", "--socket", "/a", "--source", "jitter"][..],
+            &["serve", "--socket", "/a", "--mode", "fast"],
+            &["serve", "--socket", "/a", "--reseed-bytes", "0"],
+            &["serve", "--socket", "/a", "--reseed-secs", "-1"],
+        ] {
+            assert_eq!(parse(bad).unwrap_err().exit_code(), 2, "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn check_takes_sources_and_limits() {
+        match parse(&["check", "--source", "os", "--bytes", "1000"])
+            .unwrap()
+            .command
+        {
+            Command::Check(check) => {
+                assert_eq!(check.bytes, 1000);
+                assert_eq!(check.timeout, 30);
+                assert_eq!(check.entropy.sources.len(), 1);
+            }
+            other => panic!("parsed as {other:?}"),
+        }
     }
 
     #[test]

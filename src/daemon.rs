@@ -14,8 +14,7 @@ use nix::sys::signal::{SigSet, Signal};
 
 use crate::frontend::vhost_user::{Endpoint, GuestServer, GuestSocket, SocketAccess, SocketError};
 use crate::guest::Guest;
-use crate::pool::Pool;
-use crate::source::{EntropySource, OsSource};
+use crate::pool::{Pool, PoolConfig, PoolError};
 
 /// Everything `serve` needs, already validated.
 #[derive(Debug, Clone)]
@@ -25,12 +24,15 @@ pub struct ServeConfig {
     /// Sockets the VMM listens on, one guest each.
     pub connect: Vec<PathBuf>,
     pub access: SocketAccess,
+    pub pool: PoolConfig,
 }
 
 #[derive(Debug, thiserror::Error)]
 pub enum DaemonError {
     #[error(transparent)]
     Socket(#[from] SocketError),
+    #[error(transparent)]
+    Pool(#[from] PoolError),
     #[error("cannot start the thread serving guest {guest}: {error}")]
     Spawn {
         guest: String,
@@ -48,17 +50,8 @@ pub fn run(config: ServeConfig) -> Result<(), DaemonError> {
     let signals = shutdown_signals();
     signals.thread_block().map_err(DaemonError::Signals)?;
 
-    let source: Arc<dyn EntropySource> = Arc::new(OsSource);
-    info!(
-        "entropy source: {} ({})",
-        source.name(),
-        if source.is_hardware() {
-            "hardware"
-        } else {
-            "operating system CSPRNG, not hardware"
-        }
-    );
-    let pool = Pool::new(source);
+    info!("serving mode: {}", config.pool.mode.as_str());
+    let pool = Pool::start(config.pool.clone())?;
 
     let servers = start_guests(&config, &pool)?;
     info!("serving {} guest(s)", servers.len());
@@ -179,13 +172,19 @@ mod tests {
         let first = dir.path().join("first.sock");
         let blocker = dir.path().join("second.sock");
         std::fs::write(&blocker, b"not a socket").unwrap();
+        let pool_config = PoolConfig {
+            sources: vec!["os".parse().unwrap()],
+            mode: Default::default(),
+            reseed: Default::default(),
+        };
         let config = ServeConfig {
             listen: vec![first.clone(), blocker],
             connect: vec![],
             access: SocketAccess::default(),
+            pool: pool_config.clone(),
         };
 
-        let Err(err) = start_guests(&config, &Pool::new(Arc::new(OsSource))) else {
+        let Err(err) = start_guests(&config, &Pool::start(pool_config).unwrap()) else {
             panic!("start-up must fail on a path that is not a socket");
         };
 

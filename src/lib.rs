@@ -12,10 +12,14 @@
 //! holds a minimal VMM side of vhost-user used by the integration tests and
 //! benchmarks.
 
+pub mod check;
 pub mod cli;
+pub mod conditioner;
 pub mod daemon;
+pub mod drbg;
 pub mod frontend;
 pub mod guest;
+pub mod health;
 pub mod log_limit;
 pub mod pool;
 pub mod source;

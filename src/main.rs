@@ -4,6 +4,7 @@ use std::process::ExitCode;
 
 use clap::{CommandFactory, Parser};
 use log::error;
+use vhost_rng::check;
 use vhost_rng::cli::{Cli, Command};
 use vhost_rng::daemon::{self, ServeConfig};
 
@@ -20,6 +21,7 @@ fn main() -> ExitCode {
             }
             let config = ServeConfig {
                 access: args.socket_access(),
+                pool: args.pool_config(),
                 listen: args.sockets,
                 connect: args.connects,
             };
@@ -31,5 +33,6 @@ fn main() -> ExitCode {
                 }
             }
         }
+        Command::Check(args) => check::run(&args),
     }
 }

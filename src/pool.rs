@@ -1,110 +1,335 @@
-//! The pool: the one place every guest frontend draws bytes from.
+//! The pool: health-tested source output, conditioned into full-entropy
+//! blocks, and the streams every guest frontend draws from.
 //!
-//! Each guest gets its own [`EntropyStream`] so that later stages (per-guest
-//! DRBG instances, health-gated output) can keep per-guest state without the
-//! frontends knowing.
+//! ```text
+//! source threads ──(approved bytes)──> conditioner thread ──> reservoir
+//!                                                              │
+//!            DRBG mode: per-guest ChaCha20, seeded/reseeded ───┤
+//!            raw mode:  full-entropy bytes handed out as is ───┘
+//! ```
+//!
+//! Fail closed: when the reservoir is empty a stream hands out nothing and
+//! remembers the guest's waker; the conditioner wakes it when new
+//! full-entropy output arrives. A guest's requests wait meanwhile; nothing
+//! else in the daemon does.
 
-use std::sync::Arc;
+use std::collections::VecDeque;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc::{Receiver, sync_channel};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::thread;
+use std::time::Instant;
 
-use log::warn;
+use log::{info, warn};
 
-use crate::log_limit::RateLimitedLog;
-use crate::source::EntropySource;
+use crate::conditioner::{BLOCK_BYTES, Conditioner};
+use crate::drbg::{Drbg, ReseedPolicy, SEED_BYTES};
+use crate::health::HealthConfig;
+use crate::source::runner::{self, Contribution, SourceBoard, SourceStats};
+use crate::source::{SourceError, SourceSpec};
+
+/// How guests are served.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
+pub enum Mode {
+    /// Per-guest DRBG seeded and reseeded from full-entropy output.
+    #[default]
+    Drbg,
+    /// Only conditioned full-entropy output, shared among the guests.
+    Raw,
+}
+
+impl Mode {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Mode::Drbg => "drbg",
+            Mode::Raw => "raw",
+        }
+    }
+}
+
+/// Everything the pool needs to start.
+#[derive(Debug, Clone)]
+pub struct PoolConfig {
+    pub sources: Vec<SourceSpec>,
+    pub mode: Mode,
+    pub reseed: ReseedPolicy,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum PoolError {
+    #[error(
+        "no hardware entropy source works on this host (no readable /dev/hwrng, no RDSEED); \
+         name one with --source, or use --source os to serve the operating system's CSPRNG"
+    )]
+    NoSources,
+    #[error("entropy source {0}")]
+    Source(#[from] SourceError),
+    #[error("cannot start a thread for {what}: {error}")]
+    Thread {
+        what: String,
+        #[source]
+        error: std::io::Error,
+    },
+}
+
+/// Wakes a guest whose request waits for entropy.
+pub type Waker = Arc<dyn Fn() + Send + Sync>;
 
 /// A guest's view of the pool.
 pub trait EntropyStream: Send {
     /// Fills the start of `buf` and returns how many bytes were written.
     /// Returns 0 when no bytes may be handed out now (fail closed); the
-    /// caller leaves the request pending instead of answering it.
+    /// stream's waker is then called once more bytes may be available.
     fn fill(&mut self, buf: &mut [u8]) -> usize;
 }
 
-/// Shared entropy pool fed by the configured sources.
+/// A stream's place in the queue of starved streams: registered at most
+/// once until woken, however often its guest retries meanwhile.
+#[derive(Clone)]
+struct WaitSlot {
+    waker: Waker,
+    registered: Arc<AtomicBool>,
+}
+
+impl WaitSlot {
+    fn new(waker: Waker) -> Self {
+        WaitSlot {
+            waker,
+            registered: Arc::new(AtomicBool::new(false)),
+        }
+    }
+}
+
+/// Full-entropy bytes waiting for guests, bounded so the conditioner (and
+/// behind it the sources) stop when nobody consumes.
+struct Reservoir {
+    bytes: VecDeque<u8>,
+    capacity: usize,
+    waiters: Vec<WaitSlot>,
+}
+
+impl Reservoir {
+    fn enqueue(&mut self, slot: Option<&WaitSlot>) {
+        if let Some(slot) = slot
+            && !slot.registered.swap(true, Ordering::AcqRel)
+        {
+            self.waiters.push(slot.clone());
+        }
+    }
+}
+
+/// The shared entropy pool.
 pub struct Pool {
-    source: Arc<dyn EntropySource>,
-    read_errors: RateLimitedLog,
+    mode: Mode,
+    reseed: ReseedPolicy,
+    reservoir: Mutex<Reservoir>,
+    space: Condvar,
+    board: Arc<SourceBoard>,
 }
 
 impl Pool {
-    pub fn new(source: Arc<dyn EntropySource>) -> Arc<Self> {
-        Arc::new(Pool {
-            source,
-            read_errors: RateLimitedLog::per_minute(6),
-        })
-    }
+    /// Opens the sources and starts their threads and the conditioner.
+    pub fn start(config: PoolConfig) -> Result<Arc<Pool>, PoolError> {
+        if config.sources.is_empty() {
+            return Err(PoolError::NoSources);
+        }
+        let mut opened = Vec::new();
+        for spec in &config.sources {
+            let source = spec.open()?;
+            let stats = Arc::new(SourceStats::new(
+                spec.label(),
+                source.is_hardware(),
+                spec.min_entropy(),
+            ));
+            opened.push((source, stats, spec.min_entropy()));
+        }
+        let board = SourceBoard::new(opened.iter().map(|(_, s, _)| Arc::clone(s)).collect());
 
-    /// Name of the source feeding the pool, for logs.
-    pub fn source_name(&self) -> &str {
-        self.source.name()
-    }
+        let capacity = match config.mode {
+            // Seeds for a burst of reseeds; a seed is taken per guest.
+            Mode::Drbg => 256 * SEED_BYTES,
+            Mode::Raw => 64 * 1024,
+        };
+        let pool = Arc::new(Pool {
+            mode: config.mode,
+            reseed: config.reseed,
+            reservoir: Mutex::new(Reservoir {
+                bytes: VecDeque::with_capacity(capacity),
+                capacity,
+                waiters: Vec::new(),
+            }),
+            space: Condvar::new(),
+            board: Arc::clone(&board),
+        });
 
-    /// A new stream for one guest.
-    pub fn stream(self: &Arc<Self>) -> Box<dyn EntropyStream> {
-        Box::new(PoolStream {
-            pool: Arc::clone(self),
-        })
-    }
-
-    fn fill(&self, buf: &mut [u8]) -> usize {
-        match self.source.read(buf) {
-            Ok(n) => n,
-            Err(e) => {
-                if let Some(suppressed) = self.read_errors.permit() {
-                    warn!(
-                        "entropy pool: {e}; guests wait ({suppressed} similar messages suppressed)"
-                    );
+        // A few chunks per source in flight; beyond that sources wait.
+        let (sink, contributions) = sync_channel::<Contribution>(4 * opened.len());
+        let conditioner = Arc::clone(&pool);
+        thread::Builder::new()
+            .name("conditioner".into())
+            .spawn(move || conditioner.condition(contributions))
+            .map_err(|error| PoolError::Thread {
+                what: "the conditioner".into(),
+                error,
+            })?;
+        for (source, stats, min_entropy) in opened {
+            let health = HealthConfig {
+                min_entropy,
+                ..HealthConfig::default()
+            };
+            let name = stats.name().to_owned();
+            info!(
+                "entropy source {name}: {}, credited {min_entropy} bits/byte; running start-up test",
+                if source.is_hardware() {
+                    "hardware"
+                } else {
+                    "not hardware"
                 }
-                0
+            );
+            runner::spawn(source, health, stats, Arc::clone(&board), sink.clone())
+                .map_err(|error| PoolError::Thread { what: name, error })?;
+        }
+        Ok(pool)
+    }
+
+    pub fn mode(&self) -> Mode {
+        self.mode
+    }
+
+    /// Per-source statistics.
+    pub fn sources(&self) -> &[Arc<SourceStats>] {
+        self.board.sources()
+    }
+
+    /// Full-entropy bytes waiting in the reservoir.
+    pub fn level(&self) -> usize {
+        self.lock().bytes.len()
+    }
+
+    /// A new stream for one guest; `waker` is called when a starved stream
+    /// may be served again.
+    pub fn stream(self: &Arc<Self>, waker: Waker) -> Box<dyn EntropyStream> {
+        match self.mode {
+            Mode::Drbg => Box::new(DrbgStream {
+                pool: Arc::clone(self),
+                drbg: Drbg::new(self.reseed),
+                slot: WaitSlot::new(waker),
+            }),
+            Mode::Raw => Box::new(RawStream {
+                pool: Arc::clone(self),
+                slot: WaitSlot::new(waker),
+            }),
+        }
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Reservoir> {
+        self.reservoir.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Moves up to `buf.len()` bytes out of the reservoir; when it has none,
+    /// registers `waker` (only when given) in the same critical section, so
+    /// no refill can slip in unnoticed.
+    fn take(&self, buf: &mut [u8], slot: Option<&WaitSlot>) -> usize {
+        let mut reservoir = self.lock();
+        let n = buf.len().min(reservoir.bytes.len());
+        for (dst, src) in buf.iter_mut().zip(reservoir.bytes.drain(..n)) {
+            *dst = src;
+        }
+        if n == 0 {
+            reservoir.enqueue(slot);
+        } else {
+            self.space.notify_one();
+        }
+        n
+    }
+
+    /// Takes one whole DRBG seed, or nothing.
+    fn take_seed(&self, slot: Option<&WaitSlot>) -> Option<[u8; SEED_BYTES]> {
+        let mut reservoir = self.lock();
+        if reservoir.bytes.len() < SEED_BYTES {
+            reservoir.enqueue(slot);
+            return None;
+        }
+        let mut seed = [0u8; SEED_BYTES];
+        for (dst, src) in seed.iter_mut().zip(reservoir.bytes.drain(..SEED_BYTES)) {
+            *dst = src;
+        }
+        self.space.notify_one();
+        Some(seed)
+    }
+
+    /// The conditioner thread: absorbs approved bytes, fills the reservoir.
+    fn condition(&self, contributions: Receiver<Contribution>) {
+        let mut key = [0u8; 32];
+        if let Err(e) = getrandom::fill(&mut key) {
+            // The key need not be secret; a fixed one is still a valid
+            // conditioning component.
+            warn!("conditioner: no random key ({e}); using a fixed key");
+        }
+        let mut conditioner = Conditioner::new(key);
+        let mut blocks: Vec<[u8; BLOCK_BYTES]> = Vec::new();
+        while let Ok(contribution) = contributions.recv() {
+            conditioner.absorb(&contribution.bytes, contribution.min_entropy, &mut blocks);
+            for block in blocks.drain(..) {
+                self.store(&block);
             }
         }
     }
+
+    /// Adds a block, waiting for room; wakes every waiting guest.
+    fn store(&self, block: &[u8; BLOCK_BYTES]) {
+        let waiters = {
+            let mut reservoir = self.lock();
+            while reservoir.bytes.len() + block.len() > reservoir.capacity {
+                reservoir = self
+                    .space
+                    .wait(reservoir)
+                    .unwrap_or_else(|e| e.into_inner());
+            }
+            reservoir.bytes.extend(block.iter());
+            std::mem::take(&mut reservoir.waiters)
+        };
+        for slot in waiters {
+            slot.registered.store(false, Ordering::Release);
+            (slot.waker)();
+        }
+    }
 }
 
-struct PoolStream {
+/// DRBG mode: the guest's own generator, reseeded from the reservoir.
+struct DrbgStream {
     pool: Arc<Pool>,
+    drbg: Drbg,
+    slot: WaitSlot,
 }
 
-impl EntropyStream for PoolStream {
+impl EntropyStream for DrbgStream {
     fn fill(&mut self, buf: &mut [u8]) -> usize {
-        self.pool.fill(buf)
+        let now = Instant::now();
+        if self.drbg.needs_reseed(now) {
+            match self.pool.take_seed(Some(&self.slot)) {
+                Some(seed) => self.drbg.reseed(&seed, now),
+                None => return 0,
+            }
+        } else if self.drbg.due_soon(now) {
+            // Reseed early when a seed is at hand, so a guest rarely meets
+            // the hard bound.
+            if let Some(seed) = self.pool.take_seed(None) {
+                self.drbg.reseed(&seed, now);
+            }
+        }
+        self.drbg.generate(buf, now)
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::source::{OsSource, SourceError};
+/// Raw mode: full-entropy bytes straight from the reservoir.
+struct RawStream {
+    pool: Arc<Pool>,
+    slot: WaitSlot,
+}
 
-    struct FailingSource;
-
-    impl EntropySource for FailingSource {
-        fn name(&self) -> &str {
-            "failing"
-        }
-        fn is_hardware(&self) -> bool {
-            true
-        }
-        fn read(&self, _buf: &mut [u8]) -> Result<usize, SourceError> {
-            Err(SourceError::Read {
-                source_name: "failing".into(),
-                error: std::io::Error::from_raw_os_error(libc::EIO),
-            })
-        }
-    }
-
-    #[test]
-    fn streams_fill_from_the_source() {
-        let pool = Pool::new(Arc::new(OsSource));
-        let mut stream = pool.stream();
-        let mut buf = [0u8; 32];
-        assert_eq!(stream.fill(&mut buf), 32);
-        assert_eq!(pool.source_name(), "os");
-    }
-
-    #[test]
-    fn source_error_yields_no_bytes() {
-        let pool = Pool::new(Arc::new(FailingSource));
-        let mut buf = [0xAAu8; 32];
-        assert_eq!(pool.stream().fill(&mut buf), 0);
+impl EntropyStream for RawStream {
+    fn fill(&mut self, buf: &mut [u8]) -> usize {
+        self.pool.take(buf, Some(&self.slot))
     }
 }

@@ -124,3 +124,58 @@ fn a_crashed_vm_does_not_need_a_daemon_restart() {
     boot_guest(&guest, &["--socket", socket_arg, "--bytes", "65536"]).assert_read(65536);
     assert!(daemon.is_running(), "{}", daemon.log());
 }
+
+/// Parses "rngtest: FIPS 140-2 <what>: N" from rngtest's report.
+fn rngtest_count(report: &str, what: &str) -> u64 {
+    let prefix = format!("rngtest: FIPS 140-2 {what}: ");
+    report
+        .lines()
+        .find_map(|line| line.strip_prefix(&prefix))
+        .and_then(|n| n.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no '{what}' count in rngtest output:\n{report}"))
+}
+
+#[test]
+fn bytes_a_guest_reads_from_the_default_sources_pass_fips_140_2() {
+    let Some(guest) = test_guest() else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let socket = dir.path().join("fips.sock");
+    let received = dir.path().join("received.bin");
+    // No --source: every hardware source that works on this host.
+    let daemon = Daemon::serve(&[&socket]);
+    // 8000 rngtest blocks of 2500 bytes: enough that the 0.2% bound sits far
+    // above the ~0.08% failure rate of ideal random data.
+    let bytes = 20_000_000;
+
+    let report = boot_guest(
+        &guest,
+        &[
+            "--socket",
+            socket.to_str().unwrap(),
+            "--bytes",
+            &bytes.to_string(),
+            "--out",
+            received.to_str().unwrap(),
+            "--timeout",
+            "300",
+        ],
+    );
+    report.assert_read(bytes);
+    assert_eq!(sha256_prefix(&received, bytes), report.get("sha256"));
+
+    let output = std::process::Command::new("rngtest")
+        .arg("--blockcount=7999")
+        .stdin(fs::File::open(&received).unwrap())
+        .output()
+        .expect("run rngtest (Debian package rng-tools5)");
+    let rngtest = String::from_utf8_lossy(&output.stderr);
+    let successes = rngtest_count(&rngtest, "successes");
+    let failures = rngtest_count(&rngtest, "failures");
+    assert_eq!(successes + failures, 7999, "{rngtest}");
+    assert!(
+        failures * 1000 <= (successes + failures) * 2,
+        "{failures} FIPS 140-2 failures in {} blocks:\n{rngtest}",
+        successes + failures
+    );
+    daemon.wait_for_log("entropy available from", 1);
+}

@@ -1,12 +1,13 @@
-//! The operating system's CSPRNG (`getrandom(2)`), a non-hardware source.
+//! The operating system's CSPRNG (`getrandom(2)`): a non-hardware source,
+//! used only when the operator asks for it.
 
-use super::{EntropySource, SourceError};
+use super::{RawSource, SourceError};
 
-/// Reads the kernel CSPRNG. Always has bytes once the kernel is seeded.
+/// Reads the kernel CSPRNG.
 #[derive(Debug, Default)]
 pub struct OsSource;
 
-impl EntropySource for OsSource {
+impl RawSource for OsSource {
     fn name(&self) -> &str {
         "os"
     }
@@ -15,9 +16,9 @@ impl EntropySource for OsSource {
         false
     }
 
-    fn read(&self, buf: &mut [u8]) -> Result<usize, SourceError> {
+    fn read(&mut self, buf: &mut [u8]) -> Result<usize, SourceError> {
         getrandom::fill(buf).map_err(|error| SourceError::Read {
-            source_name: self.name().to_owned(),
+            source_name: "os".into(),
             error: std::io::Error::from(error),
         })?;
         Ok(buf.len())
@@ -30,7 +31,7 @@ mod tests {
 
     #[test]
     fn fills_whole_buffer_with_distinct_reads() {
-        let source = OsSource;
+        let mut source = OsSource;
         let mut first = [0u8; 64];
         let mut second = [0u8; 64];
         assert_eq!(source.read(&mut first).unwrap(), 64);

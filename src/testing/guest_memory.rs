@@ -40,12 +40,12 @@ impl MemfdGuestMemory {
     /// maps the region with `mmap`.
     pub fn new(base: GuestAddress, size: usize) -> Result<Self> {
         let page = page_size();
-        if size == 0 || size % page != 0 {
+        if size == 0 || !size.is_multiple_of(page) {
             return Err(Error::InvalidConfig(format!(
                 "guest memory size {size} is not a non-zero multiple of the page size {page}"
             )));
         }
-        if base.raw_value() % page as u64 != 0 {
+        if !base.raw_value().is_multiple_of(page as u64) {
             return Err(Error::InvalidConfig(format!(
                 "guest memory base {:#x} is not page aligned",
                 base.raw_value()

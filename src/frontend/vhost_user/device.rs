@@ -5,6 +5,7 @@
 //! outlives it, so counters survive a VM reboot.
 
 use std::io;
+use std::os::fd::{AsRawFd, RawFd};
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex, RwLock};
 
@@ -31,6 +32,9 @@ pub const VIRTIO_ID_RNG: u32 = 4;
 pub const MAX_QUEUE_SIZE: usize = 1024;
 const NUM_QUEUES: usize = 1;
 const REQUEST_QUEUE: u16 = 0;
+/// Epoll event id of the device's wake-up eventfd. Ids up to NUM_QUEUES are
+/// the vhost-user-backend crate's (queues, then its exit event).
+pub const WAKE_EVENT: u16 = NUM_QUEUES as u16 + 1;
 
 /// Virtio features offered to the driver.
 pub const VIRTIO_FEATURES: u64 = (1 << VIRTIO_F_VERSION_1)
@@ -57,6 +61,8 @@ pub struct RngDevice {
     /// vhost-user handler fires it when the connection's handler is dropped.
     exit_consumer: Mutex<Option<EventConsumer>>,
     exit_notifier: EventNotifier,
+    /// Signalled by the pool when a starved guest can be served again.
+    wake: EventConsumer,
 }
 
 struct DataPath {
@@ -68,7 +74,14 @@ impl RngDevice {
     pub fn new(guest: Arc<Guest>) -> io::Result<Arc<Self>> {
         let (exit_consumer, exit_notifier) =
             new_event_consumer_and_notifier(EventFlag::NONBLOCK | EventFlag::CLOEXEC)?;
-        let stream = guest.pool().stream();
+        let (wake, wake_notifier) =
+            new_event_consumer_and_notifier(EventFlag::NONBLOCK | EventFlag::CLOEXEC)?;
+        let waker_guest = guest.name().to_owned();
+        let stream = guest.pool().stream(Arc::new(move || {
+            if let Err(e) = wake_notifier.notify() {
+                warn!("guest {waker_guest}: cannot wake the request queue: {e}");
+            }
+        }));
         Ok(Arc::new(RngDevice {
             guest,
             memory: RwLock::new(None),
@@ -78,7 +91,13 @@ impl RngDevice {
             }),
             exit_consumer: Mutex::new(Some(exit_consumer)),
             exit_notifier,
+            wake,
         }))
+    }
+
+    /// The eventfd to watch for [`WAKE_EVENT`] in the vring worker.
+    pub fn wake_fd(&self) -> RawFd {
+        self.wake.as_raw_fd()
     }
 
     fn serve_queue(&self, vring: &VringRwLock) {
@@ -144,13 +163,13 @@ impl RngDevice {
                 self.guest.name()
             );
         }
-        if outcome.notify {
-            if let Err(e) = vring.signal_used_queue() {
-                warn!(
-                    "guest {}: cannot signal the used queue: {e}",
-                    self.guest.name()
-                );
-            }
+        if outcome.notify
+            && let Err(e) = vring.signal_used_queue()
+        {
+            warn!(
+                "guest {}: cannot signal the used queue: {e}",
+                self.guest.name()
+            );
         }
     }
 }
@@ -213,6 +232,11 @@ impl VhostUserBackend for RngDevice {
     ) -> io::Result<()> {
         match (device_event, vrings.first()) {
             (REQUEST_QUEUE, Some(vring)) => self.serve_queue(vring),
+            (WAKE_EVENT, Some(vring)) => {
+                // Non-blocking: a spurious wake-up just finds nothing to read.
+                let _ = self.wake.consume();
+                self.serve_queue(vring);
+            }
             _ => debug!(
                 "guest {}: unexpected event {device_event}",
                 self.guest.name()

@@ -16,8 +16,9 @@ use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
 use vhost::vhost_user::{Error as VhostUserError, Listener};
 use vhost_user_backend::{ShutdownHandle, VhostUserDaemon};
 use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
+use vmm_sys_util::epoll::EventSet;
 
-use super::device::RngDevice;
+use super::device::{RngDevice, WAKE_EVENT};
 use super::socket::GuestSocket;
 use crate::guest::Guest;
 
@@ -119,11 +120,36 @@ impl GuestServer {
             }
         };
         let memory = GuestMemoryAtomic::new(GuestMemoryMmap::new());
-        match VhostUserDaemon::new(format!("vhost-rng-{}", self.guest.name()), device, memory) {
-            Ok(daemon) => Some(daemon),
+        let wake_fd = device.wake_fd();
+        let name = format!("vhost-rng-{}", self.guest.name());
+        let daemon = match VhostUserDaemon::new(name, device, memory) {
+            Ok(daemon) => daemon,
             Err(e) => {
                 warn!(
                     "guest {}: cannot create vhost-user handler: {e}",
+                    self.guest.name()
+                );
+                return None;
+            }
+        };
+        // The worker thread that serves the queue also takes the pool's
+        // wake-ups, so a starved request is retried on the same thread.
+        let registered = daemon
+            .get_epoll_handlers()
+            .first()
+            .map(|worker| worker.register_listener(wake_fd, EventSet::IN, u64::from(WAKE_EVENT)));
+        match registered {
+            Some(Ok(())) => Some(daemon),
+            Some(Err(e)) => {
+                warn!(
+                    "guest {}: cannot watch for entropy wake-ups: {e}",
+                    self.guest.name()
+                );
+                None
+            }
+            None => {
+                warn!(
+                    "guest {}: vhost-user handler has no worker",
                     self.guest.name()
                 );
                 None

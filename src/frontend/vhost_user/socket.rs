@@ -96,10 +96,8 @@ impl GuestSocket {
         let ours = fs::symlink_metadata(&self.path)
             .map(|m| (m.dev(), m.ino()) == self.identity)
             .unwrap_or(false);
-        if ours {
-            if let Err(e) = fs::remove_file(&self.path) {
-                log::warn!("{}: cannot remove socket file: {e}", self.path.display());
-            }
+        if ours && let Err(e) = fs::remove_file(&self.path) {
+            log::warn!("{}: cannot remove socket file: {e}", self.path.display());
         }
     }
 }
