@@ -20,7 +20,9 @@ type HmacSha256 = Hmac<Sha256>;
 
 /// Accumulates credited input and releases full-entropy blocks.
 pub struct Conditioner {
-    key: [u8; 32],
+    /// HMAC keyed once; each block starts from a copy of it, which saves
+    /// rehashing the key for every block.
+    keyed: HmacSha256,
     mac: HmacSha256,
     credited_bits: f64,
     blocks: u64,
@@ -31,9 +33,10 @@ impl Conditioner {
     /// per-process key costs nothing and keeps outputs of different daemons
     /// unrelated even on identical input.
     pub fn new(key: [u8; 32]) -> Self {
+        let keyed = new_mac(&key);
         Conditioner {
-            key,
-            mac: new_mac(&key),
+            mac: keyed.clone(),
+            keyed,
             credited_bits: 0.0,
             blocks: 0,
         }
@@ -65,7 +68,7 @@ impl Conditioner {
     }
 
     fn release(&mut self) -> [u8; BLOCK_BYTES] {
-        let mac = std::mem::replace(&mut self.mac, new_mac(&self.key));
+        let mac = std::mem::replace(&mut self.mac, self.keyed.clone());
         self.credited_bits = 0.0;
         self.blocks += 1;
         mac.finalize().into_bytes().into()

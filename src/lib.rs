@@ -20,6 +20,7 @@ pub mod drbg;
 pub mod frontend;
 pub mod guest;
 pub mod health;
+pub mod limiter;
 pub mod log_limit;
 pub mod pool;
 pub mod source;

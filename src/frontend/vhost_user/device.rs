@@ -8,6 +8,7 @@ use std::io;
 use std::os::fd::{AsRawFd, RawFd};
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, Instant};
 
 use log::{debug, warn};
 use vhost::vhost_user::message::{VhostUserProtocolFeatures, VhostUserVirtioFeatures};
@@ -21,9 +22,10 @@ use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::event::{
     EventConsumer, EventFlag, EventNotifier, new_event_consumer_and_notifier,
 };
+use vmm_sys_util::timerfd::TimerFd;
 
-use super::request::{QueueOutcome, RequestProcessor};
-use crate::guest::Guest;
+use super::request::{QueueOutcome, RequestProcessor, Supplied, Supply};
+use crate::guest::{Admission, Guest};
 use crate::pool::EntropyStream;
 
 /// virtio device id of an entropy device.
@@ -35,6 +37,8 @@ const REQUEST_QUEUE: u16 = 0;
 /// Epoll event id of the device's wake-up eventfd. Ids up to NUM_QUEUES are
 /// the vhost-user-backend crate's (queues, then its exit event).
 pub const WAKE_EVENT: u16 = NUM_QUEUES as u16 + 1;
+/// Epoll event id of the device's rate-limit timer.
+pub const TIMER_EVENT: u16 = WAKE_EVENT + 1;
 
 /// Virtio features offered to the driver.
 pub const VIRTIO_FEATURES: u64 = (1 << VIRTIO_F_VERSION_1)
@@ -63,6 +67,9 @@ pub struct RngDevice {
     exit_notifier: EventNotifier,
     /// Signalled by the pool when a starved guest can be served again.
     wake: EventConsumer,
+    /// Fires when a throttled guest has tokens again; never slept on.
+    timer: Mutex<TimerFd>,
+    timer_fd: RawFd,
 }
 
 struct DataPath {
@@ -76,6 +83,8 @@ impl RngDevice {
             new_event_consumer_and_notifier(EventFlag::NONBLOCK | EventFlag::CLOEXEC)?;
         let (wake, wake_notifier) =
             new_event_consumer_and_notifier(EventFlag::NONBLOCK | EventFlag::CLOEXEC)?;
+        let timer = TimerFd::new()?;
+        let timer_fd = timer.as_raw_fd();
         let waker_guest = guest.name().to_owned();
         let stream = guest.pool().stream(Arc::new(move || {
             if let Err(e) = wake_notifier.notify() {
@@ -92,7 +101,14 @@ impl RngDevice {
             exit_consumer: Mutex::new(Some(exit_consumer)),
             exit_notifier,
             wake,
+            timer: Mutex::new(timer),
+            timer_fd,
         }))
+    }
+
+    /// The timerfd to watch for [`TIMER_EVENT`] in the vring worker.
+    pub fn timer_fd(&self) -> RawFd {
+        self.timer_fd
     }
 
     /// The eventfd to watch for [`WAKE_EVENT`] in the vring worker.
@@ -119,10 +135,14 @@ impl RngDevice {
             let DataPath { processor, stream } = &mut *data_path;
             let mut vring_state = vring.get_mut();
             let guest = &self.guest;
+            let mut supply = GuestSupply {
+                guest,
+                stream: stream.as_mut(),
+            };
             processor.process_queue(
                 vring_state.get_queue_mut(),
                 &*guest_memory,
-                stream.as_mut(),
+                &mut supply,
                 &mut |head, defect| {
                     if let Some(suppressed) = guest.defect_log.permit() {
                         warn!(
@@ -158,10 +178,14 @@ impl RngDevice {
             .defective_requests
             .fetch_add(outcome.defects, Ordering::Relaxed);
         if outcome.starved {
+            // The pool wakes this device through WAKE_EVENT.
             debug!(
-                "guest {}: pool empty, request left pending",
+                "guest {}: no entropy available, request left pending",
                 self.guest.name()
             );
+        }
+        if let Some(wait) = outcome.throttled {
+            self.arm_timer(wait);
         }
         if outcome.notify
             && let Err(e) = vring.signal_used_queue()
@@ -170,6 +194,50 @@ impl RngDevice {
                 "guest {}: cannot signal the used queue: {e}",
                 self.guest.name()
             );
+        }
+    }
+}
+
+impl RngDevice {
+    fn arm_timer(&self, wait: Duration) {
+        let mut timer = self.timer.lock().unwrap_or_else(|e| e.into_inner());
+        // A zero duration would disarm the timer instead.
+        if let Err(e) = timer.reset(wait.max(Duration::from_nanos(1)), None) {
+            warn!(
+                "guest {}: cannot arm the rate-limit timer: {e}",
+                self.guest.name()
+            );
+        }
+    }
+
+    fn clear_timer(&self) {
+        let mut timer = self.timer.lock().unwrap_or_else(|e| e.into_inner());
+        // Only called when epoll reported the timer readable, so this read
+        // does not block.
+        let _ = timer.wait();
+    }
+}
+
+/// A request's bytes: tokens from the guest's limits, then bytes from its
+/// stream; unused tokens go back.
+struct GuestSupply<'a> {
+    guest: &'a Guest,
+    stream: &'a mut dyn EntropyStream,
+}
+
+impl Supply for GuestSupply<'_> {
+    fn supply(&mut self, buf: &mut [u8]) -> Supplied {
+        match self.guest.admit(buf.len(), Instant::now()) {
+            Admission::Wait(wait) => Supplied::Throttled(wait),
+            Admission::Granted(granted) => {
+                let got = self.stream.fill(&mut buf[..granted]);
+                self.guest.settle(granted, got);
+                if got == 0 {
+                    Supplied::Starved
+                } else {
+                    Supplied::Bytes(got)
+                }
+            }
         }
     }
 }
@@ -235,6 +303,10 @@ impl VhostUserBackend for RngDevice {
             (WAKE_EVENT, Some(vring)) => {
                 // Non-blocking: a spurious wake-up just finds nothing to read.
                 let _ = self.wake.consume();
+                self.serve_queue(vring);
+            }
+            (TIMER_EVENT, Some(vring)) => {
+                self.clear_timer();
                 self.serve_queue(vring);
             }
             _ => debug!(

@@ -10,11 +10,28 @@ use virtio_queue::desc::split::Descriptor;
 use virtio_queue::{Queue, QueueOwnedT, QueueT};
 use vm_memory::{Bytes, GuestAddress, GuestMemory, Permissions};
 
-use crate::pool::EntropyStream;
+use std::time::Duration;
 
 /// Most bytes one request is given, however large its buffers are: keeps one
 /// guest's request from holding the queue (and the pool) for long.
 pub const MAX_REQUEST_BYTES: usize = 64 * 1024;
+
+/// What a request's bytes come from: the guest's limits and its stream.
+pub trait Supply {
+    /// Fills the start of `buf` for one request, or says why not now.
+    fn supply(&mut self, buf: &mut [u8]) -> Supplied;
+}
+
+/// The answer of a [`Supply`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Supplied {
+    /// This many bytes (at least one) were written at the start of the buffer.
+    Bytes(usize),
+    /// No entropy may be handed out now; the supplier wakes the device later.
+    Starved,
+    /// The guest is over its rate limit; ask again after this long.
+    Throttled(Duration),
+}
 
 /// What is wrong with a request a guest posted.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -45,8 +62,11 @@ pub struct QueueOutcome {
     /// Requests completed with 0 bytes because of a defect.
     pub defects: u64,
     /// The pool had nothing to give: the first unanswered request was left
-    /// on the queue and must be retried later.
+    /// on the queue and must be retried when the pool wakes the device.
     pub starved: bool,
+    /// The guest is over its rate limit: the first unanswered request was
+    /// left on the queue and must be retried after this long.
+    pub throttled: Option<Duration>,
     /// The driver must be notified (used buffers and the driver asked for it).
     pub notify: bool,
 }
@@ -78,7 +98,7 @@ impl RequestProcessor {
         &mut self,
         queue: &mut Queue,
         mem: &M,
-        stream: &mut dyn EntropyStream,
+        supply: &mut dyn Supply,
         report: &mut dyn FnMut(u16, RequestDefect),
     ) -> Result<QueueOutcome, QueueError> {
         let mut outcome = QueueOutcome::default();
@@ -87,8 +107,9 @@ impl RequestProcessor {
             if event_idx {
                 queue.disable_notification(mem)?;
             }
-            self.drain(queue, mem, stream, report, &mut outcome)?;
-            if outcome.starved || !event_idx || !queue.enable_notification(mem)? {
+            self.drain(queue, mem, supply, report, &mut outcome)?;
+            let waiting = outcome.starved || outcome.throttled.is_some();
+            if waiting || !event_idx || !queue.enable_notification(mem)? {
                 break;
             }
         }
@@ -102,7 +123,7 @@ impl RequestProcessor {
         &mut self,
         queue: &mut Queue,
         mem: &M,
-        stream: &mut dyn EntropyStream,
+        supply: &mut dyn Supply,
         report: &mut dyn FnMut(u16, RequestDefect),
         outcome: &mut QueueOutcome,
     ) -> Result<(), QueueError> {
@@ -116,11 +137,16 @@ impl RequestProcessor {
             self.descriptors.clear();
             self.descriptors.extend(chain);
 
-            let written = match self.serve_chain(mem, stream) {
-                Ok(Some(written)) => written,
-                Ok(None) => {
+            let written = match self.serve_chain(mem, supply) {
+                Ok(Supplied::Bytes(written)) => written,
+                Ok(Supplied::Starved) => {
                     queue.go_to_previous_position();
                     outcome.starved = true;
+                    return Ok(());
+                }
+                Ok(Supplied::Throttled(wait)) => {
+                    queue.go_to_previous_position();
+                    outcome.throttled = Some(wait);
                     return Ok(());
                 }
                 Err(defect) => {
@@ -136,13 +162,13 @@ impl RequestProcessor {
         }
     }
 
-    /// Fills the chain in `self.descriptors`. `Ok(None)` means the pool had
-    /// nothing for a non-empty request.
+    /// Fills the chain in `self.descriptors`; `Bytes(n)` is what was written
+    /// (0 for an empty request).
     fn serve_chain<M: GuestMemory>(
         &mut self,
         mem: &M,
-        stream: &mut dyn EntropyStream,
-    ) -> Result<Option<usize>, RequestDefect> {
+        supply: &mut dyn Supply,
+    ) -> Result<Supplied, RequestDefect> {
         let mut wanted = 0usize;
         for (position, desc) in self.descriptors.iter().enumerate() {
             if !desc.is_write_only() {
@@ -158,13 +184,14 @@ impl RequestProcessor {
         }
         let wanted = wanted.min(MAX_REQUEST_BYTES);
         if wanted == 0 {
-            return Ok(Some(0));
+            return Ok(Supplied::Bytes(0));
         }
 
-        let available = stream.fill(&mut self.scratch[..wanted]).min(wanted);
-        if available == 0 {
-            return Ok(None);
-        }
+        let available = match supply.supply(&mut self.scratch[..wanted]) {
+            Supplied::Bytes(n) if n > 0 => n.min(wanted),
+            Supplied::Bytes(_) => return Ok(Supplied::Starved),
+            waiting => return Ok(waiting),
+        };
 
         let mut written = 0;
         for desc in &self.descriptors {
@@ -175,7 +202,7 @@ impl RequestProcessor {
             write_guest(mem, &self.scratch[written..written + len], desc.addr())?;
             written += len;
         }
-        Ok(Some(written))
+        Ok(Supplied::Bytes(written))
     }
 }
 
@@ -223,15 +250,35 @@ mod tests {
         }
     }
 
-    impl EntropyStream for PatternStream {
-        fn fill(&mut self, buf: &mut [u8]) -> usize {
+    impl Supply for PatternStream {
+        fn supply(&mut self, buf: &mut [u8]) -> Supplied {
             self.calls += 1;
             let n = buf.len().min(self.limit);
             for byte in &mut buf[..n] {
                 *byte = self.next;
                 self.next = self.next.wrapping_add(1).max(1);
             }
-            n
+            if n == 0 {
+                Supplied::Starved
+            } else {
+                Supplied::Bytes(n)
+            }
+        }
+    }
+
+    /// Over its limit until `allow` is set.
+    struct Throttle {
+        allow: bool,
+        inner: PatternStream,
+    }
+
+    impl Supply for Throttle {
+        fn supply(&mut self, buf: &mut [u8]) -> Supplied {
+            if self.allow {
+                self.inner.supply(buf)
+            } else {
+                Supplied::Throttled(Duration::from_millis(250))
+            }
         }
     }
 
@@ -282,12 +329,12 @@ mod tests {
     fn run(
         mem: &GuestMemoryMmap,
         vq: &MockSplitQueue<GuestMemoryMmap>,
-        stream: &mut dyn EntropyStream,
+        supply: &mut dyn Supply,
     ) -> Run {
         let mut queue: Queue = vq.create_queue().unwrap();
         let mut defects = Vec::new();
         let outcome = RequestProcessor::default()
-            .process_queue(&mut queue, mem, stream, &mut |head, d| {
+            .process_queue(&mut queue, mem, supply, &mut |head, d| {
                 defects.push((head, d))
             })
             .unwrap();
@@ -508,6 +555,33 @@ mod tests {
         assert_eq!(outcome.completed, 2);
         assert_eq!(used(&vq, 0), (0, 64));
         assert_eq!(used(&vq, 1), (1, 64));
+    }
+
+    #[test]
+    fn throttled_requests_stay_queued_and_complete_in_order_later() {
+        let mem = memory();
+        let vq = MockSplitQueue::new(&mem, QUEUE_SIZE);
+        let descs: Vec<_> = (0..3).map(|i| writable(BUFFERS + i * 0x1000, 16)).collect();
+        vq.add_desc_chains(&descs, 0).unwrap();
+        let mut throttle = Throttle {
+            allow: false,
+            inner: PatternStream::unlimited(),
+        };
+
+        let mut run = run(&mem, &vq, &mut throttle);
+        assert_eq!(run.outcome.throttled, Some(Duration::from_millis(250)));
+        assert_eq!(run.outcome.completed, 0);
+        assert_eq!(vq.used().idx().load(), 0);
+
+        throttle.allow = true;
+        let outcome = RequestProcessor::default()
+            .process_queue(&mut run.queue, &mem, &mut throttle, &mut |_, _| {})
+            .unwrap();
+        assert_eq!(outcome.completed, 3);
+        assert_eq!(outcome.throttled, None);
+        for i in 0..3 {
+            assert_eq!(used(&vq, i), (i as u32, 16));
+        }
     }
 
     #[test]

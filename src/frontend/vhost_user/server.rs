@@ -18,7 +18,7 @@ use vhost_user_backend::{ShutdownHandle, VhostUserDaemon};
 use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
 use vmm_sys_util::epoll::EventSet;
 
-use super::device::{RngDevice, WAKE_EVENT};
+use super::device::{RngDevice, TIMER_EVENT, WAKE_EVENT};
 use super::socket::GuestSocket;
 use crate::guest::Guest;
 
@@ -120,7 +120,7 @@ impl GuestServer {
             }
         };
         let memory = GuestMemoryAtomic::new(GuestMemoryMmap::new());
-        let wake_fd = device.wake_fd();
+        let (wake_fd, timer_fd) = (device.wake_fd(), device.timer_fd());
         let name = format!("vhost-rng-{}", self.guest.name());
         let daemon = match VhostUserDaemon::new(name, device, memory) {
             Ok(daemon) => daemon,
@@ -134,15 +134,15 @@ impl GuestServer {
         };
         // The worker thread that serves the queue also takes the pool's
         // wake-ups, so a starved request is retried on the same thread.
-        let registered = daemon
-            .get_epoll_handlers()
-            .first()
-            .map(|worker| worker.register_listener(wake_fd, EventSet::IN, u64::from(WAKE_EVENT)));
+        let registered = daemon.get_epoll_handlers().first().map(|worker| {
+            worker.register_listener(wake_fd, EventSet::IN, u64::from(WAKE_EVENT))?;
+            worker.register_listener(timer_fd, EventSet::IN, u64::from(TIMER_EVENT))
+        });
         match registered {
             Some(Ok(())) => Some(daemon),
             Some(Err(e)) => {
                 warn!(
-                    "guest {}: cannot watch for entropy wake-ups: {e}",
+                    "guest {}: cannot watch for wake-ups and timers: {e}",
                     self.guest.name()
                 );
                 None
@@ -240,9 +240,11 @@ impl GuestServer {
             daemon.request_shutdown();
         }
         self.guest.stats.connections.fetch_add(1, Ordering::Relaxed);
+        self.guest.stats.connected.store(true, Ordering::Relaxed);
         info!("guest {name}: VMM connected on {path}");
         let result = daemon.wait();
         self.lock_active().take();
+        self.guest.stats.connected.store(false, Ordering::Relaxed);
         match result {
             Ok(())
             | Err(vhost_user_backend::Error::HandleRequest(
