@@ -2,15 +2,16 @@
 //! starts. Bad input is reported by clap with exit status 2.
 
 use std::collections::HashSet;
+use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::time::Duration;
 
-use clap::{ArgGroup, Args, Parser, Subcommand};
+use clap::{Args, Parser, Subcommand};
 use nix::unistd::{Gid, Group};
 
-use crate::drbg::ReseedPolicy;
-use crate::frontend::vhost_user::SocketAccess;
-use crate::pool::{Mode, PoolConfig};
+use crate::config::{self, GuestEndpoint, GuestSpec};
+use crate::control::DEFAULT_CONTROL_PATH;
+use crate::daemon::Settings;
+use crate::pool::Mode;
 use crate::source::{self, SourceSpec};
 
 #[derive(Debug, Parser)]
@@ -36,6 +37,11 @@ pub enum Command {
     /// Run entropy sources through the health tests and report on each;
     /// exit 0 if all are healthy, 1 if not.
     Check(CheckArgs),
+    /// Add, remove or list the guests of a running daemon.
+    #[command(subcommand)]
+    Guest(GuestCommand),
+    /// Show a running daemon's guests, sources and pool.
+    Status(StatusArgs),
 }
 
 /// Entropy sources and how guests are served from them.
@@ -74,12 +80,9 @@ pub struct CheckArgs {
 }
 
 #[derive(Debug, Args)]
-#[command(group(
-    ArgGroup::new("guests").required(true).multiple(true).args(["sockets", "connects"])
-))]
 pub struct ServeArgs {
-    /// Listen on PATH for one guest's VMM (QEMU: -chardev socket,path=PATH).
-    /// Repeat for more guests; each socket is served independently.
+    /// Listen on PATH for one guest's VMM (QEMU: -chardev socket,path=PATH);
+    /// the guest is named after the file. Repeatable.
     #[arg(long = "socket", value_name = "PATH")]
     pub sockets: Vec<PathBuf>,
 
@@ -88,9 +91,19 @@ pub struct ServeArgs {
     #[arg(long = "connect", value_name = "PATH", value_parser = parse_utf8_path)]
     pub connects: Vec<PathBuf>,
 
-    /// Permission bits, in octal, of the socket files the daemon creates.
-    #[arg(long, value_name = "MODE", default_value = "0600", value_parser = parse_mode)]
-    pub socket_mode: u32,
+    /// One guest: name=NAME,socket=PATH (or connect=PATH)
+    /// [,rate-bytes=N][,rate-period=MS][,burst=N][,weight=W]. Repeatable.
+    #[arg(long = "guest", value_name = "SPEC")]
+    pub guests: Vec<GuestSpec>,
+
+    /// TOML configuration file (sources, mode, limits, [[guest]] tables);
+    /// re-read on SIGHUP. Command-line options take precedence.
+    #[arg(long, value_name = "FILE")]
+    pub config: Option<PathBuf>,
+
+    /// Permission bits, in octal, of the socket files the daemon creates [default: 0600].
+    #[arg(long, value_name = "MODE", value_parser = parse_mode)]
+    pub socket_mode: Option<u32>,
 
     /// Group (name or number) owning the socket files, e.g. kvm or libvirt-qemu;
     /// combine with --socket-mode 0660 to let that group's VMMs connect.
@@ -101,17 +114,30 @@ pub struct ServeArgs {
     pub entropy: EntropyArgs,
 
     /// drbg: a per-guest DRBG seeded from conditioned hardware entropy;
-    /// raw: only conditioned full-entropy output, shared among guests.
-    #[arg(long, value_enum, default_value_t = Mode::Drbg)]
-    pub mode: Mode,
+    /// raw: only conditioned full-entropy output, shared among guests [default: drbg].
+    #[arg(long, value_enum)]
+    pub mode: Option<Mode>,
 
-    /// In drbg mode, reseed each guest's DRBG after at most this many bytes.
-    #[arg(long, value_name = "BYTES", default_value_t = 1 << 20, value_parser = parse_positive)]
-    pub reseed_bytes: u64,
+    /// In drbg mode, reseed each guest's DRBG after at most this many bytes [default: 1048576].
+    #[arg(long, value_name = "BYTES", value_parser = parse_positive)]
+    pub reseed_bytes: Option<u64>,
 
-    /// In drbg mode, reseed each guest's DRBG after at most this many seconds.
-    #[arg(long, value_name = "SECS", default_value_t = 60, value_parser = parse_positive)]
-    pub reseed_secs: u64,
+    /// In drbg mode, reseed each guest's DRBG after at most this many seconds [default: 60].
+    #[arg(long, value_name = "SECS", value_parser = parse_positive)]
+    pub reseed_secs: Option<u64>,
+
+    /// Cap on bytes per second to all guests together.
+    #[arg(long, value_name = "BYTES/SEC", value_parser = parse_positive)]
+    pub max_rate: Option<u64>,
+
+    /// Control socket for `vhost-rng guest ...` and `vhost-rng status`
+    /// [default: /run/vhost-rng/control.sock when run as root].
+    #[arg(long, value_name = "PATH")]
+    pub control: Option<PathBuf>,
+
+    /// Serve Prometheus metrics at http://ADDR/metrics, e.g. 127.0.0.1:9564.
+    #[arg(long, value_name = "ADDR")]
+    pub metrics: Option<SocketAddr>,
 }
 
 impl ServeArgs {
@@ -126,26 +152,92 @@ impl ServeArgs {
                 ));
             }
         }
+        let nothing = self.sockets.is_empty()
+            && self.connects.is_empty()
+            && self.guests.is_empty()
+            && self.config.is_none()
+            && self.control.is_none();
+        if nothing {
+            return Err(
+                "nothing to serve: give --socket <PATH>, --connect <PATH>, --guest <SPEC> \
+                 or --config <FILE>, or --control <PATH> to add guests at runtime"
+                    .into(),
+            );
+        }
         Ok(())
     }
 
-    pub fn socket_access(&self) -> SocketAccess {
-        SocketAccess {
-            mode: self.socket_mode,
-            group: self.socket_group,
-        }
+    /// The guests named on the command line: the --socket/--connect
+    /// shorthand first, then --guest.
+    pub fn command_line_guests(&self) -> Vec<GuestSpec> {
+        let shorthand = self
+            .sockets
+            .iter()
+            .cloned()
+            .map(GuestEndpoint::Socket)
+            .chain(self.connects.iter().cloned().map(GuestEndpoint::Connect));
+        let mut guests = config::shorthand_guests(shorthand);
+        guests.extend(self.guests.iter().cloned());
+        guests
     }
+}
 
-    pub fn pool_config(&self) -> PoolConfig {
-        PoolConfig {
-            sources: self.entropy.sources_or_defaults(),
-            mode: self.mode,
-            reseed: ReseedPolicy {
-                max_bytes: self.reseed_bytes,
-                max_age: Duration::from_secs(self.reseed_secs),
-            },
+/// Settings given on the command line, which override the config file's.
+impl From<&ServeArgs> for Settings {
+    fn from(args: &ServeArgs) -> Settings {
+        Settings {
+            sources: args.entropy.sources.clone(),
+            mode: args.mode,
+            reseed_bytes: args.reseed_bytes,
+            reseed_secs: args.reseed_secs,
+            max_rate: args.max_rate,
+            socket_mode: args.socket_mode,
+            socket_group: args.socket_group,
+            control: args.control.clone(),
+            metrics: args.metrics,
         }
     }
+}
+
+/// Talks to a running daemon.
+#[derive(Debug, Args)]
+pub struct ControlArgs {
+    /// The daemon's control socket.
+    #[arg(long, value_name = "PATH", default_value = DEFAULT_CONTROL_PATH)]
+    pub control: PathBuf,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum GuestCommand {
+    /// Start serving a guest: name=NAME,socket=PATH[,rate-bytes=N]...
+    Add {
+        spec: GuestSpec,
+        #[command(flatten)]
+        control: ControlArgs,
+    },
+    /// Stop serving a guest: close its connection, remove its socket.
+    Remove {
+        name: String,
+        #[command(flatten)]
+        control: ControlArgs,
+    },
+    /// List the guests with their counters and limits.
+    List {
+        /// Print JSON for tools.
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        control: ControlArgs,
+    },
+}
+
+#[derive(Debug, Args)]
+pub struct StatusArgs {
+    /// Print JSON for tools.
+    #[arg(long)]
+    pub json: bool,
+    #[command(flatten)]
+    pub control: ControlArgs,
 }
 
 fn parse_positive(value: &str) -> Result<u64, String> {
@@ -189,7 +281,6 @@ fn parse_utf8_path(value: &str) -> Result<PathBuf, String> {
 mod tests {
     use super::*;
     use clap::CommandFactory;
-    use clap::error::ErrorKind;
 
     fn parse(args: &[&str]) -> Result<Cli, clap::Error> {
         Cli::try_parse_from(std::iter::once("vhost-rng").chain(args.iter().copied()))
@@ -220,26 +311,71 @@ mod tests {
         ]);
         assert_eq!(args.sockets, vec![PathBuf::from("/a"), PathBuf::from("/b")]);
         assert_eq!(args.connects, vec![PathBuf::from("/c")]);
-        assert_eq!(args.socket_mode, 0o600);
+        assert_eq!(args.socket_mode, None);
         assert!(args.validate().is_ok());
     }
 
     #[test]
-    fn serve_needs_at_least_one_guest() {
-        let err = parse(&["serve"]).unwrap_err();
-        assert_eq!(err.kind(), ErrorKind::MissingRequiredArgument);
+    fn serve_needs_something_to_serve() {
+        let err = serve(&["serve"]).validate().unwrap_err();
+        assert!(err.contains("--socket <PATH>"), "{err}");
+        assert!(serve(&["serve", "--control", "/c"]).validate().is_ok());
+        assert!(
+            serve(&["serve", "--guest", "name=a,socket=/a"])
+                .validate()
+                .is_ok()
+        );
+    }
+
+    #[test]
+    fn guests_from_shorthand_and_specs() {
+        let args = serve(&[
+            "serve",
+            "--socket",
+            "/run/vm1.sock",
+            "--guest",
+            "name=vm2,socket=/run/b.sock,rate-bytes=16384,rate-period=500",
+        ]);
+        let guests = args.command_line_guests();
+        assert_eq!(guests.len(), 2);
+        assert_eq!(guests[0].name, "vm1");
+        assert_eq!(guests[1].rate_bytes, Some(16384));
+        assert_eq!(guests[1].rate_period_ms, 500);
+        let err = parse(&["serve", "--guest", "name=x"]).unwrap_err();
         assert_eq!(err.exit_code(), 2);
+    }
+
+    #[test]
+    fn control_subcommands_parse() {
+        match parse(&["guest", "add", "name=a,socket=/a", "--control", "/c"])
+            .unwrap()
+            .command
+        {
+            Command::Guest(GuestCommand::Add { spec, control }) => {
+                assert_eq!(spec.name, "a");
+                assert_eq!(control.control, PathBuf::from("/c"));
+            }
+            other => panic!("parsed as {other:?}"),
+        }
+        match parse(&["status", "--json"]).unwrap().command {
+            Command::Status(status) => {
+                assert!(status.json);
+                assert_eq!(status.control.control, PathBuf::from(DEFAULT_CONTROL_PATH));
+            }
+            other => panic!("parsed as {other:?}"),
+        }
+        assert!(parse(&["guest", "remove"]).is_err());
     }
 
     #[test]
     fn socket_mode_is_octal_and_bounded() {
         assert_eq!(
             serve(&["serve", "--socket", "/a", "--socket-mode", "660"]).socket_mode,
-            0o660
+            Some(0o660)
         );
         assert_eq!(
             serve(&["serve", "--socket", "/a", "--socket-mode", "0o640"]).socket_mode,
-            0o640
+            Some(0o640)
         );
         for bad in ["888", "1777", "rw", ""] {
             let err = parse(&["serve", "--socket", "/a", "--socket-mode", bad]).unwrap_err();
@@ -271,10 +407,10 @@ mod tests {
     #[test]
     fn entropy_options_parse_and_default() {
         let args = serve(&["serve", "--socket", "/a"]);
-        assert_eq!(args.mode, Mode::Drbg);
-        let config = args.pool_config();
-        assert_eq!(config.reseed.max_bytes, 1 << 20);
-        assert_eq!(config.reseed.max_age, Duration::from_secs(60));
+        assert_eq!(
+            (args.mode, args.reseed_bytes, args.max_rate),
+            (None, None, None)
+        );
 
         let args = serve(&[
             "serve",
@@ -292,8 +428,8 @@ mod tests {
             "5",
         ]);
         assert_eq!(args.entropy.sources.len(), 2);
-        assert_eq!(args.mode, Mode::Raw);
-        assert_eq!(args.pool_config().reseed.max_bytes, 4096);
+        assert_eq!(args.mode, Some(Mode::Raw));
+        assert_eq!(args.reseed_bytes, Some(4096));
 
         for bad in [
             &["serve", "--socket", "/a", "--source", "jitter"][..],

@@ -1,78 +1,257 @@
-//! `vhost-rng serve`: builds the pool, opens every guest's socket, serves
-//! them until SIGTERM or SIGINT, then closes connections and removes the
-//! socket files it created.
+//! `vhost-rng serve`: resolves the settings (command line over config
+//! file), starts the pool, every guest, the control socket and the metrics
+//! endpoint, then waits for signals: SIGHUP reloads the config file,
+//! SIGTERM or SIGINT closes connections and removes the socket files.
 //!
-//! Start-up is all or nothing: if any socket cannot be opened, the ones
+//! Start-up is all or nothing: if any guest cannot be served, the sockets
 //! already created are removed and the daemon exits with an error.
 
-use std::io;
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::time::Duration;
 
-use log::{info, warn};
+use log::{error, info, warn};
 use nix::sys::signal::{SigSet, Signal};
+use nix::unistd::Gid;
 
-use crate::frontend::vhost_user::{Endpoint, GuestServer, GuestSocket, SocketAccess, SocketError};
-use crate::guest::Guest;
-use crate::pool::{Pool, PoolConfig, PoolError};
+use crate::config::{self, ConfigError, ConfigFile, GuestSpec};
+use crate::control::{ControlServer, DEFAULT_CONTROL_PATH};
+use crate::drbg::ReseedPolicy;
+use crate::frontend::vhost_user::{SocketAccess, SocketError};
+use crate::metrics::MetricsServer;
+use crate::pool::{Mode, Pool, PoolConfig, PoolError};
+use crate::registry::{Registry, RegistryError};
+use crate::source::{self, SourceSpec};
 
-/// Everything `serve` needs, already validated.
+/// Settings that may come from the command line or the config file; the
+/// command line wins.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Settings {
+    pub sources: Vec<SourceSpec>,
+    pub mode: Option<Mode>,
+    pub reseed_bytes: Option<u64>,
+    pub reseed_secs: Option<u64>,
+    pub max_rate: Option<u64>,
+    pub socket_mode: Option<u32>,
+    pub socket_group: Option<Gid>,
+    pub control: Option<PathBuf>,
+    pub metrics: Option<SocketAddr>,
+}
+
+/// What `serve` was asked for.
 #[derive(Debug, Clone)]
 pub struct ServeConfig {
-    /// Sockets the daemon listens on, one guest each.
-    pub listen: Vec<PathBuf>,
-    /// Sockets the VMM listens on, one guest each.
-    pub connect: Vec<PathBuf>,
-    pub access: SocketAccess,
-    pub pool: PoolConfig,
+    pub guests: Vec<GuestSpec>,
+    pub config_file: Option<PathBuf>,
+    pub settings: Settings,
+}
+
+/// Settings with the config file applied and defaults filled in.
+#[derive(Debug, Clone)]
+struct Resolved {
+    pool: PoolConfig,
+    access: SocketAccess,
+    max_rate: Option<u64>,
+    control: Option<PathBuf>,
+    metrics: Option<SocketAddr>,
+    guests: Vec<GuestSpec>,
 }
 
 #[derive(Debug, thiserror::Error)]
 pub enum DaemonError {
     #[error(transparent)]
+    Config(#[from] ConfigError),
+    #[error(transparent)]
     Socket(#[from] SocketError),
     #[error(transparent)]
     Pool(#[from] PoolError),
-    #[error("cannot start the thread serving guest {guest}: {error}")]
-    Spawn {
-        guest: String,
+    #[error(transparent)]
+    Registry(#[from] RegistryError),
+    #[error("metrics on {addr}: {error}")]
+    Metrics {
+        addr: SocketAddr,
         #[source]
-        error: io::Error,
+        error: std::io::Error,
     },
     #[error("cannot set up signal handling: {0}")]
     Signals(#[source] nix::Error),
+}
+
+fn resolve(config: &ServeConfig) -> Result<Resolved, DaemonError> {
+    let file = match &config.config_file {
+        Some(path) => ConfigFile::load(path)?,
+        None => ConfigFile::default(),
+    };
+    let cli = &config.settings;
+    let sources = if !cli.sources.is_empty() {
+        cli.sources.clone()
+    } else if !file.sources.is_empty() {
+        file.sources.clone()
+    } else {
+        source::default_sources()
+    };
+    let reseed = ReseedPolicy {
+        max_bytes: cli
+            .reseed_bytes
+            .or(file.reseed_bytes)
+            .unwrap_or(ReseedPolicy::default().max_bytes),
+        max_age: cli
+            .reseed_secs
+            .or(file.reseed_secs)
+            .map(Duration::from_secs)
+            .unwrap_or(ReseedPolicy::default().max_age),
+    };
+    let group = match cli.socket_group {
+        Some(group) => Some(group),
+        None => file.socket_group_id()?,
+    };
+    let control = cli.control.clone().or(file.control.clone()).or_else(|| {
+        nix::unistd::geteuid()
+            .is_root()
+            .then(|| PathBuf::from(DEFAULT_CONTROL_PATH))
+    });
+    Ok(Resolved {
+        pool: PoolConfig {
+            sources,
+            mode: cli.mode.or(file.mode).unwrap_or_default(),
+            reseed,
+        },
+        access: SocketAccess {
+            mode: cli.socket_mode.or(file.socket_mode).unwrap_or(0o600),
+            group,
+        },
+        max_rate: cli.max_rate.or(file.max_rate),
+        control,
+        metrics: cli.metrics.or(file.metrics),
+        guests: config::merge_guests(config.guests.clone(), file.guests)?,
+    })
 }
 
 /// Runs the daemon until SIGTERM or SIGINT.
 pub fn run(config: ServeConfig) -> Result<(), DaemonError> {
     // Blocked before any thread starts so that every thread inherits the
     // mask and the signals reach only the `wait` below.
-    let signals = shutdown_signals();
+    let signals = daemon_signals();
     signals.thread_block().map_err(DaemonError::Signals)?;
 
-    info!("serving mode: {}", config.pool.mode.as_str());
-    let pool = Pool::start(config.pool.clone())?;
+    let resolved = resolve(&config)?;
+    info!("serving mode: {}", resolved.pool.mode.as_str());
+    let pool = Pool::start(resolved.pool.clone())?;
+    let registry = Registry::new(pool, resolved.access);
+    registry.set_max_rate(resolved.max_rate)?;
+    if let Err(e) = registry.apply(resolved.guests.clone()) {
+        registry.stop_all();
+        return Err(e.into());
+    }
 
-    let servers = start_guests(&config, &pool)?;
-    info!("serving {} guest(s)", servers.len());
+    let control = match &resolved.control {
+        Some(path) => match ControlServer::start(path, Arc::clone(&registry)) {
+            Ok(control) => Some(control),
+            Err(e) => {
+                registry.stop_all();
+                return Err(e.into());
+            }
+        },
+        None => None,
+    };
+    let _metrics = match resolved.metrics {
+        Some(addr) => {
+            let snapshot = Arc::clone(&registry);
+            match MetricsServer::start(addr, Arc::new(move || snapshot.status())) {
+                Ok(server) => {
+                    info!("metrics on http://{}/metrics", server.local_addr());
+                    Some(server)
+                }
+                Err(error) => {
+                    registry.stop_all();
+                    if let Some(control) = &control {
+                        control.stop();
+                    }
+                    return Err(DaemonError::Metrics { addr, error });
+                }
+            }
+        }
+        None => None,
+    };
+    info!("serving {} guest(s)", registry.names().len());
 
     loop {
         match signals.wait().map_err(DaemonError::Signals)? {
-            Signal::SIGHUP => info!("SIGHUP: no configuration file to reload"),
+            Signal::SIGHUP => reload(&config, &resolved, &registry),
             signal => {
                 info!("{signal}: shutting down");
                 break;
             }
         }
     }
-    for server in &servers {
-        server.stop();
+    registry.stop_all();
+    if let Some(control) = &control {
+        control.stop();
     }
     info!("stopped; socket files removed");
     Ok(())
 }
 
-fn shutdown_signals() -> SigSet {
+/// SIGHUP: re-reads the config file and applies its guests and limits.
+/// A config that does not load, or guests that cannot be served, leave the
+/// running set untouched.
+fn reload(config: &ServeConfig, running: &Resolved, registry: &Registry) {
+    let Some(path) = &config.config_file else {
+        info!("SIGHUP: no configuration file to reload");
+        return;
+    };
+    let resolved = match resolve(config) {
+        Ok(resolved) => resolved,
+        Err(e) => {
+            error!("SIGHUP: configuration rejected, keeping the running one: {e}");
+            return;
+        }
+    };
+    warn_restart_needed(path, running, &resolved);
+    if let Err(e) = registry.set_max_rate(resolved.max_rate) {
+        error!("SIGHUP: configuration rejected, keeping the running one: {e}");
+        return;
+    }
+    match registry.apply(resolved.guests) {
+        Ok(summary) => info!(
+            "SIGHUP: reloaded {}: {} added, {} removed, {} changed, {} unchanged",
+            path.display(),
+            summary.added.len(),
+            summary.removed.len(),
+            summary.reconfigured.len(),
+            summary.unchanged
+        ),
+        Err(e) => error!("SIGHUP: configuration rejected, keeping the running one: {e}"),
+    }
+}
+
+/// Settings a running daemon cannot change say so instead of being
+/// silently ignored.
+fn warn_restart_needed(path: &Path, running: &Resolved, new: &Resolved) {
+    let mut ignored = Vec::new();
+    if new.pool.sources != running.pool.sources || new.pool.mode != running.pool.mode {
+        ignored.push("sources/mode");
+    }
+    if new.pool.reseed != running.pool.reseed {
+        ignored.push("reseed bounds");
+    }
+    if new.access != running.access {
+        ignored.push("socket-mode/socket-group (apply to new sockets only after a restart)");
+    }
+    if new.control != running.control || new.metrics != running.metrics {
+        ignored.push("control/metrics");
+    }
+    if !ignored.is_empty() {
+        warn!(
+            "SIGHUP: {}: changes to {} take effect only after a restart",
+            path.display(),
+            ignored.join(", ")
+        );
+    }
+}
+
+fn daemon_signals() -> SigSet {
     let mut signals = SigSet::empty();
     signals.add(Signal::SIGTERM);
     signals.add(Signal::SIGINT);
@@ -80,118 +259,55 @@ fn shutdown_signals() -> SigSet {
     signals
 }
 
-/// Opens every endpoint, then starts every server; undoes it all on error.
-fn start_guests(
-    config: &ServeConfig,
-    pool: &Arc<Pool>,
-) -> Result<Vec<Arc<GuestServer>>, DaemonError> {
-    let mut endpoints = Vec::new();
-    for path in &config.listen {
-        match GuestSocket::bind(path, config.access) {
-            Ok(socket) => endpoints.push(Endpoint::Listen(socket)),
-            Err(e) => {
-                remove_sockets(&endpoints);
-                return Err(e.into());
-            }
-        }
-    }
-    endpoints.extend(config.connect.iter().cloned().map(Endpoint::Connect));
-
-    let names = guest_names(endpoints.iter().map(Endpoint::path));
-    let mut servers: Vec<Arc<GuestServer>> = Vec::new();
-    let mut endpoints = endpoints.into_iter();
-    for (name, endpoint) in names.into_iter().zip(endpoints.by_ref()) {
-        let guest = Guest::new(name.clone(), Arc::clone(pool));
-        info!("guest {name}: serving on {}", endpoint.path().display());
-        match GuestServer::spawn(guest, endpoint) {
-            Ok(server) => servers.push(server),
-            Err(error) => {
-                for server in &servers {
-                    server.stop();
-                }
-                remove_sockets(&endpoints.collect::<Vec<_>>());
-                warn!("start-up aborted; no guest is served");
-                return Err(DaemonError::Spawn { guest: name, error });
-            }
-        }
-    }
-    Ok(servers)
-}
-
-fn remove_sockets(endpoints: &[Endpoint]) {
-    for endpoint in endpoints {
-        if let Endpoint::Listen(socket) = endpoint {
-            socket.remove();
-        }
-    }
-}
-
-/// Names guests after their socket file (`/run/vm1.sock` -> `vm1`), falling
-/// back to the whole path where two files share a name.
-fn guest_names<'a>(paths: impl Iterator<Item = &'a Path>) -> Vec<String> {
-    let paths: Vec<&Path> = paths.collect();
-    let stem = |path: &Path| {
-        path.file_stem()
-            .map(|s| s.to_string_lossy().into_owned())
-            .unwrap_or_else(|| path.display().to_string())
-    };
-    paths
-        .iter()
-        .map(|path| {
-            let short = stem(path);
-            let clashes = paths.iter().filter(|other| stem(other) == short).count() > 1;
-            if clashes {
-                path.display().to_string()
-            } else {
-                short
-            }
-        })
-        .collect()
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    #[test]
-    fn guests_are_named_after_their_socket_unless_names_clash() {
-        let paths = [
-            Path::new("/run/vm1.sock"),
-            Path::new("/a/vm2.sock"),
-            Path::new("/b/vm2.sock"),
-        ];
-        assert_eq!(
-            guest_names(paths.into_iter()),
-            vec!["vm1", "/a/vm2.sock", "/b/vm2.sock"]
-        );
+    fn config_with(file: Option<&Path>, settings: Settings) -> ServeConfig {
+        ServeConfig {
+            guests: vec![],
+            config_file: file.map(Path::to_owned),
+            settings,
+        }
     }
 
     #[test]
-    fn failed_start_removes_sockets_already_created() {
+    fn command_line_overrides_the_file_and_defaults_fill_the_rest() {
         let dir = tempfile::tempdir().unwrap();
-        let first = dir.path().join("first.sock");
-        let blocker = dir.path().join("second.sock");
-        std::fs::write(&blocker, b"not a socket").unwrap();
-        let pool_config = PoolConfig {
-            sources: vec!["os".parse().unwrap()],
-            mode: Default::default(),
-            reseed: Default::default(),
-        };
-        let config = ServeConfig {
-            listen: vec![first.clone(), blocker],
-            connect: vec![],
-            access: SocketAccess::default(),
-            pool: pool_config.clone(),
-        };
+        let file = dir.path().join("c.toml");
+        std::fs::write(
+            &file,
+            "mode = \"raw\"\nreseed-bytes = 4096\nsocket-mode = \"0660\"\nmax-rate = 1000\n\
+             sources = [\"os\"]\n[[guest]]\nname = \"vm1\"\nsocket = \"/run/x.sock\"\n",
+        )
+        .unwrap();
+        let resolved = resolve(&config_with(
+            Some(&file),
+            Settings {
+                mode: Some(Mode::Drbg),
+                max_rate: Some(5),
+                control: Some("/tmp/c.sock".into()),
+                ..Settings::default()
+            },
+        ))
+        .unwrap();
+        assert_eq!(resolved.pool.mode, Mode::Drbg);
+        assert_eq!(resolved.pool.reseed.max_bytes, 4096);
+        assert_eq!(resolved.pool.reseed.max_age, Duration::from_secs(60));
+        assert_eq!(resolved.access.mode, 0o660);
+        assert_eq!(resolved.max_rate, Some(5));
+        assert_eq!(resolved.guests.len(), 1);
+        assert_eq!(resolved.pool.sources.len(), 1);
+    }
 
-        let Err(err) = start_guests(&config, &Pool::start(pool_config).unwrap()) else {
-            panic!("start-up must fail on a path that is not a socket");
-        };
-
-        assert!(
-            matches!(err, DaemonError::Socket(SocketError::NotASocket { .. })),
-            "{err}"
-        );
-        assert!(!first.exists(), "half a start must leave nothing behind");
+    #[test]
+    fn a_broken_config_file_is_an_error_naming_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("bad.toml");
+        std::fs::write(&file, "mode = \"fast\"\n").unwrap();
+        let err = resolve(&config_with(Some(&file), Settings::default()))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("bad.toml") && err.contains("mode"), "{err}");
     }
 }

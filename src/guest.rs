@@ -64,8 +64,9 @@ impl Default for GuestLimits {
     }
 }
 
-/// A cap on all guests together (`--max-rate`), shared by every guest.
-pub type SharedBucket = Arc<Mutex<TokenBucket>>;
+/// The cap on all guests together (`--max-rate`), shared by every guest;
+/// `None` inside when there is no cap, so a reload can add or drop it.
+pub type SharedBucket = Arc<Mutex<Option<TokenBucket>>>;
 
 /// Whether a request may be answered now.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -91,19 +92,20 @@ pub struct Guest {
     /// the log.
     pub defect_log: RateLimitedLog,
     policy: Mutex<Policy>,
-    global: Option<SharedBucket>,
+    global: SharedBucket,
+    meter: Mutex<RateMeter>,
 }
 
 impl Guest {
     pub fn new(name: impl Into<String>, pool: Arc<Pool>) -> Arc<Self> {
-        Self::with_limits(name, pool, GuestLimits::default(), None)
+        Self::with_limits(name, pool, GuestLimits::default(), SharedBucket::default())
     }
 
     pub fn with_limits(
         name: impl Into<String>,
         pool: Arc<Pool>,
         limits: GuestLimits,
-        global: Option<SharedBucket>,
+        global: SharedBucket,
     ) -> Arc<Self> {
         let now = Instant::now();
         Arc::new(Guest {
@@ -117,6 +119,7 @@ impl Guest {
                 throttled_since: None,
             }),
             global,
+            meter: Mutex::new(RateMeter::new(now)),
         })
     }
 
@@ -153,25 +156,20 @@ impl Guest {
             Some(Grant::Now(n)) => n,
             Some(Grant::Wait(wait)) => return throttled(&mut policy, now, wait),
         };
-        let granted = match &self.global {
+        let global_grant = self.lock_global().as_mut().map(|g| g.grant(granted, now));
+        let granted = match global_grant {
             None => granted,
-            Some(global) => {
-                let mut global = global.lock().unwrap_or_else(|e| e.into_inner());
-                match global.grant(granted, now) {
-                    Grant::Now(n) => {
-                        if let Some(bucket) = policy.bucket.as_mut() {
-                            bucket.refund(granted - n);
-                        }
-                        n
-                    }
-                    Grant::Wait(wait) => {
-                        if let Some(bucket) = policy.bucket.as_mut() {
-                            bucket.refund(granted);
-                        }
-                        drop(global);
-                        return throttled(&mut policy, now, wait);
-                    }
+            Some(Grant::Now(n)) => {
+                if let Some(bucket) = policy.bucket.as_mut() {
+                    bucket.refund(granted - n);
                 }
+                n
+            }
+            Some(Grant::Wait(wait)) => {
+                if let Some(bucket) = policy.bucket.as_mut() {
+                    bucket.refund(granted);
+                }
+                return throttled(&mut policy, now, wait);
             }
         };
         if let Some(since) = policy.throttled_since.take() {
@@ -184,6 +182,10 @@ impl Guest {
         Admission::Granted(granted as usize)
     }
 
+    fn lock_global(&self) -> MutexGuard<'_, Option<TokenBucket>> {
+        self.global.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
     /// Gives back the tokens of a grant the pool could not fill.
     pub fn settle(&self, granted: usize, used: usize) {
         let unused = granted.saturating_sub(used) as u64;
@@ -193,12 +195,25 @@ impl Guest {
         if let Some(bucket) = self.policy().bucket.as_mut() {
             bucket.refund(unused);
         }
-        if let Some(global) = &self.global {
-            global
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .refund(unused);
+        if let Some(global) = self.lock_global().as_mut() {
+            global.refund(unused);
         }
+    }
+
+    /// Counts bytes served, for the current rate.
+    pub fn record(&self, bytes: u64, now: Instant) {
+        self.meter
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .record(bytes, now);
+    }
+
+    /// Bytes per second served recently.
+    pub fn current_rate(&self, now: Instant) -> f64 {
+        self.meter
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .rate(now)
     }
 
     pub fn name(&self) -> &str {
@@ -213,4 +228,139 @@ impl Guest {
 fn throttled(policy: &mut Policy, now: Instant, wait: Duration) -> Admission {
     policy.throttled_since.get_or_insert(now);
     Admission::Wait(wait)
+}
+
+/// Bytes served over a window of a few seconds.
+struct RateMeter {
+    window_start: Instant,
+    bytes: u64,
+    last_rate: f64,
+}
+
+impl RateMeter {
+    const WINDOW: Duration = Duration::from_secs(5);
+
+    fn new(now: Instant) -> Self {
+        RateMeter {
+            window_start: now,
+            bytes: 0,
+            last_rate: 0.0,
+        }
+    }
+
+    fn record(&mut self, bytes: u64, now: Instant) {
+        let elapsed = now.saturating_duration_since(self.window_start);
+        if elapsed >= Self::WINDOW {
+            self.last_rate = self.bytes as f64 / elapsed.as_secs_f64();
+            self.window_start = now;
+            self.bytes = 0;
+        }
+        self.bytes += bytes;
+    }
+
+    fn rate(&self, now: Instant) -> f64 {
+        let elapsed = now.saturating_duration_since(self.window_start);
+        if elapsed >= Duration::from_secs(1) {
+            // Decays towards 0 when the guest stops asking.
+            self.bytes as f64 / elapsed.as_secs_f64()
+        } else {
+            self.last_rate
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::pool::PoolConfig;
+
+    fn pool() -> Arc<Pool> {
+        Pool::start(PoolConfig {
+            sources: vec!["os".parse().unwrap()],
+            mode: Default::default(),
+            reseed: Default::default(),
+        })
+        .unwrap()
+    }
+
+    fn limited(bytes: u64) -> GuestLimits {
+        GuestLimits {
+            rate: Some(RateLimit::new(bytes, 1000, bytes).unwrap()),
+            weight: 1,
+        }
+    }
+
+    #[test]
+    fn unlimited_guest_is_granted_everything() {
+        let guest = Guest::new("g", pool());
+        assert_eq!(guest.admit(4096, Instant::now()), Admission::Granted(4096));
+    }
+
+    #[test]
+    fn limited_guest_waits_then_is_granted_and_throttled_time_is_counted() {
+        let guest = Guest::with_limits("g", pool(), limited(1000), SharedBucket::default());
+        let t0 = Instant::now();
+        let Admission::Wait(wait) = guest.admit(100, t0) else {
+            panic!("a bucket starts empty");
+        };
+        // 100 bytes at 1000 B/s, less what trickled in since the guest was made.
+        assert!(wait <= Duration::from_millis(100) && wait > Duration::from_millis(50));
+        assert_eq!(guest.admit(100, t0 + wait), Admission::Granted(100));
+        assert_eq!(guest.stats.snapshot().throttled, wait);
+    }
+
+    #[test]
+    fn unused_grant_is_refunded() {
+        let guest = Guest::with_limits("g", pool(), limited(1000), SharedBucket::default());
+        let t = Instant::now() + Duration::from_secs(1);
+        assert_eq!(guest.admit(600, t), Admission::Granted(600));
+        guest.settle(600, 100);
+        assert_eq!(guest.admit(900, t), Admission::Granted(900));
+    }
+
+    #[test]
+    fn global_cap_limits_every_guest_and_refunds_the_guest_bucket() {
+        let t0 = Instant::now();
+        let cap = TokenBucket::new(RateLimit::new(100, 1000, 100).unwrap(), t0);
+        let global: SharedBucket = Arc::new(Mutex::new(Some(cap)));
+        let pool = pool();
+        let a = Guest::with_limits("a", Arc::clone(&pool), limited(1000), Arc::clone(&global));
+        let b = Guest::with_limits("b", pool, GuestLimits::default(), global);
+        // Both buckets are full by then.
+        let t1 = t0 + Duration::from_secs(2);
+        // The global bucket holds 100: a takes them all.
+        assert_eq!(a.admit(500, t1), Admission::Granted(100));
+        assert!(matches!(b.admit(10, t1), Admission::Wait(_)));
+        // a's own bucket was refunded the 400 the cap refused.
+        assert_eq!(a.policy().bucket.as_mut().unwrap().available(t1), 900);
+    }
+
+    #[test]
+    fn limits_change_in_place() {
+        let guest = Guest::new("g", pool());
+        let limits = GuestLimits {
+            weight: 3,
+            ..limited(10)
+        };
+        guest.set_limits(limits);
+        assert_eq!(guest.limits(), limits);
+        assert!(matches!(
+            guest.admit(10, Instant::now()),
+            Admission::Wait(_)
+        ));
+        guest.set_limits(GuestLimits::default());
+        assert_eq!(guest.admit(10, Instant::now()), Admission::Granted(10));
+    }
+
+    #[test]
+    fn current_rate_follows_recent_traffic() {
+        let guest = Guest::new("g", pool());
+        let t0 = Instant::now();
+        for i in 0..10 {
+            guest.record(1000, t0 + Duration::from_millis(500 * i));
+        }
+        let rate = guest.current_rate(t0 + Duration::from_secs(5));
+        assert!((1900.0..=2100.0).contains(&rate), "{rate}");
+        assert!(guest.current_rate(t0 + Duration::from_secs(60)) < 200.0);
+    }
 }

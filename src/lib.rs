@@ -15,6 +15,8 @@
 pub mod check;
 pub mod cli;
 pub mod conditioner;
+pub mod config;
+pub mod control;
 pub mod daemon;
 pub mod drbg;
 pub mod frontend;
@@ -22,6 +24,9 @@ pub mod guest;
 pub mod health;
 pub mod limiter;
 pub mod log_limit;
+pub mod metrics;
 pub mod pool;
+pub mod registry;
 pub mod source;
+pub mod status;
 pub mod testing;

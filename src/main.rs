@@ -1,12 +1,15 @@
-//! The `vhost-rng` binary: parses the command line and runs the daemon.
+//! The `vhost-rng` binary: parses the command line and runs the daemon or
+//! one of the client commands.
 
 use std::process::ExitCode;
 
 use clap::{CommandFactory, Parser};
 use log::error;
 use vhost_rng::check;
-use vhost_rng::cli::{Cli, Command};
-use vhost_rng::daemon::{self, ServeConfig};
+use vhost_rng::cli::{Cli, Command, ControlArgs, GuestCommand};
+use vhost_rng::control::{self, Request, Response};
+use vhost_rng::daemon::{self, ServeConfig, Settings};
+use vhost_rng::status;
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
@@ -20,10 +23,9 @@ fn main() -> ExitCode {
                     .exit();
             }
             let config = ServeConfig {
-                access: args.socket_access(),
-                pool: args.pool_config(),
-                listen: args.sockets,
-                connect: args.connects,
+                guests: args.command_line_guests(),
+                config_file: args.config.clone(),
+                settings: Settings::from(&args),
             };
             match daemon::run(config) {
                 Ok(()) => ExitCode::SUCCESS,
@@ -34,5 +36,47 @@ fn main() -> ExitCode {
             }
         }
         Command::Check(args) => check::run(&args),
+        Command::Guest(GuestCommand::Add { spec, control }) => ask(
+            &control,
+            Request::GuestAdd {
+                spec: spec.to_string(),
+            },
+            false,
+        ),
+        Command::Guest(GuestCommand::Remove { name, control }) => {
+            ask(&control, Request::GuestRemove { name }, false)
+        }
+        Command::Guest(GuestCommand::List { json, control }) => {
+            ask(&control, Request::GuestList, json)
+        }
+        Command::Status(args) => ask(&args.control, Request::Status, args.json),
     }
+}
+
+/// Sends one request to the daemon and prints its answer.
+fn ask(control: &ControlArgs, request: Request, json: bool) -> ExitCode {
+    let response = match control::request(&control.control, &request) {
+        Ok(response) => response,
+        Err(e) => {
+            eprintln!("vhost-rng: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let printed = match (&response, json) {
+        (Response::Ok, _) => String::new(),
+        (Response::Guests { guests }, true) => to_json(guests),
+        (Response::Guests { guests }, false) => status::render_guests(guests),
+        (Response::Status { status }, true) => to_json(status),
+        (Response::Status { status }, false) => status.render(),
+        (Response::Error { message }, _) => {
+            eprintln!("vhost-rng: {message}");
+            return ExitCode::FAILURE;
+        }
+    };
+    print!("{printed}");
+    ExitCode::SUCCESS
+}
+
+fn to_json<T: serde::Serialize>(value: &T) -> String {
+    serde_json::to_string_pretty(value).unwrap_or_default() + "\n"
 }

@@ -206,6 +206,11 @@ impl Pool {
         self.lock().bytes.len()
     }
 
+    /// Most full-entropy bytes the reservoir holds.
+    pub fn capacity(&self) -> usize {
+        self.lock().capacity
+    }
+
     /// A new stream for one guest; `waker` is called when a starved stream
     /// may be served again.
     pub fn stream(self: &Arc<Self>, waker: Waker) -> Box<dyn EntropyStream> {

@@ -34,11 +34,15 @@ pub fn wait_until(what: &str, mut condition: impl FnMut() -> bool) {
 pub struct Daemon {
     child: Child,
     log_path: PathBuf,
+    control: PathBuf,
     _log_dir: tempfile::TempDir,
 }
 
 impl Daemon {
     /// Starts `vhost-rng` with `args` (RUST_LOG=info, stderr captured).
+    /// A `serve` without `--control` gets a control socket of its own, so
+    /// daemons of tests running side by side (as root) never share the
+    /// default one.
     pub fn start<I, S>(args: I) -> Daemon
     where
         I: IntoIterator<Item = S>,
@@ -46,7 +50,14 @@ impl Daemon {
     {
         let log_dir = tempfile::tempdir().unwrap();
         let log_path = log_dir.path().join("daemon.log");
+        let control = log_dir.path().join("control.sock");
         let log = fs::File::create(&log_path).unwrap();
+        let mut args: Vec<std::ffi::OsString> =
+            args.into_iter().map(|a| a.as_ref().to_owned()).collect();
+        if args.first().is_some_and(|a| a == "serve") && !args.iter().any(|a| a == "--control") {
+            args.push("--control".into());
+            args.push(control.clone().into());
+        }
         let child = Command::new(env!("CARGO_BIN_EXE_vhost-rng"))
             .args(args)
             .env("RUST_LOG", "info")
@@ -58,8 +69,14 @@ impl Daemon {
         Daemon {
             child,
             log_path,
+            control,
             _log_dir: log_dir,
         }
+    }
+
+    /// The control socket given to a `serve` that named none.
+    pub fn control(&self) -> &Path {
+        &self.control
     }
 
     /// Starts `vhost-rng serve` listening on each of `sockets` and waits

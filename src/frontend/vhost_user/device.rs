@@ -173,6 +173,7 @@ impl RngDevice {
         stats
             .requests
             .fetch_add(outcome.completed, Ordering::Relaxed);
+        self.guest.record(outcome.bytes, Instant::now());
         stats.bytes.fetch_add(outcome.bytes, Ordering::Relaxed);
         stats
             .defective_requests

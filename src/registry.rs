@@ -1,0 +1,411 @@
+//! The guests a running daemon serves: added, removed and reconfigured at
+//! runtime (control socket, SIGHUP reload) without touching the others.
+//!
+//! Changes are all or nothing: a reload first opens every new socket and
+//! checks every new limit; if anything fails, what it opened is closed
+//! again and the running set stays exactly as it was.
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Instant;
+
+use log::info;
+
+use crate::config::{GuestEndpoint, GuestSpec};
+use crate::frontend::vhost_user::{Endpoint, GuestServer, GuestSocket, SocketAccess, SocketError};
+use crate::guest::{Guest, GuestLimits, SharedBucket};
+use crate::limiter::{RateLimit, RateLimitError, TokenBucket};
+use crate::pool::Pool;
+use crate::status::{DaemonStatus, GuestStatus, PoolStatus, SourceStatus};
+
+#[derive(Debug, thiserror::Error)]
+pub enum RegistryError {
+    #[error("guest {0} already exists")]
+    Exists(String),
+    #[error("no guest named {0}")]
+    Unknown(String),
+    #[error("guest {name}: {path} is already used by guest {other}")]
+    PathInUse {
+        name: String,
+        path: String,
+        other: String,
+    },
+    #[error("guest {name}: {error}")]
+    Limit {
+        name: String,
+        #[source]
+        error: RateLimitError,
+    },
+    #[error("max-rate: {0}")]
+    MaxRate(#[source] RateLimitError),
+    #[error("guest {name}: {error}")]
+    Socket {
+        name: String,
+        #[source]
+        error: SocketError,
+    },
+    #[error("guest {name}: cannot start its thread: {error}")]
+    Spawn {
+        name: String,
+        #[source]
+        error: std::io::Error,
+    },
+}
+
+/// What a reload changed.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct ReloadSummary {
+    pub added: Vec<String>,
+    pub removed: Vec<String>,
+    pub reconfigured: Vec<String>,
+    pub unchanged: usize,
+}
+
+struct Entry {
+    spec: GuestSpec,
+    server: Arc<GuestServer>,
+}
+
+/// The running guests.
+pub struct Registry {
+    pool: Arc<Pool>,
+    access: SocketAccess,
+    global: SharedBucket,
+    max_rate: Mutex<Option<u64>>,
+    guests: Mutex<BTreeMap<String, Entry>>,
+    started: Instant,
+}
+
+/// A guest's limits as the spec gives them.
+pub fn limits_of(spec: &GuestSpec) -> Result<GuestLimits, RegistryError> {
+    let rate = match spec.rate_bytes {
+        None => None,
+        Some(bytes) => {
+            let burst = spec.burst.unwrap_or(bytes);
+            Some(
+                RateLimit::new(bytes, spec.rate_period_ms, burst).map_err(|error| {
+                    RegistryError::Limit {
+                        name: spec.name.clone(),
+                        error,
+                    }
+                })?,
+            )
+        }
+    };
+    Ok(GuestLimits {
+        rate,
+        weight: spec.weight,
+    })
+}
+
+/// A socket opened for a guest that is not serving yet.
+struct Prepared {
+    spec: GuestSpec,
+    limits: GuestLimits,
+    endpoint: Endpoint,
+}
+
+impl Registry {
+    pub fn new(pool: Arc<Pool>, access: SocketAccess) -> Arc<Self> {
+        Arc::new(Registry {
+            pool,
+            access,
+            global: SharedBucket::default(),
+            max_rate: Mutex::new(None),
+            guests: Mutex::new(BTreeMap::new()),
+            started: Instant::now(),
+        })
+    }
+
+    fn lock(&self) -> MutexGuard<'_, BTreeMap<String, Entry>> {
+        self.guests.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Sets or removes the cap on all guests together, in bytes per second.
+    pub fn set_max_rate(&self, max_rate: Option<u64>) -> Result<(), RegistryError> {
+        let limit = max_rate
+            .map(RateLimit::per_second)
+            .transpose()
+            .map_err(RegistryError::MaxRate)?;
+        let mut global = self.global.lock().unwrap_or_else(|e| e.into_inner());
+        let now = Instant::now();
+        *global = match (global.take(), limit) {
+            (Some(mut bucket), Some(limit)) => {
+                bucket.reconfigure(limit, now);
+                Some(bucket)
+            }
+            (None, Some(limit)) => Some(TokenBucket::new(limit, now)),
+            (_, None) => None,
+        };
+        *self.max_rate.lock().unwrap_or_else(|e| e.into_inner()) = max_rate;
+        Ok(())
+    }
+
+    /// Starts serving one more guest.
+    pub fn add(&self, spec: GuestSpec) -> Result<(), RegistryError> {
+        let mut guests = self.lock();
+        check_unique(&guests, std::slice::from_ref(&spec), &[])?;
+        let prepared = self.prepare(spec)?;
+        self.launch(&mut guests, prepared)
+    }
+
+    /// Stops serving a guest: its connection is closed, its socket removed.
+    pub fn remove(&self, name: &str) -> Result<(), RegistryError> {
+        let entry = self
+            .lock()
+            .remove(name)
+            .ok_or_else(|| RegistryError::Unknown(name.to_owned()))?;
+        entry.server.stop();
+        info!("guest {name}: removed");
+        Ok(())
+    }
+
+    /// Makes the running guests match `specs`: adds new ones, removes
+    /// missing ones, changes limits in place; guests whose spec did not
+    /// change keep their connection. All or nothing.
+    pub fn apply(&self, specs: Vec<GuestSpec>) -> Result<ReloadSummary, RegistryError> {
+        let mut guests = self.lock();
+        let mut summary = ReloadSummary::default();
+
+        // Guests whose endpoint changes are replaced: removed, then added.
+        let replaced: Vec<String> = specs
+            .iter()
+            .filter(|spec| {
+                guests
+                    .get(&spec.name)
+                    .is_some_and(|e| e.spec.endpoint != spec.endpoint)
+            })
+            .map(|spec| spec.name.clone())
+            .collect();
+        let leaving: Vec<String> = guests
+            .keys()
+            .filter(|name| !specs.iter().any(|s| &s.name == *name) || replaced.contains(name))
+            .cloned()
+            .collect();
+        let new_specs: Vec<GuestSpec> = specs
+            .iter()
+            .filter(|spec| !guests.contains_key(&spec.name) || replaced.contains(&spec.name))
+            .cloned()
+            .collect();
+        check_unique(&guests, &new_specs, &leaving)?;
+
+        // Check every limit, then open every new socket, before changing
+        // anything.
+        let mut changed_limits = Vec::new();
+        for spec in &specs {
+            let limits = limits_of(spec)?;
+            if let Some(entry) = guests.get(&spec.name)
+                && !replaced.contains(&spec.name)
+            {
+                if entry.spec != *spec {
+                    changed_limits.push((spec.clone(), limits));
+                } else {
+                    summary.unchanged += 1;
+                }
+            }
+        }
+        let mut prepared = Vec::new();
+        for spec in new_specs {
+            // A replaced guest's new socket may be the path of another
+            // leaving guest; that one is removed first below, so only
+            // sockets at fresh paths are opened here.
+            let path_leaving = leaving.iter().any(|name| {
+                guests
+                    .get(name)
+                    .is_some_and(|e| e.spec.endpoint.path() == spec.endpoint.path())
+            });
+            if path_leaving {
+                prepared.push(Err(spec));
+                continue;
+            }
+            match self.prepare(spec) {
+                Ok(ready) => prepared.push(Ok(ready)),
+                Err(error) => {
+                    close_prepared(prepared);
+                    return Err(error);
+                }
+            }
+        }
+
+        for name in &leaving {
+            if let Some(entry) = guests.remove(name) {
+                entry.server.stop();
+                info!("guest {name}: removed");
+                if !replaced.contains(name) {
+                    summary.removed.push(name.clone());
+                }
+            }
+        }
+        for (spec, limits) in changed_limits {
+            if let Some(entry) = guests.get_mut(&spec.name) {
+                entry.server.guest().set_limits(limits);
+                info!("guest {}: limits changed to {spec}", spec.name);
+                summary.reconfigured.push(spec.name.clone());
+                entry.spec = spec;
+            }
+        }
+        for item in prepared {
+            let ready = match item {
+                Ok(ready) => ready,
+                // The path is free now that the guest holding it left.
+                Err(spec) => self.prepare(spec)?,
+            };
+            let name = ready.spec.name.clone();
+            self.launch(&mut guests, ready)?;
+            summary.added.push(name);
+        }
+        Ok(summary)
+    }
+
+    /// Opens a guest's socket (for `socket=`) and checks its limits.
+    fn prepare(&self, spec: GuestSpec) -> Result<Prepared, RegistryError> {
+        let limits = limits_of(&spec)?;
+        let endpoint = match &spec.endpoint {
+            GuestEndpoint::Socket(path) => {
+                Endpoint::Listen(GuestSocket::bind(path, self.access).map_err(|error| {
+                    RegistryError::Socket {
+                        name: spec.name.clone(),
+                        error,
+                    }
+                })?)
+            }
+            GuestEndpoint::Connect(path) => Endpoint::Connect(path.clone()),
+        };
+        Ok(Prepared {
+            spec,
+            limits,
+            endpoint,
+        })
+    }
+
+    fn launch(
+        &self,
+        guests: &mut BTreeMap<String, Entry>,
+        prepared: Prepared,
+    ) -> Result<(), RegistryError> {
+        let Prepared {
+            spec,
+            limits,
+            endpoint,
+        } = prepared;
+        let guest = Guest::with_limits(
+            spec.name.clone(),
+            Arc::clone(&self.pool),
+            limits,
+            Arc::clone(&self.global),
+        );
+        info!(
+            "guest {}: serving on {} ({spec})",
+            spec.name,
+            endpoint.path().display()
+        );
+        let server = GuestServer::spawn(guest, endpoint).map_err(|error| RegistryError::Spawn {
+            name: spec.name.clone(),
+            error,
+        })?;
+        guests.insert(spec.name.clone(), Entry { spec, server });
+        Ok(())
+    }
+
+    /// Names of the running guests.
+    pub fn names(&self) -> Vec<String> {
+        self.lock().keys().cloned().collect()
+    }
+
+    /// Closes every connection and removes every socket file.
+    pub fn stop_all(&self) {
+        for (_, entry) in std::mem::take(&mut *self.lock()) {
+            entry.server.stop();
+        }
+    }
+
+    pub fn guest_statuses(&self) -> Vec<GuestStatus> {
+        let now = Instant::now();
+        self.lock()
+            .values()
+            .map(|entry| {
+                let guest = entry.server.guest();
+                let stats = guest.stats.snapshot();
+                let limits = guest.limits();
+                let (endpoint, path) = match &entry.spec.endpoint {
+                    GuestEndpoint::Socket(path) => ("socket", path),
+                    GuestEndpoint::Connect(path) => ("connect", path),
+                };
+                GuestStatus {
+                    name: entry.spec.name.clone(),
+                    endpoint: endpoint.into(),
+                    path: path.display().to_string(),
+                    connected: stats.connected,
+                    connections: stats.connections,
+                    requests: stats.requests,
+                    bytes: stats.bytes,
+                    defective_requests: stats.defective_requests,
+                    throttled_seconds: stats.throttled.as_secs_f64(),
+                    current_rate: guest.current_rate(now),
+                    rate_bytes: limits.rate.map(|r| r.bytes()),
+                    rate_period_ms: limits.rate.map(|r| r.period().as_millis() as u64),
+                    burst: limits.rate.map(|r| r.burst()),
+                    weight: limits.weight,
+                }
+            })
+            .collect()
+    }
+
+    pub fn status(&self) -> DaemonStatus {
+        DaemonStatus {
+            version: env!("CARGO_PKG_VERSION").into(),
+            uptime_seconds: self.started.elapsed().as_secs_f64(),
+            max_rate: *self.max_rate.lock().unwrap_or_else(|e| e.into_inner()),
+            guests: self.guest_statuses(),
+            pool: PoolStatus {
+                mode: self.pool.mode().as_str().into(),
+                level: self.pool.level() as u64,
+                capacity: self.pool.capacity() as u64,
+                sources: self
+                    .pool
+                    .sources()
+                    .iter()
+                    .map(|s| SourceStatus::from_snapshot(&s.snapshot()))
+                    .collect(),
+            },
+        }
+    }
+}
+
+/// New names and paths must not clash with each other or with running
+/// guests, except with those in `leaving`.
+fn check_unique(
+    running: &BTreeMap<String, Entry>,
+    new: &[GuestSpec],
+    leaving: &[String],
+) -> Result<(), RegistryError> {
+    let staying = || running.values().filter(|e| !leaving.contains(&e.spec.name));
+    for (i, spec) in new.iter().enumerate() {
+        if staying().any(|e| e.spec.name == spec.name)
+            || new[..i].iter().any(|s| s.name == spec.name)
+        {
+            return Err(RegistryError::Exists(spec.name.clone()));
+        }
+        let path = spec.endpoint.path();
+        let holder = staying()
+            .map(|e| &e.spec)
+            .chain(new[..i].iter())
+            .find(|other| other.endpoint.path() == path);
+        if let Some(other) = holder {
+            return Err(RegistryError::PathInUse {
+                name: spec.name.clone(),
+                path: path.display().to_string(),
+                other: other.name.clone(),
+            });
+        }
+    }
+    Ok(())
+}
+
+fn close_prepared(prepared: Vec<Result<Prepared, GuestSpec>>) {
+    for ready in prepared.into_iter().flatten() {
+        if let Endpoint::Listen(socket) = ready.endpoint {
+            socket.remove();
+        }
+    }
+}

@@ -1,0 +1,223 @@
+//! What the daemon reports about itself: per guest, per source, and the
+//! pool. One snapshot type feeds `vhost-rng status`, `guest list` and the
+//! Prometheus metrics, so they never disagree.
+
+use serde::{Deserialize, Serialize};
+
+/// One guest at one moment.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct GuestStatus {
+    pub name: String,
+    /// `socket` (the daemon listens) or `connect` (the VMM listens).
+    pub endpoint: String,
+    pub path: String,
+    pub connected: bool,
+    pub connections: u64,
+    pub requests: u64,
+    pub bytes: u64,
+    pub defective_requests: u64,
+    /// Time requests waited for rate-limit tokens.
+    pub throttled_seconds: f64,
+    /// Bytes per second served over the last few seconds.
+    pub current_rate: f64,
+    /// Configured limit: bytes per period.
+    pub rate_bytes: Option<u64>,
+    pub rate_period_ms: Option<u64>,
+    pub burst: Option<u64>,
+    pub weight: u32,
+}
+
+/// One entropy source at one moment.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SourceStatus {
+    pub name: String,
+    pub hardware: bool,
+    /// `starting`, `healthy`, `quarantined` or `failed`.
+    pub state: String,
+    pub min_entropy: f64,
+    pub bytes_read: u64,
+    pub bytes_contributed: u64,
+    pub bytes_discarded: u64,
+    pub rct_failures: u64,
+    pub apt_failures: u64,
+    pub read_errors: u64,
+    pub retries: u64,
+    /// Bytes per second read over the last measuring window.
+    pub rate: u64,
+}
+
+/// The pool at one moment.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct PoolStatus {
+    /// `drbg` or `raw`.
+    pub mode: String,
+    /// Full-entropy bytes waiting in the reservoir.
+    pub level: u64,
+    pub capacity: u64,
+    pub sources: Vec<SourceStatus>,
+}
+
+/// Everything `vhost-rng status` shows.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct DaemonStatus {
+    pub version: String,
+    pub uptime_seconds: f64,
+    /// Global cap over all guests, bytes per second.
+    pub max_rate: Option<u64>,
+    pub guests: Vec<GuestStatus>,
+    pub pool: PoolStatus,
+}
+
+impl SourceStatus {
+    pub fn from_snapshot(s: &crate::source::SourceStatsSnapshot) -> Self {
+        SourceStatus {
+            name: s.name.clone(),
+            hardware: s.hardware,
+            state: s.state.as_str().to_owned(),
+            min_entropy: s.min_entropy,
+            bytes_read: s.bytes_read,
+            bytes_contributed: s.bytes_contributed,
+            bytes_discarded: s.bytes_discarded,
+            rct_failures: s.rct_failures,
+            apt_failures: s.apt_failures,
+            read_errors: s.read_errors,
+            retries: s.retries,
+            rate: s.rate,
+        }
+    }
+}
+
+/// Formats a byte rate for people.
+pub fn human_rate(bytes_per_second: f64) -> String {
+    if bytes_per_second >= 1e6 {
+        format!("{:.1} MB/s", bytes_per_second / 1e6)
+    } else if bytes_per_second >= 1e3 {
+        format!("{:.1} kB/s", bytes_per_second / 1e3)
+    } else {
+        format!("{bytes_per_second:.0} B/s")
+    }
+}
+
+impl DaemonStatus {
+    /// The human-readable report of `vhost-rng status`.
+    pub fn render(&self) -> String {
+        use std::fmt::Write;
+        let mut out = String::new();
+        let _ = writeln!(
+            out,
+            "vhost-rng {}, up {:.0}s, mode {}, pool {}/{} bytes{}",
+            self.version,
+            self.uptime_seconds,
+            self.pool.mode,
+            self.pool.level,
+            self.pool.capacity,
+            self.max_rate
+                .map(|r| format!(", max rate {}", human_rate(r as f64)))
+                .unwrap_or_default()
+        );
+        let _ = writeln!(out, "\nSOURCES");
+        let _ = writeln!(
+            out,
+            "{:<24} {:<12} {:>12} {:>12} {:>10} {:>5} {:>5} {:>7}",
+            "NAME", "STATE", "RATE", "READ", "DISCARDED", "RCT", "APT", "ERRORS"
+        );
+        for s in &self.pool.sources {
+            let _ = writeln!(
+                out,
+                "{:<24} {:<12} {:>12} {:>12} {:>10} {:>5} {:>5} {:>7}",
+                s.name,
+                s.state,
+                human_rate(s.rate as f64),
+                s.bytes_read,
+                s.bytes_discarded,
+                s.rct_failures,
+                s.apt_failures,
+                s.read_errors
+            );
+        }
+        let _ = writeln!(out, "\nGUESTS");
+        out.push_str(&render_guests(&self.guests));
+        out
+    }
+}
+
+/// The table of `vhost-rng guest list`.
+pub fn render_guests(guests: &[GuestStatus]) -> String {
+    use std::fmt::Write;
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        "{:<16} {:<10} {:>12} {:>10} {:>12} {:>10} {:>12}  LIMIT",
+        "NAME", "CONNECTED", "BYTES", "REQUESTS", "RATE", "THROTTLED", "DEFECTIVE"
+    );
+    for g in guests {
+        let limit = match (g.rate_bytes, g.rate_period_ms) {
+            (Some(bytes), Some(period)) => format!(
+                "{bytes} bytes / {period} ms, burst {}, weight {}",
+                g.burst.unwrap_or(bytes),
+                g.weight
+            ),
+            _ => format!("unlimited, weight {}", g.weight),
+        };
+        let _ = writeln!(
+            out,
+            "{:<16} {:<10} {:>12} {:>10} {:>12} {:>9.1}s {:>12}  {limit}",
+            g.name,
+            if g.connected { "yes" } else { "no" },
+            g.bytes,
+            g.requests,
+            human_rate(g.current_rate),
+            g.throttled_seconds,
+            g.defective_requests
+        );
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn guest(name: &str) -> GuestStatus {
+        GuestStatus {
+            name: name.into(),
+            endpoint: "socket".into(),
+            path: format!("/run/{name}.sock"),
+            connected: true,
+            connections: 1,
+            requests: 10,
+            bytes: 640,
+            defective_requests: 0,
+            throttled_seconds: 1.5,
+            current_rate: 16384.0,
+            rate_bytes: Some(16384),
+            rate_period_ms: Some(1000),
+            burst: None,
+            weight: 1,
+        }
+    }
+
+    #[test]
+    fn status_round_trips_through_json_and_renders() {
+        let status = DaemonStatus {
+            version: "0.1.0".into(),
+            uptime_seconds: 12.0,
+            max_rate: None,
+            guests: vec![guest("vm1")],
+            pool: PoolStatus {
+                mode: "drbg".into(),
+                level: 64,
+                capacity: 8192,
+                sources: vec![],
+            },
+        };
+        let json = serde_json::to_string(&status).unwrap();
+        assert_eq!(serde_json::from_str::<DaemonStatus>(&json).unwrap(), status);
+        let text = status.render();
+        assert!(
+            text.contains("vm1") && text.contains("16384 bytes / 1000 ms"),
+            "{text}"
+        );
+        assert!(text.contains("16.4 kB/s"), "{text}");
+    }
+}
