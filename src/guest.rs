@@ -2,7 +2,7 @@
 //! that outlives any one connection. A VM reboot keeps its counters and its
 //! token bucket: reconnecting cannot reset a guest's budget.
 
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
@@ -94,6 +94,8 @@ pub struct Guest {
     policy: Mutex<Policy>,
     global: SharedBucket,
     meter: Mutex<RateMeter>,
+    /// The weight, readable by the pool without taking the policy lock.
+    weight: Arc<AtomicU32>,
 }
 
 impl Guest {
@@ -120,6 +122,7 @@ impl Guest {
             }),
             global,
             meter: Mutex::new(RateMeter::new(now)),
+            weight: Arc::new(AtomicU32::new(limits.weight)),
         })
     }
 
@@ -145,6 +148,12 @@ impl Guest {
             (_, None) => None,
         };
         policy.limits = limits;
+        self.weight.store(limits.weight, Ordering::Relaxed);
+    }
+
+    /// The guest's weight, shared with its pool streams.
+    pub fn weight(&self) -> Arc<AtomicU32> {
+        Arc::clone(&self.weight)
     }
 
     /// Asks the guest's bucket, then the global one, for `wanted` bytes.

@@ -13,12 +13,12 @@
 //! full-entropy output arrives. A guest's requests wait meanwhile; nothing
 //! else in the daemon does.
 
-use std::collections::VecDeque;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::collections::{HashMap, VecDeque};
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::mpsc::{Receiver, sync_channel};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use log::{info, warn};
 
@@ -106,6 +106,67 @@ struct Reservoir {
     bytes: VecDeque<u8>,
     capacity: usize,
     waiters: Vec<WaitSlot>,
+    fairness: Fairness,
+}
+
+/// A guest that asked for raw bytes less than this long ago competes for
+/// them; one that did not has left its share to the others.
+const ACTIVE_WINDOW: Duration = Duration::from_millis(500);
+/// How far (in bytes per unit of weight) a guest may run ahead of the
+/// guest furthest behind before it has to let that one go first.
+const FAIR_QUANTUM: f64 = 512.0;
+
+/// Weighted fair sharing of scarce raw output (start-time fair queuing):
+/// each stream's virtual time advances by bytes / weight; a stream ahead
+/// of another active stream by more than a quantum waits for it.
+#[derive(Default)]
+struct Fairness {
+    shares: HashMap<u64, Share>,
+    next_id: u64,
+}
+
+struct Share {
+    vtime: f64,
+    last_ask: Instant,
+}
+
+impl Fairness {
+    fn register(&mut self) -> u64 {
+        self.next_id += 1;
+        self.next_id
+    }
+
+    /// Whether stream `id` may take bytes now; marks it active.
+    fn may_take(&mut self, id: u64, now: Instant) -> bool {
+        let behind = self
+            .shares
+            .iter()
+            .filter(|(other, share)| {
+                **other != id && now.saturating_duration_since(share.last_ask) < ACTIVE_WINDOW
+            })
+            .map(|(_, share)| share.vtime)
+            .reduce(f64::min);
+        let share = self.shares.entry(id).or_insert(Share {
+            vtime: behind.unwrap_or(0.0),
+            last_ask: now,
+        });
+        if now.saturating_duration_since(share.last_ask) >= ACTIVE_WINDOW {
+            // Back from idle: no credit banked while away.
+            share.vtime = share.vtime.max(behind.unwrap_or(share.vtime));
+        }
+        share.last_ask = now;
+        behind.is_none_or(|min| share.vtime <= min + FAIR_QUANTUM)
+    }
+
+    fn charge(&mut self, id: u64, bytes: usize, weight: u32) {
+        if let Some(share) = self.shares.get_mut(&id) {
+            share.vtime += bytes as f64 / f64::from(weight.max(1));
+        }
+    }
+
+    fn forget(&mut self, id: u64) {
+        self.shares.remove(&id);
+    }
 }
 
 impl Reservoir {
@@ -157,6 +218,7 @@ impl Pool {
                 bytes: VecDeque::with_capacity(capacity),
                 capacity,
                 waiters: Vec::new(),
+                fairness: Fairness::default(),
             }),
             space: Condvar::new(),
             board: Arc::clone(&board),
@@ -213,7 +275,13 @@ impl Pool {
 
     /// A new stream for one guest; `waker` is called when a starved stream
     /// may be served again.
-    pub fn stream(self: &Arc<Self>, waker: Waker) -> Box<dyn EntropyStream> {
+    /// `weight` is the guest's share of raw output when it is scarce; it
+    /// may change while the stream lives.
+    pub fn stream(
+        self: &Arc<Self>,
+        waker: Waker,
+        weight: Arc<AtomicU32>,
+    ) -> Box<dyn EntropyStream> {
         match self.mode {
             Mode::Drbg => Box::new(DrbgStream {
                 pool: Arc::clone(self),
@@ -223,6 +291,8 @@ impl Pool {
             Mode::Raw => Box::new(RawStream {
                 pool: Arc::clone(self),
                 slot: WaitSlot::new(waker),
+                id: self.lock().fairness.register(),
+                weight,
             }),
         }
     }
@@ -234,8 +304,25 @@ impl Pool {
     /// Moves up to `buf.len()` bytes out of the reservoir; when it has none,
     /// registers `waker` (only when given) in the same critical section, so
     /// no refill can slip in unnoticed.
-    fn take(&self, buf: &mut [u8], slot: Option<&WaitSlot>) -> usize {
+    /// Raw mode: takes up to `buf.len()` bytes for stream `id` if it is not
+    /// ahead of its fair share; otherwise registers its waker.
+    fn take_fair(&self, buf: &mut [u8], id: u64, weight: u32, slot: &WaitSlot) -> usize {
         let mut reservoir = self.lock();
+        if !reservoir.fairness.may_take(id, Instant::now()) {
+            reservoir.enqueue(Some(slot));
+            return 0;
+        }
+        let n = self.take_locked(&mut reservoir, buf, Some(slot));
+        reservoir.fairness.charge(id, n, weight);
+        n
+    }
+
+    fn take_locked(
+        &self,
+        reservoir: &mut Reservoir,
+        buf: &mut [u8],
+        slot: Option<&WaitSlot>,
+    ) -> usize {
         let n = buf.len().min(reservoir.bytes.len());
         for (dst, src) in buf.iter_mut().zip(reservoir.bytes.drain(..n)) {
             *dst = src;
@@ -286,18 +373,32 @@ impl Pool {
         let waiters = {
             let mut reservoir = self.lock();
             while reservoir.bytes.len() + block.len() > reservoir.capacity {
-                reservoir = self
+                if reservoir.waiters.is_empty() {
+                    reservoir = self
+                        .space
+                        .wait(reservoir)
+                        .unwrap_or_else(|e| e.into_inner());
+                    continue;
+                }
+                // Full, yet guests wait: they were held back for fairness
+                // by a guest that may have stopped asking. Let them look
+                // again once that guest's turn has lapsed.
+                let (guard, timeout) = self
                     .space
-                    .wait(reservoir)
+                    .wait_timeout(reservoir, ACTIVE_WINDOW)
                     .unwrap_or_else(|e| e.into_inner());
+                reservoir = guard;
+                if timeout.timed_out() {
+                    let waiters = std::mem::take(&mut reservoir.waiters);
+                    drop(reservoir);
+                    wake(waiters);
+                    reservoir = self.lock();
+                }
             }
             reservoir.bytes.extend(block.iter());
             std::mem::take(&mut reservoir.waiters)
         };
-        for slot in waiters {
-            slot.registered.store(false, Ordering::Release);
-            (slot.waker)();
-        }
+        wake(waiters);
     }
 }
 
@@ -331,10 +432,87 @@ impl EntropyStream for DrbgStream {
 struct RawStream {
     pool: Arc<Pool>,
     slot: WaitSlot,
+    id: u64,
+    weight: Arc<AtomicU32>,
 }
 
 impl EntropyStream for RawStream {
     fn fill(&mut self, buf: &mut [u8]) -> usize {
-        self.pool.take(buf, Some(&self.slot))
+        let weight = self.weight.load(Ordering::Relaxed);
+        self.pool.take_fair(buf, self.id, weight, &self.slot)
+    }
+}
+
+impl Drop for RawStream {
+    fn drop(&mut self) {
+        self.pool.lock().fairness.forget(self.id);
+    }
+}
+
+fn wake(waiters: Vec<WaitSlot>) {
+    for slot in waiters {
+        slot.registered.store(false, Ordering::Release);
+        (slot.waker)();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Hands out `units` 64-byte units to streams that always ask, trying
+    /// them in turn from a rotating start; returns bytes per stream.
+    fn share_out(
+        fairness: &mut Fairness,
+        ids: &[(u64, u32)],
+        units: usize,
+        t: Instant,
+    ) -> Vec<usize> {
+        let mut got = vec![0; ids.len()];
+        for unit in 0..units {
+            for k in 0..ids.len() {
+                let i = (unit + k) % ids.len();
+                let (id, weight) = ids[i];
+                if fairness.may_take(id, t) {
+                    fairness.charge(id, 64, weight);
+                    got[i] += 64;
+                    break;
+                }
+            }
+        }
+        got
+    }
+
+    #[test]
+    fn scarce_output_is_shared_by_weight() {
+        let mut fairness = Fairness::default();
+        let (a, b) = (fairness.register(), fairness.register());
+        let got = share_out(&mut fairness, &[(a, 1), (b, 3)], 40_000, Instant::now());
+        let ratio = got[1] as f64 / got[0] as f64;
+        assert!((2.8..=3.2).contains(&ratio), "{got:?}");
+    }
+
+    #[test]
+    fn an_idle_guest_leaves_its_share_and_banks_no_credit() {
+        let mut fairness = Fairness::default();
+        let (a, b) = (fairness.register(), fairness.register());
+        let t0 = Instant::now();
+        // b asks once, then goes quiet; a gets everything after the window.
+        assert!(fairness.may_take(b, t0));
+        let later = t0 + ACTIVE_WINDOW;
+        let got = share_out(&mut fairness, &[(a, 1)], 1000, later);
+        assert_eq!(got[0], 64_000);
+        // Back from idle, b does not get to catch up on what it missed:
+        // the two share evenly from here on.
+        let got = share_out(&mut fairness, &[(a, 1), (b, 1)], 1000, later);
+        assert!((got[0] as i64 - got[1] as i64).abs() <= 64 * 10, "{got:?}");
+    }
+
+    #[test]
+    fn a_lone_guest_is_never_held_back() {
+        let mut fairness = Fairness::default();
+        let a = fairness.register();
+        let got = share_out(&mut fairness, &[(a, 1)], 10_000, Instant::now());
+        assert_eq!(got[0], 640_000);
     }
 }

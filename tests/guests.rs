@@ -312,3 +312,88 @@ fn metrics_are_served_in_the_exposition_format() {
     );
     assert!(text.trim_end().ends_with("# EOF"));
 }
+
+/// Keeps 8 small requests in flight for `time`; returns the bytes received.
+fn greedy(socket: &Path, time: Duration) -> usize {
+    let mut vmm = connect(socket);
+    let started = Instant::now();
+    let mut in_flight = 0;
+    let mut received = 0;
+    let mut used = Vec::new();
+    while started.elapsed() < time {
+        while in_flight < 8 {
+            vmm.post(&[Buffer::writable(64)]).unwrap();
+            in_flight += 1;
+        }
+        vmm.kick().unwrap();
+        used.clear();
+        vmm.reap(&mut used).unwrap();
+        if used.is_empty() {
+            let _ = vmm
+                .wait_used(1, Duration::from_millis(50))
+                .map(|u| used.extend(u));
+        }
+        in_flight -= used.len();
+        received += used.iter().map(|u| u.len as usize).sum::<usize>();
+    }
+    received
+}
+
+#[test]
+fn in_raw_mode_a_scarce_source_is_shared_by_weight() {
+    let dir = tempfile::tempdir().unwrap();
+    let fifo = dir.path().join("slow.fifo");
+    nix::unistd::mkfifo(&fifo, nix::sys::stat::Mode::S_IRWXU).unwrap();
+    // A source of 64 kB/s, credited 1 bit/byte: about 6.4 kB/s of raw output.
+    let writer_path = fifo.clone();
+    std::thread::spawn(move || {
+        let mut urandom = std::fs::File::open("/dev/urandom").unwrap();
+        let Ok(mut out) = std::fs::OpenOptions::new().write(true).open(&writer_path) else {
+            return;
+        };
+        let mut chunk = [0u8; 6400];
+        loop {
+            urandom.read_exact(&mut chunk).unwrap();
+            if out.write_all(&chunk).is_err() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    });
+    let light = dir.path().join("light.sock");
+    let heavy = dir.path().join("heavy.sock");
+    let idle = dir.path().join("idle.sock");
+    let mut daemon = Daemon::start([
+        "serve".to_owned(),
+        "--mode".into(),
+        "raw".into(),
+        "--source".into(),
+        format!("file={}", fifo.display()),
+        "--guest".into(),
+        format!("name=light,socket={},weight=1", light.display()),
+        "--guest".into(),
+        format!("name=heavy,socket={},weight=3", heavy.display()),
+        "--guest".into(),
+        format!("name=idle,socket={},weight=10", idle.display()),
+    ]);
+    daemon.wait_for_socket(&idle);
+    // The idle guest is connected but asks for nothing: its share goes to
+    // the others.
+    let _idle = connect(&idle);
+
+    let time = Duration::from_secs(5);
+    let heavy_thread = std::thread::spawn(move || greedy(&heavy, time));
+    let light_bytes = greedy(&light, time);
+    let heavy_bytes = heavy_thread.join().unwrap();
+
+    let ratio = heavy_bytes as f64 / light_bytes.max(1) as f64;
+    eprintln!("heavy {heavy_bytes} bytes, light {light_bytes} bytes, ratio {ratio:.2}");
+    assert!(
+        (2.0..=4.5).contains(&ratio),
+        "weights 3:1 gave {heavy_bytes} : {light_bytes} bytes"
+    );
+    assert!(
+        light_bytes + heavy_bytes > 10_000,
+        "the source output was not used"
+    );
+}

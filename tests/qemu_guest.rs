@@ -179,3 +179,46 @@ fn bytes_a_guest_reads_from_the_default_sources_pass_fips_140_2() {
     );
     daemon.wait_for_log("entropy available from", 1);
 }
+
+#[test]
+fn a_rate_limited_guest_reads_at_its_configured_rate() {
+    let Some(guest) = test_guest() else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let socket = dir.path().join("limited.sock");
+    let mut daemon = Daemon::start([
+        "serve".to_owned(),
+        "--guest".into(),
+        format!(
+            "name=limited,socket={},rate-bytes=16384,rate-period=1000",
+            socket.display()
+        ),
+    ]);
+    daemon.wait_for_socket(&socket);
+    let bytes = 192 * 1024;
+
+    let report = boot_guest(
+        &guest,
+        &[
+            "--socket",
+            socket.to_str().unwrap(),
+            "--bytes",
+            &bytes.to_string(),
+        ],
+    );
+
+    report.assert_read(bytes);
+    let elapsed_ms: f64 = report.get("elapsed_ms").parse().unwrap();
+    // The guest booted with a full bucket (burst = rate-bytes = 16 KiB, the
+    // allowance of an idle guest), so the first 16 KiB came at once and the
+    // rest at the configured rate.
+    let burst = 16384.0;
+    let rate = (bytes as f64 - burst) * 1000.0 / elapsed_ms;
+    eprintln!(
+        "guest read {bytes} bytes in {elapsed_ms} ms: {rate:.0} B/s after its burst (limit 16384 B/s)"
+    );
+    // The guest's clock under TCG is noisy: 10%.
+    assert!(
+        (16384.0 * 0.9..=16384.0 * 1.1).contains(&rate),
+        "guest read at {rate:.0} B/s after its burst, with a 16384 B/s limit"
+    );
+}

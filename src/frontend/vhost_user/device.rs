@@ -86,11 +86,12 @@ impl RngDevice {
         let timer = TimerFd::new()?;
         let timer_fd = timer.as_raw_fd();
         let waker_guest = guest.name().to_owned();
-        let stream = guest.pool().stream(Arc::new(move || {
+        let waker = Arc::new(move || {
             if let Err(e) = wake_notifier.notify() {
                 warn!("guest {waker_guest}: cannot wake the request queue: {e}");
             }
-        }));
+        });
+        let stream = guest.pool().stream(waker, guest.weight());
         Ok(Arc::new(RngDevice {
             guest,
             memory: RwLock::new(None),
