@@ -80,7 +80,9 @@ weight = 1
 #   socket   a socket the daemon creates and listens on (QEMU: -chardev
 #            socket,path=PATH), or instead
 #   connect  a socket the VMM listens on (QEMU: -chardev
-#            socket,path=PATH,server=on); the daemon connects to it
+#            socket,path=PATH,server=on); the daemon connects to it, or
+#   egd      a socket the daemon listens on speaking the EGD protocol, for
+#            QEMU rng-egd / libvirt <backend model='egd'> (no vhost-user)
 #   rate-bytes, rate-period, burst, weight: as in [defaults], which they override
 [[guest]]
 name = "vm1"
@@ -90,6 +92,10 @@ rate-bytes = 65536
 [[guest]]
 name = "vm2"
 connect = "/run/qemu/vm2-rng.sock"
+
+[[guest]]
+name = "legacy"
+egd = "/run/vhost-rng/legacy.egd"
 "#;
 
 /// Rate-limit period when a guest has `rate-bytes` but no `rate-period`.
@@ -123,12 +129,17 @@ pub enum GuestEndpoint {
     Socket(PathBuf),
     /// The VMM listens on this socket; the daemon connects to it.
     Connect(PathBuf),
+    /// The daemon listens on this socket and speaks the EGD protocol (QEMU
+    /// `rng-egd`, libvirt `<backend model='egd'>`).
+    Egd(PathBuf),
 }
 
 impl GuestEndpoint {
     pub fn path(&self) -> &Path {
         match self {
-            GuestEndpoint::Socket(path) | GuestEndpoint::Connect(path) => path,
+            GuestEndpoint::Socket(path)
+            | GuestEndpoint::Connect(path)
+            | GuestEndpoint::Egd(path) => path,
         }
     }
 
@@ -137,6 +148,7 @@ impl GuestEndpoint {
         match self {
             GuestEndpoint::Socket(_) => GuestKey::Socket,
             GuestEndpoint::Connect(_) => GuestKey::Connect,
+            GuestEndpoint::Egd(_) => GuestKey::Egd,
         }
     }
 }
@@ -247,6 +259,7 @@ pub enum GuestKey {
     Name,
     Socket,
     Connect,
+    Egd,
     RateBytes,
     RatePeriod,
     Burst,
@@ -255,10 +268,11 @@ pub enum GuestKey {
 
 impl GuestKey {
     /// Every key of a guest, in canonical order.
-    pub const ALL: [GuestKey; 7] = [
+    pub const ALL: [GuestKey; 8] = [
         GuestKey::Name,
         GuestKey::Socket,
         GuestKey::Connect,
+        GuestKey::Egd,
         GuestKey::RateBytes,
         GuestKey::RatePeriod,
         GuestKey::Burst,
@@ -278,6 +292,7 @@ impl GuestKey {
             GuestKey::Name => "name",
             GuestKey::Socket => "socket",
             GuestKey::Connect => "connect",
+            GuestKey::Egd => "egd",
             GuestKey::RateBytes => "rate-bytes",
             GuestKey::RatePeriod => "rate-period",
             GuestKey::Burst => "burst",
@@ -291,7 +306,10 @@ impl GuestKey {
 
     /// Whether the key takes a whole number (rather than text).
     fn is_number(self) -> bool {
-        !matches!(self, GuestKey::Name | GuestKey::Socket | GuestKey::Connect)
+        !matches!(
+            self,
+            GuestKey::Name | GuestKey::Socket | GuestKey::Connect | GuestKey::Egd
+        )
     }
 
     /// The largest value of a rate-limit key (the rate limiter's bounds).
@@ -348,11 +366,11 @@ pub enum GuestSpecError {
     #[error("missing key 'name': every guest needs a name")]
     MissingName,
     #[error(
-        "neither 'socket' nor 'connect' is set; give socket for a socket the daemon \
-         listens on, or connect for one the VMM listens on"
+        "no endpoint: give socket=PATH for a vhost-user socket the daemon listens on, \
+         connect=PATH for one the VMM listens on, or egd=PATH for an EGD socket"
     )]
     NoEndpoint,
-    #[error("both 'socket' and 'connect' are set; give only one")]
+    #[error("more than one of 'socket', 'connect' and 'egd' is set; give only one")]
     BothEndpoints,
     #[error("key 'name': {name:?} {problem}")]
     InvalidName { name: String, problem: NameProblem },
@@ -487,6 +505,7 @@ struct Draft {
     name: Option<String>,
     socket: Option<PathBuf>,
     connect: Option<PathBuf>,
+    egd: Option<PathBuf>,
     rate_bytes: Option<u64>,
     rate_period_ms: Option<u64>,
     burst: Option<u64>,
@@ -499,6 +518,7 @@ impl Draft {
             GuestKey::Name => self.name.is_some(),
             GuestKey::Socket => self.socket.is_some(),
             GuestKey::Connect => self.connect.is_some(),
+            GuestKey::Egd => self.egd.is_some(),
             GuestKey::RateBytes => self.rate_bytes.is_some(),
             GuestKey::RatePeriod => self.rate_period_ms.is_some(),
             GuestKey::Burst => self.burst.is_some(),
@@ -520,15 +540,15 @@ impl Draft {
                 validate_name(text)?;
                 self.name = Some(text.to_owned());
             }
-            GuestKey::Socket | GuestKey::Connect => {
+            GuestKey::Socket | GuestKey::Connect | GuestKey::Egd => {
                 if text.is_empty() {
                     return Err(GuestSpecError::EmptyPath(key));
                 }
                 let path = Some(PathBuf::from(text));
-                if key == GuestKey::Socket {
-                    self.socket = path;
-                } else {
-                    self.connect = path;
+                match key {
+                    GuestKey::Socket => self.socket = path,
+                    GuestKey::Connect => self.connect = path,
+                    _ => self.egd = path,
                 }
             }
             _ => unreachable!("{key} takes a number"),
@@ -594,11 +614,12 @@ impl Draft {
     /// `defaults`, then the built-in defaults.
     fn finish(self, defaults: &GuestDefaults) -> Result<GuestSpec, GuestSpecError> {
         let name = self.name.ok_or(GuestSpecError::MissingName)?;
-        let endpoint = match (self.socket, self.connect) {
-            (Some(path), None) => GuestEndpoint::Socket(path),
-            (None, Some(path)) => GuestEndpoint::Connect(path),
-            (Some(_), Some(_)) => return Err(GuestSpecError::BothEndpoints),
-            (None, None) => return Err(GuestSpecError::NoEndpoint),
+        let endpoint = match (self.socket, self.connect, self.egd) {
+            (Some(path), None, None) => GuestEndpoint::Socket(path),
+            (None, Some(path), None) => GuestEndpoint::Connect(path),
+            (None, None, Some(path)) => GuestEndpoint::Egd(path),
+            (None, None, None) => return Err(GuestSpecError::NoEndpoint),
+            _ => return Err(GuestSpecError::BothEndpoints),
         };
         let rate_bytes = self.rate_bytes.or(defaults.rate_bytes);
         let weight = self.weight.or(defaults.weight).unwrap_or(DEFAULT_WEIGHT);
@@ -1363,7 +1384,11 @@ impl FileParser<'_> {
                 let at = match &e {
                     // The later of the two keys is where the guest went wrong.
                     GuestSpecError::BothEndpoints => {
-                        lines[&GuestKey::Socket].max(lines[&GuestKey::Connect])
+                        [GuestKey::Socket, GuestKey::Connect, GuestKey::Egd]
+                            .iter()
+                            .filter_map(|key| lines.get(key).copied())
+                            .max()
+                            .unwrap_or(line)
                     }
                     other => other
                         .key()
@@ -1419,7 +1444,7 @@ mod tests {
         GuestSpec::unlimited(name.into(), GuestEndpoint::Socket(path.into()))
     }
 
-    const GUEST_KEYS: &str = "name, socket, connect, rate-bytes, rate-period, burst, weight";
+    const GUEST_KEYS: &str = "name, socket, connect, egd, rate-bytes, rate-period, burst, weight";
 
     // ---- the example ----
 
@@ -1468,6 +1493,14 @@ mod tests {
                 GuestSpec {
                     name: "vm2".into(),
                     endpoint: GuestEndpoint::Connect("/run/qemu/vm2-rng.sock".into()),
+                    rate_bytes: Some(16384),
+                    rate_period_ms: 1000,
+                    burst: Some(16384),
+                    weight: 1,
+                },
+                GuestSpec {
+                    name: "legacy".into(),
+                    endpoint: GuestEndpoint::Egd("/run/vhost-rng/legacy.egd".into()),
                     rate_bytes: Some(16384),
                     rate_period_ms: 1000,
                     burst: Some(16384),
@@ -1642,7 +1675,7 @@ mod tests {
         std::fs::write(&path, EXAMPLE).unwrap();
         let config = ConfigFile::load(&path).unwrap();
         assert_eq!(config.origin, path);
-        assert_eq!(config.guests.len(), 2);
+        assert_eq!(config.guests.len(), 3);
 
         let missing = dir.path().join("missing.toml");
         let err = load(&missing).unwrap_err();
@@ -1889,7 +1922,7 @@ mod tests {
         assert_eq!(
             err.to_string(),
             "/etc/vhost-rng.toml:12: guest \"vm3\": unknown key 'rate_bytes' (valid: name, \
-             socket, connect, rate-bytes, rate-period, burst, weight)"
+             socket, connect, egd, rate-bytes, rate-period, burst, weight)"
         );
         assert_eq!((err.line(), err.key()), (Some(12), Some("rate_bytes")));
     }
@@ -1912,8 +1945,8 @@ mod tests {
         );
         assert_eq!(
             err.to_string(),
-            "/etc/vhost-rng.toml:8: guest \"vm2\": both 'socket' and 'connect' are set; \
-             give only one"
+            "/etc/vhost-rng.toml:8: guest \"vm2\": more than one of 'socket', 'connect' and \
+             'egd' is set; give only one"
         );
         assert!(
             matches!(
@@ -1940,9 +1973,9 @@ mod tests {
             message(
                 "[[guest]]\nname = \"a\"\nsocket = \"/a\"\n\n[[guest]]\nname = \"b\"\nweight = 3\n"
             ),
-            "/etc/vhost-rng.toml:5: guest \"b\": neither 'socket' nor 'connect' is set; \
-             give socket for a socket the daemon listens on, or connect for one the VMM \
-             listens on"
+            "/etc/vhost-rng.toml:5: guest \"b\": no endpoint: give socket=PATH for a \
+             vhost-user socket the daemon listens on, connect=PATH for one the VMM listens \
+             on, or egd=PATH for an EGD socket"
         );
     }
 
@@ -2177,12 +2210,12 @@ mod tests {
             ),
             (
                 "name=vm1,socket=/a,rate_bytes=5",
-                "unknown key 'rate_bytes' (valid: name, socket, connect, rate-bytes, \
+                "unknown key 'rate_bytes' (valid: name, socket, connect, egd, rate-bytes, \
                  rate-period, burst, weight)",
             ),
             (
                 "vm1",
-                "unknown key 'vm1' (valid: name, socket, connect, rate-bytes, rate-period, \
+                "unknown key 'vm1' (valid: name, socket, connect, egd, rate-bytes, rate-period, \
                  burst, weight)",
             ),
             (
@@ -2194,12 +2227,12 @@ mod tests {
             ("socket=/a", "missing key 'name': every guest needs a name"),
             (
                 "name=vm1",
-                "neither 'socket' nor 'connect' is set; give socket for a socket the daemon \
-                 listens on, or connect for one the VMM listens on",
+                "no endpoint: give socket=PATH for a vhost-user socket the daemon listens on, \
+                 connect=PATH for one the VMM listens on, or egd=PATH for an EGD socket",
             ),
             (
                 "name=vm1,socket=/a,connect=/b",
-                "both 'socket' and 'connect' are set; give only one",
+                "more than one of 'socket', 'connect' and 'egd' is set; give only one",
             ),
             (
                 "name=vm1,socket=/a,rate-bytes=64k",

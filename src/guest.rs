@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use crate::limiter::{Grant, RateLimit, TokenBucket};
 use crate::log_limit::RateLimitedLog;
-use crate::pool::Pool;
+use crate::pool::{EntropyStream, Pool};
 
 /// Counters for one guest, updated by its frontend, read by status reporting.
 #[derive(Debug, Default)]
@@ -67,6 +67,18 @@ impl Default for GuestLimits {
 /// The cap on all guests together (`--max-rate`), shared by every guest;
 /// `None` inside when there is no cap, so a reload can add or drop it.
 pub type SharedBucket = Arc<Mutex<Option<TokenBucket>>>;
+
+/// What a guest's request gets from [`Guest::supply`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Supplied {
+    /// This many bytes (at least one) were written at the start of the buffer.
+    Bytes(usize),
+    /// No entropy may be handed out now; the stream's waker is called when
+    /// there may be.
+    Starved,
+    /// The guest is over its rate limit; ask again after this long.
+    Throttled(Duration),
+}
 
 /// Whether a request may be answered now.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -206,6 +218,24 @@ impl Guest {
         }
         if let Some(global) = self.lock_global().as_mut() {
             global.refund(unused);
+        }
+    }
+
+    /// Fills the start of `buf` for one request: tokens from the guest's
+    /// limits, then bytes from `stream`; tokens the stream could not use
+    /// go back. Every frontend serves its guests through this.
+    pub fn supply(&self, stream: &mut dyn EntropyStream, buf: &mut [u8]) -> Supplied {
+        match self.admit(buf.len(), Instant::now()) {
+            Admission::Wait(wait) => Supplied::Throttled(wait),
+            Admission::Granted(granted) => {
+                let got = stream.fill(&mut buf[..granted]);
+                self.settle(granted, got);
+                if got == 0 {
+                    Supplied::Starved
+                } else {
+                    Supplied::Bytes(got)
+                }
+            }
         }
     }
 

@@ -268,6 +268,11 @@ impl Pool {
         self.lock().bytes.len()
     }
 
+    /// Whether any source is healthy now.
+    pub fn any_healthy(&self) -> bool {
+        self.board.any_healthy()
+    }
+
     /// Most full-entropy bytes the reservoir holds.
     pub fn capacity(&self) -> usize {
         self.lock().capacity

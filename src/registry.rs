@@ -12,6 +12,8 @@ use std::time::Instant;
 use log::info;
 
 use crate::config::{GuestEndpoint, GuestSpec};
+use crate::frontend::GuestFrontend;
+use crate::frontend::egd::EgdServer;
 use crate::frontend::vhost_user::{Endpoint, GuestServer, GuestSocket, SocketAccess, SocketError};
 use crate::guest::{Guest, GuestLimits, SharedBucket};
 use crate::limiter::{RateLimit, RateLimitError, TokenBucket};
@@ -63,7 +65,7 @@ pub struct ReloadSummary {
 
 struct Entry {
     spec: GuestSpec,
-    server: Arc<GuestServer>,
+    server: Arc<dyn GuestFrontend>,
 }
 
 /// The running guests.
@@ -98,11 +100,17 @@ pub fn limits_of(spec: &GuestSpec) -> Result<GuestLimits, RegistryError> {
     })
 }
 
+/// Where a prepared guest will be served.
+enum Opened {
+    VhostUser(Endpoint),
+    Egd(GuestSocket),
+}
+
 /// A socket opened for a guest that is not serving yet.
 struct Prepared {
     spec: GuestSpec,
     limits: GuestLimits,
-    endpoint: Endpoint,
+    endpoint: Opened,
 }
 
 impl Registry {
@@ -260,16 +268,16 @@ impl Registry {
     /// Opens a guest's socket (for `socket=`) and checks its limits.
     fn prepare(&self, spec: GuestSpec) -> Result<Prepared, RegistryError> {
         let limits = limits_of(&spec)?;
+        let bind = |path| {
+            GuestSocket::bind(path, self.access).map_err(|error| RegistryError::Socket {
+                name: spec.name.clone(),
+                error,
+            })
+        };
         let endpoint = match &spec.endpoint {
-            GuestEndpoint::Socket(path) => {
-                Endpoint::Listen(GuestSocket::bind(path, self.access).map_err(|error| {
-                    RegistryError::Socket {
-                        name: spec.name.clone(),
-                        error,
-                    }
-                })?)
-            }
-            GuestEndpoint::Connect(path) => Endpoint::Connect(path.clone()),
+            GuestEndpoint::Socket(path) => Opened::VhostUser(Endpoint::Listen(bind(path)?)),
+            GuestEndpoint::Connect(path) => Opened::VhostUser(Endpoint::Connect(path.clone())),
+            GuestEndpoint::Egd(path) => Opened::Egd(bind(path)?),
         };
         Ok(Prepared {
             spec,
@@ -294,15 +302,28 @@ impl Registry {
             limits,
             Arc::clone(&self.global),
         );
-        info!(
-            "guest {}: serving on {} ({spec})",
-            spec.name,
-            endpoint.path().display()
-        );
-        let server = GuestServer::spawn(guest, endpoint).map_err(|error| RegistryError::Spawn {
+        let spawn_error = |error| RegistryError::Spawn {
             name: spec.name.clone(),
             error,
-        })?;
+        };
+        let server: Arc<dyn GuestFrontend> = match endpoint {
+            Opened::VhostUser(endpoint) => {
+                info!(
+                    "guest {}: serving on {} ({spec})",
+                    spec.name,
+                    endpoint.path().display()
+                );
+                GuestServer::spawn(guest, endpoint).map_err(spawn_error)?
+            }
+            Opened::Egd(socket) => {
+                info!(
+                    "guest {}: serving on {} (EGD; {spec})",
+                    spec.name,
+                    socket.path().display()
+                );
+                EgdServer::spawn(guest, socket).map_err(spawn_error)?
+            }
+        };
         guests.insert(spec.name.clone(), Entry { spec, server });
         Ok(())
     }
@@ -327,10 +348,8 @@ impl Registry {
                 let guest = entry.server.guest();
                 let stats = guest.stats.snapshot();
                 let limits = guest.limits();
-                let (endpoint, path) = match &entry.spec.endpoint {
-                    GuestEndpoint::Socket(path) => ("socket", path),
-                    GuestEndpoint::Connect(path) => ("connect", path),
-                };
+                let endpoint = entry.spec.endpoint.key().as_str();
+                let path = entry.spec.endpoint.path();
                 GuestStatus {
                     name: entry.spec.name.clone(),
                     endpoint: endpoint.into(),
@@ -404,8 +423,9 @@ fn check_unique(
 
 fn close_prepared(prepared: Vec<Result<Prepared, GuestSpec>>) {
     for ready in prepared.into_iter().flatten() {
-        if let Endpoint::Listen(socket) = ready.endpoint {
-            socket.remove();
+        match ready.endpoint {
+            Opened::VhostUser(Endpoint::Listen(socket)) | Opened::Egd(socket) => socket.remove(),
+            Opened::VhostUser(Endpoint::Connect(_)) => {}
         }
     }
 }

@@ -222,3 +222,38 @@ fn a_rate_limited_guest_reads_at_its_configured_rate() {
         "guest read at {rate:.0} B/s after its burst, with a 16384 B/s limit"
     );
 }
+
+#[test]
+fn a_guest_without_vhost_user_reads_through_qemu_rng_egd() {
+    let Some(guest) = test_guest() else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let egd = dir.path().join("legacy.egd");
+    let mut daemon = Daemon::start([
+        "serve".to_owned(),
+        "--guest".into(),
+        format!("name=legacy,egd={},rate-bytes=65536", egd.display()),
+    ]);
+    daemon.wait_for_socket(&egd);
+    let bytes = 256 * 1024;
+
+    let report = boot_guest(
+        &guest,
+        &[
+            "--egd",
+            egd.to_str().unwrap(),
+            "--bytes",
+            &bytes.to_string(),
+        ],
+    );
+
+    report.assert_read(bytes);
+    daemon.wait_for_log("guest legacy: EGD client connected", 1);
+    // 256 KiB at 64 KiB/s after a 64 KiB burst: about 3 s. The limit holds.
+    let elapsed_ms: f64 = report.get("elapsed_ms").parse().unwrap();
+    let rate = (bytes as f64 - 65536.0) * 1000.0 / elapsed_ms;
+    eprintln!("EGD guest read {bytes} bytes in {elapsed_ms} ms: {rate:.0} B/s after its burst");
+    assert!(
+        rate <= 65536.0 * 1.1,
+        "the guest exceeded its limit: {rate:.0} B/s"
+    );
+}

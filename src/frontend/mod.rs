@@ -1,5 +1,40 @@
 //! Guest frontends: the ways guests receive bytes from the pool.
 //!
-//! Today: vhost-user virtio-rng, one Unix socket per guest.
+//! - [`vhost_user`]: the virtio-rng device over vhost-user, one Unix socket
+//!   per guest (QEMU, cloud-hypervisor).
+//! - [`egd`]: the EGD protocol on a Unix socket, for VMMs that only have
+//!   their built-in virtio-rng backends (QEMU `rng-egd`, libvirt).
 
+pub mod egd;
 pub mod vhost_user;
+
+use std::sync::Arc;
+
+use crate::guest::Guest;
+
+/// A running frontend serving one guest.
+pub trait GuestFrontend: Send + Sync {
+    fn guest(&self) -> &Arc<Guest>;
+    /// Closes the guest's connections and removes its socket file.
+    fn stop(&self);
+}
+
+impl GuestFrontend for vhost_user::GuestServer {
+    fn guest(&self) -> &Arc<Guest> {
+        vhost_user::GuestServer::guest(self)
+    }
+
+    fn stop(&self) {
+        vhost_user::GuestServer::stop(self)
+    }
+}
+
+impl GuestFrontend for egd::EgdServer {
+    fn guest(&self) -> &Arc<Guest> {
+        egd::EgdServer::guest(self)
+    }
+
+    fn stop(&self) {
+        egd::EgdServer::stop(self)
+    }
+}

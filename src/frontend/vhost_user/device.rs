@@ -25,7 +25,7 @@ use vmm_sys_util::event::{
 use vmm_sys_util::timerfd::TimerFd;
 
 use super::request::{QueueOutcome, RequestProcessor, Supplied, Supply};
-use crate::guest::{Admission, Guest};
+use crate::guest::Guest;
 use crate::pool::EntropyStream;
 
 /// virtio device id of an entropy device.
@@ -229,18 +229,7 @@ struct GuestSupply<'a> {
 
 impl Supply for GuestSupply<'_> {
     fn supply(&mut self, buf: &mut [u8]) -> Supplied {
-        match self.guest.admit(buf.len(), Instant::now()) {
-            Admission::Wait(wait) => Supplied::Throttled(wait),
-            Admission::Granted(granted) => {
-                let got = self.stream.fill(&mut buf[..granted]);
-                self.guest.settle(granted, got);
-                if got == 0 {
-                    Supplied::Starved
-                } else {
-                    Supplied::Bytes(got)
-                }
-            }
-        }
+        self.guest.supply(self.stream, buf)
     }
 }
 

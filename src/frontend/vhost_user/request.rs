@@ -22,16 +22,7 @@ pub trait Supply {
     fn supply(&mut self, buf: &mut [u8]) -> Supplied;
 }
 
-/// The answer of a [`Supply`].
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Supplied {
-    /// This many bytes (at least one) were written at the start of the buffer.
-    Bytes(usize),
-    /// No entropy may be handed out now; the supplier wakes the device later.
-    Starved,
-    /// The guest is over its rate limit; ask again after this long.
-    Throttled(Duration),
-}
+pub use crate::guest::Supplied;
 
 /// What is wrong with a request a guest posted.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
