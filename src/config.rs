@@ -70,7 +70,8 @@ metrics = "127.0.0.1:9564"
 rate-bytes = 16384
 # Length of the rate-limit period in milliseconds (default 1000).
 rate-period = 1000
-# Most bytes a guest may take in one burst (default: its rate-bytes).
+# Most bytes a guest may take in one burst (default: its rate-bytes). A guest
+# that sets its own rate-bytes but no burst gets a burst of its own rate.
 burst = 16384
 # Relative share of a guest when guests compete, 1 to 1000 (default 1).
 weight = 1
@@ -641,7 +642,13 @@ impl Draft {
             .rate_period_ms
             .or(defaults.rate_period_ms)
             .unwrap_or(DEFAULT_RATE_PERIOD_MS);
-        spec.burst = self.burst.or(defaults.burst);
+        // A guest that sets its own rate but no burst gets a burst of its
+        // own rate, not the default burst meant for the default rate.
+        spec.burst = match (self.burst, self.rate_bytes) {
+            (Some(burst), _) => Some(burst),
+            (None, Some(_)) => None,
+            (None, None) => defaults.burst,
+        };
         Ok(spec)
     }
 }
@@ -1487,7 +1494,7 @@ mod tests {
                     endpoint: GuestEndpoint::Socket("/run/vhost-rng/vm1.sock".into()),
                     rate_bytes: Some(65536),
                     rate_period_ms: 1000,
-                    burst: Some(16384),
+                    burst: None,
                     weight: 1,
                 },
                 GuestSpec {
@@ -1637,9 +1644,11 @@ mod tests {
         );
         assert_eq!(config.guests[0], socket("a", "/a"));
         let b = &config.guests[1];
+        // b's own rate brings its own burst; the default burst goes with
+        // the default rate only.
         assert_eq!(
             (b.rate_bytes, b.rate_period_ms, b.burst),
-            (Some(10), 50, Some(100))
+            (Some(10), 50, None)
         );
     }
 

@@ -19,6 +19,7 @@ use crate::config::{self, ConfigError, ConfigFile, GuestSpec};
 use crate::control::{ControlServer, DEFAULT_CONTROL_PATH};
 use crate::drbg::ReseedPolicy;
 use crate::frontend::vhost_user::{SocketAccess, SocketError};
+use crate::limiter::RateLimit;
 use crate::metrics::MetricsServer;
 use crate::pool::{Mode, Pool, PoolConfig, PoolError};
 use crate::registry::{Registry, RegistryError};
@@ -209,19 +210,25 @@ fn reload(config: &ServeConfig, running: &Resolved, registry: &Registry) {
         }
     };
     warn_restart_needed(path, running, &resolved);
-    if let Err(e) = registry.set_max_rate(resolved.max_rate) {
-        error!("SIGHUP: configuration rejected, keeping the running one: {e}");
+    // Checked before anything changes, applied only once the guests are.
+    if let Some(Err(e)) = resolved.max_rate.map(RateLimit::per_second) {
+        error!("SIGHUP: configuration rejected, keeping the running one: max-rate: {e}");
         return;
     }
     match registry.apply(resolved.guests) {
-        Ok(summary) => info!(
-            "SIGHUP: reloaded {}: {} added, {} removed, {} changed, {} unchanged",
-            path.display(),
-            summary.added.len(),
-            summary.removed.len(),
-            summary.reconfigured.len(),
-            summary.unchanged
-        ),
+        Ok(summary) => {
+            if let Err(e) = registry.set_max_rate(resolved.max_rate) {
+                error!("SIGHUP: max-rate not applied: {e}");
+            }
+            info!(
+                "SIGHUP: reloaded {}: {} added, {} removed, {} changed, {} unchanged",
+                path.display(),
+                summary.added.len(),
+                summary.removed.len(),
+                summary.reconfigured.len(),
+                summary.unchanged
+            );
+        }
         Err(e) => error!("SIGHUP: configuration rejected, keeping the running one: {e}"),
     }
 }

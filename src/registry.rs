@@ -26,6 +26,11 @@ pub enum RegistryError {
     Exists(String),
     #[error("no guest named {0}")]
     Unknown(String),
+    #[error(
+        "guest {0} was added at runtime; remove it (vhost-rng guest remove {0}) before \
+         defining it in the config file"
+    )]
+    AddedAtRuntime(String),
     #[error("guest {name}: {path} is already used by guest {other}")]
     PathInUse {
         name: String,
@@ -66,6 +71,9 @@ pub struct ReloadSummary {
 struct Entry {
     spec: GuestSpec,
     server: Arc<dyn GuestFrontend>,
+    /// Added over the control socket: a reload of the config file leaves
+    /// it alone.
+    runtime: bool,
 }
 
 /// The running guests.
@@ -149,12 +157,13 @@ impl Registry {
         Ok(())
     }
 
-    /// Starts serving one more guest.
+    /// Starts serving one more guest, at runtime: config reloads leave it
+    /// alone.
     pub fn add(&self, spec: GuestSpec) -> Result<(), RegistryError> {
         let mut guests = self.lock();
         check_unique(&guests, std::slice::from_ref(&spec), &[])?;
         let prepared = self.prepare(spec)?;
-        self.launch(&mut guests, prepared)
+        self.launch(&mut guests, prepared, true)
     }
 
     /// Stops serving a guest: its connection is closed, its socket removed.
@@ -171,9 +180,18 @@ impl Registry {
     /// Makes the running guests match `specs`: adds new ones, removes
     /// missing ones, changes limits in place; guests whose spec did not
     /// change keep their connection. All or nothing.
+    ///
+    /// Only guests from the command line and the config file are managed
+    /// here; guests added at runtime stay as they are.
     pub fn apply(&self, specs: Vec<GuestSpec>) -> Result<ReloadSummary, RegistryError> {
         let mut guests = self.lock();
         let mut summary = ReloadSummary::default();
+        if let Some(spec) = specs
+            .iter()
+            .find(|spec| guests.get(&spec.name).is_some_and(|e| e.runtime))
+        {
+            return Err(RegistryError::AddedAtRuntime(spec.name.clone()));
+        }
 
         // Guests whose endpoint changes are replaced: removed, then added.
         let replaced: Vec<String> = specs
@@ -186,9 +204,12 @@ impl Registry {
             .map(|spec| spec.name.clone())
             .collect();
         let leaving: Vec<String> = guests
-            .keys()
-            .filter(|name| !specs.iter().any(|s| &s.name == *name) || replaced.contains(name))
-            .cloned()
+            .iter()
+            .filter(|(name, entry)| {
+                !entry.runtime
+                    && (!specs.iter().any(|s| &s.name == *name) || replaced.contains(name))
+            })
+            .map(|(name, _)| name.clone())
             .collect();
         let new_specs: Vec<GuestSpec> = specs
             .iter()
@@ -259,7 +280,7 @@ impl Registry {
                 Err(spec) => self.prepare(spec)?,
             };
             let name = ready.spec.name.clone();
-            self.launch(&mut guests, ready)?;
+            self.launch(&mut guests, ready, false)?;
             summary.added.push(name);
         }
         Ok(summary)
@@ -290,6 +311,7 @@ impl Registry {
         &self,
         guests: &mut BTreeMap<String, Entry>,
         prepared: Prepared,
+        runtime: bool,
     ) -> Result<(), RegistryError> {
         let Prepared {
             spec,
@@ -324,7 +346,14 @@ impl Registry {
                 EgdServer::spawn(guest, socket).map_err(spawn_error)?
             }
         };
-        guests.insert(spec.name.clone(), Entry { spec, server });
+        guests.insert(
+            spec.name.clone(),
+            Entry {
+                spec,
+                server,
+                runtime,
+            },
+        );
         Ok(())
     }
 

@@ -19,7 +19,8 @@ fn serve(args: &[&str]) -> Daemon {
     let mut all = vec!["serve", "--source", "os"];
     all.extend_from_slice(args);
     let daemon = Daemon::start(all);
-    daemon.wait_for_log("serving", 1);
+    // The control socket comes up last.
+    daemon.wait_for_log("control socket on", 1);
     daemon
 }
 
@@ -396,4 +397,76 @@ fn in_raw_mode_a_scarce_source_is_shared_by_weight() {
         light_bytes + heavy_bytes > 10_000,
         "the source output was not used"
     );
+}
+
+fn threads_of(daemon: &Daemon) -> usize {
+    std::fs::read_dir(format!("/proc/{}/task", daemon.pid()))
+        .unwrap()
+        .count()
+}
+
+#[test]
+fn removing_idle_guests_leaves_no_threads_behind() {
+    let dir = tempfile::tempdir().unwrap();
+    let daemon = serve(&[]);
+    let baseline = threads_of(&daemon);
+    for round in 0..5 {
+        let socket = dir.path().join(format!("idle{round}.sock"));
+        let spec = format!("name=idle{round},socket={}", socket.display());
+        control_json(&daemon, &["guest", "add", &spec]);
+        control_json(&daemon, &["guest", "remove", &format!("idle{round}")]);
+    }
+    wait_until("the removed guests' threads to end", || {
+        threads_of(&daemon) <= baseline
+    });
+}
+
+#[test]
+fn a_reload_keeps_guests_added_at_runtime_and_a_rejected_one_changes_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("c.toml");
+    let file_guest = dir.path().join("file.sock");
+    let write = |max_rate: u64, extra: &str| {
+        std::fs::write(
+            &config,
+            format!(
+                "max-rate = {max_rate}\n[[guest]]\nname = \"file\"\nsocket = \"{}\"\n{extra}",
+                file_guest.display()
+            ),
+        )
+        .unwrap();
+    };
+    write(100000, "");
+    let daemon = serve(&["--config", config.to_str().unwrap()]);
+    let runtime = dir.path().join("runtime.sock");
+    control_json(
+        &daemon,
+        &[
+            "guest",
+            "add",
+            &format!("name=runtime,socket={}", runtime.display()),
+        ],
+    );
+
+    signal::kill(daemon.pid(), Signal::SIGHUP).unwrap();
+    daemon.wait_for_log("SIGHUP: reloaded", 1);
+    let names: Vec<String> = guest_list(&daemon).into_iter().map(|g| g.name).collect();
+    assert_eq!(
+        names,
+        ["file", "runtime"],
+        "a reload removed a runtime guest"
+    );
+    assert!(runtime.exists());
+
+    // A new max-rate together with a bad guest: nothing of it applies.
+    write(
+        5,
+        "[[guest]]\nname = \"bad\"\nsocket = \"/nonexistent/dir/x.sock\"\n",
+    );
+    signal::kill(daemon.pid(), Signal::SIGHUP).unwrap();
+    daemon.wait_for_log("configuration rejected", 1);
+    let status: DaemonStatus =
+        serde_json::from_str(&control_json(&daemon, &["status", "--json"])).unwrap();
+    assert_eq!(status.max_rate, Some(100000));
+    assert_eq!(status.guests.len(), 2);
 }

@@ -3,7 +3,7 @@
 //! connection, never the guest's service.
 
 use std::io;
-use std::os::fd::AsFd;
+use std::os::fd::{AsFd, AsRawFd};
 use std::os::unix::net::UnixListener;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -17,6 +17,7 @@ use vhost::vhost_user::{Error as VhostUserError, Listener};
 use vhost_user_backend::{ShutdownHandle, VhostUserDaemon};
 use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
 use vmm_sys_util::epoll::EventSet;
+use vmm_sys_util::eventfd::EventFd;
 
 use super::device::{RngDevice, TIMER_EVENT, WAKE_EVENT};
 use super::socket::GuestSocket;
@@ -54,6 +55,8 @@ pub struct GuestServer {
     guest: Arc<Guest>,
     endpoint: Endpoint,
     stopping: AtomicBool,
+    /// Wakes the thread waiting for a VMM when the guest is stopped.
+    stop_event: EventFd,
     active: Mutex<Option<ShutdownHandle>>,
 }
 
@@ -71,6 +74,7 @@ impl GuestServer {
             guest,
             endpoint,
             stopping: AtomicBool::new(false),
+            stop_event: EventFd::new(libc::EFD_NONBLOCK | libc::EFD_CLOEXEC)?,
             active: Mutex::new(None),
         });
         let worker = Arc::clone(&server);
@@ -95,6 +99,12 @@ impl GuestServer {
     /// removes the socket file if the daemon created it.
     pub fn stop(&self) {
         self.stopping.store(true, Ordering::SeqCst);
+        if let Err(e) = self.stop_event.write(1) {
+            warn!(
+                "guest {}: cannot wake its thread to stop: {e}",
+                self.guest.name()
+            );
+        }
         if let Some(connection) = self.lock_active().take() {
             connection.shutdown();
         }
@@ -164,7 +174,11 @@ impl GuestServer {
             // The connection's handler and vring worker thread are only
             // created once a VMM is knocking, so an idle guest costs one
             // sleeping thread.
-            if let Err(e) = wait_readable(readiness) {
+            let waited = wait_readable(readiness, &self.stop_event);
+            if self.is_stopping() {
+                return;
+            }
+            if let Err(e) = waited {
                 warn!(
                     "guest {}: waiting on {}: {e}",
                     self.guest.name(),
@@ -257,8 +271,13 @@ impl GuestServer {
 }
 
 /// Blocks until a connection is waiting on `listener`.
-fn wait_readable(listener: &UnixListener) -> nix::Result<()> {
-    let mut fds = [PollFd::new(listener.as_fd(), PollFlags::POLLIN)];
+fn wait_readable(listener: &UnixListener, stop: &EventFd) -> nix::Result<()> {
+    // SAFETY: the EventFd outlives this call, so its fd stays open.
+    let stop = unsafe { std::os::fd::BorrowedFd::borrow_raw(stop.as_raw_fd()) };
+    let mut fds = [
+        PollFd::new(listener.as_fd(), PollFlags::POLLIN),
+        PollFd::new(stop, PollFlags::POLLIN),
+    ];
     loop {
         match poll(&mut fds, PollTimeout::NONE) {
             Err(nix::errno::Errno::EINTR) => continue,
