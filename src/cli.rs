@@ -42,6 +42,8 @@ pub enum Command {
     Guest(GuestCommand),
     /// Show a running daemon's guests, sources and pool.
     Status(StatusArgs),
+    /// Run inside a guest: feed the guest kernel's RNG from the host daemon.
+    Agent(crate::agent::AgentArgs),
 }
 
 /// Entropy sources and how guests are served from them.

@@ -83,7 +83,9 @@ weight = 1
 #   connect  a socket the VMM listens on (QEMU: -chardev
 #            socket,path=PATH,server=on); the daemon connects to it, or
 #   egd      a socket the daemon listens on speaking the EGD protocol, for
-#            QEMU rng-egd / libvirt <backend model='egd'> (no vhost-user)
+#            QEMU rng-egd / libvirt <backend model='egd'> (no vhost-user), or
+#   vsock-uds  hybrid vsock: the daemon listens on PATH_5564 for the
+#            in-guest agent (vhost-rng agent --connect vsock:2:5564)
 #   rate-bytes, rate-period, burst, weight: as in [defaults], which they override
 [[guest]]
 name = "vm1"
@@ -133,6 +135,10 @@ pub enum GuestEndpoint {
     /// The daemon listens on this socket and speaks the EGD protocol (QEMU
     /// `rng-egd`, libvirt `<backend model='egd'>`).
     Egd(PathBuf),
+    /// Hybrid vsock (Firecracker, cloud-hypervisor, vhost-device-vsock): the
+    /// daemon listens on `PATH_PORT` and speaks the vhost-rng channel
+    /// protocol to the in-guest agent.
+    VsockUds(PathBuf),
 }
 
 impl GuestEndpoint {
@@ -140,7 +146,8 @@ impl GuestEndpoint {
         match self {
             GuestEndpoint::Socket(path)
             | GuestEndpoint::Connect(path)
-            | GuestEndpoint::Egd(path) => path,
+            | GuestEndpoint::Egd(path)
+            | GuestEndpoint::VsockUds(path) => path,
         }
     }
 
@@ -150,6 +157,7 @@ impl GuestEndpoint {
             GuestEndpoint::Socket(_) => GuestKey::Socket,
             GuestEndpoint::Connect(_) => GuestKey::Connect,
             GuestEndpoint::Egd(_) => GuestKey::Egd,
+            GuestEndpoint::VsockUds(_) => GuestKey::VsockUds,
         }
     }
 }
@@ -261,6 +269,7 @@ pub enum GuestKey {
     Socket,
     Connect,
     Egd,
+    VsockUds,
     RateBytes,
     RatePeriod,
     Burst,
@@ -269,11 +278,12 @@ pub enum GuestKey {
 
 impl GuestKey {
     /// Every key of a guest, in canonical order.
-    pub const ALL: [GuestKey; 8] = [
+    pub const ALL: [GuestKey; 9] = [
         GuestKey::Name,
         GuestKey::Socket,
         GuestKey::Connect,
         GuestKey::Egd,
+        GuestKey::VsockUds,
         GuestKey::RateBytes,
         GuestKey::RatePeriod,
         GuestKey::Burst,
@@ -294,6 +304,7 @@ impl GuestKey {
             GuestKey::Socket => "socket",
             GuestKey::Connect => "connect",
             GuestKey::Egd => "egd",
+            GuestKey::VsockUds => "vsock-uds",
             GuestKey::RateBytes => "rate-bytes",
             GuestKey::RatePeriod => "rate-period",
             GuestKey::Burst => "burst",
@@ -309,7 +320,11 @@ impl GuestKey {
     fn is_number(self) -> bool {
         !matches!(
             self,
-            GuestKey::Name | GuestKey::Socket | GuestKey::Connect | GuestKey::Egd
+            GuestKey::Name
+                | GuestKey::Socket
+                | GuestKey::Connect
+                | GuestKey::Egd
+                | GuestKey::VsockUds
         )
     }
 
@@ -368,10 +383,11 @@ pub enum GuestSpecError {
     MissingName,
     #[error(
         "no endpoint: give socket=PATH for a vhost-user socket the daemon listens on, \
-         connect=PATH for one the VMM listens on, or egd=PATH for an EGD socket"
+         connect=PATH for one the VMM listens on, egd=PATH for an EGD socket, or \
+         vsock-uds=PATH for the agent over hybrid vsock"
     )]
     NoEndpoint,
-    #[error("more than one of 'socket', 'connect' and 'egd' is set; give only one")]
+    #[error("more than one of 'socket', 'connect', 'egd' and 'vsock-uds' is set; give only one")]
     BothEndpoints,
     #[error("key 'name': {name:?} {problem}")]
     InvalidName { name: String, problem: NameProblem },
@@ -507,6 +523,7 @@ struct Draft {
     socket: Option<PathBuf>,
     connect: Option<PathBuf>,
     egd: Option<PathBuf>,
+    vsock_uds: Option<PathBuf>,
     rate_bytes: Option<u64>,
     rate_period_ms: Option<u64>,
     burst: Option<u64>,
@@ -520,6 +537,7 @@ impl Draft {
             GuestKey::Socket => self.socket.is_some(),
             GuestKey::Connect => self.connect.is_some(),
             GuestKey::Egd => self.egd.is_some(),
+            GuestKey::VsockUds => self.vsock_uds.is_some(),
             GuestKey::RateBytes => self.rate_bytes.is_some(),
             GuestKey::RatePeriod => self.rate_period_ms.is_some(),
             GuestKey::Burst => self.burst.is_some(),
@@ -541,7 +559,7 @@ impl Draft {
                 validate_name(text)?;
                 self.name = Some(text.to_owned());
             }
-            GuestKey::Socket | GuestKey::Connect | GuestKey::Egd => {
+            GuestKey::Socket | GuestKey::Connect | GuestKey::Egd | GuestKey::VsockUds => {
                 if text.is_empty() {
                     return Err(GuestSpecError::EmptyPath(key));
                 }
@@ -549,7 +567,8 @@ impl Draft {
                 match key {
                     GuestKey::Socket => self.socket = path,
                     GuestKey::Connect => self.connect = path,
-                    _ => self.egd = path,
+                    GuestKey::Egd => self.egd = path,
+                    _ => self.vsock_uds = path,
                 }
             }
             _ => unreachable!("{key} takes a number"),
@@ -615,11 +634,12 @@ impl Draft {
     /// `defaults`, then the built-in defaults.
     fn finish(self, defaults: &GuestDefaults) -> Result<GuestSpec, GuestSpecError> {
         let name = self.name.ok_or(GuestSpecError::MissingName)?;
-        let endpoint = match (self.socket, self.connect, self.egd) {
-            (Some(path), None, None) => GuestEndpoint::Socket(path),
-            (None, Some(path), None) => GuestEndpoint::Connect(path),
-            (None, None, Some(path)) => GuestEndpoint::Egd(path),
-            (None, None, None) => return Err(GuestSpecError::NoEndpoint),
+        let endpoint = match (self.socket, self.connect, self.egd, self.vsock_uds) {
+            (Some(path), None, None, None) => GuestEndpoint::Socket(path),
+            (None, Some(path), None, None) => GuestEndpoint::Connect(path),
+            (None, None, Some(path), None) => GuestEndpoint::Egd(path),
+            (None, None, None, Some(path)) => GuestEndpoint::VsockUds(path),
+            (None, None, None, None) => return Err(GuestSpecError::NoEndpoint),
             _ => return Err(GuestSpecError::BothEndpoints),
         };
         let rate_bytes = self.rate_bytes.or(defaults.rate_bytes);
@@ -1390,13 +1410,16 @@ impl FileParser<'_> {
             Err(e) => {
                 let at = match &e {
                     // The later of the two keys is where the guest went wrong.
-                    GuestSpecError::BothEndpoints => {
-                        [GuestKey::Socket, GuestKey::Connect, GuestKey::Egd]
-                            .iter()
-                            .filter_map(|key| lines.get(key).copied())
-                            .max()
-                            .unwrap_or(line)
-                    }
+                    GuestSpecError::BothEndpoints => [
+                        GuestKey::Socket,
+                        GuestKey::Connect,
+                        GuestKey::Egd,
+                        GuestKey::VsockUds,
+                    ]
+                    .iter()
+                    .filter_map(|key| lines.get(key).copied())
+                    .max()
+                    .unwrap_or(line),
                     other => other
                         .key()
                         .and_then(|key| lines.get(&key).copied())
@@ -1451,7 +1474,8 @@ mod tests {
         GuestSpec::unlimited(name.into(), GuestEndpoint::Socket(path.into()))
     }
 
-    const GUEST_KEYS: &str = "name, socket, connect, egd, rate-bytes, rate-period, burst, weight";
+    const GUEST_KEYS: &str =
+        "name, socket, connect, egd, vsock-uds, rate-bytes, rate-period, burst, weight";
 
     // ---- the example ----
 
@@ -1931,7 +1955,7 @@ mod tests {
         assert_eq!(
             err.to_string(),
             "/etc/vhost-rng.toml:12: guest \"vm3\": unknown key 'rate_bytes' (valid: name, \
-             socket, connect, egd, rate-bytes, rate-period, burst, weight)"
+             socket, connect, egd, vsock-uds, rate-bytes, rate-period, burst, weight)"
         );
         assert_eq!((err.line(), err.key()), (Some(12), Some("rate_bytes")));
     }
@@ -1954,8 +1978,8 @@ mod tests {
         );
         assert_eq!(
             err.to_string(),
-            "/etc/vhost-rng.toml:8: guest \"vm2\": more than one of 'socket', 'connect' and \
-             'egd' is set; give only one"
+            "/etc/vhost-rng.toml:8: guest \"vm2\": more than one of 'socket', 'connect', \
+             'egd' and 'vsock-uds' is set; give only one"
         );
         assert!(
             matches!(
@@ -1984,7 +2008,7 @@ mod tests {
             ),
             "/etc/vhost-rng.toml:5: guest \"b\": no endpoint: give socket=PATH for a \
              vhost-user socket the daemon listens on, connect=PATH for one the VMM listens \
-             on, or egd=PATH for an EGD socket"
+             on, egd=PATH for an EGD socket, or vsock-uds=PATH for the agent over hybrid vsock"
         );
     }
 
@@ -2219,12 +2243,12 @@ mod tests {
             ),
             (
                 "name=vm1,socket=/a,rate_bytes=5",
-                "unknown key 'rate_bytes' (valid: name, socket, connect, egd, rate-bytes, \
+                "unknown key 'rate_bytes' (valid: name, socket, connect, egd, vsock-uds, rate-bytes, \
                  rate-period, burst, weight)",
             ),
             (
                 "vm1",
-                "unknown key 'vm1' (valid: name, socket, connect, egd, rate-bytes, rate-period, \
+                "unknown key 'vm1' (valid: name, socket, connect, egd, vsock-uds, rate-bytes, rate-period, \
                  burst, weight)",
             ),
             (
@@ -2237,11 +2261,12 @@ mod tests {
             (
                 "name=vm1",
                 "no endpoint: give socket=PATH for a vhost-user socket the daemon listens on, \
-                 connect=PATH for one the VMM listens on, or egd=PATH for an EGD socket",
+                 connect=PATH for one the VMM listens on, egd=PATH for an EGD socket, or \
+         vsock-uds=PATH for the agent over hybrid vsock",
             ),
             (
                 "name=vm1,socket=/a,connect=/b",
-                "more than one of 'socket', 'connect' and 'egd' is set; give only one",
+                "more than one of 'socket', 'connect', 'egd' and 'vsock-uds' is set; give only one",
             ),
             (
                 "name=vm1,socket=/a,rate-bytes=64k",

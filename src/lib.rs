@@ -12,6 +12,7 @@
 //! holds a minimal VMM side of vhost-user used by the integration tests and
 //! benchmarks.
 
+pub mod agent;
 pub mod check;
 pub mod cli;
 pub mod conditioner;
@@ -26,6 +27,7 @@ pub mod limiter;
 pub mod log_limit;
 pub mod metrics;
 pub mod pool;
+pub mod protocol;
 pub mod registry;
 pub mod source;
 pub mod status;

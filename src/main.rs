@@ -50,6 +50,7 @@ fn main() -> ExitCode {
             ask(&control, Request::GuestList, json)
         }
         Command::Status(args) => ask(&args.control, Request::Status, args.json),
+        Command::Agent(args) => vhost_rng::agent::run_command(&args),
     }
 }
 

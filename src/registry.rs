@@ -13,11 +13,12 @@ use log::info;
 
 use crate::config::{GuestEndpoint, GuestSpec};
 use crate::frontend::GuestFrontend;
-use crate::frontend::egd::EgdServer;
 use crate::frontend::vhost_user::{Endpoint, GuestServer, GuestSocket, SocketAccess, SocketError};
+use crate::frontend::{channel, egd};
 use crate::guest::{Guest, GuestLimits, SharedBucket};
 use crate::limiter::{RateLimit, RateLimitError, TokenBucket};
 use crate::pool::Pool;
+use crate::protocol;
 use crate::status::{DaemonStatus, GuestStatus, PoolStatus, SourceStatus};
 
 #[derive(Debug, thiserror::Error)]
@@ -112,6 +113,7 @@ pub fn limits_of(spec: &GuestSpec) -> Result<GuestLimits, RegistryError> {
 enum Opened {
     VhostUser(Endpoint),
     Egd(GuestSocket),
+    Channel(GuestSocket),
 }
 
 /// A socket opened for a guest that is not serving yet.
@@ -299,6 +301,9 @@ impl Registry {
             GuestEndpoint::Socket(path) => Opened::VhostUser(Endpoint::Listen(bind(path)?)),
             GuestEndpoint::Connect(path) => Opened::VhostUser(Endpoint::Connect(path.clone())),
             GuestEndpoint::Egd(path) => Opened::Egd(bind(path)?),
+            GuestEndpoint::VsockUds(path) => {
+                Opened::Channel(bind(&channel::uds_path(path, protocol::DEFAULT_PORT))?)
+            }
         };
         Ok(Prepared {
             spec,
@@ -343,7 +348,15 @@ impl Registry {
                     spec.name,
                     socket.path().display()
                 );
-                EgdServer::spawn(guest, socket).map_err(spawn_error)?
+                egd::spawn(guest, socket).map_err(spawn_error)?
+            }
+            Opened::Channel(socket) => {
+                info!(
+                    "guest {}: serving on {} (agent channel; {spec})",
+                    spec.name,
+                    socket.path().display()
+                );
+                channel::spawn(guest, socket).map_err(spawn_error)?
             }
         };
         guests.insert(
@@ -453,7 +466,9 @@ fn check_unique(
 fn close_prepared(prepared: Vec<Result<Prepared, GuestSpec>>) {
     for ready in prepared.into_iter().flatten() {
         match ready.endpoint {
-            Opened::VhostUser(Endpoint::Listen(socket)) | Opened::Egd(socket) => socket.remove(),
+            Opened::VhostUser(Endpoint::Listen(socket))
+            | Opened::Egd(socket)
+            | Opened::Channel(socket) => socket.remove(),
             Opened::VhostUser(Endpoint::Connect(_)) => {}
         }
     }

@@ -4,8 +4,13 @@
 //!   per guest (QEMU, cloud-hypervisor).
 //! - [`egd`]: the EGD protocol on a Unix socket, for VMMs that only have
 //!   their built-in virtio-rng backends (QEMU `rng-egd`, libvirt).
+//! - [`channel`]: the vhost-rng channel protocol for the in-guest agent,
+//!   over hybrid vsock.
+//! - [`stream`]: what the stream-socket frontends share.
 
+pub mod channel;
 pub mod egd;
+pub mod stream;
 pub mod vhost_user;
 
 use std::sync::Arc;
@@ -29,12 +34,12 @@ impl GuestFrontend for vhost_user::GuestServer {
     }
 }
 
-impl GuestFrontend for egd::EgdServer {
+impl GuestFrontend for stream::StreamServer {
     fn guest(&self) -> &Arc<Guest> {
-        egd::EgdServer::guest(self)
+        stream::StreamServer::guest(self)
     }
 
     fn stop(&self) {
-        egd::EgdServer::stop(self)
+        stream::StreamServer::stop(self)
     }
 }

@@ -1,0 +1,440 @@
+//! `vhost-rng agent`: the in-guest side of the entropy protocol, for guests
+//! that cannot have a vhost-user virtio-rng device (Xen guests, VMMs
+//! without vhost-user).
+//!
+//! Each round the agent asks the host daemon for a few bytes over vsock (or
+//! a Unix socket), mixes them into the guest kernel's pool with
+//! RNDADDENTROPY, crediting them conservatively, and has the kernel CRNG
+//! reseed at once with RNDRESEEDCRNG. Then it sleeps and does it again,
+//! reconnecting with exponential backoff whenever the host cannot be
+//! reached. See docs/protocol.md.
+
+mod endpoint;
+mod kernel;
+
+use std::fmt;
+use std::io::{self, Read, Write};
+use std::process::ExitCode;
+use std::thread;
+use std::time::Duration;
+
+use log::{error, info, warn};
+
+use crate::log_limit::RateLimitedLog;
+use crate::protocol::{self, IDLE_TIMEOUT, MAX_REQUEST, ProtocolError, Status};
+
+pub use endpoint::{Connection, Endpoint, EndpointError, HOST_CID, VsockStream};
+pub use kernel::{DEV_RANDOM, DevRandom, KernelEntropy, RNDADDENTROPY, RNDRESEEDCRNG};
+
+/// Bytes asked for each round: twice the 32-byte seed of the kernel CRNG,
+/// so that even a conservative credit fully seeds it.
+pub const DEFAULT_BYTES: u32 = 64;
+/// Bits of entropy credited per byte received unless told otherwise: half
+/// of what the bytes could carry, because the guest cannot check them.
+pub const DEFAULT_CREDIT_BITS_PER_BYTE: u32 = 4;
+/// Seconds between rounds unless told otherwise.
+pub const DEFAULT_INTERVAL_SECS: u64 = 60;
+/// Each read from and write to the daemon gives up after this long.
+pub const IO_TIMEOUT: Duration = Duration::from_secs(10);
+/// The first wait after a failed round; it doubles up to [`MAX_BACKOFF`].
+pub const FIRST_BACKOFF: Duration = Duration::from_secs(1);
+pub const MAX_BACKOFF: Duration = Duration::from_secs(60);
+/// The first word of the line `--once` prints on stdout for scripts and tests.
+pub const REPORT_PREFIX: &str = "VRNG-AGENT";
+
+/// The `agent` subcommand's options.
+#[derive(Debug, Clone, clap::Args)]
+pub struct AgentArgs {
+    /// The host daemon: vsock:CID:PORT (CID 2 is the host; the daemon's
+    /// default port is 5564) or unix:PATH.
+    #[arg(long, value_name = "ENDPOINT")]
+    pub connect: Endpoint,
+
+    /// Bytes to ask for each round (1 to 65536).
+    #[arg(long, value_name = "N", default_value_t = DEFAULT_BYTES,
+          value_parser = clap::value_parser!(u32).range(1..=i64::from(MAX_REQUEST)))]
+    pub bytes: u32,
+
+    /// Seconds to wait between rounds.
+    #[arg(long, value_name = "SECS", default_value_t = DEFAULT_INTERVAL_SECS,
+          value_parser = clap::value_parser!(u64).range(1..))]
+    pub interval: u64,
+
+    /// Bits of entropy to credit the kernel for each byte received (0 to 8).
+    #[arg(long, value_name = "B", default_value_t = DEFAULT_CREDIT_BITS_PER_BYTE,
+          value_parser = clap::value_parser!(u32).range(0..=8))]
+    pub credit_bits_per_byte: u32,
+
+    /// Do one round, print a VRNG-AGENT line on stdout and exit: 0 on
+    /// success, 1 on failure.
+    #[arg(long)]
+    pub once: bool,
+}
+
+/// What the agent does, checked.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AgentConfig {
+    pub endpoint: Endpoint,
+    /// Bytes to ask for each round, 1..=[`MAX_REQUEST`].
+    pub bytes: u32,
+    pub interval: Duration,
+    /// 0..=8; more is treated as 8.
+    pub credit_bits_per_byte: u32,
+    pub once: bool,
+}
+
+impl From<&AgentArgs> for AgentConfig {
+    fn from(args: &AgentArgs) -> Self {
+        AgentConfig {
+            endpoint: args.connect.clone(),
+            bytes: args.bytes,
+            interval: Duration::from_secs(args.interval),
+            credit_bits_per_byte: args.credit_bits_per_byte,
+            once: args.once,
+        }
+    }
+}
+
+/// What one round did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct AgentReport {
+    /// Bytes received and added to the kernel pool (the host may send fewer
+    /// than asked for).
+    pub bytes: usize,
+    /// Bits of entropy credited for them.
+    pub credited_bits: u32,
+    /// Whether the kernel CRNG reseeded (not when it is still unseeded, or
+    /// too old to be asked).
+    pub reseeded: bool,
+}
+
+impl AgentReport {
+    /// The `--once` line: `VRNG-AGENT ok bytes=N credited_bits=M`.
+    pub fn report_line(&self) -> String {
+        format!(
+            "{REPORT_PREFIX} ok bytes={} credited_bits={}",
+            self.bytes, self.credited_bits
+        )
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum AgentError {
+    #[error("the agent needs CAP_SYS_ADMIN (run as root) to add entropy to the kernel")]
+    NotPermitted,
+    #[error("cannot open {DEV_RANDOM} for writing: {0}")]
+    OpenDevRandom(#[source] io::Error),
+    #[error("the kernel refused to {action}: {error}")]
+    Kernel {
+        action: &'static str,
+        #[source]
+        error: io::Error,
+    },
+    #[error("the kernel CRNG is not seeded yet, so it cannot be reseeded")]
+    CrngNotReady,
+    #[error(
+        "this kernel cannot be asked to reseed its CRNG (RNDRESEEDCRNG needs Linux 4.17 or later)"
+    )]
+    ReseedUnsupported,
+    #[error("invalid agent configuration: {0}")]
+    InvalidConfig(String),
+    #[error("cannot connect to {endpoint}: {error}{hint}")]
+    Connect {
+        endpoint: Endpoint,
+        #[source]
+        error: io::Error,
+        hint: &'static str,
+    },
+    #[error("asking {endpoint} for entropy: {error}")]
+    Protocol {
+        endpoint: Endpoint,
+        #[source]
+        error: ProtocolError,
+    },
+}
+
+impl AgentError {
+    /// True for errors that waiting will not cure: they are about this
+    /// guest's kernel, privileges or configuration, not the host or the
+    /// connection.
+    pub fn is_fatal(&self) -> bool {
+        matches!(
+            self,
+            AgentError::NotPermitted
+                | AgentError::OpenDevRandom(_)
+                | AgentError::Kernel { .. }
+                | AgentError::InvalidConfig(_)
+        )
+    }
+
+    /// A short word for the `--once` error line, stable for scripts.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            AgentError::NotPermitted => "not-permitted",
+            AgentError::OpenDevRandom(_) => "open-dev-random",
+            AgentError::Kernel { .. } => "kernel",
+            AgentError::CrngNotReady => "crng-not-ready",
+            AgentError::ReseedUnsupported => "reseed-unsupported",
+            AgentError::InvalidConfig(_) => "config",
+            AgentError::Connect { .. } => "connect",
+            AgentError::Protocol { error, .. } => match error {
+                ProtocolError::Server(Status::BadRequest) => "server-bad-request",
+                ProtocolError::Server(Status::Unavailable) => "server-unavailable",
+                ProtocolError::Server(Status::Refused) => "server-refused",
+                ProtocolError::Server(Status::RateLimited) => "server-rate-limited",
+                ProtocolError::Server(Status::ShuttingDown) => "server-shutting-down",
+                ProtocolError::TimedOut => "timeout",
+                error if closed_before_answer(error) => "connection-closed",
+                ProtocolError::Truncated { .. } => "connection-closed",
+                ProtocolError::Io(_) => "io",
+                _ => "protocol",
+            },
+        }
+    }
+
+    /// The `--once` line: `VRNG-AGENT error reason=WORD`.
+    pub fn report_line(&self) -> String {
+        format!("{REPORT_PREFIX} error reason={}", self.reason())
+    }
+}
+
+/// Bits to credit for `bytes` bytes at `bits_per_byte` each; a byte never
+/// carries more than 8, and the kernel takes the count as a C int.
+pub fn credit_bits(bytes: usize, bits_per_byte: u32) -> u32 {
+    let bits = (bytes as u64).saturating_mul(u64::from(bits_per_byte.min(8)));
+    let kernel_max = libc::c_int::MAX.unsigned_abs();
+    u32::try_from(bits).map_or(kernel_max, |bits| bits.min(kernel_max))
+}
+
+/// One round over an open connection: asks for `config.bytes`, adds what
+/// arrives to the kernel pool with its credit, and reseeds the CRNG.
+pub fn fetch_and_inject(
+    stream: &mut (impl Read + Write),
+    config: &AgentConfig,
+    kernel: &mut dyn KernelEntropy,
+) -> Result<AgentReport, AgentError> {
+    // Checked here rather than left to the protocol layer, whose error
+    // would look like the host's fault and be retried forever.
+    if config.bytes == 0 || config.bytes > MAX_REQUEST {
+        return Err(AgentError::InvalidConfig(format!(
+            "bytes per round must be 1 to {MAX_REQUEST}, not {}",
+            config.bytes
+        )));
+    }
+    let mut entropy = Vec::with_capacity(config.bytes as usize);
+    protocol::fetch(stream, config.bytes, &mut entropy).map_err(|error| AgentError::Protocol {
+        endpoint: config.endpoint.clone(),
+        error,
+    })?;
+    let credited_bits = credit_bits(entropy.len(), config.credit_bits_per_byte);
+    let added = kernel.add_entropy(&entropy, credited_bits);
+    // The bytes are in the kernel pool now (or lost); no copy stays here.
+    entropy.fill(0);
+    std::hint::black_box(&entropy);
+    added?;
+    let reseeded = match kernel.reseed() {
+        Ok(()) => true,
+        // Neither is a failure of the round: the bytes are in the pool and
+        // the kernel reseeds from it on its own schedule.
+        Err(AgentError::CrngNotReady | AgentError::ReseedUnsupported) => false,
+        Err(e) => return Err(e),
+    };
+    Ok(AgentReport {
+        bytes: entropy.len(),
+        credited_bits,
+        reseeded,
+    })
+}
+
+/// One round on a connection of its own: connect, fetch, inject.
+pub fn run(
+    config: &AgentConfig,
+    kernel: &mut dyn KernelEntropy,
+) -> Result<AgentReport, AgentError> {
+    let mut connection = connect(&config.endpoint)?;
+    let report = fetch_and_inject(&mut connection, config, kernel)?;
+    log_round(&report, &config.endpoint);
+    Ok(report)
+}
+
+/// Runs rounds every `config.interval` until an error that waiting cannot
+/// cure ([`AgentError::is_fatal`]), which it returns. Failures to reach or
+/// get an answer from the host are logged at a limited rate and retried
+/// after 1 s, 2 s, 4 s ... up to 60 s.
+pub fn run_forever(config: &AgentConfig, kernel: &mut dyn KernelEntropy) -> AgentError {
+    let mut session = Session::new(config);
+    let mut backoff = Backoff::new();
+    let failures = RateLimitedLog::per_minute(4);
+    loop {
+        let delay = match session.round(kernel) {
+            Ok(report) => {
+                log_round(&report, &config.endpoint);
+                backoff.reset();
+                config.interval
+            }
+            Err(e) if e.is_fatal() => return e,
+            Err(e) => {
+                let delay = backoff.next_delay();
+                if let Some(suppressed) = failures.permit() {
+                    warn!(
+                        "{e}; trying again in {} s ({suppressed} similar messages suppressed)",
+                        delay.as_secs()
+                    );
+                }
+                delay
+            }
+        };
+        thread::sleep(delay);
+    }
+}
+
+/// The `agent` subcommand: opens /dev/random, checks the agent may add
+/// entropy, then does one round (`--once`) or runs until a fatal error.
+/// Exit status 0 only after a successful `--once` round.
+pub fn run_command(args: &AgentArgs) -> ExitCode {
+    let config = AgentConfig::from(args);
+    let result = DevRandom::open().and_then(|mut kernel| {
+        kernel.check_permission()?;
+        if config.once {
+            run(&config, &mut kernel)
+        } else {
+            info!("seeding the kernel with {config}");
+            Err(run_forever(&config, &mut kernel))
+        }
+    });
+    match result {
+        Ok(report) => {
+            println!("{}", report.report_line());
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            error!("{e}");
+            if config.once {
+                println!("{}", e.report_line());
+            }
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn connect(endpoint: &Endpoint) -> Result<Connection, AgentError> {
+    endpoint
+        .connect(IO_TIMEOUT)
+        .map_err(|error| AgentError::Connect {
+            hint: endpoint.connect_hint(&error),
+            endpoint: endpoint.clone(),
+            error,
+        })
+}
+
+fn log_round(report: &AgentReport, endpoint: &Endpoint) {
+    let reseed = if report.reseeded {
+        "kernel CRNG reseeded"
+    } else {
+        "kernel CRNG not reseeded (it reseeds on its own schedule)"
+    };
+    info!(
+        "added {} bytes (credited {} bits) from {endpoint}; {reseed}",
+        report.bytes, report.credited_bits
+    );
+}
+
+/// The connection kept between rounds. It is kept only when rounds come
+/// more often than the server's idle timeout; otherwise the server would
+/// have closed it by the next round anyway.
+struct Session<'a> {
+    config: &'a AgentConfig,
+    connection: Option<Connection>,
+}
+
+impl<'a> Session<'a> {
+    fn new(config: &'a AgentConfig) -> Self {
+        Session {
+            config,
+            connection: None,
+        }
+    }
+
+    fn round(&mut self, kernel: &mut dyn KernelEntropy) -> Result<AgentReport, AgentError> {
+        if let Some(mut connection) = self.connection.take() {
+            match fetch_and_inject(&mut connection, self.config, kernel) {
+                Ok(report) => {
+                    self.keep(connection);
+                    return Ok(report);
+                }
+                // The server closed the kept connection (restart, timeout):
+                // not a failure, just open a new one.
+                Err(e) if went_stale(&e) => {}
+                Err(e) => return Err(e),
+            }
+        }
+        let mut connection = connect(&self.config.endpoint)?;
+        let report = fetch_and_inject(&mut connection, self.config, kernel)?;
+        self.keep(connection);
+        Ok(report)
+    }
+
+    fn keep(&mut self, connection: Connection) {
+        if self.config.interval < IDLE_TIMEOUT {
+            self.connection = Some(connection);
+        }
+    }
+}
+
+/// True when a kept connection turned out to be closed before the request.
+fn went_stale(error: &AgentError) -> bool {
+    matches!(error, AgentError::Protocol { error, .. } if closed_before_answer(error))
+}
+
+/// True when the daemon had hung up before answering: the request could
+/// not be sent, or the answer never began.
+fn closed_before_answer(error: &ProtocolError) -> bool {
+    match error {
+        ProtocolError::Closed { .. } => true,
+        ProtocolError::Io(e) => matches!(
+            e.kind(),
+            io::ErrorKind::BrokenPipe | io::ErrorKind::ConnectionReset
+        ),
+        _ => false,
+    }
+}
+
+/// Waits between failed rounds: 1 s, doubling to 60 s.
+#[derive(Debug)]
+struct Backoff {
+    next: Duration,
+}
+
+impl Backoff {
+    fn new() -> Self {
+        Backoff {
+            next: FIRST_BACKOFF,
+        }
+    }
+
+    fn next_delay(&mut self) -> Duration {
+        let delay = self.next;
+        self.next = (delay * 2).min(MAX_BACKOFF);
+        delay
+    }
+
+    fn reset(&mut self) {
+        self.next = FIRST_BACKOFF;
+    }
+}
+
+impl fmt::Display for AgentConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "{} bytes from {} every {} s, crediting {} bits per byte",
+            self.bytes,
+            self.endpoint,
+            self.interval.as_secs(),
+            self.credit_bits_per_byte.min(8)
+        )
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,156 @@
+//! The vhost-rng channel: our own read-only request/response protocol
+//! (`docs/protocol.md`, [`crate::protocol`]) for the in-guest agent, served
+//! on a Unix socket in the hybrid-vsock convention: the guest connects to
+//! host port P, and the VMM (Firecracker, cloud-hypervisor,
+//! vhost-device-vsock) connects to `PATH_P` on the host.
+//!
+//! Clients can only read. A malformed request is answered with an explicit
+//! error and the connection closed; a client idle longer than the protocol's
+//! idle timeout is closed.
+
+use std::io::{self, Read, Write};
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Instant;
+
+use super::stream::{GuestReader, Session, StreamServer};
+use super::vhost_user::GuestSocket;
+use crate::guest::Guest;
+use crate::protocol::{self, IDLE_TIMEOUT, REQUEST_LEN, REQUEST_TIMEOUT, ResponseHeader, Status};
+
+/// The socket a hybrid-vsock VMM connects to for host port `port`.
+pub fn uds_path(base: &Path, port: u32) -> PathBuf {
+    let mut path = base.as_os_str().to_owned();
+    path.push(format!("_{port}"));
+    PathBuf::from(path)
+}
+
+/// Starts serving `guest` over the channel protocol on `socket`.
+pub fn spawn(guest: Arc<Guest>, socket: GuestSocket) -> io::Result<Arc<StreamServer>> {
+    StreamServer::spawn(guest, socket, "channel", |reader| {
+        Box::new(ChannelSession { reader })
+    })
+}
+
+struct ChannelSession {
+    reader: GuestReader,
+}
+
+impl Session for ChannelSession {
+    fn serve(&mut self, mut client: &UnixStream) -> io::Result<()> {
+        client.set_write_timeout(Some(REQUEST_TIMEOUT))?;
+        let mut header = [0u8; REQUEST_LEN];
+        let mut bytes = Vec::new();
+        loop {
+            client.set_read_timeout(Some(IDLE_TIMEOUT))?;
+            match client.read_exact(&mut header) {
+                Ok(()) => {}
+                // A clean close, or idle too long: either way, done.
+                Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => return Ok(()),
+                Err(e) => return Err(e),
+            }
+            let request = match protocol::decode_request(&header) {
+                Ok(request) => request,
+                Err(e) => {
+                    let stats = &self.reader.guest().stats;
+                    stats.defective_requests.fetch_add(1, Ordering::Relaxed);
+                    let answer = ResponseHeader::error(Status::BadRequest);
+                    let _ = client.write_all(&protocol::encode_response_header(&answer));
+                    return Err(io::Error::new(io::ErrorKind::InvalidData, e.to_string()));
+                }
+            };
+            bytes.resize(request.length as usize, 0);
+            let n = self
+                .reader
+                .read_until(&mut bytes, Instant::now() + REQUEST_TIMEOUT)?;
+            if n == 0 {
+                let answer = ResponseHeader::error(Status::Unavailable);
+                client.write_all(&protocol::encode_response_header(&answer))?;
+                return Ok(());
+            }
+            let answer = ResponseHeader::ok(n as u32);
+            client.write_all(&protocol::encode_response_header(&answer))?;
+            client.write_all(&bytes[..n])?;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::frontend::vhost_user::SocketAccess;
+    use crate::guest::{GuestLimits, SharedBucket};
+    use crate::pool::{Pool, PoolConfig};
+    use crate::protocol::{Request, encode_request};
+
+    fn server() -> (Arc<StreamServer>, PathBuf, tempfile::TempDir) {
+        let dir = tempfile::tempdir().unwrap();
+        let path = uds_path(&dir.path().join("vm.vsock"), protocol::DEFAULT_PORT);
+        let socket = GuestSocket::bind(&path, SocketAccess::default()).unwrap();
+        let pool = Pool::start(PoolConfig {
+            sources: vec!["os".parse().unwrap()],
+            mode: Default::default(),
+            reseed: Default::default(),
+        })
+        .unwrap();
+        let guest = Guest::with_limits("vm", pool, GuestLimits::default(), SharedBucket::default());
+        (spawn(guest, socket).unwrap(), path, dir)
+    }
+
+    #[test]
+    fn the_hybrid_vsock_path_carries_the_port() {
+        assert_eq!(
+            uds_path(Path::new("/run/vm1.vsock"), 5564),
+            PathBuf::from("/run/vm1.vsock_5564")
+        );
+    }
+
+    #[test]
+    fn serves_requests_in_sequence_on_one_connection() {
+        let (server, path, _dir) = server();
+        let mut client = UnixStream::connect(&path).unwrap();
+        let mut first = Vec::new();
+        let mut second = Vec::new();
+        assert_eq!(protocol::fetch(&mut client, 64, &mut first).unwrap(), 64);
+        assert_eq!(
+            protocol::fetch(&mut client, 4096, &mut second).unwrap(),
+            4096
+        );
+        assert_ne!(first[..], second[..64]);
+        assert!(server.guest().stats.snapshot().bytes >= 4160);
+    }
+
+    #[test]
+    fn a_malformed_request_gets_an_explicit_error_and_is_closed() {
+        let (server, path, _dir) = server();
+        let mut client = UnixStream::connect(&path).unwrap();
+        let mut bad = encode_request(&Request { length: 64 });
+        bad[0] = b'X';
+        client.write_all(&bad).unwrap();
+        let mut answer = [0u8; 12];
+        client.read_exact(&mut answer).unwrap();
+        let header = protocol::decode_response_header(&answer).unwrap();
+        assert_eq!(header.status, Status::BadRequest);
+        assert_eq!(
+            client.read(&mut [0u8; 1]).unwrap(),
+            0,
+            "closed after the error"
+        );
+
+        // An oversized request is refused the same way; others go on.
+        let mut client = UnixStream::connect(&path).unwrap();
+        let mut too_big = encode_request(&Request { length: 64 });
+        too_big[8..12].copy_from_slice(&(protocol::MAX_REQUEST + 1).to_be_bytes());
+        client.write_all(&too_big).unwrap();
+        client.read_exact(&mut answer).unwrap();
+        assert_eq!(
+            protocol::decode_response_header(&answer).unwrap().status,
+            Status::BadRequest
+        );
+        let mut ok = UnixStream::connect(&path).unwrap();
+        assert_eq!(protocol::fetch(&mut ok, 32, &mut Vec::new()).unwrap(), 32);
+        assert_eq!(server.guest().stats.snapshot().defective_requests, 2);
+    }
+}
