@@ -317,3 +317,41 @@ fn many_guests_are_served_concurrently_by_one_daemon() {
     outputs.dedup();
     assert_eq!(outputs.len(), 16, "two guests received the same bytes");
 }
+
+fn open_fds(daemon: &Daemon) -> usize {
+    std::fs::read_dir(format!("/proc/{}/fd", daemon.pid()))
+        .unwrap()
+        .count()
+}
+
+#[test]
+fn reconnects_leave_no_descriptors_or_threads_behind() {
+    let dir = tempfile::tempdir().unwrap();
+    let socket = socket_in(&dir, "cycle.sock");
+    let daemon = Daemon::serve(&[&socket]);
+    // One connection first, so lazily created state is there before counting.
+    TestVmm::connect(&socket, TestVmmConfig::qemu())
+        .unwrap()
+        .disconnect()
+        .unwrap();
+    daemon.wait_for_log("VMM disconnected", 1);
+    let fds = open_fds(&daemon);
+    let threads = std::fs::read_dir(format!("/proc/{}/task", daemon.pid()))
+        .unwrap()
+        .count();
+
+    for round in 2..=11 {
+        let mut vmm = TestVmm::connect(&socket, TestVmmConfig::qemu()).unwrap();
+        check_fills_4k_and_64_byte_requests(&mut vmm);
+        drop(vmm);
+        daemon.wait_for_log("VMM disconnected", round);
+    }
+
+    common::wait_until("descriptors back to the baseline", || {
+        open_fds(&daemon) <= fds
+    });
+    let after = std::fs::read_dir(format!("/proc/{}/task", daemon.pid()))
+        .unwrap()
+        .count();
+    assert!(after <= threads, "{threads} threads before, {after} after");
+}

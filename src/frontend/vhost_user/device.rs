@@ -5,7 +5,7 @@
 //! outlives it, so counters survive a VM reboot.
 
 use std::io;
-use std::os::fd::{AsRawFd, RawFd};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
@@ -65,6 +65,8 @@ pub struct RngDevice {
     /// vhost-user handler fires it when the connection's handler is dropped.
     exit_consumer: Mutex<Option<EventConsumer>>,
     exit_notifier: EventNotifier,
+    /// The exit event's fd once handed over; see [`RngDevice::close_exit_event`].
+    handed_exit_fd: Mutex<Option<RawFd>>,
     /// Signalled by the pool when a starved guest can be served again.
     wake: EventConsumer,
     /// Fires when a throttled guest has tokens again; never slept on.
@@ -101,10 +103,33 @@ impl RngDevice {
             }),
             exit_consumer: Mutex::new(Some(exit_consumer)),
             exit_notifier,
+            handed_exit_fd: Mutex::new(None),
             wake,
             timer: Mutex::new(timer),
             timer_fd,
         }))
+    }
+
+    /// Closes the exit event handed to the vring worker.
+    ///
+    /// vhost-user-backend 0.24 turns it into a raw fd (`into_raw_fd`) that
+    /// it registers with the worker's epoll and never closes, so without
+    /// this every VMM connection would leave one descriptor behind. Call
+    /// only once the connection's `VhostUserDaemon` is dropped: that joins
+    /// the worker and drops its epoll, the fd's only user.
+    pub fn close_exit_event(&self) {
+        let handed = self
+            .handed_exit_fd
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take();
+        if let Some(fd) = handed {
+            // SAFETY: the fd came from our EventConsumer, whose ownership the
+            // crate took with into_raw_fd and abandoned; the crate version is
+            // pinned in Cargo.toml so this stays true. Nothing refers to the
+            // fd any more (see above), and `take` makes this run once.
+            drop(unsafe { OwnedFd::from_raw_fd(fd) });
+        }
     }
 
     /// The timerfd to watch for [`TIMER_EVENT`] in the vring worker.
@@ -269,7 +294,13 @@ impl VhostUserBackend for RngDevice {
             .unwrap_or_else(|e| e.into_inner())
             .take()?;
         match self.exit_notifier.try_clone() {
-            Ok(notifier) => Some((consumer, notifier)),
+            Ok(notifier) => {
+                *self
+                    .handed_exit_fd
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner()) = Some(consumer.as_raw_fd());
+                Some((consumer, notifier))
+            }
             Err(e) => {
                 warn!(
                     "guest {}: cannot set up the worker exit event: {e}",

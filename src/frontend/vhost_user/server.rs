@@ -121,7 +121,7 @@ impl GuestServer {
         self.active.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    fn new_daemon(&self) -> Option<VhostUserDaemon<Arc<RngDevice>>> {
+    fn new_daemon(&self) -> Option<Connection> {
         let device = match RngDevice::new(Arc::clone(&self.guest)) {
             Ok(device) => device,
             Err(e) => {
@@ -132,8 +132,11 @@ impl GuestServer {
         let memory = GuestMemoryAtomic::new(GuestMemoryMmap::new());
         let (wake_fd, timer_fd) = (device.wake_fd(), device.timer_fd());
         let name = format!("vhost-rng-{}", self.guest.name());
-        let daemon = match VhostUserDaemon::new(name, device, memory) {
-            Ok(daemon) => daemon,
+        let mut daemon = match VhostUserDaemon::new(name, Arc::clone(&device), memory) {
+            Ok(daemon) => Connection {
+                daemon: Some(daemon),
+                device,
+            },
             Err(e) => {
                 warn!(
                     "guest {}: cannot create vhost-user handler: {e}",
@@ -144,7 +147,7 @@ impl GuestServer {
         };
         // The worker thread that serves the queue also takes the pool's
         // wake-ups, so a starved request is retried on the same thread.
-        let registered = daemon.get_epoll_handlers().first().map(|worker| {
+        let registered = daemon.daemon().get_epoll_handlers().first().map(|worker| {
             worker.register_listener(wake_fd, EventSet::IN, u64::from(WAKE_EVENT))?;
             worker.register_listener(timer_fd, EventSet::IN, u64::from(TIMER_EVENT))
         });
@@ -191,7 +194,7 @@ impl GuestServer {
                 thread::sleep(SETUP_RETRY);
                 continue;
             };
-            if let Err(e) = daemon.start(listener) {
+            if let Err(e) = daemon.daemon().start(listener) {
                 if !self.is_stopping() {
                     warn!(
                         "guest {}: accepting on {}: {e}",
@@ -217,7 +220,7 @@ impl GuestServer {
                 thread::sleep(SETUP_RETRY);
                 continue;
             };
-            match daemon.start_client(&path_str) {
+            match daemon.daemon().start_client(&path_str) {
                 Ok(()) => {
                     delay = CONNECT_RETRY_FIRST;
                     waiting_logged = false;
@@ -245,7 +248,8 @@ impl GuestServer {
         }
     }
 
-    fn serve_connection(&self, mut daemon: VhostUserDaemon<Arc<RngDevice>>) {
+    fn serve_connection(&self, mut connection: Connection) {
+        let daemon = connection.daemon();
         let name = self.guest.name();
         let path = self.path().display();
         *self.lock_active() = daemon.shutdown_handle();
@@ -266,7 +270,29 @@ impl GuestServer {
             )) => info!("guest {name}: VMM disconnected from {path}"),
             Err(e) => warn!("guest {name}: connection on {path} ended: {e}"),
         }
-        // Dropping the daemon stops and joins this connection's vring worker.
+        // Dropping the connection stops and joins its vring worker.
+    }
+}
+
+/// One VMM connection's vhost-user handler and the device it serves.
+struct Connection {
+    daemon: Option<VhostUserDaemon<Arc<RngDevice>>>,
+    device: Arc<RngDevice>,
+}
+
+impl Connection {
+    fn daemon(&mut self) -> &mut VhostUserDaemon<Arc<RngDevice>> {
+        // Only `drop` empties it.
+        self.daemon.as_mut().unwrap_or_else(|| unreachable!())
+    }
+}
+
+impl Drop for Connection {
+    fn drop(&mut self) {
+        // The handler first (this joins the vring worker), then the exit
+        // event the crate leaves open.
+        self.daemon.take();
+        self.device.close_exit_event();
     }
 }
 

@@ -1,0 +1,995 @@
+//! Throughput of the virtio-rng data path: vhost-rng against the reference
+//! vhost-user RNG backend, `vhost-device-rng` (rust-vmm), side by side.
+//!
+//! Each backend runs as its own process on a Unix socket in a temporary
+//! directory; the in-tree test VMM (`vhost_rng::testing::TestVmm`, QEMU
+//! profile, 256-entry queue, EVENT_IDX) plays the guest driver in this
+//! process and keeps the queue full: 128 requests posted, every completed
+//! request checked (used length = buffer length, or the run aborts), and
+//! completed requests re-posted (with one kick if the backend asks for it)
+//! as soon as 32 have gathered. Two shapes of request, each one
+//! device-writable descriptor:
+//!
+//! - 4 KiB: bulk throughput, reported in MB/s (10^6 bytes per second);
+//! - 64 bytes: the size the Linux virtio-rng driver posts (one
+//!   `SMP_CACHE_BYTES` buffer), so what matters is requests per second,
+//!   reported in thousands (kreq/s).
+//!
+//! By default the driver polls the used ring (`--driver poll`) and asks the
+//! backend not to signal, so the backend never waits for the driver: the
+//! figure is the backend's capacity on one core. With `--driver sleep` it
+//! sleeps on the call eventfd until at least 32 requests completed, as an
+//! interrupt-driven guest does.
+//!
+//! For reference it also measures, in this process, how fast the bytes can be
+//! produced at all with the same buffer sizes: `getrandom::fill` (the kernel
+//! CSPRNG, vhost-rng's `os` source), `read(2)` of `/dev/urandom` (the
+//! peer's default source) and vhost-rng's per-guest DRBG
+//! (`vhost_rng::drbg::Drbg`, which answers each request in the default
+//! `drbg` mode).
+//!
+//! Every figure is the median of `--runs` runs; the runs of the backends are
+//! interleaved so slow drift of the machine hits both alike, and the CPU
+//! time other processes took during each measurement is reported (the
+//! figures are only meaningful on an otherwise idle machine). These are
+//! reported figures, not pass/fail thresholds.
+//!
+//! Run it with
+//!
+//! ```text
+//! cargo bench --bench throughput
+//! cargo bench --bench throughput -- --peer PATH --seconds S --runs N
+//! ```
+//!
+//! - `--peer PATH`: the `vhost-device-rng` binary (0.1.0, `cargo install
+//!   vhost-device-rng`); default `$HOME/.cargo/bin/vhost-device-rng`, and
+//!   without it only vhost-rng is measured.
+//! - `--seconds S`: length of one backend measurement (default 3, after
+//!   0.3 s of warm-up); each in-process source measurement takes S/6.
+//! - `--runs N`: runs per figure (default 3).
+//! - `--driver poll|sleep`: how the driver waits for completions (default poll).
+//! - `--vhost-rng-arg ARG`: append ARG to `vhost-rng serve` (repeatable),
+//!   e.g. `--vhost-rng-arg --mode --vhost-rng-arg raw`.
+//!
+//! With the defaults a run takes a little under a minute. Results and their
+//! analysis: `docs/performance.md`.
+
+use std::fmt::Write as _;
+use std::fs::File;
+use std::io::Read;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use nix::sys::signal::{Signal, kill};
+use nix::unistd::Pid;
+use vhost_rng::drbg::{Drbg, ReseedPolicy, SEED_BYTES};
+use vhost_rng::testing::{Buffer, TestVmm, TestVmmConfig, UsedElem};
+
+/// Descriptors in the request queue.
+const QUEUE_SIZE: u16 = 256;
+/// Requests kept posted while measuring.
+const IN_FLIGHT: usize = 128;
+/// Completed requests re-posted together; with `--driver sleep` also how
+/// many completions the driver waits for before it reaps.
+const BATCH: usize = 32;
+/// Untimed running before each backend measurement.
+const WARM_UP: Duration = Duration::from_millis(300);
+/// Longest wait for completions before the run is declared stuck.
+const STALL: Duration = Duration::from_secs(5);
+/// Longest wait for a backend to come up or go away.
+const START_STOP: Duration = Duration::from_secs(10);
+
+const BULK_LEN: u32 = 4096;
+const SMALL_LEN: u32 = 64;
+const MB: f64 = 1e6;
+const K: f64 = 1e3;
+
+type Result<T> = std::result::Result<T, String>;
+
+fn main() {
+    if let Err(message) = run() {
+        eprintln!("throughput benchmark aborted: {message}");
+        std::process::exit(1);
+    }
+}
+
+fn run() -> Result<()> {
+    let options = Options::parse(std::env::args().skip(1))?;
+    let dir = tempfile::tempdir().map_err(|e| format!("creating a temporary directory: {e}"))?;
+
+    println!("vhost-rng throughput benchmark");
+    println!();
+    print_machine();
+    println!(
+        "settings: {} s per backend measurement (after {} ms warm-up), {} run(s), median \
+         reported; queue {QUEUE_SIZE}, {IN_FLIGHT} requests in flight, driver {}",
+        options.seconds.as_secs_f64(),
+        WARM_UP.as_millis(),
+        options.runs,
+        options.wait.describe(),
+    );
+
+    let mut backends = vec![Backend::start_vhost_rng(
+        dir.path(),
+        &options.vhost_rng_args,
+    )?];
+    match &options.peer {
+        Some(peer) => backends.push(Backend::start_peer(peer, dir.path())?),
+        None => println!("note: {}; measuring vhost-rng only", options.peer_note),
+    }
+    for backend in &backends {
+        println!("backend {}: {}", backend.name, backend.version);
+        for line in &backend.startup_log {
+            println!("  {line}");
+        }
+    }
+    println!();
+
+    let mut vmms = Vec::new();
+    for backend in &backends {
+        vmms.push(connect(backend)?);
+    }
+
+    let source_time = options.seconds / 6;
+    let mut sources = vec![
+        SourceRates::new(
+            "getrandom::fill",
+            "kernel CSPRNG (vhost-rng `os` source)",
+            getrandom_rate,
+        ),
+        SourceRates::new(
+            "read /dev/urandom",
+            "kernel CSPRNG (vhost-device-rng's source)",
+            urandom_rate,
+        ),
+        SourceRates::new(
+            "vhost-rng Drbg::generate",
+            "per-guest DRBG (vhost-rng drbg mode)",
+            drbg_rate,
+        ),
+    ];
+    let mut results: Vec<BackendRates> = backends.iter().map(|_| Default::default()).collect();
+    for run in 1..=options.runs {
+        eprintln!("run {run}/{}", options.runs);
+        for source in &mut sources {
+            source.run(BULK_LEN, source_time)?;
+            source.run(SMALL_LEN, source_time)?;
+        }
+        for ((backend, vmm), rates) in backends.iter().zip(&mut vmms).zip(&mut results) {
+            let bulk = pipeline(vmm, backend, BULK_LEN, options.seconds, options.wait)?;
+            rates.bulk.push(bulk);
+            let small = pipeline(vmm, backend, SMALL_LEN, options.seconds, options.wait)?;
+            rates.small.push(small);
+        }
+    }
+
+    for (backend, vmm) in backends.iter().zip(vmms) {
+        vmm.disconnect()
+            .map_err(|e| format!("{}: disconnecting: {e}", backend.name))?;
+    }
+    for backend in &mut backends {
+        backend.stop()?;
+    }
+
+    print_report(&backends, &results, &sources);
+    Ok(())
+}
+
+struct Options {
+    peer: Option<PathBuf>,
+    /// Why there is no peer, when there is none.
+    peer_note: String,
+    seconds: Duration,
+    runs: usize,
+    wait: Wait,
+    vhost_rng_args: Vec<String>,
+}
+
+impl Options {
+    fn parse(mut args: impl Iterator<Item = String>) -> Result<Self> {
+        let usage = "usage: cargo bench --bench throughput [-- [--peer PATH] [--seconds S] \
+                     [--runs N] [--driver poll|sleep] [--vhost-rng-arg ARG]...]";
+        let mut peer = None;
+        let mut seconds = 3.0;
+        let mut runs = 3;
+        let mut wait = Wait::Poll;
+        let mut vhost_rng_args = Vec::new();
+        while let Some(arg) = args.next() {
+            let mut value = |name: &str| {
+                args.next()
+                    .ok_or_else(|| format!("{name} needs a value\n{usage}"))
+            };
+            match arg.as_str() {
+                // cargo bench passes --bench to harness = false targets.
+                "--bench" => {}
+                "--peer" => peer = Some(PathBuf::from(value("--peer")?)),
+                "--seconds" => {
+                    seconds = value("--seconds")?
+                        .parse::<f64>()
+                        .ok()
+                        .filter(|s| s.is_finite() && *s > 0.0)
+                        .ok_or_else(|| format!("--seconds needs a positive number\n{usage}"))?;
+                }
+                "--runs" => {
+                    runs = value("--runs")?
+                        .parse::<usize>()
+                        .ok()
+                        .filter(|&n| n > 0)
+                        .ok_or_else(|| format!("--runs needs a positive integer\n{usage}"))?;
+                }
+                "--driver" => {
+                    wait = match value("--driver")?.as_str() {
+                        "poll" => Wait::Poll,
+                        "sleep" => Wait::Sleep,
+                        _ => return Err(format!("--driver is poll or sleep\n{usage}")),
+                    };
+                }
+                "--vhost-rng-arg" => vhost_rng_args.push(value("--vhost-rng-arg")?),
+                "-h" | "--help" => {
+                    println!("{usage}");
+                    std::process::exit(0);
+                }
+                other => return Err(format!("unexpected argument '{other}'\n{usage}")),
+            }
+        }
+
+        let mut peer_note = String::new();
+        let peer = match peer {
+            Some(path) if path.is_file() => Some(path),
+            Some(path) => return Err(format!("--peer {}: no such file", path.display())),
+            None => {
+                let default = std::env::var_os("HOME")
+                    .map(|home| PathBuf::from(home).join(".cargo/bin/vhost-device-rng"));
+                match default {
+                    Some(path) if path.is_file() => Some(path),
+                    Some(path) => {
+                        peer_note = format!(
+                            "no peer at {} (cargo install vhost-device-rng, or --peer PATH)",
+                            path.display()
+                        );
+                        None
+                    }
+                    None => {
+                        peer_note = "HOME is not set and no --peer given".into();
+                        None
+                    }
+                }
+            }
+        };
+        Ok(Options {
+            peer,
+            peer_note,
+            seconds: Duration::from_secs_f64(seconds),
+            runs,
+            wait,
+            vhost_rng_args,
+        })
+    }
+}
+
+/// A backend daemon running as a child process.
+struct Backend {
+    name: &'static str,
+    version: String,
+    /// What the backend logged while starting (vhost-rng: mode and sources).
+    startup_log: Vec<String>,
+    child: Child,
+    socket: PathBuf,
+    log: PathBuf,
+    stopped: bool,
+}
+
+impl Backend {
+    /// `vhost-rng serve --socket DIR/vhost-rng.sock [ARGS]`, ready once it
+    /// logs "serving on".
+    fn start_vhost_rng(dir: &Path, args: &[String]) -> Result<Self> {
+        let name = "vhost-rng";
+        let socket = dir.join("vhost-rng.sock");
+        let log = dir.join("vhost-rng.log");
+        let mut command = Command::new(env!("CARGO_BIN_EXE_vhost-rng"));
+        command
+            .arg("serve")
+            .arg("--socket")
+            .arg(&socket)
+            .args(args)
+            .env("RUST_LOG", "info");
+        let mut backend = Self::spawn(name, command, socket, log)?;
+        backend.version = format!(
+            "{} (this tree, release build), `vhost-rng serve --socket PATH{}`",
+            env!("CARGO_PKG_VERSION"),
+            args.iter().fold(String::new(), |all, arg| all + " " + arg)
+        );
+        let started = Instant::now();
+        loop {
+            let log = backend.log_text();
+            if let Some(end) = log.find("serving on") {
+                let through_line = log[end..].find('\n').map_or(log.len(), |n| end + n);
+                backend.startup_log = log[..through_line].lines().map(strip_log_prefix).collect();
+                return Ok(backend);
+            }
+            backend.check_alive()?;
+            if started.elapsed() > START_STOP {
+                return Err(backend.failure("did not log \"serving on\" in time"));
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    /// `vhost-device-rng --socket-path DIR/peer.sock -c 1`, which listens on
+    /// DIR/peer.sock0. Ready once that file exists (a probe connection would
+    /// be taken for a VMM); `TestVmm::connect` retries while it still refuses.
+    fn start_peer(binary: &Path, dir: &Path) -> Result<Self> {
+        let name = "vhost-device-rng";
+        let log = dir.join("peer.log");
+        let mut command = Command::new(binary);
+        command
+            .arg("--socket-path")
+            .arg(dir.join("peer.sock"))
+            .arg("-c")
+            .arg("1")
+            .env("RUST_LOG", "info");
+        let mut backend = Self::spawn(name, command, dir.join("peer.sock0"), log)?;
+        backend.version = format!(
+            "{}, `vhost-device-rng --socket-path PATH -c 1` (source /dev/urandom, no rate limit)",
+            peer_version(binary)
+        );
+        let started = Instant::now();
+        while !backend.socket.exists() {
+            backend.check_alive()?;
+            if started.elapsed() > START_STOP {
+                return Err(backend.failure("did not create its socket in time"));
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        Ok(backend)
+    }
+
+    fn spawn(
+        name: &'static str,
+        mut command: Command,
+        socket: PathBuf,
+        log: PathBuf,
+    ) -> Result<Self> {
+        let stderr =
+            File::create(&log).map_err(|e| format!("{name}: creating {}: {e}", log.display()))?;
+        let child = command
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(stderr)
+            .spawn()
+            .map_err(|e| format!("{name}: starting {:?}: {e}", command.get_program()))?;
+        Ok(Backend {
+            name,
+            version: String::new(),
+            startup_log: Vec::new(),
+            child,
+            socket,
+            log,
+            stopped: false,
+        })
+    }
+
+    fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    fn check_alive(&mut self) -> Result<()> {
+        match self.child.try_wait() {
+            Ok(None) => Ok(()),
+            Ok(Some(status)) => {
+                self.stopped = true;
+                Err(self.failure(&format!("exited early ({status})")))
+            }
+            Err(e) => Err(self.failure(&format!("cannot check the process: {e}"))),
+        }
+    }
+
+    fn failure(&self, what: &str) -> String {
+        format!(
+            "{} {what}; its log ({}):\n{}",
+            self.name,
+            self.log.display(),
+            self.log_text()
+        )
+    }
+
+    /// SIGTERM, then SIGKILL if the process is still there after a while.
+    fn stop(&mut self) -> Result<()> {
+        if self.stopped {
+            return Ok(());
+        }
+        self.stopped = true;
+        let pid = Pid::from_raw(self.child.id() as i32);
+        if let Err(e) = kill(pid, Signal::SIGTERM) {
+            return Err(format!("{}: sending SIGTERM: {e}", self.name));
+        }
+        let started = Instant::now();
+        while started.elapsed() < START_STOP {
+            match self.child.try_wait() {
+                Ok(Some(_)) => return Ok(()),
+                Ok(None) => std::thread::sleep(Duration::from_millis(10)),
+                Err(e) => return Err(format!("{}: waiting for exit: {e}", self.name)),
+            }
+        }
+        eprintln!(
+            "{} ignored SIGTERM for {} s; killing it",
+            self.name,
+            START_STOP.as_secs()
+        );
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        Ok(())
+    }
+}
+
+impl Drop for Backend {
+    fn drop(&mut self) {
+        // On the error paths: never leave a daemon behind.
+        if !self.stopped {
+            let _ = self.stop();
+        }
+    }
+}
+
+/// An env_logger line without its `[time LEVEL target]` prefix.
+fn strip_log_prefix(line: &str) -> String {
+    match line
+        .strip_prefix('[')
+        .and_then(|rest| rest.split_once("] "))
+    {
+        Some((_, message)) => message.to_owned(),
+        None => line.to_owned(),
+    }
+}
+
+fn peer_version(binary: &Path) -> String {
+    Command::new(binary)
+        .arg("--version")
+        .output()
+        .ok()
+        .and_then(|out| String::from_utf8(out.stdout).ok())
+        .map(|text| text.trim().to_owned())
+        .filter(|text| !text.is_empty())
+        .unwrap_or_else(|| "unknown version".into())
+}
+
+/// Connects the test VMM and checks once, with buffers zeroed before posting,
+/// that the backend really writes into them. Zeroing is then turned off: the
+/// measurements should time the backend, not the driver's memset.
+fn connect(backend: &Backend) -> Result<TestVmm> {
+    let config = TestVmmConfig {
+        queue_size: QUEUE_SIZE,
+        ..TestVmmConfig::qemu()
+    };
+    let mut vmm = TestVmm::connect(&backend.socket, config)
+        .map_err(|e| backend.failure(&format!("refused the test VMM: {e}")))?;
+    let fail = |e: vhost_rng::testing::Error| format!("{}: {e}", backend.name);
+    for len in [BULK_LEN, SMALL_LEN] {
+        for _ in 0..8 {
+            vmm.post(&[Buffer::writable(len)]).map_err(fail)?;
+        }
+        vmm.kick().map_err(fail)?;
+        let used = vmm.wait_used(8, STALL).map_err(fail)?;
+        check_lengths(backend.name, &used, len)?;
+        for elem in &used {
+            let bytes = vmm.read_buffer(elem.head, 0).map_err(fail)?;
+            if bytes.iter().all(|&b| b == 0) {
+                return Err(format!(
+                    "{}: request {} came back with {len} zero bytes: \
+                     the backend did not write the buffer",
+                    backend.name, elem.head
+                ));
+            }
+        }
+    }
+    vmm.driver_mut().set_clear_buffers(false);
+    Ok(vmm)
+}
+
+fn check_lengths(backend: &str, used: &[UsedElem], len: u32) -> Result<()> {
+    match used.iter().find(|elem| elem.len != len) {
+        None => Ok(()),
+        Some(elem) => Err(format!(
+            "{backend}: request {} of {len} bytes completed with used length {} \
+             (expected the whole buffer; is the backend rate-limited or failing?)",
+            elem.head, elem.len
+        )),
+    }
+}
+
+/// How the driver learns about completions.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Wait {
+    /// Spin on the used ring, re-posting as soon as `BATCH` requests have
+    /// completed, and tell the backend not to signal: the queue never runs
+    /// dry, so the figure is the backend's capacity. Takes one core for the
+    /// driver.
+    Poll,
+    /// Sleep on the call eventfd until at least `BATCH` requests completed,
+    /// as an interrupt-driven guest driver does. A backend that signals once
+    /// per pass over the queue then alternates with the driver.
+    Sleep,
+}
+
+impl Wait {
+    fn describe(self) -> String {
+        match self {
+            Wait::Poll => format!(
+                "poll (spins on the used ring, re-posts every {BATCH} completions, \
+                 backend asked not to signal)"
+            ),
+            Wait::Sleep => format!("sleep (sleeps on the call eventfd until >= {BATCH} completed)"),
+        }
+    }
+}
+
+/// One timed pipeline measurement.
+#[derive(Clone, Copy, Debug)]
+struct Rate {
+    requests_per_s: f64,
+    bytes_per_s: f64,
+    /// Kicks sent per request completed.
+    kicks_per_request: f64,
+    /// Call-eventfd signals received per request completed.
+    calls_per_request: f64,
+    /// CPU time of the backend process per second of wall time (1.0 = one core busy).
+    backend_cpu: f64,
+    /// The same for this process (the test VMM; nothing else runs meanwhile).
+    driver_cpu: f64,
+    /// Busy CPU time of the whole machine outside these two processes, per
+    /// second: anything above a few hundredths means the figures are disturbed.
+    other_cpu: f64,
+}
+
+/// Counters read when the timed window opens and when it closes.
+#[derive(Clone, Copy)]
+struct Snapshot {
+    at: Instant,
+    kicks: u64,
+    calls: u64,
+    backend_cpu: f64,
+    driver_cpu: f64,
+    machine_busy: f64,
+}
+
+impl Snapshot {
+    fn take(vmm: &mut TestVmm, pid: u32) -> vhost_rng::testing::Result<Self> {
+        Ok(Snapshot {
+            at: Instant::now(),
+            kicks: vmm.kicks(),
+            calls: vmm.notifications()?,
+            backend_cpu: cpu_seconds(&format!("/proc/{pid}/stat")),
+            driver_cpu: cpu_seconds("/proc/self/stat"),
+            machine_busy: machine_busy_seconds(),
+        })
+    }
+}
+
+/// Keeps `IN_FLIGHT` requests of `len` bytes posted for `WARM_UP` plus
+/// `duration`, and measures completions over `duration`.
+fn pipeline(
+    vmm: &mut TestVmm,
+    backend: &Backend,
+    len: u32,
+    duration: Duration,
+    wait: Wait,
+) -> Result<Rate> {
+    let pid = backend.child.id();
+    let backend = backend.name;
+    let fail = |e: vhost_rng::testing::Error| format!("{backend}: {len}-byte requests: {e}");
+    let request = [Buffer::writable(len)];
+    let mut used = Vec::with_capacity(usize::from(QUEUE_SIZE));
+
+    for _ in 0..IN_FLIGHT {
+        vmm.post(&request).map_err(fail)?;
+    }
+    vmm.kick().map_err(fail)?;
+
+    let warm_until = Instant::now() + WARM_UP;
+    // Taken at the first reap after the warm-up: completions count from there.
+    let mut start: Option<Snapshot> = None;
+    let mut counted: u64 = 0;
+    let mut last_progress = Instant::now();
+    let mut to_post = 0;
+    let end = loop {
+        used.clear();
+        match wait {
+            Wait::Sleep => {
+                vmm.wait_used_into(BATCH, STALL, &mut used).map_err(fail)?;
+                vmm.reap(&mut used).map_err(fail)?;
+            }
+            Wait::Poll => {
+                let driver = vmm.driver_mut();
+                if driver.reap(usize::MAX, &mut used).map_err(fail)? == 0 {
+                    if last_progress.elapsed() > STALL {
+                        return Err(format!(
+                            "{backend}: {len}-byte requests: nothing completed for {} s",
+                            STALL.as_secs()
+                        ));
+                    }
+                    std::hint::spin_loop();
+                    continue;
+                }
+                // A used_event behind the driver's position never triggers:
+                // the backend need not signal a driver that polls.
+                let behind = driver.last_used_idx().wrapping_sub(1);
+                driver.set_used_event(behind).map_err(fail)?;
+                last_progress = Instant::now();
+            }
+        }
+        check_lengths(backend, &used, len)?;
+        match &start {
+            None if Instant::now() >= warm_until => {
+                start = Some(Snapshot::take(vmm, pid).map_err(fail)?);
+            }
+            None => {}
+            Some(start) => {
+                counted += used.len() as u64;
+                if start.at.elapsed() >= duration {
+                    break Snapshot::take(vmm, pid).map_err(fail)?;
+                }
+            }
+        }
+        // Re-post in batches: publishing every single request would make the
+        // driver and the backend fight over the avail ring's cache lines.
+        to_post += used.len();
+        if to_post >= BATCH {
+            for _ in 0..to_post {
+                vmm.post(&request).map_err(fail)?;
+            }
+            to_post = 0;
+            vmm.kick_if_needed().map_err(fail)?;
+        }
+    };
+    let start = start.expect("the window opened before it closed");
+
+    // Let the requests still in flight finish so the next measurement starts
+    // from an empty queue.
+    let in_flight = vmm.driver().in_flight();
+    used.clear();
+    vmm.wait_used_into(in_flight, STALL, &mut used)
+        .map_err(fail)?;
+    check_lengths(backend, &used, len)?;
+
+    let seconds = (end.at - start.at).as_secs_f64();
+    let backend_cpu = end.backend_cpu - start.backend_cpu;
+    let driver_cpu = end.driver_cpu - start.driver_cpu;
+    let machine_busy = end.machine_busy - start.machine_busy;
+    Ok(Rate {
+        requests_per_s: counted as f64 / seconds,
+        bytes_per_s: counted as f64 * f64::from(len) / seconds,
+        kicks_per_request: (end.kicks - start.kicks) as f64 / counted as f64,
+        calls_per_request: (end.calls - start.calls) as f64 / counted as f64,
+        backend_cpu: backend_cpu / seconds,
+        driver_cpu: driver_cpu / seconds,
+        // Clock-tick accounting can make this dip just below zero.
+        other_cpu: ((machine_busy - backend_cpu - driver_cpu) / seconds).max(0.0),
+    })
+}
+
+fn ticks_per_second() -> f64 {
+    // SAFETY: sysconf has no preconditions.
+    unsafe { libc::sysconf(libc::_SC_CLK_TCK) as f64 }
+}
+
+/// User plus system CPU time of a process so far, from its `/proc/PID/stat`,
+/// in seconds (0 if unknown).
+fn cpu_seconds(stat_path: &str) -> f64 {
+    let Ok(stat) = std::fs::read_to_string(stat_path) else {
+        return 0.0;
+    };
+    // Fields after the parenthesised command name start with field 3 (state);
+    // utime and stime are fields 14 and 15.
+    let Some((_, after_name)) = stat.rsplit_once(')') else {
+        return 0.0;
+    };
+    let fields: Vec<&str> = after_name.split_whitespace().collect();
+    let ticks = |i: usize| fields.get(i).and_then(|f| f.parse::<f64>().ok());
+    match (ticks(11), ticks(12)) {
+        (Some(user), Some(system)) => (user + system) / ticks_per_second(),
+        _ => 0.0,
+    }
+}
+
+/// Busy CPU time of all CPUs together since boot, in seconds (0 if unknown).
+fn machine_busy_seconds() -> f64 {
+    let stat = std::fs::read_to_string("/proc/stat").unwrap_or_default();
+    let Some(line) = stat.lines().find(|line| line.starts_with("cpu ")) else {
+        return 0.0;
+    };
+    // user nice system idle iowait irq softirq steal: all but idle and iowait.
+    let ticks: Vec<f64> = line
+        .split_whitespace()
+        .skip(1)
+        .take(8)
+        .filter_map(|field| field.parse().ok())
+        .collect();
+    if ticks.len() < 8 {
+        return 0.0;
+    }
+    (ticks.iter().sum::<f64>() - ticks[3] - ticks[4]) / ticks_per_second()
+}
+
+/// Calls of `fill` on a `len`-byte buffer per second, over about `duration`.
+fn call_rate(
+    len: u32,
+    duration: Duration,
+    mut fill: impl FnMut(&mut [u8]) -> Result<()>,
+) -> Result<f64> {
+    let mut buf = vec![0u8; len as usize];
+    let started = Instant::now();
+    let mut calls: u64 = 0;
+    loop {
+        for _ in 0..16 {
+            fill(&mut buf)?;
+            std::hint::black_box(&mut buf);
+        }
+        calls += 16;
+        let elapsed = started.elapsed();
+        if elapsed >= duration {
+            return Ok(calls as f64 / elapsed.as_secs_f64());
+        }
+    }
+}
+
+/// The kernel CSPRNG through `getrandom::fill`, one call per buffer.
+fn getrandom_rate(len: u32, duration: Duration) -> Result<f64> {
+    call_rate(len, duration, |buf| {
+        getrandom::fill(buf).map_err(|e| format!("getrandom: {e}"))
+    })
+}
+
+/// The peer's source: one `read(2)` of `/dev/urandom` per buffer.
+fn urandom_rate(len: u32, duration: Duration) -> Result<f64> {
+    let mut file = File::open("/dev/urandom").map_err(|e| format!("opening /dev/urandom: {e}"))?;
+    call_rate(len, duration, |buf| {
+        let n = file
+            .read(buf)
+            .map_err(|e| format!("reading /dev/urandom: {e}"))?;
+        if n != buf.len() {
+            return Err(format!(
+                "short read from /dev/urandom: {n} of {} bytes",
+                buf.len()
+            ));
+        }
+        Ok(())
+    })
+}
+
+/// vhost-rng's per-guest DRBG with the daemon's default reseed policy, used
+/// as a guest stream uses it: a clock reading and the reseed checks per
+/// request, a reseed from 3/4 of the byte bound on (from a fixed seed here,
+/// where the daemon takes one from its pool).
+fn drbg_rate(len: u32, duration: Duration) -> Result<f64> {
+    let mut drbg = Drbg::new(ReseedPolicy::default());
+    let seed = [0x5a; SEED_BYTES];
+    call_rate(len, duration, |buf| {
+        let now = Instant::now();
+        if drbg.needs_reseed(now) || drbg.due_soon(now) {
+            drbg.reseed(&seed, now);
+        }
+        match drbg.generate(buf, now) {
+            n if n == buf.len() => Ok(()),
+            n => Err(format!("Drbg::generate gave {n} of {} bytes", buf.len())),
+        }
+    })
+}
+
+#[derive(Default)]
+struct BackendRates {
+    bulk: Vec<Rate>,
+    small: Vec<Rate>,
+}
+
+/// In-process rates of one way of producing random bytes.
+struct SourceRates {
+    name: &'static str,
+    what: &'static str,
+    measure: fn(u32, Duration) -> Result<f64>,
+    /// Calls per second with 4 KiB buffers, one entry per run.
+    bulk: Vec<f64>,
+    /// Calls per second with 64-byte buffers.
+    small: Vec<f64>,
+    /// The most CPU other processes used during one of its measurements.
+    other_cpu: f64,
+}
+
+impl SourceRates {
+    fn new(
+        name: &'static str,
+        what: &'static str,
+        measure: fn(u32, Duration) -> Result<f64>,
+    ) -> Self {
+        SourceRates {
+            name,
+            what,
+            measure,
+            bulk: Vec::new(),
+            small: Vec::new(),
+            other_cpu: 0.0,
+        }
+    }
+
+    /// Measures `len`-byte calls for about `duration` and records the rate.
+    fn run(&mut self, len: u32, duration: Duration) -> Result<()> {
+        let started = Instant::now();
+        let busy = machine_busy_seconds();
+        let own = cpu_seconds("/proc/self/stat");
+        let rate = (self.measure)(len, duration)?;
+        let seconds = started.elapsed().as_secs_f64();
+        let other = (machine_busy_seconds() - busy) - (cpu_seconds("/proc/self/stat") - own);
+        self.other_cpu = self.other_cpu.max(other / seconds);
+        if len == BULK_LEN {
+            self.bulk.push(rate);
+        } else {
+            self.small.push(rate);
+        }
+        Ok(())
+    }
+}
+
+fn median(values: impl IntoIterator<Item = f64>) -> f64 {
+    let mut values: Vec<f64> = values.into_iter().collect();
+    values.sort_by(f64::total_cmp);
+    let mid = values.len() / 2;
+    if values.len() % 2 == 1 {
+        values[mid]
+    } else {
+        (values[mid - 1] + values[mid]) / 2.0
+    }
+}
+
+fn all_runs(values: impl IntoIterator<Item = f64>, scale: f64) -> String {
+    values
+        .into_iter()
+        .map(|v| format!("{:.1}", v / scale))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+fn print_machine() {
+    let nproc = std::thread::available_parallelism().map_or(0, |n| n.get());
+    let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
+    let model = cpuinfo
+        .lines()
+        .find_map(|line| {
+            let (key, value) = line.split_once(':')?;
+            (key.trim() == "model name").then(|| value.trim().to_owned())
+        })
+        .unwrap_or_else(|| "unknown".into());
+    let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease")
+        .map(|s| s.trim().to_owned())
+        .unwrap_or_else(|_| "unknown".into());
+    println!("machine: nproc {nproc}, CPU {model}, kernel {kernel}");
+}
+
+fn print_report(backends: &[Backend], results: &[BackendRates], sources: &[SourceRates]) {
+    let bulk_of = |rates: &BackendRates| median(rates.bulk.iter().map(|r| r.bytes_per_s));
+    let small_of = |rates: &BackendRates| median(rates.small.iter().map(|r| r.requests_per_s));
+    let bulk_bytes = f64::from(BULK_LEN);
+
+    let busiest = results
+        .iter()
+        .flat_map(|rates| rates.bulk.iter().chain(&rates.small))
+        .map(|r| r.other_cpu)
+        .chain(sources.iter().map(|s| s.other_cpu))
+        .fold(0.0, f64::max);
+    if busiest > 0.05 {
+        println!(
+            "WARNING: other processes used up to {busiest:.2} CPUs during the measurements; \
+             the figures below are disturbed (see \"other CPU\" in the details)."
+        );
+        println!();
+    }
+
+    let mut table = String::new();
+    let _ = writeln!(table, "| backend | 4 KiB MB/s | 64 B kreq/s |");
+    let _ = writeln!(table, "| --- | ---: | ---: |");
+    for (backend, rates) in backends.iter().zip(results) {
+        let _ = writeln!(
+            table,
+            "| {} | {:.1} | {:.1} |",
+            backend.name,
+            bulk_of(rates) / MB,
+            small_of(rates) / K
+        );
+    }
+    if let [ours, peer] = results {
+        let _ = writeln!(
+            table,
+            "| ratio vhost-rng / {} | {:.2} | {:.2} |",
+            backends[1].name,
+            bulk_of(ours) / bulk_of(peer),
+            small_of(ours) / small_of(peer)
+        );
+    }
+    println!("Backends (median of {} runs):", results[0].bulk.len());
+    println!();
+    print!("{table}");
+    println!();
+
+    println!("Producing the bytes in this process, one call per buffer (median):");
+    println!();
+    println!("| source | what | 4 KiB MB/s | 64 B kcalls/s | other CPU (max) |");
+    println!("| --- | --- | ---: | ---: | ---: |");
+    for source in sources {
+        println!(
+            "| {} | {} | {:.1} | {:.1} | {:.2} |",
+            source.name,
+            source.what,
+            median(source.bulk.iter().copied()) * bulk_bytes / MB,
+            median(source.small.iter().copied()) / K,
+            source.other_cpu,
+        );
+    }
+    println!();
+
+    println!("Backend rate as a share of a source's rate (same buffer size):");
+    println!();
+    for (backend, rates) in backends.iter().zip(results) {
+        for source in sources {
+            let fits = match backend.name {
+                "vhost-rng" => source.name != "read /dev/urandom",
+                _ => source.name == "read /dev/urandom",
+            };
+            if fits {
+                println!(
+                    "  {} vs {}: 4 KiB {:.0} %, 64 B {:.0} %",
+                    backend.name,
+                    source.name,
+                    100.0 * bulk_of(rates) / (median(source.bulk.iter().copied()) * bulk_bytes),
+                    100.0 * small_of(rates) / median(source.small.iter().copied())
+                );
+            }
+        }
+    }
+    println!();
+
+    println!(
+        "Details: every run; medians of notifications per request and of CPU use \
+         (1.00 = one core busy for the whole window), and the most CPU other processes used:"
+    );
+    println!();
+    println!(
+        "| backend | request | runs | kicks/req | calls/req | backend CPU | driver CPU | other CPU (max) |"
+    );
+    println!("| --- | --- | --- | ---: | ---: | ---: | ---: | ---: |");
+    for (backend, rates) in backends.iter().zip(results) {
+        for (label, runs, unit, scale) in [
+            ("4 KiB", &rates.bulk, "MB/s", MB),
+            ("64 B", &rates.small, "kreq/s", K),
+        ] {
+            let values = runs.iter().map(|r| {
+                if scale == MB {
+                    r.bytes_per_s
+                } else {
+                    r.requests_per_s
+                }
+            });
+            let pick = |f: fn(&Rate) -> f64| median(runs.iter().map(f));
+            let most_other = runs.iter().map(|r| r.other_cpu).fold(0.0, f64::max);
+            println!(
+                "| {} | {label} | {} {unit} | {:.4} | {:.4} | {:.2} | {:.2} | {:.2} |",
+                backend.name,
+                all_runs(values, scale),
+                pick(|r| r.kicks_per_request),
+                pick(|r| r.calls_per_request),
+                pick(|r| r.backend_cpu),
+                pick(|r| r.driver_cpu),
+                most_other,
+            );
+        }
+    }
+    println!();
+    println!("Sources, every run (4 KiB in MB/s, 64 B in kcalls/s):");
+    println!();
+    for source in sources {
+        println!(
+            "  {}: 4 KiB [{}], 64 B [{}]",
+            source.name,
+            all_runs(source.bulk.iter().copied(), MB / bulk_bytes),
+            all_runs(source.small.iter().copied(), K),
+        );
+    }
+}
