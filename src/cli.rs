@@ -22,8 +22,9 @@ use crate::source::{self, SourceSpec};
     long_about = "vhost-rng gives virtual machines randomness from the host.\n\n\
                   It serves the virtio-rng device (the guest's /dev/hwrng) over vhost-user, \
                   one Unix socket per guest, to QEMU (-device vhost-user-rng-pci) and \
-                  cloud-hypervisor (--generic-vhost-user). Logging follows RUST_LOG \
-                  (default: info)."
+                  cloud-hypervisor (--generic-vhost-user); guests without vhost-user are \
+                  served over EGD (QEMU rng-egd) or, through an in-guest agent, over \
+                  hybrid vsock. Logging follows RUST_LOG (default: info)."
 )]
 pub struct Cli {
     #[command(subcommand)]
@@ -32,7 +33,7 @@ pub struct Cli {
 
 #[derive(Debug, Subcommand)]
 pub enum Command {
-    /// Serve guests over vhost-user until SIGTERM or SIGINT.
+    /// Serve guests until SIGTERM or SIGINT.
     Serve(ServeArgs),
     /// Run entropy sources through the health tests and report on each;
     /// exit 0 if all are healthy, 1 if not.
@@ -93,8 +94,10 @@ pub struct ServeArgs {
     #[arg(long = "connect", value_name = "PATH", value_parser = parse_utf8_path)]
     pub connects: Vec<PathBuf>,
 
-    /// One guest: name=NAME,socket=PATH (or connect=PATH)
-    /// [,rate-bytes=N][,rate-period=MS][,burst=N][,weight=W]. Repeatable.
+    /// One guest: name=NAME, then socket=PATH (vhost-user, the daemon listens),
+    /// connect=PATH (vhost-user, the VMM listens), egd=PATH (EGD) or
+    /// vsock-uds=PATH (agent over hybrid vsock),
+    /// then [,rate-bytes=N][,rate-period=MS][,burst=N][,weight=W]. Repeatable.
     #[arg(long = "guest", value_name = "SPEC")]
     pub guests: Vec<GuestSpec>,
 
@@ -211,7 +214,7 @@ pub struct ControlArgs {
 
 #[derive(Debug, Subcommand)]
 pub enum GuestCommand {
-    /// Start serving a guest: name=NAME,socket=PATH[,rate-bytes=N]...
+    /// Start serving a guest: name=NAME,socket=PATH (or connect=, egd=, vsock-uds=)[,rate-bytes=N]...
     Add {
         spec: GuestSpec,
         #[command(flatten)]

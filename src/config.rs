@@ -3,7 +3,8 @@
 //!
 //! A guest is named and placed on the command line as
 //! `name=NAME,socket=PATH[,rate-bytes=N][,rate-period=MS][,burst=N][,weight=W]`
-//! (or `connect=PATH` instead of `socket=PATH`), parsed by
+//! (or `connect=PATH`, `egd=PATH` or `vsock-uds=PATH` instead of
+//! `socket=PATH`), parsed by
 //! [`GuestSpec`]'s `FromStr`, and in the file as a `[[guest]]` table with the
 //! same keys. [`EXAMPLE`] is a complete, commented file.
 //!

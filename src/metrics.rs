@@ -139,13 +139,13 @@ fn encode_guests(e: &mut DescriptorEncoder, guests: &[GuestStatus]) -> fmt::Resu
     family(
         e,
         "guest_connected",
-        "Whether the guest's vhost-user connection is up (1) or not (0).",
+        "Whether the guest's VMM (or, for EGD and agent guests, a client) is connected (1) or not (0).",
         by_guest(guests, |g| ConstGauge::new(i64::from(g.connected))),
     )?;
     family(
         e,
         "guest_connections",
-        "vhost-user connections made for the guest.",
+        "Connections made for the guest: VMM connections, or EGD and agent clients.",
         by_guest(guests, |g| ConstCounter::new(g.connections)),
     )?;
     family(
