@@ -5,6 +5,7 @@ mod common;
 
 use std::io::{Read, Write};
 use std::os::unix::net::UnixStream;
+use std::path::PathBuf;
 
 use common::{Daemon, run_cli};
 use vhost_rng::status::GuestStatus;
@@ -21,8 +22,9 @@ fn guest_bytes(daemon: &Daemon, name: &str) -> u64 {
     guests.into_iter().find(|g| g.name == name).unwrap().bytes
 }
 
-#[test]
-fn the_agent_fetches_from_the_daemon_and_injects() {
+/// A daemon serving guest `vm` (with `limits`) on its hybrid-vsock socket;
+/// returns it with the socket the agent connects to.
+fn serve_agent_guest(limits: &str) -> (Daemon, PathBuf, tempfile::TempDir) {
     let dir = tempfile::tempdir().unwrap();
     let base = dir.path().join("vm.vsock");
     let channel = dir.path().join("vm.vsock_5564");
@@ -31,10 +33,16 @@ fn the_agent_fetches_from_the_daemon_and_injects() {
         "--source".into(),
         "os".into(),
         "--guest".into(),
-        format!("name=vm,vsock-uds={},rate-bytes=65536", base.display()),
+        format!("name=vm,vsock-uds={}{limits}", base.display()),
     ]);
     daemon.wait_for_socket(&channel);
     daemon.wait_for_log("control socket on", 1);
+    (daemon, channel, dir)
+}
+
+#[test]
+fn the_agent_fetches_from_the_daemon_and_injects() {
+    let (daemon, channel, _dir) = serve_agent_guest(",rate-bytes=65536");
 
     // Credit 0: this test runs on the host, whose kernel needs no credit.
     let output = run_cli([
@@ -62,17 +70,7 @@ fn the_agent_fetches_from_the_daemon_and_injects() {
 
 #[test]
 fn bad_channel_clients_do_not_disturb_a_good_one() {
-    let dir = tempfile::tempdir().unwrap();
-    let base = dir.path().join("vm.vsock");
-    let channel = dir.path().join("vm.vsock_5564");
-    let mut daemon = Daemon::start([
-        "serve".to_owned(),
-        "--source".into(),
-        "os".into(),
-        "--guest".into(),
-        format!("name=vm,vsock-uds={}", base.display()),
-    ]);
-    daemon.wait_for_socket(&channel);
+    let (_daemon, channel, _dir) = serve_agent_guest("");
 
     // Garbage, an oversized request, and a half-open client that sends
     // half a header and stalls.

@@ -64,7 +64,7 @@ impl Session for ChannelSession {
             bytes.resize(request.length as usize, 0);
             let n = self
                 .reader
-                .read_until(&mut bytes, Instant::now() + REQUEST_TIMEOUT)?;
+                .read_until(&mut bytes, Some(Instant::now() + REQUEST_TIMEOUT))?;
             if n == 0 {
                 let answer = ResponseHeader::error(Status::Unavailable);
                 client.write_all(&protocol::encode_response_header(&answer))?;

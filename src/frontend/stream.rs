@@ -190,32 +190,18 @@ impl GuestReader {
 
     /// Fills `buf` whole, waiting on this thread for tokens or for the pool.
     pub fn read_blocking(&mut self, buf: &mut [u8]) -> io::Result<()> {
-        let mut filled = 0;
-        while filled < buf.len() {
-            if self.stopping.load(Ordering::SeqCst) {
-                return Err(io::Error::other("the daemon is stopping"));
-            }
-            match self.guest.supply(self.stream.as_mut(), &mut buf[filled..]) {
-                Supplied::Bytes(n) => {
-                    self.account(n);
-                    filled += n;
-                }
-                Supplied::Throttled(wait) => thread::sleep(wait.min(STOP_CHECK)),
-                Supplied::Starved => {
-                    debug!("guest {}: read waits for entropy", self.guest.name());
-                    self.wait_for_wake()?;
-                }
-            }
-        }
-        self.guest.stats.requests.fetch_add(1, Ordering::Relaxed);
-        Ok(())
+        self.read_until(buf, None).map(|_| ())
     }
 
-    /// Fills as much of `buf` as it can before `deadline`, waiting on this
-    /// thread; returns how many bytes that was.
-    pub fn read_until(&mut self, buf: &mut [u8], deadline: Instant) -> io::Result<usize> {
+    /// Fills as much of `buf` as it can before `deadline` (if any), waiting
+    /// on this thread; returns how many bytes that was.
+    pub fn read_until(&mut self, buf: &mut [u8], deadline: Option<Instant>) -> io::Result<usize> {
         let mut filled = 0;
-        while filled < buf.len() && Instant::now() < deadline {
+        while filled < buf.len() {
+            let left = deadline.map(|d| d.saturating_duration_since(Instant::now()));
+            if left.is_some_and(|left| left.is_zero()) {
+                break;
+            }
             if self.stopping.load(Ordering::SeqCst) {
                 return Err(io::Error::other("the daemon is stopping"));
             }
@@ -225,10 +211,12 @@ impl GuestReader {
                     filled += n;
                 }
                 Supplied::Throttled(wait) => {
-                    let left = deadline.saturating_duration_since(Instant::now());
-                    thread::sleep(wait.min(STOP_CHECK).min(left));
+                    thread::sleep(wait.min(STOP_CHECK).min(left.unwrap_or(wait)));
                 }
-                Supplied::Starved => self.wait_for_wake()?,
+                Supplied::Starved => {
+                    debug!("guest {}: read waits for entropy", self.guest.name());
+                    self.wait_for_wake()?;
+                }
             }
         }
         self.guest.stats.requests.fetch_add(1, Ordering::Relaxed);
