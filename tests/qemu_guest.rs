@@ -171,6 +171,10 @@ fn bytes_a_guest_reads_from_the_default_sources_pass_fips_140_2() {
     let rngtest = String::from_utf8_lossy(&output.stderr);
     let successes = rngtest_count(&rngtest, "successes");
     let failures = rngtest_count(&rngtest, "failures");
+    eprintln!(
+        "rngtest: {failures} FIPS 140-2 failures in {} blocks",
+        successes + failures
+    );
     assert_eq!(successes + failures, 7999, "{rngtest}");
     assert!(
         failures * 1000 <= (successes + failures) * 2,
