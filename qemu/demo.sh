@@ -47,7 +47,8 @@ cleanup() {
 trap cleanup EXIT
 
 step "Starting: $daemon serve --socket $socket"
-RUST_LOG=info "$daemon" serve --socket "$socket" 2>"$work/daemon.log" &
+# A control socket of its own, so a daemon already running here is not disturbed.
+RUST_LOG=info "$daemon" serve --socket "$socket" --control "$work/control.sock" 2>"$work/daemon.log" &
 daemon_pid=$!
 for _ in $(seq 100); do
 	grep -q "serving on" "$work/daemon.log" && break
