@@ -21,14 +21,18 @@ applets=(sh mount mkdir cat echo sleep insmod uname awk dd timeout wc sed
 
 usage() {
 	cat <<EOF
-Usage: $0 [--out DIR] [--force]
+Usage: $0 [--out DIR] [--agent PATH] [--force]
 
 Builds DIR/bzImage, DIR/initramfs.cpio.gz, DIR/VERSION and DIR/MODULES.
-Does nothing if they are newer than this script and guest-init.sh.
+Does nothing if they are newer than this script, guest-init.sh and the
+--agent binary.
 
-  --out DIR   output directory (default: \$VHOST_RNG_GUEST_DIR, else
-              <repo>/target/qemu-guest)
-  --force     rebuild even if up to date
+  --out DIR     output directory (default: \$VHOST_RNG_GUEST_DIR, else
+                <repo>/target/qemu-guest)
+  --agent PATH  also install PATH, a statically linked vhost-rng, as
+                /bin/vhost-rng (for vrng.mode=agent; default:
+                \$VHOST_RNG_AGENT, else none)
+  --force       rebuild even if up to date
 EOF
 }
 
@@ -39,6 +43,7 @@ die() {
 warn() { echo "build-guest: warning: $*" >&2; }
 
 out=${VHOST_RNG_GUEST_DIR:-$here/../target/qemu-guest}
+agent=${VHOST_RNG_AGENT:-}
 force=0
 while [ $# -gt 0 ]; do
 	case "$1" in
@@ -47,11 +52,27 @@ while [ $# -gt 0 ]; do
 		out=$2
 		shift 2
 		;;
+	--agent)
+		[ $# -ge 2 ] || die "--agent needs a file"
+		agent=$2
+		shift 2
+		;;
 	--force) force=1 && shift ;;
 	-h | --help) usage && exit 0 ;;
 	*) usage >&2 && exit 2 ;;
 	esac
 done
+
+if [ -n "$agent" ]; then
+	[ -f "$agent" ] || die "no agent binary at $agent"
+	# The initramfs has no libc: a dynamically linked binary cannot start.
+	# (ldd succeeds on static-pie binaries too, but lists no libraries.)
+	if ldd "$agent" 2>/dev/null | grep -q '=>'; then
+		die "$agent is dynamically linked: build it with" \
+			"RUSTFLAGS='-C target-feature=+crt-static' --target x86_64-unknown-linux-gnu"
+	fi
+	agent=$(cd "$(dirname "$agent")" && pwd)/$(basename "$agent")
+fi
 
 mkdir -p "$out"
 out=$(cd "$out" && pwd)
@@ -64,6 +85,9 @@ fresh() {
 	for f in bzImage initramfs.cpio.gz; do
 		[ -f "$out/$f" ] && [ "$out/$f" -nt "$self" ] && [ "$out/$f" -nt "$init_src" ] || return 1
 	done
+	# The image must hold this agent, or none if none was asked for.
+	[ "$(cat "$out/AGENT" 2>/dev/null)" = "$agent" ] || return 1
+	[ -z "$agent" ] || [ "$out/initramfs.cpio.gz" -nt "$agent" ]
 }
 if [ "$force" = 0 ] && fresh; then
 	echo "build-guest: up to date: $out"
@@ -105,6 +129,7 @@ for a in "${applets[@]}"; do
 	ln -s busybox "$root/bin/$a"
 done
 install -m 0755 "$init_src" "$root/init"
+[ -z "$agent" ] || install -m 0755 "$agent" "$root/bin/vhost-rng"
 # Without it the kernel starts /init with no stdin/stdout (mknod needs root;
 # the init script reopens the console from devtmpfs as well).
 [ "$(id -u)" = 0 ] && mknod "$root/dev/console" c 5 1
@@ -162,9 +187,10 @@ printf '%s\n' "${order[@]}" >"$root/etc/vrng-modules"
 
 echo "$kver" >"$out/VERSION"
 cp "$root/etc/vrng-modules" "$out/MODULES"
+echo "$agent" >"$out/AGENT"
 cp "$tmp"/pkg/boot/vmlinuz-* "$out/bzImage"
 # Sorted file list and root ownership keep the image independent of who built it.
 (cd "$root" && find . | LC_ALL=C sort | cpio -o -H newc -R 0:0 --quiet) |
 	gzip -6n >"$out/initramfs.cpio.gz.tmp"
 mv "$out/initramfs.cpio.gz.tmp" "$out/initramfs.cpio.gz"
-echo "build-guest: built $out (kernel $kver; modules: ${order[*]})"
+echo "build-guest: built $out (kernel $kver; modules: ${order[*]}${agent:+; agent: $agent})"

@@ -7,6 +7,9 @@
 #   vrng.bytes=N      bytes to read (default 1048576)
 #   vrng.out=DEV      also write the bytes to DEV (a virtio-blk disk, /dev/vda)
 #   vrng.timeout=S    give up reading after S seconds (default 60)
+#   vrng.mode=agent   instead of reading /dev/hwrng, run the in-guest agent
+#                     (/bin/vhost-rng, see build-guest.sh --agent) once
+#                     against the host daemon over vsock and report its line
 #   vrng.mode=shell   skip the test and start a shell (debugging)
 #
 # No "set -e": PID 1 exiting panics the kernel and hides the reason, so every
@@ -68,6 +71,30 @@ fi
 case "$bytes" in
 '' | *[!0-9]*) fail "bad_vrng.bytes" ;;
 esac
+
+if [ "$mode" = agent ]; then
+	[ -x /bin/vhost-rng ] || fail "no_agent_in_initramfs"
+	# Every module is in /etc/vrng-modules; say whether vsock made it in.
+	[ -d /sys/module/vmw_vsock_virtio_transport ] || fail "no_vsock_transport"
+	mkdir -p /tmp
+	# The agent prints one "VRNG-AGENT ok|error ..." line on stdout and
+	# explains failures on stderr.
+	timeout "$timeout" /bin/vhost-rng agent --connect vsock:2:5564 --once \
+		--bytes "$bytes" --credit-bits-per-byte 4 >/tmp/agent.out 2>/tmp/agent.err
+	rc=$?
+	sed 's/^/VRNG agent-log: /' /tmp/agent.err
+	cat /tmp/agent.out
+	line=$(head -n 1 /tmp/agent.out)
+	say "agent_rc=$rc"
+	# Keyed "agent", e.g. "VRNG agent=ok bytes=256 credited_bits=1024".
+	say "agent=${line#VRNG-AGENT }"
+	case "$line" in
+	"VRNG-AGENT ok "*) [ "$rc" -eq 0 ] || fail "agent_exit_$rc" ;;
+	*) fail "agent_failed" ;;
+	esac
+	say "done status=ok"
+	finish
+fi
 
 # virtio-rng registers with hw_random asynchronously after probe; give it a
 # moment rather than racing it.

@@ -20,6 +20,14 @@ RNG source (at most one; with none the guest has no virtio-rng and reports
   --builtin        QEMU's own virtio-rng-pci fed from /dev/urandom
   --egd PATH       QEMU's virtio-rng-pci fed by an EGD server on PATH
 
+vsock (may be combined with a source):
+  --vsock PATH     vhost-user-vsock-pci; QEMU connects to a vsock device
+                   backend (vhost-device-vsock --socket PATH) on PATH
+  --agent          run the in-guest agent (vrng.mode=agent; the guest must
+                   be built with build-guest.sh --agent) instead of reading
+                   /dev/hwrng: it fetches --bytes bytes over vsock from the
+                   daemon and injects them
+
 Options:
   --bytes N        bytes the guest reads from /dev/hwrng (default 1048576)
   --out FILE       create FILE (N bytes rounded up to 512) as a virtio-blk
@@ -43,6 +51,8 @@ bytes=1048576
 timeout=120
 source_args=()
 sources=0
+vsock_args=()
+mode=
 out=
 append=
 log=
@@ -50,7 +60,7 @@ shell=0
 need() { [ "$2" -ge 2 ] || die "$1 needs a value"; }
 while [ $# -gt 0 ]; do
 	case "$1" in
-	--socket | --server | --egd | --bytes | --out | --guest-dir | --timeout | --append | --log)
+	--socket | --server | --egd | --vsock | --bytes | --out | --guest-dir | --timeout | --append | --log)
 		need "$1" $#
 		;;
 	esac
@@ -75,6 +85,11 @@ while [ $# -gt 0 ]; do
 			-object rng-egd,id=r0,chardev=egd0 -device virtio-rng-pci,rng=r0)
 		sources=$((sources + 1))
 		;;
+	--vsock)
+		vsock_args=(-chardev "socket,id=vs0,path=$2"
+			-device vhost-user-vsock-pci,chardev=vs0)
+		;;
+	--agent) mode=agent ;;
 	--bytes) bytes=$2 ;;
 	--out) out=$2 ;;
 	--guest-dir) guest_dir=$2 ;;
@@ -86,7 +101,7 @@ while [ $# -gt 0 ]; do
 	*) usage >&2 && exit 2 ;;
 	esac
 	case "$1" in
-	--builtin | --shell) shift ;;
+	--builtin | --shell | --agent) shift ;;
 	*) shift 2 ;;
 	esac
 done
@@ -108,7 +123,8 @@ if [ -n "$out" ]; then
 	args+=(-drive "file=$out,format=raw,if=virtio")
 	cmdline+=" vrng.out=/dev/vda"
 fi
-[ "$shell" = 0 ] || cmdline+=" vrng.mode=shell"
+[ "$shell" = 0 ] || mode=shell
+[ -z "$mode" ] || cmdline+=" vrng.mode=$mode"
 [ -z "$append" ] || cmdline+=" $append"
 
 serial=stdio,id=ser0,signal=off
@@ -133,4 +149,4 @@ exec timeout --foreground -k 5 "$timeout" qemu-system-x86_64 \
 	-nographic -nodefaults -no-reboot -monitor none \
 	-chardev "$serial" -serial chardev:ser0 \
 	-kernel "$kernel" -initrd "$initrd" -append "$cmdline" \
-	"${source_args[@]}" "${args[@]}"
+	"${source_args[@]}" "${vsock_args[@]}" "${args[@]}"

@@ -1,12 +1,24 @@
 #!/usr/bin/env bash
 # Runs every test of vhost-rng, on a fresh Debian machine too: installs the
-# host packages, builds the test guest, then runs the unit, integration and
-# real-QEMU-guest tests. The real-guest tests fail (never skip) when QEMU or
-# the guest is missing.
+# host packages, builds the test guests, then runs the unit, integration and
+# real-QEMU-guest tests. The real-guest tests fail (never skip) when QEMU, the
+# guests, vhost-device-vsock or the static agent are missing.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
 qemu/setup-host.sh
 qemu/build-guest.sh
+
+# The vsock test (tests/qemu_vsock.rs) needs a vhost-user vsock backend...
+if ! command -v vhost-device-vsock >/dev/null &&
+	[ ! -x "$HOME/.cargo/bin/vhost-device-vsock" ]; then
+	cargo install --locked vhost-device-vsock
+fi
+# ...and the agent, linked statically to run in the busybox guest.
+agent=target/x86_64-unknown-linux-gnu/release/vhost-rng
+RUSTFLAGS='-C target-feature=+crt-static' \
+	cargo build --locked --release --target x86_64-unknown-linux-gnu
+qemu/build-guest.sh --out target/qemu-guest-agent --agent "$agent"
+
 unset VHOST_RNG_SKIP_QEMU
 cargo test --locked "$@"

@@ -1,0 +1,218 @@
+//! End to end over vsock: a real Linux guest under QEMU runs the in-guest
+//! agent (`vhost-rng agent`), which fetches entropy from the `vhost-rng`
+//! daemon through `vhost-user-vsock-pci` (backed by vhost-device-vsock's
+//! hybrid vsock) and injects it into the guest kernel.
+
+mod common;
+
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+
+use common::{Daemon, boot_guest, repo_root, run_cli, wait_until};
+use vhost_rng::status::GuestStatus;
+
+/// Where tests/run-all.sh builds the statically linked agent.
+const STATIC_AGENT: &str = "target/x86_64-unknown-linux-gnu/release/vhost-rng";
+/// The guest built with that agent inside (qemu/build-guest.sh --agent).
+const AGENT_GUEST: &str = "target/qemu-guest-agent";
+
+/// What this test needs from the host, or `None` when the QEMU tests are
+/// skipped with VHOST_RNG_SKIP_QEMU=1. As for the other real-guest tests,
+/// anything missing otherwise is a failure, never a skip.
+struct Host {
+    agent: PathBuf,
+    vsock_backend: PathBuf,
+}
+
+fn host() -> Option<Host> {
+    if std::env::var_os("VHOST_RNG_SKIP_QEMU").is_some_and(|v| v == "1") {
+        eprintln!("VHOST_RNG_SKIP_QEMU=1: skipping a real-guest test");
+        return None;
+    }
+    let have_qemu = Command::new("qemu-system-x86_64")
+        .arg("--version")
+        .stdout(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success());
+    let agent = repo_root().join(STATIC_AGENT);
+    let vsock_backend = find_vhost_device_vsock();
+    assert!(
+        have_qemu && agent.exists() && vsock_backend.is_some(),
+        "the vsock guest test needs qemu-system-x86_64, vhost-device-vsock (on PATH or \
+         in ~/.cargo/bin) and a static agent in {}: run tests/run-all.sh, or set \
+         VHOST_RNG_SKIP_QEMU=1",
+        agent.display()
+    );
+    Some(Host {
+        agent,
+        vsock_backend: vsock_backend.unwrap(),
+    })
+}
+
+fn find_vhost_device_vsock() -> Option<PathBuf> {
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    let cargo_bin = std::env::var_os("HOME").map(|home| Path::new(&home).join(".cargo/bin"));
+    std::env::split_paths(&path)
+        .chain(cargo_bin)
+        .map(|dir| dir.join("vhost-device-vsock"))
+        .find(|candidate| candidate.is_file())
+}
+
+/// Builds (or finds up to date) the test guest with the agent in it.
+fn agent_guest(agent: &Path) -> PathBuf {
+    let dir = repo_root().join(AGENT_GUEST);
+    let output = Command::new(repo_root().join("qemu/build-guest.sh"))
+        .arg("--out")
+        .arg(&dir)
+        .arg("--agent")
+        .arg(agent)
+        .stdin(Stdio::null())
+        .output()
+        .expect("run qemu/build-guest.sh");
+    assert!(
+        output.status.success(),
+        "qemu/build-guest.sh --agent failed: {}\n{}{}",
+        output.status,
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    dir
+}
+
+/// A vhost-device-vsock process, killed when dropped.
+struct VsockBackend {
+    child: Child,
+    log: PathBuf,
+}
+
+impl VsockBackend {
+    /// Serves QEMU on `socket` as guest CID 3, mapping the guest's
+    /// connections to host port P onto the Unix socket `uds_P`.
+    fn start(binary: &Path, socket: &Path, uds: &Path, log: PathBuf) -> VsockBackend {
+        let out = fs::File::create(&log).unwrap();
+        let err = out.try_clone().unwrap();
+        let child = Command::new(binary)
+            .arg("--guest-cid")
+            .arg("3")
+            .arg("--socket")
+            .arg(socket)
+            .arg("--uds-path")
+            .arg(uds)
+            .env("RUST_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(out)
+            .stderr(err)
+            .spawn()
+            .expect("start vhost-device-vsock");
+        let mut backend = VsockBackend { child, log };
+        wait_until("vhost-device-vsock to listen", || {
+            if let Some(status) = backend.child.try_wait().unwrap() {
+                panic!(
+                    "vhost-device-vsock exited with {status}:\n{}",
+                    backend.log()
+                );
+            }
+            socket.exists()
+        });
+        backend
+    }
+
+    fn log(&self) -> String {
+        fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+impl Drop for VsockBackend {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn guest_status(daemon: &Daemon, name: &str) -> GuestStatus {
+    let output = run_cli([
+        "guest",
+        "list",
+        "--json",
+        "--control",
+        daemon.control().to_str().unwrap(),
+    ]);
+    assert!(output.status.success(), "{output:?}");
+    let guests: Vec<GuestStatus> = serde_json::from_slice(&output.stdout).unwrap();
+    guests
+        .into_iter()
+        .find(|g| g.name == name)
+        .unwrap_or_else(|| panic!("daemon lists no guest {name}"))
+}
+
+#[test]
+fn guest_agent_fetches_entropy_over_hybrid_vsock() {
+    let Some(host) = host() else { return };
+    let guest = agent_guest(&host.agent);
+    let dir = tempfile::tempdir().unwrap();
+    let uds = dir.path().join("vm.vsock");
+    let vhost_socket = dir.path().join("vhost.sock");
+
+    let mut daemon = Daemon::start([
+        "serve".to_owned(),
+        "--source".into(),
+        "os".into(),
+        "--guest".into(),
+        format!("name=vm,vsock-uds={}", uds.display()),
+    ]);
+    daemon.wait_for_socket(&dir.path().join("vm.vsock_5564"));
+    daemon.wait_for_log("control socket on", 1);
+    let backend = VsockBackend::start(
+        &host.vsock_backend,
+        &vhost_socket,
+        &uds,
+        dir.path().join("vhost-device-vsock.log"),
+    );
+
+    let report = boot_guest(
+        &guest,
+        &[
+            "--vsock",
+            vhost_socket.to_str().unwrap(),
+            "--agent",
+            "--bytes",
+            "256",
+            "--timeout",
+            "120",
+        ],
+    );
+    let context = || {
+        format!(
+            "{}\n--- daemon:\n{}\n--- vhost-device-vsock:\n{}",
+            report.console,
+            daemon.log(),
+            backend.log()
+        )
+    };
+    assert!(
+        report.status.success(),
+        "QEMU failed: {}\n{}",
+        report.status,
+        context()
+    );
+    assert!(
+        report.console.contains("VRNG-AGENT ok bytes=256 "),
+        "{}",
+        context()
+    );
+    assert_eq!(report.get("agent"), "ok", "{}", context());
+    assert_eq!(report.get("bytes"), "256", "{}", context());
+    // 4 bits credited per byte, as guest-init.sh asks.
+    assert_eq!(report.get("credited_bits"), "1024", "{}", context());
+    assert_eq!(report.get("done"), "status=ok", "{}", context());
+
+    // The daemon may count the request just after the guest has its bytes.
+    let mut status = guest_status(&daemon, "vm");
+    wait_until("the daemon to count the agent's request", || {
+        status = guest_status(&daemon, "vm");
+        status.bytes >= 256 && status.connections >= 1
+    });
+    assert_eq!(status.defective_requests, 0, "{status:?}");
+    assert!(daemon.is_running(), "daemon died:\n{}", daemon.log());
+}
