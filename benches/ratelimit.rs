@@ -31,14 +31,15 @@
 //!
 //! With the defaults a run takes about a minute.
 
+#[path = "support/mod.rs"]
+mod support;
+
 use std::fmt::Write as _;
-use std::fs::File;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
-use nix::sys::signal::{Signal, kill};
-use nix::unistd::Pid;
+use support::{Process, Result};
 use vhost_rng::testing::{Buffer, Error as VmmError, TestVmm, TestVmmConfig, UsedElem};
 
 /// Requests the greedy guest keeps posted.
@@ -55,8 +56,6 @@ const START_STOP: Duration = Duration::from_secs(10);
 const LATE_CONNECT: Duration = Duration::from_secs(2);
 /// Length of the unlimited reference run.
 const CEILING_RUN: Duration = Duration::from_secs(2);
-
-type Result<T> = std::result::Result<T, String>;
 
 fn main() {
     if let Err(message) = run() {
@@ -148,7 +147,8 @@ fn run() -> Result<()> {
 
     println!("vhost-rng rate-limit accuracy benchmark");
     println!();
-    print_machine();
+    support::print_machine();
+    support::print_date();
     println!(
         "settings: one guest per daemon, `--source os`; greedy test VMM (QEMU profile) with \
          {IN_FLIGHT} x {REQUEST_LEN}-byte requests in flight for {} s (unlimited reference: {} s)",
@@ -198,96 +198,26 @@ fn parse_seconds(mut args: impl Iterator<Item = String>) -> Result<Duration> {
     Ok(Duration::from_secs_f64(seconds))
 }
 
-/// The daemon as a child process; dropping it stops the process.
-struct Daemon {
-    child: Child,
-    log: PathBuf,
-    stopped: bool,
+/// Starts `vhost-rng serve` for one guest and waits until it logs that it
+/// serves it. Returns the daemon and when that was seen.
+fn start_daemon(case: &Case, dir: &Path) -> Result<(Process, Instant)> {
+    let mut command = Command::new(env!("CARGO_BIN_EXE_vhost-rng"));
+    command
+        .arg("serve")
+        .arg("--guest")
+        .arg(case.guest_spec(&socket_path(dir)))
+        .arg("--source")
+        .arg("os")
+        .arg("--control")
+        .arg(dir.join("control.sock"))
+        .env("RUST_LOG", "info");
+    let mut daemon = Process::spawn("vhost-rng", command, dir.join("vhost-rng.log"), START_STOP)?;
+    daemon.wait_for_log("guest rl: serving on", Duration::from_millis(2))?;
+    Ok((daemon, Instant::now()))
 }
 
-impl Daemon {
-    /// Starts `vhost-rng serve` for one guest and waits until it logs that
-    /// it serves it. Returns the daemon and when that was seen.
-    fn start(case: &Case, dir: &Path) -> Result<(Self, Instant)> {
-        let socket = dir.join("rl.sock");
-        let log = dir.join("vhost-rng.log");
-        let stderr = File::create(&log).map_err(|e| format!("creating {}: {e}", log.display()))?;
-        let child = Command::new(env!("CARGO_BIN_EXE_vhost-rng"))
-            .arg("serve")
-            .arg("--guest")
-            .arg(case.guest_spec(&socket))
-            .arg("--source")
-            .arg("os")
-            .arg("--control")
-            .arg(dir.join("control.sock"))
-            .env("RUST_LOG", "info")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(stderr)
-            .spawn()
-            .map_err(|e| format!("starting vhost-rng: {e}"))?;
-        let mut daemon = Daemon {
-            child,
-            log,
-            stopped: false,
-        };
-        let started = Instant::now();
-        loop {
-            if daemon.log_text().contains("guest rl: serving on") {
-                return Ok((daemon, Instant::now()));
-            }
-            if let Ok(Some(status)) = daemon.child.try_wait() {
-                daemon.stopped = true;
-                return Err(daemon.failure(&format!("exited early ({status})")));
-            }
-            if started.elapsed() > START_STOP {
-                return Err(daemon.failure("did not log \"guest rl: serving on\" in time"));
-            }
-            std::thread::sleep(Duration::from_millis(2));
-        }
-    }
-
-    fn socket(dir: &Path) -> PathBuf {
-        dir.join("rl.sock")
-    }
-
-    fn log_text(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
-    }
-
-    fn failure(&self, what: &str) -> String {
-        format!(
-            "vhost-rng {what}; its log ({}):\n{}",
-            self.log.display(),
-            self.log_text()
-        )
-    }
-
-    /// SIGTERM, then SIGKILL if the process is still there after a while.
-    fn stop(&mut self) {
-        if self.stopped {
-            return;
-        }
-        self.stopped = true;
-        if kill(Pid::from_raw(self.child.id() as i32), Signal::SIGTERM).is_ok() {
-            let started = Instant::now();
-            while started.elapsed() < START_STOP {
-                if let Ok(Some(_)) = self.child.try_wait() {
-                    return;
-                }
-                std::thread::sleep(Duration::from_millis(10));
-            }
-            eprintln!("vhost-rng ignored SIGTERM; killing it");
-        }
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-impl Drop for Daemon {
-    fn drop(&mut self) {
-        self.stop();
-    }
+fn socket_path(dir: &Path) -> PathBuf {
+    dir.join("rl.sock")
 }
 
 /// What one case measured.
@@ -326,9 +256,9 @@ impl Outcome {
 }
 
 fn measure(case: &'static Case, dir: &Path, duration: Duration) -> Result<Outcome> {
-    let (mut daemon, ready) = Daemon::start(case, dir)?;
+    let (mut daemon, ready) = start_daemon(case, dir)?;
     std::thread::sleep(case.connect_after);
-    let mut vmm = TestVmm::connect(&Daemon::socket(dir), TestVmmConfig::qemu())
+    let mut vmm = TestVmm::connect(&socket_path(dir), TestVmmConfig::qemu())
         .map_err(|e| daemon.failure(&format!("refused the test VMM: {e}")))?;
     // The bytes are not checked here; zeroing them would only slow the client.
     vmm.driver_mut().set_clear_buffers(false);
@@ -391,7 +321,7 @@ fn measure(case: &'static Case, dir: &Path, duration: Duration) -> Result<Outcom
     let notifications = vmm.notifications().map_err(fail)?;
     // Dropping the connection is enough; the daemon goes next.
     drop(vmm);
-    daemon.stop();
+    let _ = daemon.stop();
     Ok(Outcome {
         case,
         duration,
@@ -404,30 +334,6 @@ fn measure(case: &'static Case, dir: &Path, duration: Duration) -> Result<Outcom
         kicks,
         notifications,
     })
-}
-
-fn print_machine() {
-    let nproc = std::thread::available_parallelism().map_or(0, |n| n.get());
-    let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
-    let model = cpuinfo
-        .lines()
-        .find_map(|line| {
-            let (key, value) = line.split_once(':')?;
-            (key.trim() == "model name").then(|| value.trim().to_owned())
-        })
-        .unwrap_or_else(|| "unknown".into());
-    let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease")
-        .map(|s| s.trim().to_owned())
-        .unwrap_or_else(|_| "unknown".into());
-    let date = Command::new("date")
-        .arg("-u")
-        .output()
-        .ok()
-        .and_then(|out| String::from_utf8(out.stdout).ok())
-        .map(|s| s.trim().to_owned())
-        .unwrap_or_else(|| "unknown".into());
-    println!("machine: nproc {nproc}, CPU {model}, kernel {kernel}");
-    println!("date: {date}");
 }
 
 fn percent(error: Option<f64>) -> String {

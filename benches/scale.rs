@@ -52,15 +52,16 @@
 //! backends (they inherit it); the limit each backend ran with is reported.
 //! Results and their analysis: `docs/scale.md`.
 
+#[path = "support/mod.rs"]
+mod support;
+
 use std::collections::{BTreeMap, HashMap};
 use std::fmt::Write as _;
-use std::fs::File;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
-use nix::sys::signal::{Signal, kill};
-use nix::unistd::Pid;
+use support::{Process, Result, peer_version, ticks_per_second};
 use vhost_rng::testing::{Buffer, TestVmm, TestVmmConfig, raise_fd_limit};
 
 /// Guest RAM per test VMM: small, so hundreds fit in this process.
@@ -77,8 +78,6 @@ const START_STOP: Duration = Duration::from_secs(30);
 const SERVE_TIMEOUT: Duration = Duration::from_secs(10);
 /// Longest wait for the threads of ended connections to go away.
 const DISCONNECT_SETTLE: Duration = Duration::from_secs(5);
-
-type Result<T> = std::result::Result<T, String>;
 
 fn main() {
     if let Err(message) = run() {
@@ -297,126 +296,26 @@ impl BackendSpec {
     }
 }
 
-/// A backend daemon running as a child process. Dropping it stops the
-/// process (SIGTERM, then SIGKILL), so no error path leaves one behind.
-struct Backend {
-    label: String,
-    child: Child,
-    log: PathBuf,
-    stopped: bool,
-}
-
-impl Backend {
-    fn spawn(label: String, mut command: Command, log: PathBuf) -> Result<Self> {
-        let stderr =
-            File::create(&log).map_err(|e| format!("{label}: creating {}: {e}", log.display()))?;
-        let child = command
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(stderr)
-            .spawn()
-            .map_err(|e| format!("{label}: starting {:?}: {e}", command.get_program()))?;
-        Ok(Backend {
-            label,
-            child,
-            log,
-            stopped: false,
-        })
-    }
-
-    fn pid(&self) -> u32 {
-        self.child.id()
-    }
-
-    fn log_text(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
-    }
-
-    fn check_alive(&mut self) -> Result<()> {
-        match self.child.try_wait() {
-            Ok(None) => Ok(()),
-            Ok(Some(status)) => {
-                self.stopped = true;
-                Err(self.failure(&format!("exited early ({status})")))
-            }
-            Err(e) => Err(self.failure(&format!("cannot check the process: {e}"))),
+/// Waits until every socket file exists.
+fn wait_for_sockets(backend: &mut Process, sockets: &[PathBuf]) -> Result<()> {
+    let started = Instant::now();
+    let mut next = 0;
+    while next < sockets.len() {
+        if sockets[next].exists() {
+            next += 1;
+            continue;
         }
-    }
-
-    /// An error message with the end of the backend's log.
-    fn failure(&self, what: &str) -> String {
-        let log = self.log_text();
-        let lines: Vec<&str> = log.lines().collect();
-        let tail = lines[lines.len().saturating_sub(30)..].join("\n");
-        format!(
-            "{} {what}; the end of its log ({}):\n{tail}",
-            self.label,
-            self.log.display()
-        )
-    }
-
-    /// Waits until every socket file exists.
-    fn wait_for_sockets(&mut self, sockets: &[PathBuf]) -> Result<()> {
-        let started = Instant::now();
-        let mut next = 0;
-        while next < sockets.len() {
-            if sockets[next].exists() {
-                next += 1;
-                continue;
-            }
-            self.check_alive()?;
-            if started.elapsed() > START_STOP {
-                return Err(self.failure(&format!(
-                    "created only {next} of {} sockets in {} s",
-                    sockets.len(),
-                    START_STOP.as_secs()
-                )));
-            }
-            std::thread::sleep(Duration::from_millis(5));
+        backend.check_alive()?;
+        if started.elapsed() > START_STOP {
+            return Err(backend.failure(&format!(
+                "created only {next} of {} sockets in {} s",
+                sockets.len(),
+                START_STOP.as_secs()
+            )));
         }
-        Ok(())
+        std::thread::sleep(Duration::from_millis(5));
     }
-
-    /// SIGTERM, then SIGKILL if the process is still there after a while.
-    fn stop(&mut self) -> Result<()> {
-        if self.stopped {
-            return Ok(());
-        }
-        self.stopped = true;
-        let pid = Pid::from_raw(self.child.id() as i32);
-        if let Err(e) = kill(pid, Signal::SIGTERM) {
-            let _ = self.child.kill();
-            let _ = self.child.wait();
-            return Err(format!("{}: sending SIGTERM: {e}", self.label));
-        }
-        let started = Instant::now();
-        while started.elapsed() < START_STOP {
-            match self.child.try_wait() {
-                Ok(Some(_)) => return Ok(()),
-                Ok(None) => std::thread::sleep(Duration::from_millis(10)),
-                Err(e) => {
-                    let _ = self.child.kill();
-                    return Err(format!("{}: waiting for exit: {e}", self.label));
-                }
-            }
-        }
-        eprintln!(
-            "{} ignored SIGTERM for {} s; killing it",
-            self.label,
-            START_STOP.as_secs()
-        );
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-        Ok(())
-    }
-}
-
-impl Drop for Backend {
-    fn drop(&mut self) {
-        if !self.stopped {
-            let _ = self.stop();
-        }
-    }
+    Ok(())
 }
 
 /// Everything measured for one backend.
@@ -457,8 +356,9 @@ fn measure(spec: &BackendSpec, dir: &Path, options: &Options) -> Result<Report> 
     };
 
     let started = Instant::now();
-    let mut backend = Backend::spawn(label.clone(), command, dir.join("backend.log"))?;
-    backend.wait_for_sockets(&sockets)?;
+    let mut backend = Process::spawn(label.clone(), command, dir.join("backend.log"), START_STOP)?
+        .with_log_tail(30);
+    wait_for_sockets(&mut backend, &sockets)?;
     let startup = started.elapsed();
     let pid = backend.pid();
     let fd_limits = fd_limits(pid);
@@ -563,7 +463,7 @@ struct Round {
 /// Connects one test VMM per socket, one after the other, then posts one
 /// request on each, kicks, and checks every one is filled.
 fn connect_round(
-    backend: &mut Backend,
+    backend: &mut Process,
     sockets: &[PathBuf],
     config: &TestVmmConfig,
 ) -> Result<(Vec<TestVmm>, Round)> {
@@ -584,7 +484,7 @@ fn connect_round(
     let started = Instant::now();
     let mut heads = Vec::with_capacity(vmms.len());
     for (index, vmm) in vmms.iter_mut().enumerate() {
-        let fail = |e| format!("{}: guest {index}: posting: {e}", backend.label);
+        let fail = |e| format!("{}: guest {index}: posting: {e}", backend.name());
         heads.push(vmm.post(&[Buffer::writable(REQUEST_LEN)]).map_err(fail)?);
         vmm.kick().map_err(fail)?;
     }
@@ -771,11 +671,6 @@ fn count_dir(path: &str) -> usize {
     std::fs::read_dir(path).map_or(0, |entries| entries.count())
 }
 
-fn ticks_per_second() -> f64 {
-    // SAFETY: sysconf has no preconditions.
-    unsafe { libc::sysconf(libc::_SC_CLK_TCK) as f64 }
-}
-
 /// The backend sampled at both ends of an idle window.
 struct Window {
     before: Sample,
@@ -881,44 +776,19 @@ fn fd_limits(pid: u32) -> String {
         .unwrap_or_else(|| "unknown".into())
 }
 
-fn peer_version(binary: &Path) -> String {
-    Command::new(binary)
-        .arg("--version")
-        .output()
-        .ok()
-        .and_then(|out| String::from_utf8(out.stdout).ok())
-        .map(|text| text.trim().to_owned())
-        .filter(|text| !text.is_empty())
-        .unwrap_or_else(|| "unknown version".into())
-}
-
 fn print_machine() {
-    let nproc = std::thread::available_parallelism().map_or(0, |n| n.get());
-    let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
-    let model = cpuinfo
-        .lines()
-        .find_map(|line| {
-            let (key, value) = line.split_once(':')?;
-            (key.trim() == "model name").then(|| value.trim().to_owned())
-        })
-        .unwrap_or_else(|| "unknown".into());
-    let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease")
-        .map(|s| s.trim().to_owned())
-        .unwrap_or_else(|_| "unknown".into());
     let meminfo = std::fs::read_to_string("/proc/meminfo").unwrap_or_default();
     let memory = status_field(&meminfo, "MemTotal").map_or_else(
         || "unknown".into(),
         |kib| format!("{:.1} GiB", kib as f64 / 1048576.0),
     );
-    let date = Command::new("date")
-        .arg("-u")
-        .output()
-        .ok()
-        .and_then(|out| String::from_utf8(out.stdout).ok())
-        .map(|s| s.trim().to_owned())
-        .unwrap_or_else(|| "unknown".into());
-    println!("machine: nproc {nproc}, CPU {model}, RAM {memory}, kernel {kernel}");
-    println!("date: {date}");
+    println!(
+        "machine: nproc {}, CPU {}, RAM {memory}, kernel {}",
+        support::nproc(),
+        support::cpu_model(),
+        support::kernel_release()
+    );
+    support::print_date();
 }
 
 fn mib(kib: u64) -> String {

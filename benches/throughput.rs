@@ -54,15 +54,17 @@
 //! With the defaults a run takes a little under a minute. Results and their
 //! analysis: `docs/performance.md`.
 
+#[path = "support/mod.rs"]
+mod support;
+
 use std::fmt::Write as _;
 use std::fs::File;
 use std::io::Read;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
-use nix::sys::signal::{Signal, kill};
-use nix::unistd::Pid;
+use support::{Process, Result, peer_version, ticks_per_second};
 use vhost_rng::drbg::{Drbg, ReseedPolicy, SEED_BYTES};
 use vhost_rng::testing::{Buffer, TestVmm, TestVmmConfig, UsedElem};
 
@@ -85,8 +87,6 @@ const SMALL_LEN: u32 = 64;
 const MB: f64 = 1e6;
 const K: f64 = 1e3;
 
-type Result<T> = std::result::Result<T, String>;
-
 fn main() {
     if let Err(message) = run() {
         eprintln!("throughput benchmark aborted: {message}");
@@ -100,7 +100,7 @@ fn run() -> Result<()> {
 
     println!("vhost-rng throughput benchmark");
     println!();
-    print_machine();
+    support::print_machine();
     println!(
         "settings: {} s per backend measurement (after {} ms warm-up), {} run(s), median \
          reported; queue {QUEUE_SIZE}, {IN_FLIGHT} requests in flight, driver {}",
@@ -169,7 +169,7 @@ fn run() -> Result<()> {
             .map_err(|e| format!("{}: disconnecting: {e}", backend.name))?;
     }
     for backend in &mut backends {
-        backend.stop()?;
+        backend.process.stop()?;
     }
 
     print_report(&backends, &results, &sources);
@@ -274,10 +274,8 @@ struct Backend {
     version: String,
     /// What the backend logged while starting (vhost-rng: mode and sources).
     startup_log: Vec<String>,
-    child: Child,
     socket: PathBuf,
-    log: PathBuf,
-    stopped: bool,
+    process: Process,
 }
 
 impl Backend {
@@ -294,26 +292,21 @@ impl Backend {
             .arg(&socket)
             .args(args)
             .env("RUST_LOG", "info");
-        let mut backend = Self::spawn(name, command, socket, log)?;
-        backend.version = format!(
-            "{} (this tree, release build), `vhost-rng serve --socket PATH{}`",
-            env!("CARGO_PKG_VERSION"),
-            args.iter().fold(String::new(), |all, arg| all + " " + arg)
-        );
-        let started = Instant::now();
-        loop {
-            let log = backend.log_text();
-            if let Some(end) = log.find("serving on") {
-                let through_line = log[end..].find('\n').map_or(log.len(), |n| end + n);
-                backend.startup_log = log[..through_line].lines().map(strip_log_prefix).collect();
-                return Ok(backend);
-            }
-            backend.check_alive()?;
-            if started.elapsed() > START_STOP {
-                return Err(backend.failure("did not log \"serving on\" in time"));
-            }
-            std::thread::sleep(Duration::from_millis(10));
-        }
+        let mut process = Process::spawn(name, command, log, START_STOP)?;
+        let log = process.wait_for_log("serving on", Duration::from_millis(10))?;
+        let end = log.find("serving on").unwrap_or(0);
+        let through_line = log[end..].find('\n').map_or(log.len(), |n| end + n);
+        Ok(Backend {
+            name,
+            version: format!(
+                "{} (this tree, release build), `vhost-rng serve --socket PATH{}`",
+                env!("CARGO_PKG_VERSION"),
+                args.iter().fold(String::new(), |all, arg| all + " " + arg)
+            ),
+            startup_log: log[..through_line].lines().map(strip_log_prefix).collect(),
+            socket,
+            process,
+        })
     }
 
     /// `vhost-device-rng --socket-path DIR/peer.sock -c 1`, which listens on
@@ -322,6 +315,7 @@ impl Backend {
     fn start_peer(binary: &Path, dir: &Path) -> Result<Self> {
         let name = "vhost-device-rng";
         let log = dir.join("peer.log");
+        let socket = dir.join("peer.sock0");
         let mut command = Command::new(binary);
         command
             .arg("--socket-path")
@@ -329,106 +323,25 @@ impl Backend {
             .arg("-c")
             .arg("1")
             .env("RUST_LOG", "info");
-        let mut backend = Self::spawn(name, command, dir.join("peer.sock0"), log)?;
-        backend.version = format!(
-            "{}, `vhost-device-rng --socket-path PATH -c 1` (source /dev/urandom, no rate limit)",
-            peer_version(binary)
-        );
+        let mut process = Process::spawn(name, command, log, START_STOP)?;
         let started = Instant::now();
-        while !backend.socket.exists() {
-            backend.check_alive()?;
+        while !socket.exists() {
+            process.check_alive()?;
             if started.elapsed() > START_STOP {
-                return Err(backend.failure("did not create its socket in time"));
+                return Err(process.failure("did not create its socket in time"));
             }
             std::thread::sleep(Duration::from_millis(10));
         }
-        Ok(backend)
-    }
-
-    fn spawn(
-        name: &'static str,
-        mut command: Command,
-        socket: PathBuf,
-        log: PathBuf,
-    ) -> Result<Self> {
-        let stderr =
-            File::create(&log).map_err(|e| format!("{name}: creating {}: {e}", log.display()))?;
-        let child = command
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(stderr)
-            .spawn()
-            .map_err(|e| format!("{name}: starting {:?}: {e}", command.get_program()))?;
         Ok(Backend {
             name,
-            version: String::new(),
+            version: format!(
+                "{}, `vhost-device-rng --socket-path PATH -c 1` (source /dev/urandom, no rate limit)",
+                peer_version(binary)
+            ),
             startup_log: Vec::new(),
-            child,
             socket,
-            log,
-            stopped: false,
+            process,
         })
-    }
-
-    fn log_text(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
-    }
-
-    fn check_alive(&mut self) -> Result<()> {
-        match self.child.try_wait() {
-            Ok(None) => Ok(()),
-            Ok(Some(status)) => {
-                self.stopped = true;
-                Err(self.failure(&format!("exited early ({status})")))
-            }
-            Err(e) => Err(self.failure(&format!("cannot check the process: {e}"))),
-        }
-    }
-
-    fn failure(&self, what: &str) -> String {
-        format!(
-            "{} {what}; its log ({}):\n{}",
-            self.name,
-            self.log.display(),
-            self.log_text()
-        )
-    }
-
-    /// SIGTERM, then SIGKILL if the process is still there after a while.
-    fn stop(&mut self) -> Result<()> {
-        if self.stopped {
-            return Ok(());
-        }
-        self.stopped = true;
-        let pid = Pid::from_raw(self.child.id() as i32);
-        if let Err(e) = kill(pid, Signal::SIGTERM) {
-            return Err(format!("{}: sending SIGTERM: {e}", self.name));
-        }
-        let started = Instant::now();
-        while started.elapsed() < START_STOP {
-            match self.child.try_wait() {
-                Ok(Some(_)) => return Ok(()),
-                Ok(None) => std::thread::sleep(Duration::from_millis(10)),
-                Err(e) => return Err(format!("{}: waiting for exit: {e}", self.name)),
-            }
-        }
-        eprintln!(
-            "{} ignored SIGTERM for {} s; killing it",
-            self.name,
-            START_STOP.as_secs()
-        );
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-        Ok(())
-    }
-}
-
-impl Drop for Backend {
-    fn drop(&mut self) {
-        // On the error paths: never leave a daemon behind.
-        if !self.stopped {
-            let _ = self.stop();
-        }
     }
 }
 
@@ -443,17 +356,6 @@ fn strip_log_prefix(line: &str) -> String {
     }
 }
 
-fn peer_version(binary: &Path) -> String {
-    Command::new(binary)
-        .arg("--version")
-        .output()
-        .ok()
-        .and_then(|out| String::from_utf8(out.stdout).ok())
-        .map(|text| text.trim().to_owned())
-        .filter(|text| !text.is_empty())
-        .unwrap_or_else(|| "unknown version".into())
-}
-
 /// Connects the test VMM and checks once, with buffers zeroed before posting,
 /// that the backend really writes into them. Zeroing is then turned off: the
 /// measurements should time the backend, not the driver's memset.
@@ -462,8 +364,11 @@ fn connect(backend: &Backend) -> Result<TestVmm> {
         queue_size: QUEUE_SIZE,
         ..TestVmmConfig::qemu()
     };
-    let mut vmm = TestVmm::connect(&backend.socket, config)
-        .map_err(|e| backend.failure(&format!("refused the test VMM: {e}")))?;
+    let mut vmm = TestVmm::connect(&backend.socket, config).map_err(|e| {
+        backend
+            .process
+            .failure(&format!("refused the test VMM: {e}"))
+    })?;
     let fail = |e: vhost_rng::testing::Error| format!("{}: {e}", backend.name);
     for len in [BULK_LEN, SMALL_LEN] {
         for _ in 0..8 {
@@ -575,7 +480,7 @@ fn pipeline(
     duration: Duration,
     wait: Wait,
 ) -> Result<Rate> {
-    let pid = backend.child.id();
+    let pid = backend.process.pid();
     let backend = backend.name;
     let fail = |e: vhost_rng::testing::Error| format!("{backend}: {len}-byte requests: {e}");
     let request = [Buffer::writable(len)];
@@ -666,11 +571,6 @@ fn pipeline(
         // Clock-tick accounting can make this dip just below zero.
         other_cpu: ((machine_busy - backend_cpu - driver_cpu) / seconds).max(0.0),
     })
-}
-
-fn ticks_per_second() -> f64 {
-    // SAFETY: sysconf has no preconditions.
-    unsafe { libc::sysconf(libc::_SC_CLK_TCK) as f64 }
 }
 
 /// User plus system CPU time of a process so far, from its `/proc/PID/stat`,
@@ -846,22 +746,6 @@ fn all_runs(values: impl IntoIterator<Item = f64>, scale: f64) -> String {
         .map(|v| format!("{:.1}", v / scale))
         .collect::<Vec<_>>()
         .join(", ")
-}
-
-fn print_machine() {
-    let nproc = std::thread::available_parallelism().map_or(0, |n| n.get());
-    let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
-    let model = cpuinfo
-        .lines()
-        .find_map(|line| {
-            let (key, value) = line.split_once(':')?;
-            (key.trim() == "model name").then(|| value.trim().to_owned())
-        })
-        .unwrap_or_else(|| "unknown".into());
-    let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease")
-        .map(|s| s.trim().to_owned())
-        .unwrap_or_else(|_| "unknown".into());
-    println!("machine: nproc {nproc}, CPU {model}, kernel {kernel}");
 }
 
 fn print_report(backends: &[Backend], results: &[BackendRates], sources: &[SourceRates]) {
