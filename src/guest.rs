@@ -6,7 +6,7 @@ use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
-use crate::limiter::{Grant, RateLimit, TokenBucket};
+use crate::limiter::{Grant, RateLimit, TokenBucket, retarget};
 use crate::log_limit::RateLimitedLog;
 use crate::pool::{EntropyStream, Pool};
 
@@ -64,9 +64,46 @@ impl Default for GuestLimits {
     }
 }
 
-/// The cap on all guests together (`--max-rate`), shared by every guest;
-/// `None` inside when there is no cap, so a reload can add or drop it.
-pub type SharedBucket = Arc<Mutex<Option<TokenBucket>>>;
+/// The cap on all guests together (`--max-rate`), shared by every guest.
+/// A reload can add, change or drop it; without one, a request costs no
+/// lock on this shared state.
+#[derive(Default)]
+pub struct GlobalLimit {
+    capped: AtomicBool,
+    bucket: Mutex<Option<TokenBucket>>,
+}
+
+/// How guests hold the global limit.
+pub type SharedBucket = Arc<GlobalLimit>;
+
+impl GlobalLimit {
+    /// Sets, changes (keeping earned tokens) or removes the cap.
+    pub fn set(&self, limit: Option<RateLimit>, now: Instant) {
+        let mut bucket = self.lock();
+        *bucket = retarget(bucket.take(), limit, now);
+        self.capped.store(bucket.is_some(), Ordering::Release);
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Option<TokenBucket>> {
+        self.bucket.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// `None` without a cap.
+    fn grant(&self, wanted: u64, now: Instant) -> Option<Grant> {
+        if !self.capped.load(Ordering::Acquire) {
+            return None;
+        }
+        self.lock().as_mut().map(|bucket| bucket.grant(wanted, now))
+    }
+
+    fn refund(&self, n: u64) {
+        if self.capped.load(Ordering::Acquire)
+            && let Some(bucket) = self.lock().as_mut()
+        {
+            bucket.refund(n);
+        }
+    }
+}
 
 /// What a guest's request gets from [`Guest::supply`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -151,14 +188,7 @@ impl Guest {
     pub fn set_limits(&self, limits: GuestLimits) {
         let now = Instant::now();
         let mut policy = self.policy();
-        policy.bucket = match (policy.bucket.take(), limits.rate) {
-            (Some(mut bucket), Some(rate)) => {
-                bucket.reconfigure(rate, now);
-                Some(bucket)
-            }
-            (None, Some(rate)) => Some(TokenBucket::new(rate, now)),
-            (_, None) => None,
-        };
+        policy.bucket = retarget(policy.bucket.take(), limits.rate, now);
         policy.limits = limits;
         self.weight.store(limits.weight, Ordering::Relaxed);
     }
@@ -177,8 +207,7 @@ impl Guest {
             Some(Grant::Now(n)) => n,
             Some(Grant::Wait(wait)) => return throttled(&mut policy, now, wait),
         };
-        let global_grant = self.lock_global().as_mut().map(|g| g.grant(granted, now));
-        let granted = match global_grant {
+        let granted = match self.global.grant(granted, now) {
             None => granted,
             Some(Grant::Now(n)) => {
                 if let Some(bucket) = policy.bucket.as_mut() {
@@ -203,10 +232,6 @@ impl Guest {
         Admission::Granted(granted as usize)
     }
 
-    fn lock_global(&self) -> MutexGuard<'_, Option<TokenBucket>> {
-        self.global.lock().unwrap_or_else(|e| e.into_inner())
-    }
-
     /// Gives back the tokens of a grant the pool could not fill.
     pub fn settle(&self, granted: usize, used: usize) {
         let unused = granted.saturating_sub(used) as u64;
@@ -216,9 +241,7 @@ impl Guest {
         if let Some(bucket) = self.policy().bucket.as_mut() {
             bucket.refund(unused);
         }
-        if let Some(global) = self.lock_global().as_mut() {
-            global.refund(unused);
-        }
+        self.global.refund(unused);
     }
 
     /// Fills the start of `buf` for one request: tokens from the guest's
@@ -360,8 +383,8 @@ mod tests {
     #[test]
     fn global_cap_limits_every_guest_and_refunds_the_guest_bucket() {
         let t0 = Instant::now();
-        let cap = TokenBucket::new(RateLimit::new(100, 1000, 100).unwrap(), t0);
-        let global: SharedBucket = Arc::new(Mutex::new(Some(cap)));
+        let global = SharedBucket::default();
+        global.set(Some(RateLimit::new(100, 1000, 100).unwrap()), t0);
         let pool = pool();
         let a = Guest::with_limits("a", Arc::clone(&pool), limited(1000), Arc::clone(&global));
         let b = Guest::with_limits("b", pool, GuestLimits::default(), global);

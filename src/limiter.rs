@@ -318,6 +318,23 @@ fn duration_from_nanos(nanos: u128) -> Duration {
     Duration::new(secs, subsec)
 }
 
+/// The bucket for a changed limit: the old one reconfigured (earned
+/// tokens kept), a new one for a new limit, none when the limit is gone.
+pub fn retarget(
+    bucket: Option<TokenBucket>,
+    limit: Option<RateLimit>,
+    now: Instant,
+) -> Option<TokenBucket> {
+    match (bucket, limit) {
+        (Some(mut bucket), Some(limit)) => {
+            bucket.reconfigure(limit, now);
+            Some(bucket)
+        }
+        (None, Some(limit)) => Some(TokenBucket::new(limit, now)),
+        (_, None) => None,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -703,6 +720,20 @@ mod tests {
         assert_eq!(b.grant(1000, t0 + ms(100)), Grant::Now(100));
         assert_eq!(b.grant(u64::MAX, t0 + ms(150)), Grant::Wait(ms(50)));
         assert_eq!(b.grant(u64::MAX, t0 + ms(200)), Grant::Now(100));
+    }
+
+    #[test]
+    fn retarget_keeps_reconfigures_creates_or_drops_the_bucket() {
+        let t0 = Instant::now();
+        let t1 = t0 + Duration::from_secs(1);
+        let small = RateLimit::new(100, 1000, 100).unwrap();
+        let large = RateLimit::new(1000, 1000, 50).unwrap();
+        let mut kept = retarget(Some(TokenBucket::new(small, t0)), Some(large), t1).unwrap();
+        // 100 earned at the old rate, capped at the new burst of 50.
+        assert_eq!((kept.limit(), kept.available(t1)), (large, 50));
+        let mut fresh = retarget(None, Some(small), t1).unwrap();
+        assert_eq!(fresh.available(t1), 0);
+        assert!(retarget(Some(fresh), None, t1).is_none());
     }
 
     #[test]

@@ -16,7 +16,7 @@ use crate::frontend::GuestFrontend;
 use crate::frontend::vhost_user::{Endpoint, GuestServer, GuestSocket, SocketAccess, SocketError};
 use crate::frontend::{channel, egd};
 use crate::guest::{Guest, GuestLimits, SharedBucket};
-use crate::limiter::{RateLimit, RateLimitError, TokenBucket};
+use crate::limiter::{RateLimit, RateLimitError};
 use crate::pool::Pool;
 use crate::protocol;
 use crate::status::{DaemonStatus, GuestStatus, PoolStatus, SourceStatus};
@@ -145,16 +145,7 @@ impl Registry {
             .map(RateLimit::per_second)
             .transpose()
             .map_err(RegistryError::MaxRate)?;
-        let mut global = self.global.lock().unwrap_or_else(|e| e.into_inner());
-        let now = Instant::now();
-        *global = match (global.take(), limit) {
-            (Some(mut bucket), Some(limit)) => {
-                bucket.reconfigure(limit, now);
-                Some(bucket)
-            }
-            (None, Some(limit)) => Some(TokenBucket::new(limit, now)),
-            (_, None) => None,
-        };
+        self.global.set(limit, Instant::now());
         *self.max_rate.lock().unwrap_or_else(|e| e.into_inner()) = max_rate;
         Ok(())
     }
