@@ -8,19 +8,6 @@ use std::os::unix::net::UnixStream;
 use std::path::PathBuf;
 
 use common::{Daemon, run_cli};
-use vhost_rng::status::GuestStatus;
-
-fn guest_bytes(daemon: &Daemon, name: &str) -> u64 {
-    let output = run_cli([
-        "guest",
-        "list",
-        "--json",
-        "--control",
-        daemon.control().to_str().unwrap(),
-    ]);
-    let guests: Vec<GuestStatus> = serde_json::from_slice(&output.stdout).unwrap();
-    guests.into_iter().find(|g| g.name == name).unwrap().bytes
-}
 
 /// A daemon serving guest `vm` (with `limits`) on its hybrid-vsock socket;
 /// returns it with the socket the agent connects to.
@@ -65,7 +52,7 @@ fn the_agent_fetches_from_the_daemon_and_injects() {
         stdout.contains("VRNG-AGENT ok bytes=256 credited_bits=0"),
         "{stdout}"
     );
-    assert!(guest_bytes(&daemon, "vm") >= 256);
+    assert!(daemon.guest("vm").bytes >= 256);
 }
 
 #[test]

@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 use common::{Daemon, run_cli, wait_until};
 use nix::sys::signal::{self, Signal};
-use vhost_rng::status::{DaemonStatus, GuestStatus};
+use vhost_rng::status::DaemonStatus;
 use vhost_rng::testing::{Buffer, TestVmm, TestVmmConfig};
 
 const TIMEOUT: Duration = Duration::from_secs(20);
@@ -38,10 +38,6 @@ fn control_json(daemon: &Daemon, args: &[&str]) -> String {
         String::from_utf8_lossy(&output.stderr)
     );
     String::from_utf8(output.stdout).unwrap()
-}
-
-fn guest_list(daemon: &Daemon) -> Vec<GuestStatus> {
-    serde_json::from_str(&control_json(daemon, &["guest", "list", "--json"])).unwrap()
 }
 
 #[test]
@@ -93,7 +89,8 @@ fn a_throttled_guest_does_not_slow_an_unthrottled_one() {
         "fast guest {fast_time:?} vs slow {slow_time:?}"
     );
 
-    let slow_status = guest_list(&daemon)
+    let slow_status = daemon
+        .guests()
         .into_iter()
         .find(|g| g.name == "slow")
         .unwrap();
@@ -156,7 +153,7 @@ fn guests_are_added_listed_and_removed_at_runtime() {
     vmm.kick().unwrap();
     assert_eq!(vmm.wait_used(1, TIMEOUT).unwrap()[0].len, 64);
 
-    let guests = guest_list(&daemon);
+    let guests = daemon.guests();
     let names: Vec<&str> = guests.iter().map(|g| g.name.as_str()).collect();
     assert_eq!(names, ["added", "first"]);
     let added_status = &guests[0];
@@ -181,7 +178,7 @@ fn guests_are_added_listed_and_removed_at_runtime() {
 
     control_json(&daemon, &["guest", "remove", "added"]);
     assert!(!added.exists(), "a removed guest's socket file stays");
-    let names: Vec<String> = guest_list(&daemon).into_iter().map(|g| g.name).collect();
+    let names: Vec<String> = daemon.guests().into_iter().map(|g| g.name).collect();
     assert_eq!(names, ["first"]);
 
     let status: DaemonStatus =
@@ -228,7 +225,8 @@ fn sighup_reloads_the_config_and_rejects_a_bad_one_whole() {
         daemon.log()
     );
     assert!(sock("new").exists() && !sock("drop").exists());
-    let keep = guest_list(&daemon)
+    let keep = daemon
+        .guests()
         .into_iter()
         .find(|g| g.name == "keep")
         .unwrap();
@@ -249,7 +247,7 @@ fn sighup_reloads_the_config_and_rejects_a_bad_one_whole() {
     .unwrap();
     signal::kill(daemon.pid(), Signal::SIGHUP).unwrap();
     daemon.wait_for_log("configuration rejected", 1);
-    let names: Vec<String> = guest_list(&daemon).into_iter().map(|g| g.name).collect();
+    let names: Vec<String> = daemon.guests().into_iter().map(|g| g.name).collect();
     assert_eq!(names, ["keep", "new"]);
     assert!(daemon.log().contains("vhost-rng.toml"), "{}", daemon.log());
 }
@@ -450,7 +448,7 @@ fn a_reload_keeps_guests_added_at_runtime_and_a_rejected_one_changes_nothing() {
 
     signal::kill(daemon.pid(), Signal::SIGHUP).unwrap();
     daemon.wait_for_log("SIGHUP: reloaded", 1);
-    let names: Vec<String> = guest_list(&daemon).into_iter().map(|g| g.name).collect();
+    let names: Vec<String> = daemon.guests().into_iter().map(|g| g.name).collect();
     assert_eq!(
         names,
         ["file", "runtime"],

@@ -9,8 +9,7 @@ use std::fs;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 
-use common::{Daemon, boot_guest, repo_root, run_cli, wait_until};
-use vhost_rng::status::GuestStatus;
+use common::{Daemon, boot_guest, repo_root, wait_until};
 
 /// Where tests/run-all.sh builds the statically linked agent.
 const STATIC_AGENT: &str = "target/x86_64-unknown-linux-gnu/release/vhost-rng";
@@ -130,22 +129,6 @@ impl Drop for VsockBackend {
     }
 }
 
-fn guest_status(daemon: &Daemon, name: &str) -> GuestStatus {
-    let output = run_cli([
-        "guest",
-        "list",
-        "--json",
-        "--control",
-        daemon.control().to_str().unwrap(),
-    ]);
-    assert!(output.status.success(), "{output:?}");
-    let guests: Vec<GuestStatus> = serde_json::from_slice(&output.stdout).unwrap();
-    guests
-        .into_iter()
-        .find(|g| g.name == name)
-        .unwrap_or_else(|| panic!("daemon lists no guest {name}"))
-}
-
 #[test]
 fn guest_agent_fetches_entropy_over_hybrid_vsock() {
     let Some(host) = host() else { return };
@@ -208,9 +191,9 @@ fn guest_agent_fetches_entropy_over_hybrid_vsock() {
     assert_eq!(report.get("done"), "status=ok", "{}", context());
 
     // The daemon may count the request just after the guest has its bytes.
-    let mut status = guest_status(&daemon, "vm");
+    let mut status = daemon.guest("vm");
     wait_until("the daemon to count the agent's request", || {
-        status = guest_status(&daemon, "vm");
+        status = daemon.guest("vm");
         status.bytes >= 256 && status.connections >= 1
     });
     assert_eq!(status.defective_requests, 0, "{status:?}");

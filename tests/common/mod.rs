@@ -79,6 +79,27 @@ impl Daemon {
         &self.control
     }
 
+    /// `vhost-rng guest list --json` on this daemon's control socket.
+    pub fn guests(&self) -> Vec<vhost_rng::status::GuestStatus> {
+        let output = run_cli([
+            "guest".as_ref(),
+            "list".as_ref(),
+            "--json".as_ref(),
+            "--control".as_ref(),
+            self.control.as_os_str(),
+        ]);
+        assert!(output.status.success(), "{output:?}");
+        serde_json::from_slice(&output.stdout).unwrap()
+    }
+
+    /// The listed guest named `name`.
+    pub fn guest(&self, name: &str) -> vhost_rng::status::GuestStatus {
+        self.guests()
+            .into_iter()
+            .find(|g| g.name == name)
+            .unwrap_or_else(|| panic!("the daemon lists no guest {name}"))
+    }
+
     /// Starts `vhost-rng serve` listening on each of `sockets` and waits
     /// until every socket accepts connections.
     pub fn serve(sockets: &[&Path]) -> Daemon {
