@@ -26,6 +26,7 @@ pub mod health;
 pub mod limiter;
 pub mod log_limit;
 pub mod metrics;
+pub mod noise;
 pub mod pool;
 pub mod protocol;
 pub mod registry;

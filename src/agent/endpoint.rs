@@ -1,8 +1,9 @@
-//! Where the agent finds the host daemon (`vsock:CID:PORT` or `unix:PATH`)
-//! and the stream it talks over.
+//! Where the agent finds the host daemon (`vsock:CID:PORT`, `unix:PATH` or
+//! `tcp:HOST:PORT`) and the stream it talks over.
 
 use std::fmt;
 use std::io::{self, Read, Write};
+use std::net::{Ipv6Addr, TcpStream, ToSocketAddrs};
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::os::unix::net::UnixStream;
 use std::path::PathBuf;
@@ -15,6 +16,7 @@ use nix::sys::socket::{
 };
 use nix::sys::time::{TimeVal, TimeValLike};
 
+use crate::noise::SecureStream;
 use crate::protocol::DEFAULT_PORT;
 
 /// The CID a guest reaches its host at.
@@ -34,12 +36,17 @@ pub enum Endpoint {
     Vsock { cid: u32, port: u32 },
     /// A Unix socket: `unix:PATH`, for tests and for agents on the host.
     Unix(PathBuf),
+    /// TCP, for guests without vsock: `tcp:HOST:PORT`, HOST a name, an IPv4
+    /// address or an IPv6 address in brackets (kept here without them).
+    /// Always encrypted and authenticated with the guest's pre-shared key
+    /// (see [`crate::noise`]).
+    Tcp { host: String, port: u16 },
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum EndpointError {
     #[error(
-        "'{0}' is not an endpoint: give vsock:CID:PORT (e.g. vsock:{HOST_CID}:{DEFAULT_PORT} for the host) or unix:PATH"
+        "'{0}' is not an endpoint: give vsock:CID:PORT (e.g. vsock:{HOST_CID}:{DEFAULT_PORT} for the host), unix:PATH or tcp:HOST:PORT"
     )]
     UnknownKind(String),
     #[error("'{0}' is not a vsock CID: give a number such as {HOST_CID} (the host)")]
@@ -50,14 +57,27 @@ pub enum EndpointError {
     Wildcard { value: String },
     #[error("unix: needs a socket path, e.g. unix:/run/vhost-rng/entropy.sock")]
     EmptyPath,
+    #[error("'{0}' has no port: give tcp:HOST:PORT, e.g. tcp:192.0.2.1:{DEFAULT_PORT}")]
+    TcpNoPort(String),
+    #[error("'{0}' has no host: give tcp:HOST:PORT, e.g. tcp:192.0.2.1:{DEFAULT_PORT}")]
+    TcpNoHost(String),
+    #[error("'{0}' is not a TCP port: give a number from 1 to 65535")]
+    BadTcpPort(String),
+    #[error("'{0}': an IPv6 address goes in brackets, e.g. tcp:[2001:db8::1]:{DEFAULT_PORT}")]
+    Ipv6WithoutBrackets(String),
+    #[error("'[{0}]' is not an IPv6 address (only IPv6 addresses go in brackets)")]
+    BadIpv6(String),
 }
 
 impl FromStr for Endpoint {
     type Err = EndpointError;
 
-    /// Parses `vsock:CID:PORT` (PORT may be left out for the default) or
-    /// `unix:PATH`.
+    /// Parses `vsock:CID:PORT` (PORT may be left out for the default),
+    /// `unix:PATH` or `tcp:HOST:PORT`.
     fn from_str(value: &str) -> Result<Self, Self::Err> {
+        if let Some(address) = value.strip_prefix("tcp:") {
+            return parse_tcp(value, address);
+        }
         if let Some(path) = value.strip_prefix("unix:") {
             if path.is_empty() {
                 return Err(EndpointError::EmptyPath);
@@ -89,20 +109,71 @@ impl FromStr for Endpoint {
     }
 }
 
+/// `HOST:PORT` of a `tcp:` endpoint (`value` is the whole of it, for errors).
+/// The port is required: unlike vsock there is no port everyone agrees on.
+fn parse_tcp(value: &str, address: &str) -> Result<Endpoint, EndpointError> {
+    let (host, port) = if let Some(bracketed) = address.strip_prefix('[') {
+        let Some((host, rest)) = bracketed.split_once(']') else {
+            return Err(EndpointError::BadIpv6(bracketed.to_owned()));
+        };
+        if host.parse::<Ipv6Addr>().is_err() {
+            return Err(EndpointError::BadIpv6(host.to_owned()));
+        }
+        let port = rest
+            .strip_prefix(':')
+            .ok_or_else(|| EndpointError::TcpNoPort(value.to_owned()))?;
+        (host, port)
+    } else {
+        let (host, port) = address
+            .rsplit_once(':')
+            .ok_or_else(|| EndpointError::TcpNoPort(value.to_owned()))?;
+        if host.contains(':') {
+            return Err(EndpointError::Ipv6WithoutBrackets(value.to_owned()));
+        }
+        (host, port)
+    };
+    if host.is_empty() {
+        return Err(EndpointError::TcpNoHost(value.to_owned()));
+    }
+    if port.is_empty() {
+        return Err(EndpointError::TcpNoPort(value.to_owned()));
+    }
+    let port = port
+        .parse::<u16>()
+        .ok()
+        .filter(|&port| port != 0)
+        .ok_or_else(|| EndpointError::BadTcpPort(port.to_owned()))?;
+    Ok(Endpoint::Tcp {
+        host: host.to_owned(),
+        port,
+    })
+}
+
 impl fmt::Display for Endpoint {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             Endpoint::Vsock { cid, port } => write!(f, "vsock:{cid}:{port}"),
             Endpoint::Unix(path) => write!(f, "unix:{}", path.display()),
+            // Only an IPv6 address has a colon; it was given in brackets.
+            Endpoint::Tcp { host, port } if host.contains(':') => {
+                write!(f, "tcp:[{host}]:{port}")
+            }
+            Endpoint::Tcp { host, port } => write!(f, "tcp:{host}:{port}"),
         }
     }
 }
 
 impl Endpoint {
     /// Opens a connection whose reads and writes each give up after
-    /// `io_timeout`.
+    /// `io_timeout`. Not for `tcp:` endpoints, which need the guest's name
+    /// and key for the handshake: the agent opens those with
+    /// [`connect_tcp`] and [`crate::noise::connect_handshake`].
     pub fn connect(&self, io_timeout: Duration) -> io::Result<Connection> {
         match self {
+            Endpoint::Tcp { .. } => Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                "a tcp: endpoint is encrypted and needs the guest's name and pre-shared key",
+            )),
             Endpoint::Unix(path) => {
                 let stream = UnixStream::connect(path)?;
                 stream.set_read_timeout(Some(io_timeout))?;
@@ -122,6 +193,9 @@ impl Endpoint {
             (Endpoint::Vsock { .. }, Some(Errno::EAFNOSUPPORT | Errno::ENODEV)) => {
                 " (this system has no vsock transport: is there a vsock device in the guest?)"
             }
+            (Endpoint::Tcp { .. }, Some(Errno::ECONNREFUSED)) => {
+                " (nothing listens on that port: is `vhost-rng serve --listen-tcp` running there, and is the port right?)"
+            }
             // A virtio vsock host answers a port nobody listens on with a reset.
             (_, Some(Errno::ECONNREFUSED | Errno::ECONNRESET)) => {
                 " (is vhost-rng serving the entropy protocol there?)"
@@ -130,9 +204,48 @@ impl Endpoint {
                 " (nothing answered: is the CID right, and is the VMM's vsock device connected?)"
             }
             (Endpoint::Unix(_), Some(Errno::ENOENT)) => " (no socket at this path)",
+            (Endpoint::Tcp { .. }, Some(Errno::EHOSTUNREACH | Errno::ENETUNREACH)) => {
+                " (no route to the host: check the address and the guest's network)"
+            }
+            // connect_timeout's own timeout carries no errno.
+            (Endpoint::Tcp { .. }, _) if error.kind() == io::ErrorKind::TimedOut => {
+                " (nothing answered: is the host reachable, and does a firewall let the port through?)"
+            }
             _ => "",
         }
     }
+}
+
+/// Opens a TCP connection to `host:port` for the encrypted transport:
+/// tries each address the host resolves to (each attempt giving up after
+/// `io_timeout`), then sets read and write timeouts of `io_timeout` and
+/// turns off Nagle's algorithm, as each request is a small message waiting
+/// for its answer.
+pub fn connect_tcp(host: &str, port: u16, io_timeout: Duration) -> io::Result<TcpStream> {
+    // A zero timeout is an error to connect_timeout and "forever" to the
+    // socket options; neither is meant.
+    let io_timeout = io_timeout.clamp(Duration::from_millis(1), MAX_IO_TIMEOUT);
+    let mut last_error = None;
+    let addresses = (host, port)
+        .to_socket_addrs()
+        .map_err(|e| io::Error::new(e.kind(), format!("cannot resolve '{host}': {e}")))?;
+    for address in addresses {
+        match TcpStream::connect_timeout(&address, io_timeout) {
+            Ok(stream) => {
+                stream.set_read_timeout(Some(io_timeout))?;
+                stream.set_write_timeout(Some(io_timeout))?;
+                stream.set_nodelay(true)?;
+                return Ok(stream);
+            }
+            Err(e) => last_error = Some(e),
+        }
+    }
+    Err(last_error.unwrap_or_else(|| {
+        io::Error::new(
+            io::ErrorKind::NotFound,
+            format!("'{host}' resolves to no address"),
+        )
+    }))
 }
 
 /// An open connection to the daemon.
@@ -140,6 +253,9 @@ impl Endpoint {
 pub enum Connection {
     Unix(UnixStream),
     Vsock(VsockStream),
+    /// TCP after the Noise handshake: everything on it is encrypted.
+    /// Boxed, as the cipher state and buffers dwarf the other variants.
+    Tcp(Box<SecureStream<TcpStream>>),
 }
 
 impl Read for Connection {
@@ -147,6 +263,7 @@ impl Read for Connection {
         match self {
             Connection::Unix(stream) => stream.read(buf),
             Connection::Vsock(stream) => stream.read(buf),
+            Connection::Tcp(stream) => stream.read(buf),
         }
     }
 }
@@ -156,11 +273,17 @@ impl Write for Connection {
         match self {
             Connection::Unix(stream) => stream.write(buf),
             Connection::Vsock(stream) => stream.write(buf),
+            Connection::Tcp(stream) => stream.write(buf),
         }
     }
 
     fn flush(&mut self) -> io::Result<()> {
-        Ok(())
+        match self {
+            // Sockets do not buffer in user space.
+            Connection::Unix(_) | Connection::Vsock(_) => Ok(()),
+            // A frame whose sending failed is still pending here.
+            Connection::Tcp(stream) => stream.flush(),
+        }
     }
 }
 
@@ -268,8 +391,12 @@ mod tests {
         for (value, expected) in [
             ("", EndpointError::UnknownKind(String::new())),
             (
-                "tcp:1.2.3.4:5",
-                EndpointError::UnknownKind("tcp:1.2.3.4:5".into()),
+                "udp:1.2.3.4:5",
+                EndpointError::UnknownKind("udp:1.2.3.4:5".into()),
+            ),
+            (
+                "TCP:1.2.3.4:5",
+                EndpointError::UnknownKind("TCP:1.2.3.4:5".into()),
             ),
             (
                 "/run/x.sock",
@@ -300,13 +427,81 @@ mod tests {
         ] {
             assert_eq!(parse(value), Err(expected), "{value}");
         }
-        let message = parse("tcp:x").unwrap_err().to_string();
+        let message = parse("x").unwrap_err().to_string();
         assert!(message.contains("vsock:2:5564"), "{message}");
+        assert!(message.contains("tcp:HOST:PORT"), "{message}");
+    }
+
+    #[test]
+    fn tcp_endpoints_parse() {
+        let tcp = |host: &str, port| Endpoint::Tcp {
+            host: host.to_owned(),
+            port,
+        };
+        assert_eq!(parse("tcp:192.0.2.1:5564").unwrap(), tcp("192.0.2.1", 5564));
+        assert_eq!(
+            parse("tcp:rng.example.org:1").unwrap(),
+            tcp("rng.example.org", 1)
+        );
+        assert_eq!(
+            parse("tcp:localhost:65535").unwrap(),
+            tcp("localhost", 65535)
+        );
+        assert_eq!(parse("tcp:[::1]:5564").unwrap(), tcp("::1", 5564));
+        assert_eq!(
+            parse("tcp:[2001:db8::7]:80").unwrap(),
+            tcp("2001:db8::7", 80)
+        );
+    }
+
+    #[test]
+    fn bad_tcp_endpoints_say_what_is_wrong() {
+        for (value, expected) in [
+            ("tcp:", EndpointError::TcpNoPort("tcp:".into())),
+            ("tcp:host", EndpointError::TcpNoPort("tcp:host".into())),
+            ("tcp:host:", EndpointError::TcpNoPort("tcp:host:".into())),
+            (":5564", EndpointError::UnknownKind(":5564".into())),
+            ("tcp::5564", EndpointError::TcpNoHost("tcp::5564".into())),
+            ("tcp:host:0", EndpointError::BadTcpPort("0".into())),
+            ("tcp:host:65536", EndpointError::BadTcpPort("65536".into())),
+            ("tcp:host:-1", EndpointError::BadTcpPort("-1".into())),
+            ("tcp:host:http", EndpointError::BadTcpPort("http".into())),
+            (
+                "tcp:2001:db8::1:5564",
+                EndpointError::Ipv6WithoutBrackets("tcp:2001:db8::1:5564".into()),
+            ),
+            ("tcp:[::1]", EndpointError::TcpNoPort("tcp:[::1]".into())),
+            (
+                "tcp:[::1]5564",
+                EndpointError::TcpNoPort("tcp:[::1]5564".into()),
+            ),
+            ("tcp:[::1]:", EndpointError::TcpNoPort("tcp:[::1]:".into())),
+            ("tcp:[::1:5564", EndpointError::BadIpv6("::1:5564".into())),
+            (
+                "tcp:[192.0.2.1]:5564",
+                EndpointError::BadIpv6("192.0.2.1".into()),
+            ),
+            ("tcp:[]:5564", EndpointError::BadIpv6(String::new())),
+        ] {
+            assert_eq!(parse(value), Err(expected), "{value}");
+        }
+        let message = parse("tcp:host").unwrap_err().to_string();
+        assert!(message.contains("tcp:HOST:PORT"), "{message}");
+        let message = parse("tcp:::1:5564").unwrap_err().to_string();
+        assert!(message.contains("brackets"), "{message}");
     }
 
     #[test]
     fn endpoints_display_as_they_are_written() {
-        for value in ["vsock:2:5564", "vsock:42:1", "unix:/tmp/a.sock"] {
+        for value in [
+            "vsock:2:5564",
+            "vsock:42:1",
+            "unix:/tmp/a.sock",
+            "tcp:192.0.2.1:5564",
+            "tcp:rng.example.org:1",
+            "tcp:[::1]:5564",
+            "tcp:[2001:db8::7]:65535",
+        ] {
             assert_eq!(parse(value).unwrap().to_string(), value);
         }
     }
@@ -331,6 +526,54 @@ mod tests {
         assert_eq!(stream.read(&mut buf).unwrap(), 0, "end of stream");
         let err = stream.write_all(b"x").unwrap_err();
         assert_eq!(err.kind(), io::ErrorKind::BrokenPipe, "no SIGPIPE: {err}");
+    }
+
+    #[test]
+    fn tcp_connections_get_timeouts_and_no_delay() {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let stream = connect_tcp("127.0.0.1", port, Duration::from_secs(3)).unwrap();
+        assert_eq!(stream.read_timeout().unwrap(), Some(Duration::from_secs(3)));
+        assert_eq!(
+            stream.write_timeout().unwrap(),
+            Some(Duration::from_secs(3))
+        );
+        assert!(stream.nodelay().unwrap());
+        let stream = connect_tcp("localhost", port, Duration::from_secs(3));
+        // localhost may resolve to ::1 first, where nothing listens; the
+        // IPv4 address is tried next.
+        assert!(stream.is_ok(), "{stream:?}");
+    }
+
+    #[test]
+    fn connecting_to_a_closed_tcp_port_explains_itself() {
+        // Bind, learn the port, close: nothing listens there now.
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let endpoint = Endpoint::Tcp {
+            host: "127.0.0.1".into(),
+            port,
+        };
+        let error = connect_tcp("127.0.0.1", port, Duration::from_secs(3)).unwrap_err();
+        assert_eq!(error.raw_os_error(), Some(libc::ECONNREFUSED), "{error}");
+        assert!(
+            endpoint
+                .connect_hint(&error)
+                .contains("vhost-rng serve --listen-tcp"),
+            "{error}"
+        );
+        let error = endpoint.connect(Duration::from_secs(1)).unwrap_err();
+        assert_eq!(error.kind(), io::ErrorKind::InvalidInput);
+        let error = connect_tcp("no-such-host.invalid", port, Duration::from_secs(3)).unwrap_err();
+        assert!(
+            error
+                .to_string()
+                .contains("cannot resolve 'no-such-host.invalid'"),
+            "{error}"
+        );
     }
 
     #[test]

@@ -2,8 +2,9 @@
 //! that cannot have a vhost-user virtio-rng device (Xen guests, VMMs
 //! without vhost-user).
 //!
-//! Each round the agent asks the host daemon for a few bytes over vsock (or
-//! a Unix socket), mixes them into the guest kernel's pool with
+//! Each round the agent asks the host daemon for a few bytes over vsock (a
+//! Unix socket, or TCP encrypted with the guest's pre-shared key, see
+//! [`crate::noise`]), mixes them into the guest kernel's pool with
 //! RNDADDENTROPY, crediting them conservatively, and has the kernel CRNG
 //! reseed at once with RNDRESEEDCRNG. Then it sleeps and does it again,
 //! reconnecting with exponential backoff whenever the host cannot be
@@ -14,6 +15,7 @@ mod kernel;
 
 use std::fmt;
 use std::io::{self, Read, Write};
+use std::path::PathBuf;
 use std::process::ExitCode;
 use std::thread;
 use std::time::Duration;
@@ -21,9 +23,10 @@ use std::time::Duration;
 use log::{error, info, warn};
 
 use crate::log_limit::RateLimitedLog;
+use crate::noise::{self, HandshakeError, MAX_IDENTITY, Psk, PskError};
 use crate::protocol::{self, IDLE_TIMEOUT, MAX_REQUEST, ProtocolError, Status};
 
-pub use endpoint::{Connection, Endpoint, EndpointError, HOST_CID, VsockStream};
+pub use endpoint::{Connection, Endpoint, EndpointError, HOST_CID, VsockStream, connect_tcp};
 pub use kernel::{DEV_RANDOM, DevRandom, KernelEntropy, RNDADDENTROPY, RNDRESEEDCRNG};
 
 /// Bytes asked for each round: twice the 32-byte seed of the kernel CRNG,
@@ -46,9 +49,22 @@ pub const REPORT_PREFIX: &str = "VRNG-AGENT";
 #[derive(Debug, Clone, clap::Args)]
 pub struct AgentArgs {
     /// The host daemon: vsock:CID:PORT (CID 2 is the host; the daemon's
-    /// default port is 5564) or unix:PATH.
+    /// default port is 5564), unix:PATH, or tcp:HOST:PORT for a guest
+    /// without vsock (HOST a name, an IPv4 address or [IPv6]; encrypted,
+    /// and needs --psk-file and --name).
     #[arg(long, value_name = "ENDPOINT")]
     pub connect: Endpoint,
+
+    /// For tcp: only. The file holding this guest's pre-shared key: 64 hex
+    /// digits, the same key the host has for the guest, readable by its
+    /// owner only (chmod 600).
+    #[arg(long, value_name = "PATH")]
+    pub psk_file: Option<PathBuf>,
+
+    /// For tcp: only. This guest's name on the host, which tells the host
+    /// whose key to check.
+    #[arg(long, value_name = "NAME")]
+    pub name: Option<String>,
 
     /// Bytes to ask for each round (1 to 65536).
     #[arg(long, value_name = "N", default_value_t = DEFAULT_BYTES,
@@ -81,17 +97,63 @@ pub struct AgentConfig {
     /// 0..=8; more is treated as 8.
     pub credit_bits_per_byte: u32,
     pub once: bool,
+    /// Who this guest is to the host, for a `tcp:` endpoint (and only then).
+    pub credentials: Option<Credentials>,
 }
 
-impl From<&AgentArgs> for AgentConfig {
-    fn from(args: &AgentArgs) -> Self {
-        AgentConfig {
+/// A guest's name on the host and the key that proves it, for the
+/// encrypted TCP transport. `Debug` does not show the key.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Credentials {
+    pub name: String,
+    pub psk: Psk,
+}
+
+/// Checks the options against each other and loads the pre-shared key, so
+/// that a mistake in them stops the agent at start-up rather than failing
+/// every round.
+impl TryFrom<&AgentArgs> for AgentConfig {
+    type Error = AgentError;
+
+    fn try_from(args: &AgentArgs) -> Result<Self, AgentError> {
+        let credentials = match (&args.connect, &args.psk_file, &args.name) {
+            (Endpoint::Tcp { .. }, Some(psk_file), Some(name)) => {
+                if !noise::is_valid_identity(name) {
+                    return Err(AgentError::InvalidConfig(format!(
+                        "--name '{name}' is not a guest name: use 1 to {MAX_IDENTITY} letters, digits, '.', '_' or '-', as the host's configuration names the guest"
+                    )));
+                }
+                Some(Credentials {
+                    name: name.clone(),
+                    psk: Psk::load(psk_file).map_err(AgentError::Key)?,
+                })
+            }
+            (Endpoint::Tcp { .. }, psk_file, name) => {
+                let missing = match (psk_file, name) {
+                    (None, None) => "--psk-file PATH and --name NAME",
+                    (None, _) => "--psk-file PATH",
+                    _ => "--name NAME",
+                };
+                return Err(AgentError::InvalidConfig(format!(
+                    "{} is encrypted and needs {missing}: --psk-file is the file with this guest's pre-shared key, --name the guest's name on the host",
+                    args.connect
+                )));
+            }
+            (_, None, None) => None,
+            (endpoint, _, _) => {
+                return Err(AgentError::InvalidConfig(format!(
+                    "--psk-file and --name are for tcp:HOST:PORT endpoints only; {endpoint} does not use them (the host knows the guest by its vsock CID or socket)"
+                )));
+            }
+        };
+        Ok(AgentConfig {
             endpoint: args.connect.clone(),
             bytes: args.bytes,
             interval: Duration::from_secs(args.interval),
             credit_bits_per_byte: args.credit_bits_per_byte,
             once: args.once,
-        }
+            credentials,
+        })
     }
 }
 
@@ -138,12 +200,24 @@ pub enum AgentError {
     ReseedUnsupported,
     #[error("invalid agent configuration: {0}")]
     InvalidConfig(String),
+    #[error("{0}")]
+    Key(#[source] PskError),
     #[error("cannot connect to {endpoint}: {error}{hint}")]
     Connect {
         endpoint: Endpoint,
         #[source]
         error: io::Error,
         hint: &'static str,
+    },
+    #[error(
+        "{endpoint} refused this guest's credentials: the key in --psk-file is not the one the host has for --name '{name}', or the host knows no guest of that name"
+    )]
+    CredentialsRefused { endpoint: Endpoint, name: String },
+    #[error("encrypted handshake with {endpoint} failed: {error}")]
+    Handshake {
+        endpoint: Endpoint,
+        #[source]
+        error: HandshakeError,
     },
     #[error("asking {endpoint} for entropy: {error}")]
     Protocol {
@@ -156,7 +230,8 @@ pub enum AgentError {
 impl AgentError {
     /// True for errors that waiting will not cure: they are about this
     /// guest's kernel, privileges or configuration, not the host or the
-    /// connection.
+    /// connection. A refused key is not among them: the fix may well be on
+    /// the host, and the agent should pick it up without a restart.
     pub fn is_fatal(&self) -> bool {
         matches!(
             self,
@@ -164,6 +239,11 @@ impl AgentError {
                 | AgentError::OpenDevRandom(_)
                 | AgentError::Kernel { .. }
                 | AgentError::InvalidConfig(_)
+                | AgentError::Key(_)
+                | AgentError::Handshake {
+                    error: HandshakeError::BadIdentity,
+                    ..
+                }
         )
     }
 
@@ -176,7 +256,14 @@ impl AgentError {
             AgentError::CrngNotReady => "crng-not-ready",
             AgentError::ReseedUnsupported => "reseed-unsupported",
             AgentError::InvalidConfig(_) => "config",
+            AgentError::Key(_) => "key",
             AgentError::Connect { .. } => "connect",
+            AgentError::CredentialsRefused { .. } => "credentials-refused",
+            AgentError::Handshake {
+                error: HandshakeError::Io(e),
+                ..
+            } if is_timeout(e) => "timeout",
+            AgentError::Handshake { .. } => "handshake",
             AgentError::Protocol { error, .. } => match error {
                 ProtocolError::Server(Status::BadRequest) => "server-bad-request",
                 ProtocolError::Server(Status::Unavailable) => "server-unavailable",
@@ -251,7 +338,7 @@ pub fn run(
     config: &AgentConfig,
     kernel: &mut dyn KernelEntropy,
 ) -> Result<AgentReport, AgentError> {
-    let mut connection = connect(&config.endpoint)?;
+    let mut connection = connect(config)?;
     let report = fetch_and_inject(&mut connection, config, kernel)?;
     log_round(&report, &config.endpoint);
     Ok(report)
@@ -292,7 +379,16 @@ pub fn run_forever(config: &AgentConfig, kernel: &mut dyn KernelEntropy) -> Agen
 /// entropy, then does one round (`--once`) or runs until a fatal error.
 /// Exit status 0 only after a successful `--once` round.
 pub fn run_command(args: &AgentArgs) -> ExitCode {
-    let config = AgentConfig::from(args);
+    let config = match AgentConfig::try_from(args) {
+        Ok(config) => config,
+        Err(e) => {
+            error!("{e}");
+            if args.once {
+                println!("{}", e.report_line());
+            }
+            return ExitCode::FAILURE;
+        }
+    };
     let result = DevRandom::open().and_then(|mut kernel| {
         kernel.check_permission()?;
         if config.once {
@@ -317,14 +413,44 @@ pub fn run_command(args: &AgentArgs) -> ExitCode {
     }
 }
 
-fn connect(endpoint: &Endpoint) -> Result<Connection, AgentError> {
-    endpoint
-        .connect(IO_TIMEOUT)
-        .map_err(|error| AgentError::Connect {
-            hint: endpoint.connect_hint(&error),
+fn connect(config: &AgentConfig) -> Result<Connection, AgentError> {
+    let endpoint = &config.endpoint;
+    let connect_error = |error: io::Error| AgentError::Connect {
+        hint: endpoint.connect_hint(&error),
+        endpoint: endpoint.clone(),
+        error,
+    };
+    let Endpoint::Tcp { host, port } = endpoint else {
+        return endpoint.connect(IO_TIMEOUT).map_err(connect_error);
+    };
+    // AgentConfig::try_from makes sure a tcp: endpoint has credentials;
+    // a config built by hand might not.
+    let Some(credentials) = &config.credentials else {
+        return Err(AgentError::InvalidConfig(format!(
+            "{endpoint} needs the guest's name and pre-shared key"
+        )));
+    };
+    let stream = connect_tcp(host, *port, IO_TIMEOUT).map_err(connect_error)?;
+    // The socket's timeouts bound each step of the handshake too.
+    match noise::connect_handshake(stream, &credentials.name, &credentials.psk) {
+        Ok(stream) => Ok(Connection::Tcp(Box::new(stream))),
+        Err(HandshakeError::Refused) => Err(AgentError::CredentialsRefused {
+            endpoint: endpoint.clone(),
+            name: credentials.name.clone(),
+        }),
+        Err(error) => Err(AgentError::Handshake {
             endpoint: endpoint.clone(),
             error,
-        })
+        }),
+    }
+}
+
+/// A socket read or write timeout (EAGAIN on Linux) or a timed-out connect.
+fn is_timeout(error: &io::Error) -> bool {
+    matches!(
+        error.kind(),
+        io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+    )
 }
 
 fn log_round(report: &AgentReport, endpoint: &Endpoint) {
@@ -368,7 +494,7 @@ impl<'a> Session<'a> {
                 Err(e) => return Err(e),
             }
         }
-        let mut connection = connect(&self.config.endpoint)?;
+        let mut connection = connect(self.config)?;
         let report = fetch_and_inject(&mut connection, self.config, kernel)?;
         self.keep(connection);
         Ok(report)
@@ -425,11 +551,13 @@ impl Backoff {
 
 impl fmt::Display for AgentConfig {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{} bytes from {}", self.bytes, self.endpoint)?;
+        if let Some(credentials) = &self.credentials {
+            write!(f, " as '{}' (encrypted)", credentials.name)?;
+        }
         write!(
             f,
-            "{} bytes from {} every {} s, crediting {} bits per byte",
-            self.bytes,
-            self.endpoint,
+            " every {} s, crediting {} bits per byte",
             self.interval.as_secs(),
             self.credit_bits_per_byte.min(8)
         )

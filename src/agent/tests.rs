@@ -1,6 +1,8 @@
 //! The agent against a fake daemon and a fake kernel.
 
 use std::io::{Read, Write};
+use std::net::TcpListener;
+use std::os::unix::fs::PermissionsExt;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::Path;
 use std::thread::{self, JoinHandle};
@@ -8,6 +10,7 @@ use std::thread::{self, JoinHandle};
 use clap::Parser;
 
 use super::*;
+use crate::noise::{SecureStream, accept_handshake};
 use crate::protocol::{
     REQUEST_LEN, Request, ResponseHeader, decode_request, encode_response_header,
 };
@@ -51,7 +54,7 @@ enum Answer {
 
 /// Answers requests on `stream` from `script`, then closes it; returns the
 /// requests it saw.
-fn serve(mut stream: UnixStream, script: Vec<Answer>) -> Vec<Request> {
+fn serve(mut stream: impl Read + Write, script: Vec<Answer>) -> Vec<Request> {
     let mut seen = Vec::new();
     for answer in script {
         let mut request = [0; REQUEST_LEN];
@@ -103,7 +106,69 @@ fn config(endpoint: Endpoint) -> AgentConfig {
         interval: Duration::from_secs(DEFAULT_INTERVAL_SECS),
         credit_bits_per_byte: DEFAULT_CREDIT_BITS_PER_BYTE,
         once: true,
+        credentials: None,
     }
+}
+
+/// The guest name the TCP tests use.
+const GUEST: &str = "vm1";
+
+/// A key made of one repeated byte.
+fn psk(byte: u8) -> Psk {
+    Psk::from_hex(&format!("{byte:02x}").repeat(32)).unwrap()
+}
+
+/// How the fake TCP daemon answers one connection: with the key it holds
+/// for [`GUEST`], and the answers once the handshake is done.
+struct TcpConnection {
+    key: Psk,
+    script: Vec<Answer>,
+}
+
+/// Per connection: the handshake's outcome and the requests seen.
+type TcpDaemon = JoinHandle<Vec<Result<Vec<Request>, noise::HandshakeError>>>;
+
+/// A daemon on 127.0.0.1 speaking the encrypted transport, serving one
+/// connection per entry of `connections`; returns its port.
+fn tcp_daemon(connections: Vec<TcpConnection>) -> (u16, TcpDaemon) {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let daemon = thread::spawn(move || {
+        connections
+            .into_iter()
+            .map(|TcpConnection { key, script }| {
+                let stream = listener.accept().unwrap().0;
+                stream.set_read_timeout(Some(IO_TIMEOUT)).unwrap();
+                stream.set_write_timeout(Some(IO_TIMEOUT)).unwrap();
+                let secure: SecureStream<_> =
+                    accept_handshake(stream, |name| (name == GUEST).then_some(key))?;
+                assert_eq!(secure.identity(), GUEST);
+                Ok(serve(secure, script))
+            })
+            .collect()
+    });
+    (port, daemon)
+}
+
+fn tcp_config(port: u16, key: Psk) -> AgentConfig {
+    AgentConfig {
+        credentials: Some(Credentials {
+            name: GUEST.to_owned(),
+            psk: key,
+        }),
+        ..config(Endpoint::Tcp {
+            host: "127.0.0.1".to_owned(),
+            port,
+        })
+    }
+}
+
+/// A key file holding `key`, with permissions `mode`.
+fn key_file(dir: &Path, key: &Psk, mode: u32) -> PathBuf {
+    let path = dir.join("vm1.key");
+    std::fs::write(&path, format!("{}\n", key.to_hex())).unwrap();
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(mode)).unwrap();
+    path
 }
 
 fn pair_config() -> AgentConfig {
@@ -449,13 +514,14 @@ fn command_line_defaults() {
     <AgentCli as clap::CommandFactory>::command().debug_assert();
     let args = parse_args(&["--connect", "vsock:2:5564"]).unwrap();
     assert_eq!(
-        AgentConfig::from(&args),
+        AgentConfig::try_from(&args).unwrap(),
         AgentConfig {
             endpoint: Endpoint::Vsock { cid: 2, port: 5564 },
             bytes: 64,
             interval: Duration::from_secs(60),
             credit_bits_per_byte: 4,
             once: false,
+            credentials: None,
         }
     );
 }
@@ -474,7 +540,7 @@ fn command_line_options_and_their_limits() {
         "--once",
     ])
     .unwrap();
-    let config = AgentConfig::from(&args);
+    let config = AgentConfig::try_from(&args).unwrap();
     assert_eq!(config.bytes, MAX_REQUEST);
     assert_eq!(config.interval, Duration::from_secs(5));
     assert_eq!(config.credit_bits_per_byte, 0);
@@ -482,7 +548,10 @@ fn command_line_options_and_their_limits() {
 
     for bad in [
         &[][..],
-        &["--connect", "tcp:1.2.3.4:5"],
+        &["--connect", "udp:1.2.3.4:5"],
+        &["--connect", "tcp:1.2.3.4"],
+        &["--connect", "tcp:1.2.3.4:0"],
+        &["--connect", "tcp:1.2.3.4:5", "--psk-file"],
         &["--connect", "vsock:2:5564", "--bytes", "0"],
         &["--connect", "vsock:2:5564", "--bytes", "65537"],
         &["--connect", "vsock:2:5564", "--interval", "0"],
@@ -491,4 +560,252 @@ fn command_line_options_and_their_limits() {
     ] {
         assert_eq!(parse_args(bad).unwrap_err().exit_code(), 2, "{bad:?}");
     }
+}
+
+#[test]
+fn a_tcp_endpoint_needs_a_key_file_and_a_name() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = key_file(dir.path(), &psk(7), 0o600);
+    let path = path.to_str().unwrap();
+
+    let args = parse_args(&[
+        "--connect",
+        "tcp:[::1]:5564",
+        "--psk-file",
+        path,
+        "--name",
+        GUEST,
+    ])
+    .unwrap();
+    let config = AgentConfig::try_from(&args).unwrap();
+    assert_eq!(
+        config.credentials,
+        Some(Credentials {
+            name: GUEST.to_owned(),
+            psk: psk(7)
+        })
+    );
+    assert_eq!(
+        config.to_string(),
+        "64 bytes from tcp:[::1]:5564 as 'vm1' (encrypted) every 60 s, crediting 4 bits per byte"
+    );
+    assert!(
+        !format!("{config:?}").contains(&psk(7).to_hex()),
+        "no key in Debug"
+    );
+
+    for (args, missing) in [
+        (
+            &["--connect", "tcp:h:1"][..],
+            "needs --psk-file PATH and --name NAME:",
+        ),
+        (
+            &["--connect", "tcp:h:1", "--name", GUEST],
+            "needs --psk-file PATH:",
+        ),
+        (
+            &["--connect", "tcp:h:1", "--psk-file", path],
+            "needs --name NAME:",
+        ),
+    ] {
+        let err = AgentConfig::try_from(&parse_args(args).unwrap()).unwrap_err();
+        assert!(matches!(err, AgentError::InvalidConfig(_)), "{err}");
+        assert!(err.is_fatal());
+        assert_eq!(err.reason(), "config");
+        assert!(err.to_string().contains(missing), "{args:?}: {err}");
+        assert!(err.to_string().contains("tcp:h:1 is encrypted"), "{err}");
+    }
+
+    for name in ["", "vm/1", "vm 1", &"a".repeat(65)] {
+        let args =
+            parse_args(&["--connect", "tcp:h:1", "--psk-file", path, "--name", name]).unwrap();
+        let err = AgentConfig::try_from(&args).unwrap_err();
+        assert!(
+            matches!(err, AgentError::InvalidConfig(_)),
+            "{name:?}: {err}"
+        );
+        assert!(err.to_string().contains("is not a guest name"), "{err}");
+    }
+}
+
+#[test]
+fn vsock_and_unix_endpoints_take_no_key_or_name() {
+    for endpoint in ["vsock:2:5564", "unix:/run/rng.sock"] {
+        for extra in [
+            &["--psk-file", "/etc/vhost-rng/vm1.key"][..],
+            &["--name", GUEST],
+            &["--psk-file", "/etc/vhost-rng/vm1.key", "--name", GUEST],
+        ] {
+            let mut args = vec!["--connect", endpoint];
+            args.extend_from_slice(extra);
+            let err = AgentConfig::try_from(&parse_args(&args).unwrap()).unwrap_err();
+            assert!(
+                matches!(err, AgentError::InvalidConfig(_)),
+                "{args:?}: {err}"
+            );
+            let message = err.to_string();
+            assert!(
+                message.contains("for tcp:HOST:PORT endpoints only") && message.contains(endpoint),
+                "{message}"
+            );
+        }
+    }
+}
+
+#[test]
+fn an_unusable_key_file_is_fatal_and_named() {
+    let dir = tempfile::tempdir().unwrap();
+    let shared = key_file(dir.path(), &psk(7), 0o644);
+    let missing = dir.path().join("missing.key");
+    for (path, expected) in [
+        (&shared, format!("chmod 600 {}", shared.display())),
+        (&missing, missing.display().to_string()),
+    ] {
+        let args = parse_args(&[
+            "--connect",
+            "tcp:h:1",
+            "--psk-file",
+            path.to_str().unwrap(),
+            "--name",
+            GUEST,
+        ])
+        .unwrap();
+        let err = AgentConfig::try_from(&args).unwrap_err();
+        assert!(matches!(err, AgentError::Key(_)), "{err}");
+        assert!(err.is_fatal());
+        assert_eq!(err.report_line(), "VRNG-AGENT error reason=key");
+        assert!(err.to_string().contains(&expected), "{err}");
+    }
+}
+
+#[test]
+fn a_bad_configuration_fails_the_command_without_panicking() {
+    let args = parse_args(&["--connect", "tcp:127.0.0.1:1", "--once"]).unwrap();
+    assert_eq!(run_command(&args), ExitCode::FAILURE);
+}
+
+#[test]
+fn a_round_over_tcp_injects_what_the_host_sends() {
+    let data = pattern(64);
+    let (port, daemon) = tcp_daemon(vec![TcpConnection {
+        key: psk(7),
+        script: vec![Answer::Data(data.clone())],
+    }]);
+    let mut kernel = FakeKernel::default();
+
+    let report = run(&tcp_config(port, psk(7)), &mut kernel).unwrap();
+
+    assert_eq!(
+        report.report_line(),
+        "VRNG-AGENT ok bytes=64 credited_bits=256"
+    );
+    assert_eq!(
+        kernel.calls,
+        [
+            KernelCall::Add {
+                bytes: data,
+                credit_bits: 256
+            },
+            KernelCall::Reseed
+        ]
+    );
+    let connections = daemon.join().unwrap();
+    assert_eq!(connections.len(), 1);
+    assert_eq!(connections[0].as_ref().unwrap(), &[Request { length: 64 }]);
+}
+
+#[test]
+fn a_wrong_key_over_tcp_is_refused_credentials_and_retried() {
+    let (port, daemon) = tcp_daemon(vec![TcpConnection {
+        key: psk(7),
+        script: vec![Answer::Data(pattern(64))],
+    }]);
+    let mut kernel = FakeKernel::default();
+
+    let err = run(&tcp_config(port, psk(8)), &mut kernel).unwrap_err();
+
+    assert!(
+        matches!(&err, AgentError::CredentialsRefused { name, .. } if name == GUEST),
+        "{err}"
+    );
+    assert!(!err.is_fatal(), "the host's configuration may be fixed");
+    assert_eq!(
+        err.report_line(),
+        "VRNG-AGENT error reason=credentials-refused"
+    );
+    assert_eq!(
+        err.to_string(),
+        format!(
+            "tcp:127.0.0.1:{port} refused this guest's credentials: the key in --psk-file is not \
+             the one the host has for --name 'vm1', or the host knows no guest of that name"
+        )
+    );
+    assert!(kernel.calls.is_empty());
+    let connections = daemon.join().unwrap();
+    assert!(
+        matches!(&connections[..], [Err(noise::HandshakeError::WrongCredential(name))] if name == GUEST),
+        "{connections:?}"
+    );
+}
+
+#[test]
+fn run_forever_retries_after_refused_credentials() {
+    // The host first holds another key for the guest, then the right one.
+    let (port, daemon) = tcp_daemon(vec![
+        TcpConnection {
+            key: psk(9),
+            script: vec![],
+        },
+        TcpConnection {
+            key: psk(7),
+            script: vec![Answer::Data(pattern(64))],
+        },
+    ]);
+    // The second round's add fails fatally, which is the only way out.
+    let mut kernel = FakeKernel {
+        add_fails_with: Some(|| AgentError::NotPermitted),
+        ..FakeKernel::default()
+    };
+
+    let err = run_forever(&tcp_config(port, psk(7)), &mut kernel);
+
+    assert!(matches!(err, AgentError::NotPermitted), "{err}");
+    let connections = daemon.join().unwrap();
+    assert!(
+        matches!(
+            &connections[..],
+            [Err(noise::HandshakeError::WrongCredential(_)), Ok(requests)] if requests.len() == 1
+        ),
+        "{connections:?}"
+    );
+}
+
+#[test]
+fn frequent_rounds_over_tcp_share_a_connection_and_reconnect_when_it_drops() {
+    let (port, daemon) = tcp_daemon(vec![
+        TcpConnection {
+            key: psk(7),
+            script: vec![Answer::Data(pattern(64)), Answer::Data(pattern(64))],
+        },
+        TcpConnection {
+            key: psk(7),
+            script: vec![Answer::Data(pattern(64))],
+        },
+    ]);
+    let config = AgentConfig {
+        interval: Duration::from_secs(1),
+        ..tcp_config(port, psk(7))
+    };
+    let mut session = Session::new(&config);
+    let mut kernel = FakeKernel::default();
+    for round in 0..3 {
+        let report = session.round(&mut kernel);
+        assert!(report.is_ok(), "round {round}: {report:?}");
+    }
+    let connections = daemon.join().unwrap();
+    let served: Vec<usize> = connections
+        .iter()
+        .map(|c| c.as_ref().map_or(0, Vec::len))
+        .collect();
+    assert_eq!(served, [2, 1]);
 }
