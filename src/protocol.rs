@@ -206,13 +206,22 @@ pub fn decode_request(bytes: &[u8; REQUEST_LEN]) -> Result<Request, ProtocolErro
 /// The 12 bytes of a response header. The version field is always this
 /// side's [`VERSION`], which is what a server must send back to a client
 /// that asked in a version it does not speak.
-pub fn encode_response_header(header: &ResponseHeader) -> [u8; RESPONSE_HEADER_LEN] {
-    let mut bytes = [0; RESPONSE_HEADER_LEN];
-    bytes[..4].copy_from_slice(&MAGIC);
-    bytes[4] = VERSION;
-    bytes[5] = header.status.code();
-    bytes[8..].copy_from_slice(&header.length.to_be_bytes());
-    bytes
+pub const fn encode_response_header(header: &ResponseHeader) -> [u8; RESPONSE_HEADER_LEN] {
+    let length = header.length.to_be_bytes();
+    [
+        MAGIC[0],
+        MAGIC[1],
+        MAGIC[2],
+        MAGIC[3],
+        VERSION,
+        header.status.code(),
+        0,
+        0,
+        length[0],
+        length[1],
+        length[2],
+        length[3],
+    ]
 }
 
 /// The client's reading of a response header. It checks the header on its
@@ -279,10 +288,15 @@ pub fn fetch(
     if length == 0 || length > MAX_REQUEST {
         return Err(ProtocolError::BadRequestLength(length));
     }
-    stream
+    let sent = stream
         .write_all(&encode_request(&Request { length }))
-        .and_then(|()| stream.flush())
-        .map_err(io_error)?;
+        .and_then(|()| stream.flush());
+    if let Err(e) = sent {
+        // A server that refuses a client (too many clients, unknown peer)
+        // answers and closes without waiting for the request; the answer
+        // may still be waiting to be read, and says more than the error.
+        return Err(early_answer(stream).unwrap_or_else(|| io_error(e)));
+    }
 
     let mut header = [0; RESPONSE_HEADER_LEN];
     read_full(stream, &mut header, "response header")?;
@@ -308,6 +322,16 @@ pub fn fetch(
         return Err(e);
     }
     Ok(body_len)
+}
+
+/// The error answer a server sent before it closed, if one is there to read.
+fn early_answer(stream: &mut impl Read) -> Option<ProtocolError> {
+    let mut header = [0; RESPONSE_HEADER_LEN];
+    read_full(stream, &mut header, "response header").ok()?;
+    match decode_response_header(&header) {
+        Ok(header) if header.status != Status::Ok => Some(ProtocolError::Server(header.status)),
+        _ => None,
+    }
 }
 
 /// Fills `buf` from `stream`, telling a clean close before the first byte
@@ -738,5 +762,31 @@ mod tests {
         assert_eq!(fetch(&mut client, 32, &mut out).unwrap(), 16);
         assert_eq!(out, [0x5a; 16]);
         serving.join().unwrap();
+    }
+
+    #[test]
+    fn fetch_reads_a_refusal_sent_before_the_request() {
+        use std::os::unix::net::UnixStream;
+        // The server answers and closes before the client writes: the
+        // write fails, and the answer waiting to be read says why.
+        let (mut client, mut server) = UnixStream::pair().unwrap();
+        server
+            .write_all(&encode_response_header(&ResponseHeader::error(
+                Status::Refused,
+            )))
+            .unwrap();
+        drop(server);
+        assert!(matches!(
+            fetch(&mut client, 32, &mut Vec::new()),
+            Err(ProtocolError::Server(Status::Refused))
+        ));
+
+        // With nothing to read, the write error is what is reported.
+        let (mut client, server) = UnixStream::pair().unwrap();
+        drop(server);
+        match fetch(&mut client, 32, &mut Vec::new()) {
+            Err(ProtocolError::Io(e)) => assert_eq!(e.kind(), io::ErrorKind::BrokenPipe),
+            other => panic!("{other:?}"),
+        }
     }
 }
