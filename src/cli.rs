@@ -24,7 +24,8 @@ use crate::source::{self, SourceSpec};
                   one Unix socket per guest, to QEMU (-device vhost-user-rng-pci) and \
                   cloud-hypervisor (--generic-vhost-user); guests without vhost-user are \
                   served over EGD (QEMU rng-egd) or, through an in-guest agent, over \
-                  hybrid vsock. Logging follows RUST_LOG (default: info)."
+                  vsock, hybrid vsock or encrypted TCP. Logging follows RUST_LOG \
+                  (default: info)."
 )]
 pub struct Cli {
     #[command(subcommand)]
@@ -45,6 +46,20 @@ pub enum Command {
     Status(StatusArgs),
     /// Run inside a guest: feed the guest kernel's RNG from the host daemon.
     Agent(crate::agent::AgentArgs),
+    /// Manage the pre-shared keys of guests served over TCP (tcp-psk=).
+    #[command(subcommand)]
+    Psk(PskCommand),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum PskCommand {
+    /// Write a new random key to PATH (mode 0600; never overwrites). Give
+    /// the same file to the daemon (tcp-psk=PATH) and to the guest's agent
+    /// (--psk-file).
+    New {
+        #[arg(value_name = "PATH")]
+        path: PathBuf,
+    },
 }
 
 /// Entropy sources and how guests are served from them.
@@ -95,11 +110,36 @@ pub struct ServeArgs {
     pub connects: Vec<PathBuf>,
 
     /// One guest: name=NAME, then socket=PATH (vhost-user, the daemon listens),
-    /// connect=PATH (vhost-user, the VMM listens), egd=PATH (EGD) or
-    /// vsock-uds=PATH (agent over hybrid vsock),
-    /// then [,rate-bytes=N][,rate-period=MS][,burst=N][,weight=W]. Repeatable.
+    /// connect=PATH (vhost-user, the VMM listens), egd=PATH (EGD),
+    /// vsock-uds=PATH (agent over hybrid vsock), cid=N (agent over AF_VSOCK,
+    /// needs --vsock) or tcp-psk=PATH (agent over TCP with the key in PATH,
+    /// needs --listen-tcp), then
+    /// [,rate-bytes=N][,rate-period=MS][,burst=N][,weight=W]. Repeatable.
     #[arg(long = "guest", value_name = "SPEC")]
     pub guests: Vec<GuestSpec>,
+
+    /// Serve the in-guest agent over hybrid vsock (Firecracker, cloud-hypervisor,
+    /// vhost-device-vsock uds-path=PATH): listen on PATH_5564; the guest is named
+    /// after the file. Repeatable.
+    #[arg(long = "vsock-uds", value_name = "PATH")]
+    pub vsock_uds: Vec<PathBuf>,
+
+    /// Listen on AF_VSOCK port PORT (any CID) for the in-guest agent of guests
+    /// given by cid=N (kernel vhost-vsock); other CIDs are refused unless
+    /// --vsock-default-rate is given.
+    #[arg(long, value_name = "PORT", value_parser = parse_vsock_port)]
+    pub vsock: Option<u32>,
+
+    /// Serve vsock CIDs that no guest has, each as a guest of its own
+    /// (cid-N) limited to this many bytes per second.
+    #[arg(long, value_name = "BYTES/SEC", value_parser = parse_positive)]
+    pub vsock_default_rate: Option<u64>,
+
+    /// Listen on TCP ADDR (IP:PORT) for the in-guest agent of guests given by
+    /// tcp-psk=PATH: Noise handshake with the guest's key, then encrypted;
+    /// never plaintext. For hosts without vsock (Xen).
+    #[arg(long, value_name = "ADDR")]
+    pub listen_tcp: Option<SocketAddr>,
 
     /// TOML configuration file (sources, mode, limits, [[guest]] tables);
     /// re-read on SIGHUP. Command-line options take precedence.
@@ -149,7 +189,12 @@ impl ServeArgs {
     /// Checks what clap cannot see one argument at a time.
     pub fn validate(&self) -> Result<(), String> {
         let mut seen = HashSet::new();
-        for path in self.sockets.iter().chain(&self.connects) {
+        for path in self
+            .sockets
+            .iter()
+            .chain(&self.connects)
+            .chain(&self.vsock_uds)
+        {
             if !seen.insert(path) {
                 return Err(format!(
                     "{} is given more than once; each guest needs its own socket",
@@ -159,28 +204,32 @@ impl ServeArgs {
         }
         let nothing = self.sockets.is_empty()
             && self.connects.is_empty()
+            && self.vsock_uds.is_empty()
+            && self.vsock_default_rate.is_none()
             && self.guests.is_empty()
             && self.config.is_none()
             && self.control.is_none();
         if nothing {
             return Err(
-                "nothing to serve: give --socket <PATH>, --connect <PATH>, --guest <SPEC> \
-                 or --config <FILE>, or --control <PATH> to add guests at runtime"
+                "nothing to serve: give --socket <PATH>, --connect <PATH>, --vsock-uds \
+                 <PATH>, --guest <SPEC> or --config <FILE>, or --control <PATH> to add \
+                 guests at runtime"
                     .into(),
             );
         }
         Ok(())
     }
 
-    /// The guests named on the command line: the --socket/--connect
-    /// shorthand first, then --guest.
+    /// The guests named on the command line: the --socket/--connect/
+    /// --vsock-uds shorthand first, then --guest.
     pub fn command_line_guests(&self) -> Vec<GuestSpec> {
         let shorthand = self
             .sockets
             .iter()
             .cloned()
             .map(GuestEndpoint::Socket)
-            .chain(self.connects.iter().cloned().map(GuestEndpoint::Connect));
+            .chain(self.connects.iter().cloned().map(GuestEndpoint::Connect))
+            .chain(self.vsock_uds.iter().cloned().map(GuestEndpoint::VsockUds));
         let mut guests = config::shorthand_guests(shorthand);
         guests.extend(self.guests.iter().cloned());
         guests
@@ -200,6 +249,9 @@ impl From<&ServeArgs> for Settings {
             socket_group: args.socket_group,
             control: args.control.clone(),
             metrics: args.metrics,
+            vsock: args.vsock,
+            vsock_default_rate: args.vsock_default_rate,
+            listen_tcp: args.listen_tcp,
         }
     }
 }
@@ -249,6 +301,16 @@ fn parse_positive(value: &str) -> Result<u64, String> {
     match value.parse::<u64>() {
         Ok(n) if n > 0 => Ok(n),
         _ => Err(format!("'{value}' is not a positive whole number")),
+    }
+}
+
+fn parse_vsock_port(value: &str) -> Result<u32, String> {
+    match value.parse::<u32>() {
+        Ok(port) if port != u32::MAX => Ok(port),
+        _ => Err(format!(
+            "'{value}' is not a vsock port: give a number from 0 to {}",
+            u32::MAX - 1
+        )),
     }
 }
 

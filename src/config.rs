@@ -64,6 +64,16 @@ control = "/run/vhost-rng/control.sock"
 # Address and port (IP:PORT) on which the daemon serves its metrics.
 metrics = "127.0.0.1:9564"
 
+# AF_VSOCK port for guests given by cid= (kernel vhost-vsock); the agent in
+# the guest connects to vsock:2:PORT.
+vsock = 5564
+# Bytes per second for guests whose CID no [[guest]] has; leave the key out
+# to refuse them.
+vsock-default-rate = 4096
+# Address and port (IP:PORT) of the encrypted TCP listener for guests given
+# by tcp-psk= (Xen guests without vsock). Never plaintext.
+listen-tcp = "192.0.2.1:5565"
+
 # Limits for every [[guest]] that does not set the key itself.
 [defaults]                         # applied to every [[guest]] that does not set the key
 # Rate limit: at most rate-bytes bytes every rate-period milliseconds. A
@@ -86,7 +96,12 @@ weight = 1
 #   egd      a socket the daemon listens on speaking the EGD protocol, for
 #            QEMU rng-egd / libvirt <backend model='egd'> (no vhost-user), or
 #   vsock-uds  hybrid vsock: the daemon listens on PATH_5564 for the
-#            in-guest agent (vhost-rng agent --connect vsock:2:5564)
+#            in-guest agent (vhost-rng agent --connect vsock:2:5564), or
+#   cid      AF_VSOCK: the guest with this CID, on the --vsock PORT listener
+#            (vhost-vsock); the agent connects to vsock:2:PORT, or
+#   tcp-psk  TCP: the guest holding the pre-shared key in this file (made by
+#            vhost-rng psk new PATH), on the --listen-tcp ADDR listener; the
+#            agent connects to tcp:HOST:PORT --psk-file --name
 #   rate-bytes, rate-period, burst, weight: as in [defaults], which they override
 [[guest]]
 name = "vm1"
@@ -110,9 +125,14 @@ pub const DEFAULT_WEIGHT: u32 = 1;
 pub const MAX_WEIGHT: u32 = 1000;
 /// Longest guest name, in characters.
 pub const MAX_NAME_LEN: usize = 64;
+/// The lowest vsock CID a guest can have: 0, 1 and 2 are the hypervisor,
+/// local loopback and the host.
+pub const FIRST_GUEST_CID: u32 = 3;
+/// `VMADDR_CID_ANY`, a wildcard rather than a guest.
+pub const VSOCK_CID_ANY: u32 = u32::MAX;
 
 /// The keys a configuration file may have at its top level.
-pub const FILE_KEYS: [&str; 11] = [
+pub const FILE_KEYS: [&str; 14] = [
     "sources",
     "mode",
     "reseed-bytes",
@@ -122,6 +142,9 @@ pub const FILE_KEYS: [&str; 11] = [
     "socket-group",
     "control",
     "metrics",
+    "vsock",
+    "vsock-default-rate",
+    "listen-tcp",
     "defaults",
     "guest",
 ];
@@ -140,15 +163,59 @@ pub enum GuestEndpoint {
     /// daemon listens on `PATH_PORT` and speaks the vhost-rng channel
     /// protocol to the in-guest agent.
     VsockUds(PathBuf),
+    /// AF_VSOCK: the guest with this CID, on the daemon's `--vsock PORT`
+    /// listener, speaking the channel protocol.
+    Cid(u32),
+    /// TCP: the guest that proves it holds the pre-shared key in this file,
+    /// on the daemon's `--listen-tcp ADDR` listener (Noise, never plaintext).
+    TcpPsk(PathBuf),
+}
+
+/// What a guest's endpoint takes for itself: a path on the host or a vsock
+/// CID. No two guests may share one.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum Address {
+    Path(PathBuf),
+    Cid(u32),
+}
+
+impl fmt::Display for Address {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Address::Path(path) => write!(f, "{}", path.display()),
+            Address::Cid(cid) => write!(f, "vsock CID {cid}"),
+        }
+    }
 }
 
 impl GuestEndpoint {
-    pub fn path(&self) -> &Path {
+    /// The endpoint's path, if it has one (all but `cid=`).
+    pub fn path(&self) -> Option<&Path> {
         match self {
             GuestEndpoint::Socket(path)
             | GuestEndpoint::Connect(path)
             | GuestEndpoint::Egd(path)
-            | GuestEndpoint::VsockUds(path) => path,
+            | GuestEndpoint::VsockUds(path)
+            | GuestEndpoint::TcpPsk(path) => Some(path),
+            GuestEndpoint::Cid(_) => None,
+        }
+    }
+
+    pub fn address(&self) -> Address {
+        match self {
+            GuestEndpoint::Cid(cid) => Address::Cid(*cid),
+            other => Address::Path(other.path().map(Path::to_owned).unwrap_or_default()),
+        }
+    }
+
+    /// The value written after the key: a path or a CID.
+    pub fn value(&self) -> String {
+        match self {
+            GuestEndpoint::Cid(cid) => cid.to_string(),
+            other => other
+                .path()
+                .map(|path| path.display().to_string())
+                .unwrap_or_default(),
         }
     }
 
@@ -159,6 +226,8 @@ impl GuestEndpoint {
             GuestEndpoint::Connect(_) => GuestKey::Connect,
             GuestEndpoint::Egd(_) => GuestKey::Egd,
             GuestEndpoint::VsockUds(_) => GuestKey::VsockUds,
+            GuestEndpoint::Cid(_) => GuestKey::Cid,
+            GuestEndpoint::TcpPsk(_) => GuestKey::TcpPsk,
         }
     }
 }
@@ -187,7 +256,7 @@ impl GuestSpec {
     /// weight 1. Where several shorthand sockets share a file name, use
     /// [`shorthand_guests`], which names them by their whole paths instead.
     pub fn from_socket_shorthand(endpoint: GuestEndpoint) -> GuestSpec {
-        let name = file_stem_name(endpoint.path());
+        let name = file_stem_name(endpoint.path().unwrap_or(Path::new("guest")));
         GuestSpec::unlimited(name, endpoint)
     }
 
@@ -220,7 +289,7 @@ impl fmt::Display for GuestSpec {
             "name={},{}={}",
             self.name,
             self.endpoint.key(),
-            self.endpoint.path().display()
+            self.endpoint.value()
         )?;
         if let Some(rate) = self.rate_bytes {
             write!(f, ",rate-bytes={rate}")?;
@@ -271,6 +340,8 @@ pub enum GuestKey {
     Connect,
     Egd,
     VsockUds,
+    Cid,
+    TcpPsk,
     RateBytes,
     RatePeriod,
     Burst,
@@ -279,12 +350,14 @@ pub enum GuestKey {
 
 impl GuestKey {
     /// Every key of a guest, in canonical order.
-    pub const ALL: [GuestKey; 9] = [
+    pub const ALL: [GuestKey; 11] = [
         GuestKey::Name,
         GuestKey::Socket,
         GuestKey::Connect,
         GuestKey::Egd,
         GuestKey::VsockUds,
+        GuestKey::Cid,
+        GuestKey::TcpPsk,
         GuestKey::RateBytes,
         GuestKey::RatePeriod,
         GuestKey::Burst,
@@ -306,6 +379,8 @@ impl GuestKey {
             GuestKey::Connect => "connect",
             GuestKey::Egd => "egd",
             GuestKey::VsockUds => "vsock-uds",
+            GuestKey::Cid => "cid",
+            GuestKey::TcpPsk => "tcp-psk",
             GuestKey::RateBytes => "rate-bytes",
             GuestKey::RatePeriod => "rate-period",
             GuestKey::Burst => "burst",
@@ -326,6 +401,7 @@ impl GuestKey {
                 | GuestKey::Connect
                 | GuestKey::Egd
                 | GuestKey::VsockUds
+                | GuestKey::TcpPsk
         )
     }
 
@@ -384,12 +460,22 @@ pub enum GuestSpecError {
     MissingName,
     #[error(
         "no endpoint: give socket=PATH for a vhost-user socket the daemon listens on, \
-         connect=PATH for one the VMM listens on, egd=PATH for an EGD socket, or \
-         vsock-uds=PATH for the agent over hybrid vsock"
+         connect=PATH for one the VMM listens on, egd=PATH for an EGD socket, \
+         vsock-uds=PATH for the agent over hybrid vsock, cid=N for the agent over \
+         AF_VSOCK, or tcp-psk=PATH for the agent over TCP"
     )]
     NoEndpoint,
-    #[error("more than one of 'socket', 'connect', 'egd' and 'vsock-uds' is set; give only one")]
+    #[error(
+        "more than one of 'socket', 'connect', 'egd', 'vsock-uds', 'cid' and 'tcp-psk' is \
+         set; give only one"
+    )]
     BothEndpoints,
+    #[error(
+        "key 'cid': {0} is not a guest CID ({FIRST_GUEST_CID} to {max}; 0 to 2 are the \
+         hypervisor, local and host)",
+        max = VSOCK_CID_ANY - 1
+    )]
+    CidOutOfRange(String),
     #[error("key 'name': {name:?} {problem}")]
     InvalidName { name: String, problem: NameProblem },
     #[error("key '{0}': the path is empty")]
@@ -448,6 +534,7 @@ impl GuestSpecError {
             | GuestSpecError::WrongType { key, .. } => Some(*key),
             GuestSpecError::InvalidName { .. } => Some(GuestKey::Name),
             GuestSpecError::WeightOutOfRange(_) => Some(GuestKey::Weight),
+            GuestSpecError::CidOutOfRange(_) => Some(GuestKey::Cid),
             GuestSpecError::Empty
             | GuestSpecError::EmptyItem
             | GuestSpecError::UnknownKey { .. }
@@ -525,6 +612,8 @@ struct Draft {
     connect: Option<PathBuf>,
     egd: Option<PathBuf>,
     vsock_uds: Option<PathBuf>,
+    cid: Option<u32>,
+    tcp_psk: Option<PathBuf>,
     rate_bytes: Option<u64>,
     rate_period_ms: Option<u64>,
     burst: Option<u64>,
@@ -539,6 +628,8 @@ impl Draft {
             GuestKey::Connect => self.connect.is_some(),
             GuestKey::Egd => self.egd.is_some(),
             GuestKey::VsockUds => self.vsock_uds.is_some(),
+            GuestKey::Cid => self.cid.is_some(),
+            GuestKey::TcpPsk => self.tcp_psk.is_some(),
             GuestKey::RateBytes => self.rate_bytes.is_some(),
             GuestKey::RatePeriod => self.rate_period_ms.is_some(),
             GuestKey::Burst => self.burst.is_some(),
@@ -560,7 +651,11 @@ impl Draft {
                 validate_name(text)?;
                 self.name = Some(text.to_owned());
             }
-            GuestKey::Socket | GuestKey::Connect | GuestKey::Egd | GuestKey::VsockUds => {
+            GuestKey::Socket
+            | GuestKey::Connect
+            | GuestKey::Egd
+            | GuestKey::VsockUds
+            | GuestKey::TcpPsk => {
                 if text.is_empty() {
                     return Err(GuestSpecError::EmptyPath(key));
                 }
@@ -569,6 +664,7 @@ impl Draft {
                     GuestKey::Socket => self.socket = path,
                     GuestKey::Connect => self.connect = path,
                     GuestKey::Egd => self.egd = path,
+                    GuestKey::TcpPsk => self.tcp_psk = path,
                     _ => self.vsock_uds = path,
                 }
             }
@@ -616,6 +712,13 @@ impl Draft {
             }
             return Ok(());
         }
+        if key == GuestKey::Cid {
+            match u32::try_from(number) {
+                Ok(cid) if (FIRST_GUEST_CID..VSOCK_CID_ANY).contains(&cid) => self.cid = Some(cid),
+                _ => return Err(GuestSpecError::CidOutOfRange(number.to_string())),
+            }
+            return Ok(());
+        }
         if number == 0 {
             return Err(GuestSpecError::Zero(key));
         }
@@ -635,13 +738,19 @@ impl Draft {
     /// `defaults`, then the built-in defaults.
     fn finish(self, defaults: &GuestDefaults) -> Result<GuestSpec, GuestSpecError> {
         let name = self.name.ok_or(GuestSpecError::MissingName)?;
-        let endpoint = match (self.socket, self.connect, self.egd, self.vsock_uds) {
-            (Some(path), None, None, None) => GuestEndpoint::Socket(path),
-            (None, Some(path), None, None) => GuestEndpoint::Connect(path),
-            (None, None, Some(path), None) => GuestEndpoint::Egd(path),
-            (None, None, None, Some(path)) => GuestEndpoint::VsockUds(path),
-            (None, None, None, None) => return Err(GuestSpecError::NoEndpoint),
-            _ => return Err(GuestSpecError::BothEndpoints),
+        let endpoints = [
+            self.socket.map(GuestEndpoint::Socket),
+            self.connect.map(GuestEndpoint::Connect),
+            self.egd.map(GuestEndpoint::Egd),
+            self.vsock_uds.map(GuestEndpoint::VsockUds),
+            self.cid.map(GuestEndpoint::Cid),
+            self.tcp_psk.map(GuestEndpoint::TcpPsk),
+        ];
+        let mut given = endpoints.into_iter().flatten();
+        let endpoint = match (given.next(), given.next()) {
+            (Some(endpoint), None) => endpoint,
+            (None, _) => return Err(GuestSpecError::NoEndpoint),
+            (Some(_), Some(_)) => return Err(GuestSpecError::BothEndpoints),
         };
         let rate_bytes = self.rate_bytes.or(defaults.rate_bytes);
         let weight = self.weight.or(defaults.weight).unwrap_or(DEFAULT_WEIGHT);
@@ -749,7 +858,11 @@ pub fn shorthand_names<'a>(paths: impl IntoIterator<Item = &'a Path>) -> Vec<Str
 /// [`shorthand_names`], not limited, weight 1.
 pub fn shorthand_guests(endpoints: impl IntoIterator<Item = GuestEndpoint>) -> Vec<GuestSpec> {
     let endpoints: Vec<GuestEndpoint> = endpoints.into_iter().collect();
-    let names = shorthand_names(endpoints.iter().map(GuestEndpoint::path));
+    let names = shorthand_names(
+        endpoints
+            .iter()
+            .map(|endpoint| endpoint.path().unwrap_or(Path::new("guest"))),
+    );
     names
         .into_iter()
         .zip(endpoints)
@@ -797,10 +910,10 @@ pub fn merge_guests(
         }
         if let Some((first_origin, first)) = merged
             .iter()
-            .find(|(_, g)| g.endpoint.path() == spec.endpoint.path())
+            .find(|(_, g)| g.endpoint.address() == spec.endpoint.address())
         {
             return Err(ConfigError::MergePath {
-                path: spec.endpoint.path().to_owned(),
+                path: spec.endpoint.address(),
                 first: *first_origin,
                 first_guest: first.name.clone(),
                 second: origin,
@@ -831,6 +944,12 @@ pub struct ConfigFile {
     pub socket_group: Option<String>,
     pub control: Option<PathBuf>,
     pub metrics: Option<SocketAddr>,
+    /// AF_VSOCK port for `cid=` guests.
+    pub vsock: Option<u32>,
+    /// Bytes per second for vsock CIDs no guest is configured for.
+    pub vsock_default_rate: Option<u64>,
+    /// Address of the TCP listener for `tcp-psk=` guests.
+    pub listen_tcp: Option<SocketAddr>,
     pub defaults: GuestDefaults,
     /// The `[[guest]]` tables in file order, with `[defaults]` applied.
     pub guests: Vec<GuestSpec>,
@@ -946,14 +1065,14 @@ pub enum ConfigError {
         first_line: usize,
     },
     #[error(
-        "{}:{line}: guest {name:?}: {} is already used by guest {other:?} on line {other_line}",
-        .path.display(), .endpoint.display()
+        "{}:{line}: guest {name:?}: {endpoint} is already used by guest {other:?} on line {other_line}",
+        .path.display()
     )]
     DuplicatePath {
         path: PathBuf,
         line: usize,
         name: String,
-        endpoint: PathBuf,
+        endpoint: Address,
         other: String,
         other_line: usize,
     },
@@ -967,12 +1086,9 @@ pub enum ConfigError {
         second: GuestOrigin,
         second_spec: String,
     },
-    #[error(
-        "{} is used by two guests: {first_guest:?} {first} and {second_guest:?} {second}",
-        .path.display()
-    )]
+    #[error("{path} is used by two guests: {first_guest:?} {first} and {second_guest:?} {second}")]
     MergePath {
-        path: PathBuf,
+        path: Address,
         first: GuestOrigin,
         first_guest: String,
         second: GuestOrigin,
@@ -1111,7 +1227,16 @@ impl FileParser<'_> {
                     let path = self.text_value(name, value, "a path as a string")?;
                     config.control = Some(PathBuf::from(path));
                 }
-                "metrics" => config.metrics = Some(self.metrics(name, value)?),
+                "metrics" => config.metrics = Some(self.socket_addr(name, value)?),
+                "vsock" => {
+                    let port = self.positive(name, value, u64::from(u32::MAX - 1), "")?;
+                    config.vsock = u32::try_from(port).ok();
+                }
+                "vsock-default-rate" => {
+                    let hint = "; omit vsock-default-rate to refuse unknown CIDs";
+                    config.vsock_default_rate = Some(self.positive(name, value, MAX_BYTES, hint)?);
+                }
+                "listen-tcp" => config.listen_tcp = Some(self.socket_addr(name, value)?),
                 "defaults" => config.defaults = self.defaults(value)?,
                 "guest" => guests = Some(value),
                 _ => {
@@ -1248,7 +1373,7 @@ impl FileParser<'_> {
         })
     }
 
-    fn metrics(&self, key: &str, value: &Value<'_>) -> Result<SocketAddr, ConfigError> {
+    fn socket_addr(&self, key: &str, value: &Value<'_>) -> Result<SocketAddr, ConfigError> {
         let text = self.text_value(key, value, "an address and port as a string")?;
         text.parse().map_err(|_| {
             self.value_error(
@@ -1325,7 +1450,7 @@ impl FileParser<'_> {
         let mut guests = Vec::new();
         // Line of each name and of each socket path (with its guest) so far.
         let mut names: HashMap<String, usize> = HashMap::new();
-        let mut paths: HashMap<PathBuf, (String, usize)> = HashMap::new();
+        let mut paths: HashMap<Address, (String, usize)> = HashMap::new();
         for (index, item) in tables.iter().enumerate() {
             let DeValue::Table(table) = item.get_ref() else {
                 return Err(self.value_error(
@@ -1347,7 +1472,7 @@ impl FileParser<'_> {
                     first_line,
                 });
             }
-            let path = spec.endpoint.path().to_owned();
+            let path = spec.endpoint.address();
             let path_line = lines[&spec.endpoint.key()];
             if let Some((other, other_line)) = paths.get(&path) {
                 return Err(ConfigError::DuplicatePath {
@@ -1475,8 +1600,8 @@ mod tests {
         GuestSpec::unlimited(name.into(), GuestEndpoint::Socket(path.into()))
     }
 
-    const GUEST_KEYS: &str =
-        "name, socket, connect, egd, vsock-uds, rate-bytes, rate-period, burst, weight";
+    const GUEST_KEYS: &str = "name, socket, connect, egd, vsock-uds, cid, tcp-psk, rate-bytes, rate-period, burst, \
+         weight";
 
     // ---- the example ----
 
@@ -1731,7 +1856,7 @@ mod tests {
             err.to_string(),
             "/etc/vhost-rng.toml:3: unknown key 'max_rate' (valid: sources, mode, \
              reseed-bytes, reseed-secs, max-rate, socket-mode, socket-group, control, \
-             metrics, defaults, guest)"
+             metrics, vsock, vsock-default-rate, listen-tcp, defaults, guest)"
         );
         assert_eq!(err.line(), Some(3));
         assert_eq!(err.key(), Some("max_rate"));
@@ -1956,7 +2081,8 @@ mod tests {
         assert_eq!(
             err.to_string(),
             "/etc/vhost-rng.toml:12: guest \"vm3\": unknown key 'rate_bytes' (valid: name, \
-             socket, connect, egd, vsock-uds, rate-bytes, rate-period, burst, weight)"
+             socket, connect, egd, vsock-uds, cid, tcp-psk, rate-bytes, rate-period, burst, \
+             weight)"
         );
         assert_eq!((err.line(), err.key()), (Some(12), Some("rate_bytes")));
     }
@@ -1980,7 +2106,7 @@ mod tests {
         assert_eq!(
             err.to_string(),
             "/etc/vhost-rng.toml:8: guest \"vm2\": more than one of 'socket', 'connect', \
-             'egd' and 'vsock-uds' is set; give only one"
+             'egd', 'vsock-uds', 'cid' and 'tcp-psk' is set; give only one"
         );
         assert!(
             matches!(
@@ -2009,7 +2135,7 @@ mod tests {
             ),
             "/etc/vhost-rng.toml:5: guest \"b\": no endpoint: give socket=PATH for a \
              vhost-user socket the daemon listens on, connect=PATH for one the VMM listens \
-             on, egd=PATH for an EGD socket, or vsock-uds=PATH for the agent over hybrid vsock"
+             on, egd=PATH for an EGD socket, vsock-uds=PATH for the agent over hybrid vsock, cid=N for the agent over AF_VSOCK, or tcp-psk=PATH for the agent over TCP"
         );
     }
 
@@ -2244,12 +2370,12 @@ mod tests {
             ),
             (
                 "name=vm1,socket=/a,rate_bytes=5",
-                "unknown key 'rate_bytes' (valid: name, socket, connect, egd, vsock-uds, rate-bytes, \
+                "unknown key 'rate_bytes' (valid: name, socket, connect, egd, vsock-uds, cid, tcp-psk, rate-bytes, \
                  rate-period, burst, weight)",
             ),
             (
                 "vm1",
-                "unknown key 'vm1' (valid: name, socket, connect, egd, vsock-uds, rate-bytes, rate-period, \
+                "unknown key 'vm1' (valid: name, socket, connect, egd, vsock-uds, cid, tcp-psk, rate-bytes, rate-period, \
                  burst, weight)",
             ),
             (
@@ -2262,12 +2388,13 @@ mod tests {
             (
                 "name=vm1",
                 "no endpoint: give socket=PATH for a vhost-user socket the daemon listens on, \
-                 connect=PATH for one the VMM listens on, egd=PATH for an EGD socket, or \
-         vsock-uds=PATH for the agent over hybrid vsock",
+                 connect=PATH for one the VMM listens on, egd=PATH for an EGD socket, \
+                 vsock-uds=PATH for the agent over hybrid vsock, cid=N for the agent over \
+                 AF_VSOCK, or tcp-psk=PATH for the agent over TCP",
             ),
             (
                 "name=vm1,socket=/a,connect=/b",
-                "more than one of 'socket', 'connect', 'egd' and 'vsock-uds' is set; give only one",
+                "more than one of 'socket', 'connect', 'egd', 'vsock-uds', 'cid' and 'tcp-psk' is set; give only one",
             ),
             (
                 "name=vm1,socket=/a,rate-bytes=64k",

@@ -18,11 +18,13 @@ use nix::unistd::Gid;
 use crate::config::{self, ConfigError, ConfigFile, GuestSpec};
 use crate::control::{ControlServer, DEFAULT_CONTROL_PATH};
 use crate::drbg::ReseedPolicy;
+use crate::frontend::tcp::{TcpError, TcpListener};
 use crate::frontend::vhost_user::{SocketAccess, SocketError};
+use crate::frontend::vsock::{VsockError, VsockListener};
 use crate::limiter::RateLimit;
 use crate::metrics::MetricsServer;
 use crate::pool::{Mode, Pool, PoolConfig, PoolError};
-use crate::registry::{Registry, RegistryError};
+use crate::registry::{Listeners, Registry, RegistryError};
 use crate::source::{self, SourceSpec};
 
 /// Settings that may come from the command line or the config file; the
@@ -38,6 +40,9 @@ pub struct Settings {
     pub socket_group: Option<Gid>,
     pub control: Option<PathBuf>,
     pub metrics: Option<SocketAddr>,
+    pub vsock: Option<u32>,
+    pub vsock_default_rate: Option<u64>,
+    pub listen_tcp: Option<SocketAddr>,
 }
 
 /// What `serve` was asked for.
@@ -56,6 +61,9 @@ struct Resolved {
     max_rate: Option<u64>,
     control: Option<PathBuf>,
     metrics: Option<SocketAddr>,
+    vsock: Option<u32>,
+    vsock_default_rate: Option<u64>,
+    listen_tcp: Option<SocketAddr>,
     guests: Vec<GuestSpec>,
 }
 
@@ -77,6 +85,12 @@ pub enum DaemonError {
     },
     #[error("cannot set up signal handling: {0}")]
     Signals(#[source] nix::Error),
+    #[error(transparent)]
+    Vsock(#[from] VsockError),
+    #[error(transparent)]
+    Tcp(#[from] TcpError),
+    #[error("vsock-default-rate needs a vsock port to listen on: give --vsock PORT")]
+    DefaultRateWithoutVsock,
 }
 
 fn resolve(config: &ServeConfig) -> Result<Resolved, DaemonError> {
@@ -112,6 +126,11 @@ fn resolve(config: &ServeConfig) -> Result<Resolved, DaemonError> {
             .is_root()
             .then(|| PathBuf::from(DEFAULT_CONTROL_PATH))
     });
+    let vsock = cli.vsock.or(file.vsock);
+    let vsock_default_rate = cli.vsock_default_rate.or(file.vsock_default_rate);
+    if vsock_default_rate.is_some() && vsock.is_none() {
+        return Err(DaemonError::DefaultRateWithoutVsock);
+    }
     Ok(Resolved {
         pool: PoolConfig {
             sources,
@@ -125,6 +144,9 @@ fn resolve(config: &ServeConfig) -> Result<Resolved, DaemonError> {
         max_rate: cli.max_rate.or(file.max_rate),
         control,
         metrics: cli.metrics.or(file.metrics),
+        vsock,
+        vsock_default_rate,
+        listen_tcp: cli.listen_tcp.or(file.listen_tcp),
         guests: config::merge_guests(config.guests.clone(), file.guests)?,
     })
 }
@@ -139,8 +161,9 @@ pub fn run(config: ServeConfig) -> Result<(), DaemonError> {
     let resolved = resolve(&config)?;
     info!("serving mode: {}", resolved.pool.mode.as_str());
     let pool = Pool::start(resolved.pool.clone())?;
-    let registry = Registry::new(pool, resolved.access);
+    let registry = Registry::new(Arc::clone(&pool), resolved.access);
     registry.set_max_rate(resolved.max_rate)?;
+    registry.set_listeners(open_listeners(&resolved, &pool, &registry)?);
     if let Err(e) = registry.apply(resolved.guests.clone()) {
         registry.stop_all();
         return Err(e.into());
@@ -192,6 +215,34 @@ pub fn run(config: ServeConfig) -> Result<(), DaemonError> {
     }
     info!("stopped; socket files removed");
     Ok(())
+}
+
+/// Starts the listeners shared by many guests (`--vsock`, `--listen-tcp`);
+/// all or none.
+fn open_listeners(
+    resolved: &Resolved,
+    pool: &Arc<Pool>,
+    registry: &Registry,
+) -> Result<Listeners, DaemonError> {
+    let mut listeners = Listeners::default();
+    if let Some(port) = resolved.vsock {
+        listeners.vsock = Some(VsockListener::start(
+            port,
+            resolved.vsock_default_rate,
+            Arc::clone(pool),
+            registry.global_limit(),
+        )?);
+    }
+    if let Some(addr) = resolved.listen_tcp {
+        match TcpListener::start(addr) {
+            Ok(tcp) => listeners.tcp = Some(tcp),
+            Err(e) => {
+                listeners.stop();
+                return Err(e.into());
+            }
+        }
+    }
+    Ok(listeners)
 }
 
 /// SIGHUP: re-reads the config file and applies its guests and limits.
@@ -248,6 +299,12 @@ fn warn_restart_needed(path: &Path, running: &Resolved, new: &Resolved) {
     }
     if new.control != running.control || new.metrics != running.metrics {
         ignored.push("control/metrics");
+    }
+    if new.vsock != running.vsock
+        || new.vsock_default_rate != running.vsock_default_rate
+        || new.listen_tcp != running.listen_tcp
+    {
+        ignored.push("vsock/vsock-default-rate/listen-tcp");
     }
     if !ignored.is_empty() {
         warn!(

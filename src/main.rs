@@ -6,7 +6,7 @@ use std::process::ExitCode;
 use clap::{CommandFactory, Parser};
 use log::error;
 use vhost_rng::check;
-use vhost_rng::cli::{Cli, Command, ControlArgs, GuestCommand};
+use vhost_rng::cli::{Cli, Command, ControlArgs, GuestCommand, PskCommand};
 use vhost_rng::control::{self, Request, Response};
 use vhost_rng::daemon::{self, ServeConfig, Settings};
 use vhost_rng::status;
@@ -51,6 +51,16 @@ fn main() -> ExitCode {
         }
         Command::Status(args) => ask(&args.control, Request::Status, args.json),
         Command::Agent(args) => vhost_rng::agent::run_command(&args),
+        Command::Psk(PskCommand::New { path }) => match vhost_rng::noise::write_new_psk(&path) {
+            Ok(_) => {
+                println!("wrote a new pre-shared key to {}", path.display());
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("vhost-rng: {e}");
+                ExitCode::FAILURE
+            }
+        },
     }
 }
 

@@ -6,17 +6,21 @@
 //! again and the running set stays exactly as it was.
 
 use std::collections::BTreeMap;
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 use std::time::Instant;
 
 use log::info;
 
 use crate::config::{GuestEndpoint, GuestSpec};
 use crate::frontend::GuestFrontend;
+use crate::frontend::stream::Clients;
+use crate::frontend::tcp::TcpListener;
 use crate::frontend::vhost_user::{Endpoint, GuestServer, GuestSocket, SocketAccess, SocketError};
+use crate::frontend::vsock::VsockListener;
 use crate::frontend::{channel, egd};
 use crate::guest::{Guest, GuestLimits, SharedBucket};
 use crate::limiter::{RateLimit, RateLimitError};
+use crate::noise::{Psk, PskError};
 use crate::pool::Pool;
 use crate::protocol;
 use crate::status::{DaemonStatus, GuestStatus, PoolStatus, SourceStatus};
@@ -52,6 +56,18 @@ pub enum RegistryError {
         #[source]
         error: SocketError,
     },
+    #[error("guest {name}: {key}= needs the daemon to run with {option}")]
+    NoListener {
+        name: String,
+        key: &'static str,
+        option: &'static str,
+    },
+    #[error("guest {name}: {error}")]
+    Key {
+        name: String,
+        #[source]
+        error: PskError,
+    },
     #[error("guest {name}: cannot start its thread: {error}")]
     Spawn {
         name: String,
@@ -84,7 +100,26 @@ pub struct Registry {
     global: SharedBucket,
     max_rate: Mutex<Option<u64>>,
     guests: Mutex<BTreeMap<String, Entry>>,
+    listeners: OnceLock<Listeners>,
     started: Instant,
+}
+
+/// The listeners shared by many guests, where the daemon runs them.
+#[derive(Default)]
+pub struct Listeners {
+    pub vsock: Option<Arc<VsockListener>>,
+    pub tcp: Option<Arc<TcpListener>>,
+}
+
+impl Listeners {
+    pub fn stop(&self) {
+        if let Some(vsock) = &self.vsock {
+            vsock.stop();
+        }
+        if let Some(tcp) = &self.tcp {
+            tcp.stop();
+        }
+    }
 }
 
 /// A guest's limits as the spec gives them.
@@ -114,6 +149,8 @@ enum Opened {
     VhostUser(Endpoint),
     Egd(GuestSocket),
     Channel(GuestSocket),
+    Vsock(Arc<VsockListener>, u32),
+    Tcp(Arc<TcpListener>, Psk),
 }
 
 /// A socket opened for a guest that is not serving yet.
@@ -131,8 +168,27 @@ impl Registry {
             global: SharedBucket::default(),
             max_rate: Mutex::new(None),
             guests: Mutex::new(BTreeMap::new()),
+            listeners: OnceLock::new(),
             started: Instant::now(),
         })
+    }
+
+    /// The cap on all guests together, which guests let in by a listener's
+    /// default policy share too.
+    pub fn global_limit(&self) -> SharedBucket {
+        Arc::clone(&self.global)
+    }
+
+    /// Sets the shared listeners, once, before guests that need them are
+    /// added.
+    pub fn set_listeners(&self, listeners: Listeners) {
+        if let Err(unused) = self.listeners.set(listeners) {
+            unused.stop();
+        }
+    }
+
+    fn listeners(&self) -> Option<&Listeners> {
+        self.listeners.get()
     }
 
     fn lock(&self) -> MutexGuard<'_, BTreeMap<String, Entry>> {
@@ -234,7 +290,7 @@ impl Registry {
             let path_leaving = leaving.iter().any(|name| {
                 guests
                     .get(name)
-                    .is_some_and(|e| e.spec.endpoint.path() == spec.endpoint.path())
+                    .is_some_and(|e| e.spec.endpoint.address() == spec.endpoint.address())
             });
             if path_leaving {
                 prepared.push(Err(spec));
@@ -295,6 +351,32 @@ impl Registry {
             GuestEndpoint::VsockUds(path) => {
                 Opened::Channel(bind(&channel::uds_path(path, protocol::DEFAULT_PORT))?)
             }
+            GuestEndpoint::Cid(cid) => {
+                let listener = self
+                    .listeners()
+                    .and_then(|l| l.vsock.clone())
+                    .ok_or_else(|| RegistryError::NoListener {
+                        name: spec.name.clone(),
+                        key: "cid",
+                        option: "--vsock PORT",
+                    })?;
+                Opened::Vsock(listener, *cid)
+            }
+            GuestEndpoint::TcpPsk(path) => {
+                let listener = self
+                    .listeners()
+                    .and_then(|l| l.tcp.clone())
+                    .ok_or_else(|| RegistryError::NoListener {
+                        name: spec.name.clone(),
+                        key: "tcp-psk",
+                        option: "--listen-tcp ADDR",
+                    })?;
+                let psk = Psk::load(path).map_err(|error| RegistryError::Key {
+                    name: spec.name.clone(),
+                    error,
+                })?;
+                Opened::Tcp(listener, psk)
+            }
         };
         Ok(Prepared {
             spec,
@@ -349,6 +431,24 @@ impl Registry {
                 );
                 channel::spawn(guest, socket).map_err(spawn_error)?
             }
+            Opened::Vsock(listener, cid) => {
+                info!(
+                    "guest {}: serving vsock CID {cid} on port {} (agent channel; {spec})",
+                    spec.name,
+                    listener.port()
+                );
+                listener.directory().join(cid, Clients::new(guest), ())
+            }
+            Opened::Tcp(listener, psk) => {
+                info!(
+                    "guest {}: serving TCP clients with its key on {} (agent channel, \
+                     Noise; {spec})",
+                    spec.name,
+                    listener.local_addr()
+                );
+                let name = spec.name.clone();
+                listener.directory().join(name, Clients::new(guest), psk)
+            }
         };
         guests.insert(
             spec.name.clone(),
@@ -371,22 +471,39 @@ impl Registry {
         for (_, entry) in std::mem::take(&mut *self.lock()) {
             entry.server.stop();
         }
+        if let Some(listeners) = self.listeners() {
+            listeners.stop();
+        }
     }
 
     pub fn guest_statuses(&self) -> Vec<GuestStatus> {
         let now = Instant::now();
-        self.lock()
+        let configured: Vec<(Arc<Guest>, &'static str, String)> = self
+            .lock()
             .values()
             .map(|entry| {
-                let guest = entry.server.guest();
+                let endpoint = &entry.spec.endpoint;
+                let guest = Arc::clone(entry.server.guest());
+                (guest, endpoint.key().as_str(), endpoint.value())
+            })
+            .collect();
+        let automatic = self
+            .listeners()
+            .and_then(|l| l.vsock.as_ref())
+            .map(|vsock| vsock.directory().automatic())
+            .unwrap_or_default()
+            .into_iter()
+            .map(|(cid, guest)| (guest, "cid", cid.to_string()));
+        configured
+            .into_iter()
+            .chain(automatic)
+            .map(|(guest, endpoint, address)| {
                 let stats = guest.stats.snapshot();
                 let limits = guest.limits();
-                let endpoint = entry.spec.endpoint.key().as_str();
-                let path = entry.spec.endpoint.path();
                 GuestStatus {
-                    name: entry.spec.name.clone(),
+                    name: guest.name().to_owned(),
                     endpoint: endpoint.into(),
-                    path: path.display().to_string(),
+                    path: address,
                     connected: stats.connected,
                     connections: stats.connections,
                     requests: stats.requests,
@@ -438,15 +555,15 @@ fn check_unique(
         {
             return Err(RegistryError::Exists(spec.name.clone()));
         }
-        let path = spec.endpoint.path();
+        let address = spec.endpoint.address();
         let holder = staying()
             .map(|e| &e.spec)
             .chain(new[..i].iter())
-            .find(|other| other.endpoint.path() == path);
+            .find(|other| other.endpoint.address() == address);
         if let Some(other) = holder {
             return Err(RegistryError::PathInUse {
                 name: spec.name.clone(),
-                path: path.display().to_string(),
+                path: address.to_string(),
                 other: other.name.clone(),
             });
         }
@@ -460,7 +577,7 @@ fn close_prepared(prepared: Vec<Result<Prepared, GuestSpec>>) {
             Opened::VhostUser(Endpoint::Listen(socket))
             | Opened::Egd(socket)
             | Opened::Channel(socket) => socket.remove(),
-            Opened::VhostUser(Endpoint::Connect(_)) => {}
+            Opened::VhostUser(Endpoint::Connect(_)) | Opened::Vsock(..) | Opened::Tcp(..) => {}
         }
     }
 }

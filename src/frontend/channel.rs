@@ -8,14 +8,13 @@
 //! error and the connection closed; a client idle longer than the protocol's
 //! idle timeout is closed.
 
-use std::io::{self, Read, Write};
-use std::os::unix::net::UnixStream;
+use std::io;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Instant;
 
-use super::stream::{GuestReader, Session, StreamServer};
+use super::stream::{ClientStream, GuestReader, Protocol, Session, StreamServer};
 use super::vhost_user::GuestSocket;
 use crate::guest::Guest;
 use crate::protocol::{self, IDLE_TIMEOUT, REQUEST_LEN, REQUEST_TIMEOUT, ResponseHeader, Status};
@@ -27,11 +26,20 @@ pub fn uds_path(base: &Path, port: u32) -> PathBuf {
     PathBuf::from(path)
 }
 
+/// What a client refused because its guest has too many clients is told.
+const BUSY_REPLY: [u8; protocol::RESPONSE_HEADER_LEN] =
+    protocol::encode_response_header(&ResponseHeader::error(Status::Refused));
+
+/// The channel protocol, for any stream socket.
+pub const PROTOCOL: Protocol = Protocol {
+    name: "channel",
+    new_session: |reader| Box::new(ChannelSession { reader }),
+    busy_reply: &BUSY_REPLY,
+};
+
 /// Starts serving `guest` over the channel protocol on `socket`.
 pub fn spawn(guest: Arc<Guest>, socket: GuestSocket) -> io::Result<Arc<StreamServer>> {
-    StreamServer::spawn(guest, socket, "channel", |reader| {
-        Box::new(ChannelSession { reader })
-    })
+    StreamServer::spawn(guest, socket, PROTOCOL)
 }
 
 struct ChannelSession {
@@ -39,7 +47,7 @@ struct ChannelSession {
 }
 
 impl Session for ChannelSession {
-    fn serve(&mut self, mut client: &UnixStream) -> io::Result<()> {
+    fn serve(&mut self, client: &mut dyn ClientStream) -> io::Result<()> {
         client.set_write_timeout(Some(REQUEST_TIMEOUT))?;
         let mut header = [0u8; REQUEST_LEN];
         let mut bytes = Vec::new();
@@ -57,7 +65,9 @@ impl Session for ChannelSession {
                     let stats = &self.reader.guest().stats;
                     stats.defective_requests.fetch_add(1, Ordering::Relaxed);
                     let answer = ResponseHeader::error(Status::BadRequest);
-                    let _ = client.write_all(&protocol::encode_response_header(&answer));
+                    let _ = client
+                        .write_all(&protocol::encode_response_header(&answer))
+                        .and_then(|()| client.flush());
                     return Err(io::Error::new(io::ErrorKind::InvalidData, e.to_string()));
                 }
             };
@@ -68,11 +78,14 @@ impl Session for ChannelSession {
             if n == 0 {
                 let answer = ResponseHeader::error(Status::Unavailable);
                 client.write_all(&protocol::encode_response_header(&answer))?;
+                client.flush()?;
                 return Ok(());
             }
             let answer = ResponseHeader::ok(n as u32);
             client.write_all(&protocol::encode_response_header(&answer))?;
             client.write_all(&bytes[..n])?;
+            // An encrypting stream may hold the tail back until flushed.
+            client.flush()?;
         }
     }
 }
@@ -84,6 +97,8 @@ mod tests {
     use crate::guest::{GuestLimits, SharedBucket};
     use crate::pool::{Pool, PoolConfig};
     use crate::protocol::{Request, encode_request};
+    use std::io::{Read, Write};
+    use std::os::unix::net::UnixStream;
 
     fn server() -> (Arc<StreamServer>, PathBuf, tempfile::TempDir) {
         let dir = tempfile::tempdir().unwrap();

@@ -16,14 +16,14 @@
 //! read that waits for the guest's tokens or for the pool never holds up
 //! another client.
 
-use std::io::{self, Read, Write};
-use std::os::unix::net::UnixStream;
+use std::io;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
+use std::time::Duration;
 
 use log::warn;
 
-use super::stream::{GuestReader, Session, StreamServer};
+use super::stream::{ClientStream, GuestReader, Protocol, Session, StreamServer};
 use super::vhost_user::GuestSocket;
 use crate::guest::Guest;
 use crate::pool::Mode;
@@ -33,12 +33,21 @@ const READ_NONBLOCKING: u8 = 0x01;
 const READ_BLOCKING: u8 = 0x02;
 const WRITE_ENTROPY: u8 = 0x03;
 const GET_PID: u8 = 0x04;
+/// How long the rest of a command that has begun, or the answer's
+/// delivery, may take.
+const COMMAND_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// The EGD protocol. It has no way to say "busy": a refused client is
+/// just closed.
+pub const PROTOCOL: Protocol = Protocol {
+    name: "EGD",
+    new_session: |reader| Box::new(EgdSession { reader }),
+    busy_reply: &[],
+};
 
 /// Starts serving `guest` over EGD on `socket`.
 pub fn spawn(guest: Arc<Guest>, socket: GuestSocket) -> io::Result<Arc<StreamServer>> {
-    StreamServer::spawn(guest, socket, "EGD", |reader| {
-        Box::new(EgdSession { reader })
-    })
+    StreamServer::spawn(guest, socket, PROTOCOL)
 }
 
 struct EgdSession {
@@ -46,15 +55,22 @@ struct EgdSession {
 }
 
 impl Session for EgdSession {
-    fn serve(&mut self, mut client: &UnixStream) -> io::Result<()> {
+    fn serve(&mut self, client: &mut dyn ClientStream) -> io::Result<()> {
+        client.set_write_timeout(Some(COMMAND_TIMEOUT))?;
         let mut command = [0u8; 1];
         loop {
+            // Between commands a client may stay quiet as long as it likes:
+            // QEMU holds one connection for the life of the VM and asks only
+            // when the guest reads. Once a command has begun, the rest of it
+            // must follow promptly, or the client's slot is given back.
+            client.set_read_timeout(None)?;
             match client.read(&mut command) {
                 Ok(0) => return Ok(()),
                 Ok(_) => {}
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
                 Err(e) => return Err(e),
             }
+            client.set_read_timeout(Some(COMMAND_TIMEOUT))?;
             match command[0] {
                 GET_ENTROPY_LEVEL => client.write_all(&self.available_bits().to_be_bytes())?,
                 READ_NONBLOCKING => {
@@ -104,7 +120,7 @@ impl EgdSession {
 
     /// Reads a write request (bits, length, data) and drops it: clients
     /// never feed the pool.
-    fn refuse_write(&self, mut client: &UnixStream) -> io::Result<()> {
+    fn refuse_write(&self, client: &mut dyn ClientStream) -> io::Result<()> {
         let mut header = [0u8; 3];
         client.read_exact(&mut header)?;
         let mut discard = vec![0u8; header[2] as usize];
@@ -121,7 +137,7 @@ impl EgdSession {
     }
 }
 
-fn read_u8(mut stream: &UnixStream) -> io::Result<u8> {
+fn read_u8(stream: &mut dyn ClientStream) -> io::Result<u8> {
     let mut byte = [0u8; 1];
     stream.read_exact(&mut byte)?;
     Ok(byte[0])
@@ -134,6 +150,8 @@ mod tests {
     use crate::guest::{GuestLimits, SharedBucket};
     use crate::limiter::RateLimit;
     use crate::pool::{Pool, PoolConfig};
+    use std::io::{Read, Write};
+    use std::os::unix::net::UnixStream;
     use std::time::{Duration, Instant};
 
     fn pool() -> Arc<Pool> {

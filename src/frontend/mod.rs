@@ -5,13 +5,17 @@
 //! - [`egd`]: the EGD protocol on a Unix socket, for VMMs that only have
 //!   their built-in virtio-rng backends (QEMU `rng-egd`, libvirt).
 //! - [`channel`]: the vhost-rng channel protocol for the in-guest agent,
-//!   over hybrid vsock.
-//! - [`stream`]: what the stream-socket frontends share.
+//!   over hybrid vsock, [`vsock`] (AF_VSOCK) or [`tcp`] (Noise over TCP).
+//! - [`stream`]: what the stream-socket frontends share; [`shared`]: what
+//!   the listeners shared by many guests (vsock, TCP) share.
 
 pub mod channel;
 pub mod egd;
+pub mod shared;
 pub mod stream;
+pub mod tcp;
 pub mod vhost_user;
+pub mod vsock;
 
 use std::sync::Arc;
 

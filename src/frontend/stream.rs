@@ -1,11 +1,12 @@
-//! Stream-socket frontends (EGD, the vhost-rng channel protocol): one
-//! guest's listening socket, a thread per client, and blocking reads that
-//! wait for the guest's tokens or for the pool on that client's own thread,
-//! so one waiting client never holds up another.
+//! Stream-socket frontends (EGD, the vhost-rng channel protocol over a Unix
+//! socket, AF_VSOCK or TCP): a guest's clients, a thread per client, and
+//! blocking reads that wait for the guest's tokens or for the pool on that
+//! client's own thread, so one waiting client never holds up another.
 
 use std::collections::HashMap;
-use std::io;
-use std::os::fd::{AsRawFd, BorrowedFd};
+use std::io::{self, Read, Write};
+use std::net::TcpStream;
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
 use std::os::unix::net::UnixStream;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -14,36 +15,185 @@ use std::time::{Duration, Instant};
 
 use log::{debug, info, warn};
 use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
+use nix::sys::socket::{Shutdown, shutdown};
 use vmm_sys_util::event::{EventConsumer, EventFlag, new_event_consumer_and_notifier};
 
 use super::vhost_user::GuestSocket;
 use crate::guest::{Guest, Supplied};
+use crate::log_limit::RateLimitedLog;
 use crate::pool::EntropyStream;
 
-/// Clients served at once per guest; more are refused (closed) so a
-/// misbehaving client cannot make the daemon spawn threads without bound.
+/// Clients served at once per guest; more are refused so a misbehaving
+/// client cannot make the daemon spawn threads without bound. A VMM holds
+/// one connection per device and an agent one per guest, so 8 leaves room
+/// for reconnects that overlap a closing connection.
 pub const MAX_CLIENTS: usize = 8;
 /// How often a waiting client looks whether the daemon is stopping.
 const STOP_CHECK: Duration = Duration::from_millis(500);
 
-/// Serves one client connection until it ends.
-pub trait Session: Send {
-    fn serve(&mut self, client: &UnixStream) -> io::Result<()>;
+/// A connected client socket a session runs over.
+pub trait ClientStream: Read + Write + Send {
+    fn set_read_timeout(&self, timeout: Option<Duration>) -> io::Result<()>;
+    fn set_write_timeout(&self, timeout: Option<Duration>) -> io::Result<()>;
+    /// The socket, so that stopping the guest can shut it down from
+    /// another thread.
+    fn socket(&self) -> BorrowedFd<'_>;
 }
 
-/// Makes a session for a new client of `guest`.
-pub type SessionFactory = fn(GuestReader) -> Box<dyn Session>;
+impl ClientStream for UnixStream {
+    fn set_read_timeout(&self, timeout: Option<Duration>) -> io::Result<()> {
+        UnixStream::set_read_timeout(self, timeout)
+    }
+    fn set_write_timeout(&self, timeout: Option<Duration>) -> io::Result<()> {
+        UnixStream::set_write_timeout(self, timeout)
+    }
+    fn socket(&self) -> BorrowedFd<'_> {
+        self.as_fd()
+    }
+}
 
-/// One guest's listening socket and its clients.
-pub struct StreamServer {
-    guest: Arc<Guest>,
-    socket: GuestSocket,
+impl ClientStream for TcpStream {
+    fn set_read_timeout(&self, timeout: Option<Duration>) -> io::Result<()> {
+        TcpStream::set_read_timeout(self, timeout)
+    }
+    fn set_write_timeout(&self, timeout: Option<Duration>) -> io::Result<()> {
+        TcpStream::set_write_timeout(self, timeout)
+    }
+    fn socket(&self) -> BorrowedFd<'_> {
+        self.as_fd()
+    }
+}
+
+/// Serves one client connection until it ends.
+pub trait Session: Send {
+    fn serve(&mut self, client: &mut dyn ClientStream) -> io::Result<()>;
+}
+
+/// A protocol a guest's clients speak.
+#[derive(Clone, Copy)]
+pub struct Protocol {
     /// `EGD`, `channel`: names the protocol in logs.
-    protocol: &'static str,
-    new_session: SessionFactory,
+    pub name: &'static str,
+    /// Makes a session for a new client.
+    pub new_session: fn(GuestReader) -> Box<dyn Session>,
+    /// Sent to a client refused because its guest has [`MAX_CLIENTS`]
+    /// already, before it is closed (empty where the protocol has no way
+    /// to say so).
+    pub busy_reply: &'static [u8],
+}
+
+/// One guest's open clients, whichever socket they came in on.
+pub struct Clients {
+    guest: Arc<Guest>,
     stopping: Arc<AtomicBool>,
-    /// Open clients by id, so `stop` can close them.
-    clients: Mutex<HashMap<u64, UnixStream>>,
+    /// Open clients by id, so [`Clients::close_all`] can shut them down.
+    open: Mutex<HashMap<u64, OwnedFd>>,
+    refusals: RateLimitedLog,
+}
+
+impl Clients {
+    pub fn new(guest: Arc<Guest>) -> Arc<Self> {
+        Arc::new(Clients {
+            guest,
+            stopping: Arc::new(AtomicBool::new(false)),
+            open: Mutex::new(HashMap::new()),
+            refusals: RateLimitedLog::per_minute(4),
+        })
+    }
+
+    pub fn guest(&self) -> &Arc<Guest> {
+        &self.guest
+    }
+
+    fn lock(&self) -> MutexGuard<'_, HashMap<u64, OwnedFd>> {
+        self.open.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    pub fn is_full(&self) -> bool {
+        self.lock().len() >= MAX_CLIENTS
+    }
+
+    pub fn is_stopping(&self) -> bool {
+        self.stopping.load(Ordering::SeqCst)
+    }
+
+    /// Serves `client`, which came in `peer` ("on PATH", "from ADDR"), on
+    /// the calling thread until
+    /// it ends; refuses it if the guest has [`MAX_CLIENTS`] already.
+    pub fn serve(&self, protocol: &Protocol, peer: &str, client: &mut dyn ClientStream) {
+        let name = self.guest.name();
+        let Some(_slot) = self.admit(client) else {
+            if !protocol.busy_reply.is_empty() {
+                let _ = client.set_write_timeout(Some(STOP_CHECK));
+                let _ = client
+                    .write_all(protocol.busy_reply)
+                    .and_then(|()| client.flush());
+            }
+            if let Some(suppressed) = self.refusals.permit() {
+                warn!(
+                    "guest {name}: {} client {peer} refused: the guest has {MAX_CLIENTS} \
+                     clients already ({suppressed} similar messages suppressed)",
+                    protocol.name
+                );
+            }
+            return;
+        };
+        info!("guest {name}: {} client connected {peer}", protocol.name);
+        let result = GuestReader::new(Arc::clone(&self.guest), Arc::clone(&self.stopping))
+            .and_then(|reader| (protocol.new_session)(reader).serve(client));
+        match result {
+            Ok(()) => info!("guest {name}: {} client disconnected", protocol.name),
+            Err(e) => info!("guest {name}: {} client closed: {e}", protocol.name),
+        }
+        // Closed here, not only when the caller drops the stream.
+        let _ = shutdown(client.socket().as_raw_fd(), Shutdown::Both);
+    }
+
+    fn admit(&self, client: &dyn ClientStream) -> Option<ClientSlot<'_>> {
+        static NEXT_CLIENT: AtomicU64 = AtomicU64::new(0);
+        let handle = client.socket().try_clone_to_owned().ok()?;
+        let mut open = self.lock();
+        if open.len() >= MAX_CLIENTS || self.is_stopping() {
+            return None;
+        }
+        let id = NEXT_CLIENT.fetch_add(1, Ordering::Relaxed);
+        open.insert(id, handle);
+        self.guest.stats.connections.fetch_add(1, Ordering::Relaxed);
+        self.guest.stats.connected.store(true, Ordering::Relaxed);
+        Some(ClientSlot { clients: self, id })
+    }
+
+    /// Shuts every client down; clients that come later are refused.
+    pub fn close_all(&self) {
+        self.stopping.store(true, Ordering::SeqCst);
+        for (_, client) in self.lock().drain() {
+            let _ = shutdown(client.as_raw_fd(), Shutdown::Both);
+        }
+    }
+}
+
+/// A client's place among its guest's clients, given back when it ends.
+struct ClientSlot<'a> {
+    clients: &'a Clients,
+    id: u64,
+}
+
+impl Drop for ClientSlot<'_> {
+    fn drop(&mut self) {
+        let mut open = self.clients.lock();
+        open.remove(&self.id);
+        if open.is_empty() {
+            let stats = &self.clients.guest.stats;
+            stats.connected.store(false, Ordering::Relaxed);
+        }
+    }
+}
+
+/// One guest's own listening Unix socket (EGD, hybrid vsock) and its
+/// clients.
+pub struct StreamServer {
+    clients: Arc<Clients>,
+    socket: GuestSocket,
 }
 
 impl StreamServer {
@@ -51,30 +201,30 @@ impl StreamServer {
     pub fn spawn(
         guest: Arc<Guest>,
         socket: GuestSocket,
-        protocol: &'static str,
-        new_session: SessionFactory,
+        protocol: Protocol,
     ) -> io::Result<Arc<Self>> {
         let listener = socket.try_clone_listener()?;
         let server = Arc::new(StreamServer {
-            guest,
+            clients: Clients::new(guest),
             socket,
-            protocol,
-            new_session,
-            stopping: Arc::new(AtomicBool::new(false)),
-            clients: Mutex::new(HashMap::new()),
         });
-        let accepting = Arc::clone(&server);
+        let clients = Arc::clone(&server.clients);
+        let peer = format!("on {}", server.socket.path().display());
         thread::Builder::new()
-            .name(format!("{protocol}-{}", server.guest.name()))
+            .name(format!("{}-{}", protocol.name, clients.guest.name()))
             .spawn(move || {
                 for stream in listener.incoming() {
-                    if accepting.stopping.load(Ordering::SeqCst) {
+                    if clients.is_stopping() {
                         return;
                     }
                     match stream {
-                        Ok(stream) => accepting.admit(stream),
+                        Ok(stream) => spawn_client(&clients, protocol, peer.clone(), stream),
                         Err(e) => {
-                            warn!("guest {}: {protocol} accept: {e}", accepting.guest.name());
+                            warn!(
+                                "guest {}: {} accept: {e}",
+                                clients.guest.name(),
+                                protocol.name
+                            );
                             thread::sleep(STOP_CHECK);
                         }
                     }
@@ -84,67 +234,40 @@ impl StreamServer {
     }
 
     pub fn guest(&self) -> &Arc<Guest> {
-        &self.guest
-    }
-
-    fn lock_clients(&self) -> MutexGuard<'_, HashMap<u64, UnixStream>> {
-        self.clients.lock().unwrap_or_else(|e| e.into_inner())
+        self.clients.guest()
     }
 
     /// Closes every client and removes the socket file.
     pub fn stop(&self) {
-        self.stopping.store(true, Ordering::SeqCst);
-        for (_, client) in self.lock_clients().drain() {
-            let _ = client.shutdown(std::net::Shutdown::Both);
-        }
+        self.clients.close_all();
         // Unblocks the accept loop so its thread ends, then removes the file.
         let _ = UnixStream::connect(self.socket.path());
         self.socket.remove();
     }
+}
 
-    fn admit(self: &Arc<Self>, stream: UnixStream) {
-        let name = self.guest.name().to_owned();
-        let protocol = self.protocol;
-        if self.lock_clients().len() >= MAX_CLIENTS {
-            warn!("guest {name}: more than {MAX_CLIENTS} {protocol} clients; refusing one");
-            return;
-        }
-        let Ok(registered) = stream.try_clone() else {
-            return;
-        };
-        static NEXT_CLIENT: AtomicU64 = AtomicU64::new(0);
-        let id = NEXT_CLIENT.fetch_add(1, Ordering::Relaxed);
-        self.lock_clients().insert(id, registered);
-        self.guest.stats.connections.fetch_add(1, Ordering::Relaxed);
-        self.guest.stats.connected.store(true, Ordering::Relaxed);
-        info!(
-            "guest {name}: {protocol} client connected on {}",
-            self.socket.path().display()
+/// Serves `stream` on a thread of its own, unless the guest is full (then
+/// it is refused on this thread, without spawning one).
+pub fn spawn_client<S: ClientStream + 'static>(
+    clients: &Arc<Clients>,
+    protocol: Protocol,
+    peer: String,
+    mut stream: S,
+) {
+    if clients.is_full() {
+        clients.serve(&protocol, &peer, &mut stream);
+        return;
+    }
+    let serving = Arc::clone(clients);
+    let spawned = thread::Builder::new()
+        .name(format!("{}-{}-client", protocol.name, clients.guest.name()))
+        .spawn(move || serving.serve(&protocol, &peer, &mut stream));
+    if let Err(e) = spawned {
+        warn!(
+            "guest {}: cannot start a {} client thread: {e}",
+            clients.guest.name(),
+            protocol.name
         );
-
-        let server = Arc::clone(self);
-        let spawned = thread::Builder::new()
-            .name(format!("{protocol}-{name}-client"))
-            .spawn(move || {
-                let guest = &server.guest;
-                let result = GuestReader::new(Arc::clone(guest), Arc::clone(&server.stopping))
-                    .and_then(|reader| (server.new_session)(reader).serve(&stream));
-                match result {
-                    Ok(()) => info!("guest {}: {protocol} client disconnected", guest.name()),
-                    Err(e) => info!("guest {}: {protocol} client closed: {e}", guest.name()),
-                }
-                // Closed here, not only when `stop` drops its copy.
-                let _ = stream.shutdown(std::net::Shutdown::Both);
-                let mut clients = server.lock_clients();
-                clients.remove(&id);
-                if clients.is_empty() {
-                    guest.stats.connected.store(false, Ordering::Relaxed);
-                }
-            });
-        if let Err(e) = spawned {
-            self.lock_clients().remove(&id);
-            warn!("guest {name}: cannot start a {protocol} client thread: {e}");
-        }
     }
 }
 

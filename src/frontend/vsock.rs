@@ -1,0 +1,395 @@
+//! The AF_VSOCK listener (`--vsock PORT`): one socket for every guest of a
+//! host whose VMMs use the kernel's vhost-vsock. The peer's CID, which the
+//! host assigns and a guest cannot choose, names the guest (`cid=N`).
+//! Guests speak the channel protocol ([`super::channel`]).
+//!
+//! A CID no guest is configured for is refused with an explicit answer,
+//! unless `--vsock-default-rate` lets such guests in, each as a guest of
+//! its own (`cid-N`) limited to that rate.
+
+use std::io::{self, Read, Write};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
+use std::sync::Arc;
+use std::thread;
+use std::time::Duration;
+
+use log::{info, warn};
+use nix::sys::socket::{
+    self, AddressFamily, Backlog, MsgFlags, SockFlag, SockType, VsockAddr, setsockopt, sockopt,
+};
+use nix::sys::time::{TimeVal, TimeValLike};
+
+use super::channel;
+use super::shared::{Directory, Member, StopSignal};
+use super::stream::{ClientStream, Clients, spawn_client};
+use crate::config::VSOCK_CID_ANY;
+use crate::guest::{Guest, GuestLimits, SharedBucket};
+use crate::limiter::RateLimit;
+use crate::log_limit::RateLimitedLog;
+use crate::pool::Pool;
+use crate::protocol::{self, ResponseHeader, Status};
+
+/// How long a refusal may take to write before the connection is dropped.
+const REFUSAL_TIMEOUT: Duration = Duration::from_millis(500);
+
+/// The guests of the vsock listener, by CID.
+pub type VsockDirectory = Directory<u32, ()>;
+
+#[derive(Debug, thiserror::Error)]
+pub enum VsockError {
+    #[error(
+        "cannot listen on vsock port {port}: {error}{hint}",
+        hint = vsock_hint(error)
+    )]
+    Listen {
+        port: u32,
+        #[source]
+        error: nix::Error,
+    },
+    #[error("--vsock-default-rate: {0}")]
+    DefaultRate(#[source] crate::limiter::RateLimitError),
+    #[error("cannot start the vsock listener: {0}")]
+    Spawn(#[source] io::Error),
+}
+
+fn vsock_hint(error: &nix::Error) -> &'static str {
+    match error {
+        nix::Error::EAFNOSUPPORT => " (this host has no vsock support: load vhost_vsock)",
+        nix::Error::EADDRINUSE => " (another process listens on that port)",
+        _ => "",
+    }
+}
+
+/// What unknown CIDs get under `--vsock-default-rate`.
+struct DefaultGuests {
+    rate: RateLimit,
+    pool: Arc<Pool>,
+    global: SharedBucket,
+}
+
+/// The running listener.
+pub struct VsockListener {
+    port: u32,
+    directory: Arc<VsockDirectory>,
+    default: Option<DefaultGuests>,
+    stop: StopSignal,
+    refusals: RateLimitedLog,
+}
+
+impl VsockListener {
+    /// Listens on `port` for every CID. With `default_rate` (bytes per
+    /// second), unknown CIDs are served as guests of their own.
+    pub fn start(
+        port: u32,
+        default_rate: Option<u64>,
+        pool: Arc<Pool>,
+        global: SharedBucket,
+    ) -> Result<Arc<Self>, VsockError> {
+        let listen = |error| VsockError::Listen { port, error };
+        let socket = socket::socket(
+            AddressFamily::Vsock,
+            SockType::Stream,
+            SockFlag::SOCK_CLOEXEC,
+            None,
+        )
+        .map_err(listen)?;
+        socket::bind(socket.as_raw_fd(), &VsockAddr::new(VSOCK_CID_ANY, port)).map_err(listen)?;
+        socket::listen(&socket, Backlog::new(128).unwrap_or(Backlog::MAXCONN)).map_err(listen)?;
+        let listener = Self::new(port, default_rate, pool, global)?;
+        let accepting = Arc::clone(&listener);
+        thread::Builder::new()
+            .name("vsock-listener".into())
+            .spawn(move || accepting.accept_loop(socket))
+            .map_err(VsockError::Spawn)?;
+        match listener.default.as_ref() {
+            Some(default) => info!(
+                "listening on vsock port {port}; unknown CIDs are served at {} bytes/s",
+                default.rate.bytes()
+            ),
+            None => info!("listening on vsock port {port}; unknown CIDs are refused"),
+        }
+        Ok(listener)
+    }
+
+    /// The listener's state, without a socket: [`VsockListener::admit`]
+    /// takes connections from wherever they come.
+    fn new(
+        port: u32,
+        default_rate: Option<u64>,
+        pool: Arc<Pool>,
+        global: SharedBucket,
+    ) -> Result<Arc<Self>, VsockError> {
+        let default = default_rate
+            .map(|rate| {
+                RateLimit::per_second(rate).map(|rate| DefaultGuests { rate, pool, global })
+            })
+            .transpose()
+            .map_err(VsockError::DefaultRate)?;
+        Ok(Arc::new(VsockListener {
+            port,
+            directory: Arc::default(),
+            default,
+            stop: StopSignal::new().map_err(VsockError::Spawn)?,
+            refusals: RateLimitedLog::per_minute(4),
+        }))
+    }
+
+    pub fn port(&self) -> u32 {
+        self.port
+    }
+
+    pub fn directory(&self) -> &Arc<VsockDirectory> {
+        &self.directory
+    }
+
+    /// Closes every connection and stops listening.
+    pub fn stop(&self) {
+        self.stop.raise();
+        self.directory.close_all();
+    }
+
+    fn accept_loop(&self, socket: OwnedFd) {
+        while self.stop.wait_for_connection(socket.as_fd()) {
+            let accepted = socket::accept4(socket.as_raw_fd(), SockFlag::SOCK_CLOEXEC)
+                .map(|fd| {
+                    // SAFETY: accept4 returned a new descriptor we now own.
+                    unsafe { <OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd) }
+                })
+                .and_then(|fd| {
+                    let peer: VsockAddr = socket::getpeername(fd.as_raw_fd())?;
+                    Ok((fd, peer.cid()))
+                });
+            match accepted {
+                Ok((fd, cid)) => self.admit(VsockConnection(fd), cid),
+                Err(e) => {
+                    if let Some(suppressed) = self.refusals.permit() {
+                        warn!("vsock accept: {e} ({suppressed} similar messages suppressed)");
+                    }
+                }
+            }
+        }
+    }
+
+    /// Serves a connection from `cid` as that CID's guest, or refuses it.
+    pub fn admit<S: ClientStream + 'static>(&self, mut stream: S, cid: u32) {
+        let peer = format!("from vsock CID {cid}");
+        match self.member(cid) {
+            Some(member) => spawn_client(&member.clients, channel::PROTOCOL, peer, stream),
+            None => {
+                if let Some(suppressed) = self.refusals.permit() {
+                    warn!(
+                        "vsock: connection from CID {cid} refused: no guest has cid={cid} \
+                         (add one, or serve unknown CIDs with --vsock-default-rate) \
+                         ({suppressed} similar messages suppressed)"
+                    );
+                }
+                let refusal =
+                    protocol::encode_response_header(&ResponseHeader::error(Status::Refused));
+                let _ = stream.set_write_timeout(Some(REFUSAL_TIMEOUT));
+                let _ = stream.write_all(&refusal);
+            }
+        }
+    }
+
+    /// The guest with CID `cid`: configured, or let in by the default rate.
+    fn member(&self, cid: u32) -> Option<Arc<Member<()>>> {
+        if let Some(member) = self.directory.get(&cid) {
+            return Some(member);
+        }
+        let default = self.default.as_ref()?;
+        Some(self.directory.get_or_insert_with(&cid, || {
+            let name = format!("cid-{cid}");
+            info!(
+                "guest {name}: unknown vsock CID {cid} let in at the default {} bytes/s",
+                default.rate.bytes()
+            );
+            let limits = GuestLimits {
+                rate: Some(default.rate),
+                weight: crate::config::DEFAULT_WEIGHT,
+            };
+            let guest = Guest::with_limits(
+                name,
+                Arc::clone(&default.pool),
+                limits,
+                Arc::clone(&default.global),
+            );
+            Member {
+                clients: Clients::new(guest),
+                credential: (),
+                automatic: true,
+            }
+        }))
+    }
+}
+
+/// An accepted AF_VSOCK connection (the standard library has no vsock).
+pub struct VsockConnection(OwnedFd);
+
+fn timeval(timeout: Option<Duration>) -> TimeVal {
+    // None means "no timeout", which the kernel spells as zero.
+    let micros = timeout.map_or(0, |t| t.as_micros().max(1));
+    TimeVal::microseconds(i64::try_from(micros).unwrap_or(i64::MAX))
+}
+
+impl Read for VsockConnection {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        Ok(socket::recv(self.0.as_raw_fd(), buf, MsgFlags::empty())?)
+    }
+}
+
+impl Write for VsockConnection {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        // MSG_NOSIGNAL: a closed peer is an EPIPE error, not a SIGPIPE.
+        Ok(socket::send(
+            self.0.as_raw_fd(),
+            buf,
+            MsgFlags::MSG_NOSIGNAL,
+        )?)
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+impl ClientStream for VsockConnection {
+    fn set_read_timeout(&self, timeout: Option<Duration>) -> io::Result<()> {
+        Ok(setsockopt(
+            &self.0,
+            sockopt::ReceiveTimeout,
+            &timeval(timeout),
+        )?)
+    }
+
+    fn set_write_timeout(&self, timeout: Option<Duration>) -> io::Result<()> {
+        Ok(setsockopt(
+            &self.0,
+            sockopt::SendTimeout,
+            &timeval(timeout),
+        )?)
+    }
+
+    fn socket(&self) -> BorrowedFd<'_> {
+        self.0.as_fd()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::frontend::GuestFrontend;
+    use crate::pool::PoolConfig;
+    use std::os::unix::net::UnixStream;
+
+    fn pool() -> Arc<Pool> {
+        Pool::start(PoolConfig {
+            sources: vec!["os".parse().unwrap()],
+            mode: Default::default(),
+            reseed: Default::default(),
+        })
+        .unwrap()
+    }
+
+    fn listener(default_rate: Option<u64>) -> Arc<VsockListener> {
+        VsockListener::new(5564, default_rate, pool(), SharedBucket::default()).unwrap()
+    }
+
+    /// A connection "from" `cid`: the test holds one end of a socket pair.
+    fn connect(listener: &VsockListener, cid: u32) -> UnixStream {
+        let (ours, theirs) = UnixStream::pair().unwrap();
+        ours.set_read_timeout(Some(Duration::from_secs(10)))
+            .unwrap();
+        listener.admit(theirs, cid);
+        ours
+    }
+
+    fn status_of(stream: &mut UnixStream) -> Status {
+        let mut header = [0u8; protocol::RESPONSE_HEADER_LEN];
+        stream.read_exact(&mut header).unwrap();
+        protocol::decode_response_header(&header).unwrap().status
+    }
+
+    #[test]
+    fn a_configured_cid_is_served_as_its_guest() {
+        let listener = listener(None);
+        let guest = Guest::with_limits("vm3", pool(), GuestLimits::default(), Default::default());
+        let member = listener.directory().join(3, Clients::new(guest), ());
+        let mut stream = connect(&listener, 3);
+        let mut bytes = Vec::new();
+        assert_eq!(protocol::fetch(&mut stream, 64, &mut bytes).unwrap(), 64);
+        assert_eq!(member.guest().stats.snapshot().bytes, 64);
+
+        member.stop();
+        assert_eq!(stream.read(&mut [0u8; 1]).unwrap(), 0, "closed on stop");
+        let mut after = connect(&listener, 3);
+        assert_eq!(status_of(&mut after), Status::Refused, "gone once removed");
+    }
+
+    #[test]
+    fn an_unknown_cid_is_refused_explicitly() {
+        let listener = listener(None);
+        let mut stream = connect(&listener, 42);
+        assert_eq!(status_of(&mut stream), Status::Refused);
+        assert_eq!(stream.read(&mut [0u8; 1]).unwrap(), 0, "then closed");
+        assert!(listener.directory().automatic().is_empty());
+    }
+
+    #[test]
+    fn the_default_rate_lets_unknown_cids_in_as_limited_guests_of_their_own() {
+        let listener = listener(Some(1000));
+        let mut first = connect(&listener, 7);
+        let mut bytes = Vec::new();
+        // The bucket starts empty: 500 bytes at 1000 B/s take about 0.5 s.
+        assert_eq!(protocol::fetch(&mut first, 500, &mut bytes).unwrap(), 500);
+        let automatic = listener.directory().automatic();
+        assert_eq!(automatic.len(), 1);
+        let (cid, guest) = &automatic[0];
+        assert_eq!((*cid, guest.name()), (7, "cid-7"));
+        assert_eq!(guest.limits().rate.map(|r| r.bytes()), Some(1000));
+
+        // A second connection from the same CID is the same guest.
+        let mut second = connect(&listener, 7);
+        assert_eq!(protocol::fetch(&mut second, 10, &mut bytes).unwrap(), 10);
+        assert_eq!(listener.directory().automatic().len(), 1);
+        assert_eq!(guest.stats.snapshot().bytes, 510);
+    }
+
+    #[test]
+    fn the_ninth_client_of_a_guest_is_told_it_is_refused() {
+        let listener = listener(None);
+        let guest = Guest::with_limits("vm3", pool(), GuestLimits::default(), Default::default());
+        let _member = listener.directory().join(3, Clients::new(guest), ());
+        let mut open: Vec<UnixStream> = (0..super::super::stream::MAX_CLIENTS)
+            .map(|_| connect(&listener, 3))
+            .collect();
+        for stream in &mut open {
+            assert_eq!(protocol::fetch(stream, 8, &mut Vec::new()).unwrap(), 8);
+        }
+        let mut ninth = connect(&listener, 3);
+        assert_eq!(status_of(&mut ninth), Status::Refused);
+        drop(open.pop());
+        // The slot frees once the server notices the close.
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        loop {
+            let mut again = connect(&listener, 3);
+            if protocol::fetch(&mut again, 8, &mut Vec::new()).is_ok() {
+                break;
+            }
+            assert!(std::time::Instant::now() < deadline, "slot never freed");
+            thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    #[test]
+    fn listening_on_a_port_in_use_says_so() {
+        let first = VsockListener::start(0x7fff_0001, None, pool(), SharedBucket::default());
+        let Ok(first) = first else {
+            // Hosts without AF_VSOCK cannot run this one.
+            return;
+        };
+        let second = VsockListener::start(0x7fff_0001, None, pool(), SharedBucket::default());
+        let message = second.err().expect("the port is taken").to_string();
+        assert!(message.contains("another process listens"), "{message}");
+        first.stop();
+    }
+}
