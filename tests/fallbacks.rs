@@ -1,0 +1,386 @@
+//! The fallback paths against a real daemon: the encrypted TCP transport
+//! (keys made by `vhost-rng psk new`, the agent over `tcp:`, refusals,
+//! what is on the wire), the `--vsock` options, and clients that misbehave
+//! in numbers.
+
+mod common;
+
+use std::io::{Read, Write};
+use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use common::{Daemon, run_cli, wait_until};
+use vhost_rng::noise::{self, Psk};
+use vhost_rng::protocol::{self, Request, Status};
+
+fn new_key(dir: &Path, name: &str) -> PathBuf {
+    let path = dir.join(format!("{name}.psk"));
+    let output = run_cli(["psk".as_ref(), "new".as_ref(), path.as_os_str()]);
+    assert!(output.status.success(), "{output:?}");
+    path
+}
+
+/// The address the daemon logged for its TCP listener.
+fn tcp_addr(daemon: &Daemon) -> SocketAddr {
+    daemon.wait_for_log("listening on TCP ", 1);
+    let log = daemon.log();
+    let rest = &log[log.find("listening on TCP ").unwrap() + "listening on TCP ".len()..];
+    rest.split_whitespace().next().unwrap().parse().unwrap()
+}
+
+struct TcpSetup {
+    daemon: Daemon,
+    addr: SocketAddr,
+    xen1_key: PathBuf,
+    xen2_key: PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+/// A daemon serving guests xen1 and xen2 over TCP, each with its own key.
+fn serve_tcp() -> TcpSetup {
+    let dir = tempfile::tempdir().unwrap();
+    let xen1_key = new_key(dir.path(), "xen1");
+    let xen2_key = new_key(dir.path(), "xen2");
+    let daemon = Daemon::start([
+        "serve".to_owned(),
+        "--source".into(),
+        "os".into(),
+        "--listen-tcp".into(),
+        "127.0.0.1:0".into(),
+        "--guest".into(),
+        format!(
+            "name=xen1,tcp-psk={},rate-bytes=1048576",
+            xen1_key.display()
+        ),
+        "--guest".into(),
+        format!("name=xen2,tcp-psk={}", xen2_key.display()),
+    ]);
+    daemon.wait_for_log("control socket on", 1);
+    let addr = tcp_addr(&daemon);
+    TcpSetup {
+        daemon,
+        addr,
+        xen1_key,
+        xen2_key,
+        _dir: dir,
+    }
+}
+
+fn agent_once(addr: SocketAddr, key: &Path, name: &str) -> (bool, String) {
+    let output = run_cli([
+        "agent",
+        "--connect",
+        &format!("tcp:{addr}"),
+        "--psk-file",
+        &key.display().to_string(),
+        "--name",
+        name,
+        "--once",
+        "--bytes",
+        "256",
+        "--credit-bits-per-byte",
+        "0",
+    ]);
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    (output.status.success(), text)
+}
+
+#[test]
+fn psk_new_writes_a_private_key_and_never_overwrites() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().unwrap();
+    let path = new_key(dir.path(), "vm");
+    let mode = std::fs::metadata(&path).unwrap().permissions().mode();
+    assert_eq!(mode & 0o777, 0o600);
+    let key = std::fs::read_to_string(&path).unwrap();
+    assert_eq!(key.trim().len(), 64, "{key}");
+
+    let again = run_cli(["psk".as_ref(), "new".as_ref(), path.as_os_str()]);
+    assert!(!again.status.success());
+    assert_eq!(std::fs::read_to_string(&path).unwrap(), key, "kept");
+}
+
+#[test]
+fn the_agent_over_tcp_is_served_with_its_key_and_refused_with_another() {
+    let setup = serve_tcp();
+
+    let (ok, text) = agent_once(setup.addr, &setup.xen1_key, "xen1");
+    assert!(ok, "{text}");
+    assert!(text.contains("VRNG-AGENT ok bytes=256"), "{text}");
+    assert_eq!(setup.daemon.guest("xen1").bytes, 256);
+
+    // xen2's key does not prove the name xen1.
+    let (ok, text) = agent_once(setup.addr, &setup.xen2_key, "xen1");
+    assert!(!ok, "{text}");
+    assert!(text.contains("refused"), "{text}");
+    setup
+        .daemon
+        .wait_for_log("refused: wrong key for guest xen1", 1);
+
+    // A name the daemon does not know.
+    let (ok, _) = agent_once(setup.addr, &setup.xen1_key, "nobody");
+    assert!(!ok);
+    setup.daemon.wait_for_log("no guest named nobody", 1);
+
+    assert_eq!(setup.daemon.guest("xen1").bytes, 256, "nothing more served");
+    assert_eq!(setup.daemon.guest("xen2").bytes, 0);
+}
+
+/// Bytes a proxy saw going one way.
+type Capture = Arc<Mutex<Vec<u8>>>;
+
+/// Forwards one connection to `target`, recording what goes up (to the
+/// daemon) and down.
+fn recording_proxy(target: SocketAddr) -> (SocketAddr, Capture, Capture) {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    let up = Arc::new(Mutex::new(Vec::new()));
+    let down = Arc::new(Mutex::new(Vec::new()));
+    let (up_log, down_log) = (Arc::clone(&up), Arc::clone(&down));
+    thread::spawn(move || {
+        let (client, _) = listener.accept().unwrap();
+        let server = TcpStream::connect(target).unwrap();
+        let pipe = |mut from: TcpStream, mut to: TcpStream, log: Capture| {
+            thread::spawn(move || {
+                let mut buf = [0u8; 4096];
+                while let Ok(n @ 1..) = from.read(&mut buf) {
+                    log.lock().unwrap().extend_from_slice(&buf[..n]);
+                    if to.write_all(&buf[..n]).is_err() {
+                        break;
+                    }
+                }
+                let _ = to.shutdown(Shutdown::Write);
+            })
+        };
+        pipe(
+            client.try_clone().unwrap(),
+            server.try_clone().unwrap(),
+            up_log,
+        );
+        pipe(server, client, down_log);
+    });
+    (addr, up, down)
+}
+
+fn contains(haystack: &[u8], needle: &[u8]) -> bool {
+    haystack.windows(needle.len()).any(|w| w == needle)
+}
+
+#[test]
+fn tcp_traffic_is_encrypted_and_clients_cannot_push() {
+    let setup = serve_tcp();
+    let (proxy, up, down) = recording_proxy(setup.addr);
+    let key = Psk::load(&setup.xen1_key).unwrap();
+    let stream = TcpStream::connect(proxy).unwrap();
+    stream
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    let mut secure = noise::connect_handshake(stream, "xen1", &key).unwrap();
+    let mut entropy = Vec::new();
+    assert_eq!(
+        protocol::fetch(&mut secure, 4096, &mut entropy).unwrap(),
+        4096
+    );
+
+    // A push: any request type but "get" is refused, and nothing is taken.
+    let mut push = protocol::encode_request(&Request { length: 64 });
+    push[5] = 2;
+    secure.write_all(&push).unwrap();
+    let mut answer = [0u8; protocol::RESPONSE_HEADER_LEN];
+    secure.read_exact(&mut answer).unwrap();
+    let header = protocol::decode_response_header(&answer).unwrap();
+    assert_eq!(header.status, Status::BadRequest);
+    assert_eq!(secure.read(&mut [0u8; 1]).unwrap_or(0), 0, "closed");
+    drop(secure);
+
+    wait_until("the proxy to see the close", || {
+        !down.lock().unwrap().is_empty()
+    });
+    thread::sleep(Duration::from_millis(200));
+    let up = up.lock().unwrap().clone();
+    let down = down.lock().unwrap().clone();
+    assert!(down.len() > 4096, "the entropy went through the proxy");
+    // What was plaintext on either end never appears on the wire: not the
+    // protocol's headers, not any 16 bytes of the entropy.
+    assert!(!contains(&up, &protocol::MAGIC), "request header in clear");
+    assert!(
+        !contains(&down, &protocol::MAGIC),
+        "response header in clear"
+    );
+    for chunk in entropy.chunks(16) {
+        assert!(!contains(&down, chunk), "entropy in clear");
+    }
+    // The guest's name is the one thing sent in clear (the hello).
+    assert!(contains(&up, b"xen1"));
+    assert_eq!(setup.daemon.guest("xen1").bytes, 4096);
+}
+
+#[test]
+fn a_plaintext_client_gets_nothing_over_tcp() {
+    let setup = serve_tcp();
+    let mut plain = TcpStream::connect(setup.addr).unwrap();
+    plain
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    plain
+        .write_all(&protocol::encode_request(&Request { length: 64 }))
+        .unwrap();
+    let mut got = Vec::new();
+    let _ = plain.read_to_end(&mut got);
+    assert!(got.is_empty(), "answered a plaintext client: {got:?}");
+    setup
+        .daemon
+        .wait_for_log("does not speak the vhost-rng encrypted transport", 1);
+}
+
+#[test]
+fn two_hundred_idle_tcp_connections_do_not_lock_out_a_guest() {
+    let setup = serve_tcp();
+    // 200 connections that never send a byte, and 20 that send garbage.
+    let idle: Vec<TcpStream> = (0..200)
+        .map(|_| TcpStream::connect(setup.addr).unwrap())
+        .collect();
+    for _ in 0..20 {
+        let mut garbage = TcpStream::connect(setup.addr).unwrap();
+        garbage.write_all(b"GET / HTTP/1.1\r\n\r\n").unwrap();
+    }
+    let (ok, text) = agent_once(setup.addr, &setup.xen1_key, "xen1");
+    assert!(ok, "{text}");
+    assert_eq!(setup.daemon.guest("xen1").bytes, 256);
+    drop(idle);
+}
+
+#[test]
+fn vsock_options_are_checked_before_anything_starts() {
+    // A default rate with no port to serve it on.
+    let output = run_cli([
+        "serve",
+        "--source",
+        "os",
+        "--control",
+        "/nonexistent/c.sock",
+        "--vsock-default-rate",
+        "4096",
+    ]);
+    assert_eq!(output.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains("give --vsock PORT"), "{stderr}");
+
+    // cid= needs --vsock; tcp-psk= needs --listen-tcp.
+    for (spec, option) in [
+        ("name=vm,cid=3", "--vsock PORT"),
+        ("name=vm,tcp-psk=/nonexistent.psk", "--listen-tcp ADDR"),
+    ] {
+        let output = run_cli(["serve", "--source", "os", "--guest", spec]);
+        assert_eq!(output.status.code(), Some(1), "{spec}");
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert!(stderr.contains(option), "{spec}: {stderr}");
+    }
+
+    for bad in ["name=vm,cid=2", "name=vm,cid=4294967295", "name=vm,cid=x"] {
+        let output = run_cli(["serve", "--source", "os", "--guest", bad]);
+        assert_eq!(output.status.code(), Some(2), "{bad}");
+    }
+}
+
+#[test]
+fn a_guest_key_file_must_be_private() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().unwrap();
+    let key = new_key(dir.path(), "xen1");
+    std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let output = run_cli([
+        "serve".to_owned(),
+        "--source".into(),
+        "os".into(),
+        "--listen-tcp".into(),
+        "127.0.0.1:0".into(),
+        "--guest".into(),
+        format!("name=xen1,tcp-psk={}", key.display()),
+    ]);
+    assert_eq!(output.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains("chmod 600"), "{stderr}");
+}
+
+#[test]
+fn two_hundred_concurrent_clients_of_one_guest_leave_others_served() {
+    let dir = tempfile::tempdir().unwrap();
+    let busy = dir.path().join("busy.vsock");
+    let calm = dir.path().join("calm.vsock");
+    let busy_channel = dir.path().join("busy.vsock_5564");
+    let calm_channel = dir.path().join("calm.vsock_5564");
+    let mut daemon = Daemon::start([
+        "serve".as_ref(),
+        "--source".as_ref(),
+        "os".as_ref(),
+        "--vsock-uds".as_ref(),
+        busy.as_os_str(),
+        "--vsock-uds".as_ref(),
+        calm.as_os_str(),
+    ]);
+    daemon.wait_for_socket(&busy_channel);
+    daemon.wait_for_socket(&calm_channel);
+
+    // 200 clients at once, each asking for 64 KiB: as many as the guest
+    // may have are served, every other one is told "refused" at once;
+    // none is left hanging.
+    let clients: Vec<_> = (0..200)
+        .map(|_| {
+            let path = busy_channel.clone();
+            thread::spawn(move || {
+                let mut stream = UnixStream::connect(path).unwrap();
+                stream
+                    .set_read_timeout(Some(Duration::from_secs(30)))
+                    .unwrap();
+                match protocol::fetch(&mut stream, 65536, &mut Vec::new()) {
+                    Ok(n) => Ok(n),
+                    Err(protocol::ProtocolError::Server(status)) => Err(status),
+                    Err(e) => panic!("neither served nor refused: {e}"),
+                }
+            })
+        })
+        .collect();
+    // Meanwhile the other guest is served as usual.
+    let started = Instant::now();
+    let mut calm_stream = UnixStream::connect(&calm_channel).unwrap();
+    for _ in 0..10 {
+        assert_eq!(
+            protocol::fetch(&mut calm_stream, 4096, &mut Vec::new()).unwrap(),
+            4096
+        );
+    }
+    let calm_time = started.elapsed();
+
+    let outcomes: Vec<_> = clients.into_iter().map(|c| c.join().unwrap()).collect();
+    let served = outcomes.iter().filter(|o| o.is_ok()).count();
+    let refused = outcomes
+        .iter()
+        .filter(|o| matches!(o, Err(Status::Refused)))
+        .count();
+    assert_eq!(served + refused, 200, "{outcomes:?}");
+    assert!(
+        served >= 8,
+        "at least a full guest's worth served: {served}"
+    );
+    assert!(refused > 0, "some refused: {served} served");
+    eprintln!(
+        "200 clients: {served} served, {refused} refused; other guest 10 x 4 KiB in {calm_time:?}"
+    );
+
+    // And the busy guest serves again once the storm is over.
+    let mut after = UnixStream::connect(&busy_channel).unwrap();
+    assert_eq!(
+        protocol::fetch(&mut after, 64, &mut Vec::new()).unwrap(),
+        64
+    );
+    assert!(daemon.is_running());
+}
