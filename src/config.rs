@@ -71,8 +71,9 @@ vsock = 5564
 # to refuse them.
 vsock-default-rate = 4096
 # Address and port (IP:PORT) of the encrypted TCP listener for guests given
-# by tcp-psk= (Xen guests without vsock). Never plaintext.
-listen-tcp = "192.0.2.1:5565"
+# by tcp-psk= (Xen guests without vsock). Never plaintext. Use the host's
+# address on the guests' network; 127.0.0.1 here only reaches local agents.
+listen-tcp = "127.0.0.1:5565"
 
 # Limits for every [[guest]] that does not set the key itself.
 [defaults]                         # applied to every [[guest]] that does not set the key
@@ -115,6 +116,14 @@ connect = "/run/qemu/vm2-rng.sock"
 [[guest]]
 name = "legacy"
 egd = "/run/vhost-rng/legacy.egd"
+
+[[guest]]
+name = "vm3"
+cid = 3
+
+[[guest]]
+name = "xen1"
+tcp-psk = "/etc/vhost-rng/keys/xen1.psk"
 "#;
 
 /// Rate-limit period when a guest has `rate-bytes` but no `rate-period`.
@@ -1627,6 +1636,9 @@ mod tests {
             Some(PathBuf::from("/run/vhost-rng/control.sock"))
         );
         assert_eq!(config.metrics, Some("127.0.0.1:9564".parse().unwrap()));
+        assert_eq!(config.vsock, Some(5564));
+        assert_eq!(config.vsock_default_rate, Some(4096));
+        assert_eq!(config.listen_tcp, Some("127.0.0.1:5565".parse().unwrap()));
         assert_eq!(
             config.defaults,
             GuestDefaults {
@@ -1658,6 +1670,22 @@ mod tests {
                 GuestSpec {
                     name: "legacy".into(),
                     endpoint: GuestEndpoint::Egd("/run/vhost-rng/legacy.egd".into()),
+                    rate_bytes: Some(16384),
+                    rate_period_ms: 1000,
+                    burst: Some(16384),
+                    weight: 1,
+                },
+                GuestSpec {
+                    name: "vm3".into(),
+                    endpoint: GuestEndpoint::Cid(3),
+                    rate_bytes: Some(16384),
+                    rate_period_ms: 1000,
+                    burst: Some(16384),
+                    weight: 1,
+                },
+                GuestSpec {
+                    name: "xen1".into(),
+                    endpoint: GuestEndpoint::TcpPsk("/etc/vhost-rng/keys/xen1.psk".into()),
                     rate_bytes: Some(16384),
                     rate_period_ms: 1000,
                     burst: Some(16384),
@@ -1834,7 +1862,7 @@ mod tests {
         std::fs::write(&path, EXAMPLE).unwrap();
         let config = ConfigFile::load(&path).unwrap();
         assert_eq!(config.origin, path);
-        assert_eq!(config.guests.len(), 3);
+        assert_eq!(config.guests.len(), 5);
 
         let missing = dir.path().join("missing.toml");
         let err = load(&missing).unwrap_err();
@@ -2670,5 +2698,89 @@ mod tests {
             err.to_string(),
             "/x is used by two guests: \"a\" in the config file and \"b\" in the config file"
         );
+    }
+
+    // ---- vsock and TCP guests ----
+
+    #[test]
+    fn cid_and_tcp_psk_guests_parse_and_print_back() {
+        let vm = spec("name=vm3,cid=3,rate-bytes=4096");
+        assert_eq!(vm.endpoint, GuestEndpoint::Cid(3));
+        assert_eq!(vm.endpoint.path(), None);
+        assert_eq!(vm.endpoint.address(), Address::Cid(3));
+        assert_eq!(vm.to_string(), "name=vm3,cid=3,rate-bytes=4096");
+        let xen = spec("name=xen1,tcp-psk=/etc/k/xen1.psk");
+        assert_eq!(
+            xen.endpoint,
+            GuestEndpoint::TcpPsk("/etc/k/xen1.psk".into())
+        );
+        assert_eq!(xen.to_string(), "name=xen1,tcp-psk=/etc/k/xen1.psk");
+        assert_eq!(spec(&xen.to_string()), xen);
+        let highest = format!("name=vm,cid={}", VSOCK_CID_ANY - 1);
+        assert_eq!(
+            spec(&highest).endpoint,
+            GuestEndpoint::Cid(VSOCK_CID_ANY - 1)
+        );
+    }
+
+    #[test]
+    fn cids_of_the_host_and_the_wildcard_are_refused() {
+        for cid in ["0", "1", "2", "4294967295", "4294967296"] {
+            assert_eq!(
+                spec_err(&format!("name=vm,cid={cid}")),
+                format!(
+                    "key 'cid': {cid} is not a guest CID (3 to 4294967294; 0 to 2 are the \
+                     hypervisor, local and host)"
+                ),
+                "{cid}"
+            );
+        }
+        assert_eq!(
+            spec_err("name=vm,cid=three"),
+            "key 'cid': 'three' is not a whole number"
+        );
+        assert_eq!(
+            spec_err("name=vm,tcp-psk="),
+            "key 'tcp-psk': the path is empty"
+        );
+        assert!(spec_err("name=vm,cid=3,socket=/a").starts_with("more than one of"));
+    }
+
+    #[test]
+    fn two_guests_may_not_share_a_cid_or_a_key_file() {
+        let text = "[[guest]]\nname = \"a\"\ncid = 3\n\n[[guest]]\nname = \"b\"\ncid = 3\n";
+        assert_eq!(
+            message(text),
+            "/etc/vhost-rng.toml:7: guest \"b\": vsock CID 3 is already used by guest \"a\" \
+             on line 3"
+        );
+        let cli = vec![spec("name=a,tcp-psk=/k")];
+        let file = vec![spec("name=b,tcp-psk=/k")];
+        let err = merge_guests(cli, file).unwrap_err().to_string();
+        assert_eq!(
+            err,
+            "/k is used by two guests: \"a\" on the command line and \"b\" in the config file"
+        );
+        // A CID and a path never clash.
+        assert!(merge_guests(vec![spec("name=a,cid=3")], vec![spec("name=b,socket=/3")]).is_ok());
+    }
+
+    #[test]
+    fn listener_keys_are_checked() {
+        let config =
+            parse_ok("vsock = 1024\nvsock-default-rate = 100\nlisten-tcp = \"[::1]:5565\"\n");
+        assert_eq!(config.vsock, Some(1024));
+        assert_eq!(config.vsock_default_rate, Some(100));
+        assert_eq!(config.listen_tcp, Some("[::1]:5565".parse().unwrap()));
+        assert_eq!(
+            message("vsock-default-rate = 0\n"),
+            "/etc/vhost-rng.toml:1: key 'vsock-default-rate': must be more than 0; omit \
+             vsock-default-rate to refuse unknown CIDs"
+        );
+        assert_eq!(
+            message("vsock = \"5564\"\n"),
+            "/etc/vhost-rng.toml:1: key 'vsock': expected a whole number, found string"
+        );
+        assert!(message("listen-tcp = \"example.org:5565\"\n").contains("not an IP address"));
     }
 }
