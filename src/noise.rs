@@ -530,8 +530,8 @@ pub fn connect_handshake<S: Read + Write>(
     stream.write_all(&first)?;
     stream.flush()?;
 
-    let reply = match read_frame(&mut stream) {
-        Ok(reply) => reply,
+    let reply = match read_handshake_frame(&mut stream, 2) {
+        Ok(reply) => reply?,
         // The server reads all we sent before it gives up, so a refusal is
         // an orderly close; a reset is treated the same in case it was not.
         Err(e)
@@ -544,7 +544,6 @@ pub fn connect_handshake<S: Read + Write>(
         }
         Err(e) => return Err(e.into()),
     };
-    check_handshake_message(&reply, 2)?;
     noise.read_message(&reply, &mut []).map_err(|e| match e {
         // The server proved the key in message 2 as the client did in
         // message 1; only a server without the key (or an attacker on
@@ -589,9 +588,8 @@ pub fn accept_handshake<S: Read + Write>(
     // Message 1 is read before the lookup so that every refusal looks the
     // same to the client: all it sent was read, then the connection closed
     // (no reset from unread data that would tell an unknown name apart).
-    let first = read_frame(&mut stream)?;
+    let first = read_handshake_frame(&mut stream, 1)??;
     let psk = lookup(&identity).ok_or_else(|| HandshakeError::UnknownIdentity(identity.clone()))?;
-    check_handshake_message(&first, 1)?;
     let mut noise = handshake_state(&psk, &hello, Role::Responder)?;
     drop(psk);
     noise.read_message(&first, &mut []).map_err(|e| match e {
@@ -661,15 +659,25 @@ fn handshake_state(
     .map_err(noise_error)
 }
 
-fn check_handshake_message(message: &[u8], number: u8) -> Result<(), HandshakeError> {
-    if message.len() == HANDSHAKE_MESSAGE_LEN {
-        Ok(())
-    } else {
-        Err(HandshakeError::Noise(format!(
-            "handshake message {number} is {} bytes, not {HANDSHAKE_MESSAGE_LEN}",
-            message.len()
-        )))
+/// Reads handshake message `number` in its frame. Both messages have one
+/// fixed length, checked before the body is read, so a peer cannot make
+/// the daemon allocate or wait for more. The outer error is the stream's,
+/// the inner one a message of the wrong length.
+fn read_handshake_frame(
+    stream: &mut impl Read,
+    number: u8,
+) -> io::Result<Result<[u8; HANDSHAKE_MESSAGE_LEN], HandshakeError>> {
+    let mut length = [0; 2];
+    stream.read_exact(&mut length)?;
+    let length = usize::from(u16::from_be_bytes(length));
+    if length != HANDSHAKE_MESSAGE_LEN {
+        return Ok(Err(HandshakeError::Noise(format!(
+            "handshake message {number} is {length} bytes, not {HANDSHAKE_MESSAGE_LEN}"
+        ))));
     }
+    let mut message = [0; HANDSHAKE_MESSAGE_LEN];
+    stream.read_exact(&mut message)?;
+    Ok(Ok(message))
 }
 
 /// Appends `message` to `out` as a frame. Handshake messages only; their
@@ -682,14 +690,6 @@ fn push_frame(out: &mut Vec<u8>, message: &[u8]) {
 
 /// Reads one whole frame during the handshake. EOF anywhere in it is
 /// `UnexpectedEof`.
-fn read_frame(stream: &mut impl Read) -> io::Result<Vec<u8>> {
-    let mut length = [0; 2];
-    stream.read_exact(&mut length)?;
-    let mut message = vec![0; usize::from(u16::from_be_bytes(length))];
-    stream.read_exact(&mut message)?;
-    Ok(message)
-}
-
 fn noise_error(error: snow::Error) -> HandshakeError {
     HandshakeError::Noise(error.to_string())
 }
@@ -965,6 +965,23 @@ mod tests {
             let err = serving.join().unwrap().unwrap_err();
             assert!(matches!(err, HandshakeError::NotOurProtocol), "{err}");
         }
+    }
+
+    #[test]
+    fn a_handshake_message_of_the_wrong_length_is_refused_before_its_body() {
+        // A frame announcing 64 KiB, of which nothing follows: the server
+        // must answer from the length alone rather than wait for the body.
+        let (mut client, server_end) = socket_pair();
+        let serving = server(server_end, key(7));
+        let mut opening = encode_hello(GUEST).unwrap();
+        opening.extend_from_slice(&u16::MAX.to_be_bytes());
+        client.write_all(&opening).unwrap();
+        let err = serving.join().unwrap().unwrap_err();
+        assert!(
+            err.to_string()
+                .contains("handshake message 1 is 65535 bytes, not 48"),
+            "{err}"
+        );
     }
 
     #[test]
