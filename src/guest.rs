@@ -20,6 +20,11 @@ pub struct GuestStats {
     pub defective_requests: AtomicU64,
     /// Time requests spent waiting for rate-limit tokens, in nanoseconds.
     pub throttled_ns: AtomicU64,
+    /// Clients turned away because the guest had as many as it may have
+    /// ([`crate::frontend::stream::MAX_CLIENTS`]).
+    pub refused_connections: AtomicU64,
+    /// TCP handshakes that named this guest but did not prove its key.
+    pub wrong_key_connections: AtomicU64,
 }
 
 /// A plain copy of [`GuestStats`] at one moment.
@@ -31,6 +36,8 @@ pub struct GuestStatsSnapshot {
     pub bytes: u64,
     pub defective_requests: u64,
     pub throttled: Duration,
+    pub refused_connections: u64,
+    pub wrong_key_connections: u64,
 }
 
 impl GuestStats {
@@ -42,6 +49,8 @@ impl GuestStats {
             bytes: self.bytes.load(Ordering::Relaxed),
             defective_requests: self.defective_requests.load(Ordering::Relaxed),
             throttled: Duration::from_nanos(self.throttled_ns.load(Ordering::Relaxed)),
+            refused_connections: self.refused_connections.load(Ordering::Relaxed),
+            wrong_key_connections: self.wrong_key_connections.load(Ordering::Relaxed),
         }
     }
 }

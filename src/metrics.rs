@@ -30,7 +30,7 @@ use prometheus_client::metrics::gauge::ConstGauge;
 use prometheus_client::registry::Registry;
 
 use crate::log_limit::RateLimitedLog;
-use crate::status::{DaemonStatus, GuestStatus, SourceStatus};
+use crate::status::{DaemonStatus, GuestStatus, ListenerStatus, SourceStatus};
 
 /// The content type of what [`encode`] produces.
 pub const CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
@@ -69,8 +69,8 @@ pub type SnapshotFn = Arc<dyn Fn() -> DaemonStatus + Send + Sync>;
 pub fn encode(status: &DaemonStatus) -> String {
     let mut registry = Registry::with_prefix(PREFIX);
     registry.register_collector(Box::new(StatusCollector(status.clone())));
-    let mut out =
-        String::with_capacity(1024 + 2048 * (status.guests.len() + status.pool.sources.len()));
+    let series = status.guests.len() + status.pool.sources.len() + status.listeners.len();
+    let mut out = String::with_capacity(1024 + 2048 * series);
     if let Err(fmt::Error) = prometheus_client::encoding::text::encode(&mut out, &registry) {
         // Neither the String nor the collector ever fails; should that
         // change, a truncated exposition lacks `# EOF`, which scrapers reject.
@@ -87,6 +87,7 @@ impl Collector for StatusCollector {
     fn encode(&self, mut encoder: DescriptorEncoder) -> fmt::Result {
         encode_guests(&mut encoder, &self.0.guests)?;
         encode_sources(&mut encoder, &self.0.pool.sources)?;
+        encode_listeners(&mut encoder, &self.0.listeners)?;
         encode_daemon(&mut encoder, &self.0)
     }
 }
@@ -147,6 +148,18 @@ fn encode_guests(e: &mut DescriptorEncoder, guests: &[GuestStatus]) -> fmt::Resu
         "guest_connections",
         "Connections made for the guest: VMM connections, or EGD and agent clients.",
         by_guest(guests, |g| ConstCounter::new(g.connections)),
+    )?;
+    family(
+        e,
+        "guest_refused_connections",
+        "Clients of the guest refused because it had as many as it may have at once.",
+        by_guest(guests, |g| ConstCounter::new(g.refused_connections)),
+    )?;
+    family(
+        e,
+        "guest_wrong_key_connections",
+        "TCP handshakes that named the guest but did not prove its pre-shared key.",
+        by_guest(guests, |g| ConstCounter::new(g.wrong_key_connections)),
     )?;
     family(
         e,
@@ -235,6 +248,35 @@ fn encode_sources(e: &mut DescriptorEncoder, sources: &[SourceStatus]) -> fmt::R
         "Whether the source is healthy and contributing (1) or not (0).",
         by_source(sources, |s| {
             ConstGauge::new(i64::from(s.state == "healthy"))
+        }),
+    )
+}
+
+/// The listeners shared by many guests, labelled with their kind (there is
+/// one of each kind at most).
+fn encode_listeners(e: &mut DescriptorEncoder, listeners: &[ListenerStatus]) -> fmt::Result {
+    family(
+        e,
+        "listener_connections",
+        "Connections the shared listener accepted, refused ones included.",
+        listeners.iter().map(|l| {
+            (
+                [("listener", l.kind.as_str())],
+                ConstCounter::new(l.connections),
+            )
+        }),
+    )?;
+    family(
+        e,
+        "listener_refused",
+        "Connections the shared listener refused before they reached a guest, by reason.",
+        listeners.iter().flat_map(|l| {
+            l.refused.iter().map(|(reason, count)| {
+                (
+                    [("listener", l.kind.as_str()), ("reason", reason.as_str())],
+                    ConstCounter::new(*count),
+                )
+            })
         }),
     )
 }
@@ -733,6 +775,17 @@ mod tests {
             rate_period_ms: limited.then_some(250),
             burst: None,
             weight: 1,
+            refused_connections: if limited { 5 } else { 0 },
+            wrong_key_connections: if limited { 0 } else { 4 },
+        }
+    }
+
+    fn listener(kind: &str, address: &str, refused: &[(&str, u64)]) -> ListenerStatus {
+        ListenerStatus {
+            kind: kind.into(),
+            address: address.into(),
+            connections: 40,
+            refused: refused.iter().map(|(r, n)| (r.to_string(), *n)).collect(),
         }
     }
 
@@ -771,6 +824,20 @@ mod tests {
                     source("rdseed", "quarantined"),
                 ],
             },
+            listeners: vec![
+                listener("vsock", "5564", &[("unknown_cid", 6)]),
+                listener(
+                    "tcp",
+                    "127.0.0.1:5565",
+                    &[
+                        ("handshake_incomplete", 3),
+                        ("not_protocol", 2),
+                        ("too_many_handshakes", 0),
+                        ("unknown_name", 1),
+                        ("wrong_key", 4),
+                    ],
+                ),
+            ],
         }
     }
 
@@ -903,13 +970,15 @@ mod tests {
         value.expect("missing series").parse().unwrap()
     }
 
-    const FAMILIES: [(&str, &str); 19] = [
+    const FAMILIES: [(&str, &str); 23] = [
         ("guest_bytes", "counter"),
         ("guest_requests", "counter"),
         ("guest_defective_requests", "counter"),
         ("guest_throttled_seconds", "counter"),
         ("guest_connected", "gauge"),
         ("guest_connections", "counter"),
+        ("guest_refused_connections", "counter"),
+        ("guest_wrong_key_connections", "counter"),
         ("guest_rate_limit_bytes_per_second", "gauge"),
         ("source_bytes_read", "counter"),
         ("source_bytes_discarded", "counter"),
@@ -919,6 +988,8 @@ mod tests {
         ("source_state", "gauge"),
         ("source_rate_bytes_per_second", "gauge"),
         ("source_healthy", "gauge"),
+        ("listener_connections", "counter"),
+        ("listener_refused", "counter"),
         ("pool_level_bytes", "gauge"),
         ("pool_capacity_bytes", "gauge"),
         ("uptime_seconds", "gauge"),
@@ -983,6 +1054,12 @@ mod tests {
             exp.value("vhost_rng_guest_connections_total", &vm2),
             Some("0")
         );
+        let refused = "vhost_rng_guest_refused_connections_total";
+        assert_eq!(exp.value(refused, &vm1), Some("5"));
+        assert_eq!(exp.value(refused, &vm2), Some("0"));
+        let wrong_key = "vhost_rng_guest_wrong_key_connections_total";
+        assert_eq!(exp.value(wrong_key, &vm1), Some("0"));
+        assert_eq!(exp.value(wrong_key, &vm2), Some("4"));
         // 4096 bytes per 250 ms; only the limited guest has the series.
         let limits = exp.series("vhost_rng_guest_rate_limit_bytes_per_second");
         assert_eq!(limits.len(), 1, "{limits:?}");
@@ -992,9 +1069,32 @@ mod tests {
             "guest_bytes_total",
             "guest_requests_total",
             "guest_connected",
+            "guest_refused_connections_total",
+            "guest_wrong_key_connections_total",
         ] {
             assert_eq!(exp.series(&format!("vhost_rng_{family}")).len(), 2);
         }
+    }
+
+    #[test]
+    fn listener_series_carry_their_values_and_every_reason() {
+        let exp = parse(&encode(&sample_status()));
+        let connections = "vhost_rng_listener_connections_total";
+        assert_eq!(exp.series(connections).len(), 2);
+        assert_eq!(exp.value(connections, &[("listener", "vsock")]), Some("40"));
+        assert_eq!(exp.value(connections, &[("listener", "tcp")]), Some("40"));
+        let refused = "vhost_rng_listener_refused_total";
+        let by =
+            |listener, reason| exp.value(refused, &[("listener", listener), ("reason", reason)]);
+        assert_eq!(by("vsock", "unknown_cid"), Some("6"));
+        assert_eq!(by("tcp", "handshake_incomplete"), Some("3"));
+        assert_eq!(by("tcp", "not_protocol"), Some("2"));
+        // A reason that has not happened yet is a series at 0.
+        assert_eq!(by("tcp", "too_many_handshakes"), Some("0"));
+        assert_eq!(by("tcp", "unknown_name"), Some("1"));
+        assert_eq!(by("tcp", "wrong_key"), Some("4"));
+        assert_eq!(by("vsock", "unknown_name"), None);
+        assert_eq!(exp.series(refused).len(), 6);
     }
 
     #[test]
@@ -1092,6 +1192,7 @@ mod tests {
         let mut status = sample_status();
         status.guests.clear();
         status.pool.sources.clear();
+        status.listeners.clear();
         let exp = parse(&encode(&status));
         let names: Vec<&str> = exp.families.iter().map(|(n, _, _)| n.as_str()).collect();
         assert_eq!(

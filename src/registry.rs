@@ -23,7 +23,7 @@ use crate::limiter::{RateLimit, RateLimitError};
 use crate::noise::{Psk, PskError};
 use crate::pool::Pool;
 use crate::protocol;
-use crate::status::{DaemonStatus, GuestStatus, PoolStatus, SourceStatus};
+use crate::status::{DaemonStatus, GuestStatus, ListenerStatus, PoolStatus, SourceStatus};
 
 #[derive(Debug, thiserror::Error)]
 pub enum RegistryError {
@@ -112,6 +112,13 @@ pub struct Listeners {
 }
 
 impl Listeners {
+    /// The counters of each listener the daemon runs: vsock, then TCP.
+    pub fn statuses(&self) -> Vec<ListenerStatus> {
+        let vsock = self.vsock.as_ref().map(|vsock| vsock.status());
+        let tcp = self.tcp.as_ref().map(|tcp| tcp.status());
+        vsock.into_iter().chain(tcp).collect()
+    }
+
     pub fn stop(&self) {
         if let Some(vsock) = &self.vsock {
             vsock.stop();
@@ -515,6 +522,8 @@ impl Registry {
                     rate_period_ms: limits.rate.map(|r| r.period().as_millis() as u64),
                     burst: limits.rate.map(|r| r.burst()),
                     weight: limits.weight,
+                    refused_connections: stats.refused_connections,
+                    wrong_key_connections: stats.wrong_key_connections,
                 }
             })
             .collect()
@@ -537,6 +546,10 @@ impl Registry {
                     .map(|s| SourceStatus::from_snapshot(&s.snapshot()))
                     .collect(),
             },
+            listeners: self
+                .listeners()
+                .map(Listeners::statuses)
+                .unwrap_or_default(),
         }
     }
 }
@@ -579,5 +592,40 @@ fn close_prepared(prepared: Vec<Result<Prepared, GuestSpec>>) {
             | Opened::Channel(socket) => socket.remove(),
             Opened::VhostUser(Endpoint::Connect(_)) | Opened::Vsock(..) | Opened::Tcp(..) => {}
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::pool::PoolConfig;
+
+    fn registry() -> Arc<Registry> {
+        let pool = Pool::start(PoolConfig {
+            sources: vec!["os".parse().unwrap()],
+            mode: Default::default(),
+            reseed: Default::default(),
+        })
+        .unwrap();
+        Registry::new(pool, SocketAccess::default())
+    }
+
+    #[test]
+    fn status_lists_the_shared_listeners_the_daemon_runs() {
+        let without = registry();
+        assert!(without.status().listeners.is_empty());
+
+        let with_tcp = registry();
+        let tcp = TcpListener::start("127.0.0.1:0".parse().unwrap()).unwrap();
+        with_tcp.set_listeners(Listeners {
+            vsock: None,
+            tcp: Some(Arc::clone(&tcp)),
+        });
+        let listeners = with_tcp.status().listeners;
+        assert_eq!(listeners.len(), 1);
+        assert_eq!(listeners[0].kind, "tcp");
+        assert_eq!(listeners[0].address, tcp.local_addr().to_string());
+        assert_eq!(listeners[0], tcp.status());
+        with_tcp.stop_all();
     }
 }

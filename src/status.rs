@@ -1,6 +1,8 @@
-//! What the daemon reports about itself: per guest, per source, and the
-//! pool. One snapshot type feeds `vhost-rng status`, `guest list` and the
-//! Prometheus metrics, so they never disagree.
+//! What the daemon reports about itself: per guest, per source, per shared
+//! listener, and the pool. One snapshot type feeds `vhost-rng status`,
+//! `guest list` and the Prometheus metrics, so they never disagree.
+
+use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 
@@ -25,6 +27,29 @@ pub struct GuestStatus {
     pub rate_period_ms: Option<u64>,
     pub burst: Option<u64>,
     pub weight: u32,
+    /// Clients refused because the guest had as many as it may have at
+    /// once. Absent from the JSON of daemons before this field: 0.
+    #[serde(default)]
+    pub refused_connections: u64,
+    /// TCP handshakes that named the guest but did not prove its key.
+    #[serde(default)]
+    pub wrong_key_connections: u64,
+}
+
+/// A listener shared by many guests (`--vsock`, `--listen-tcp`) at one
+/// moment.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ListenerStatus {
+    /// `vsock` or `tcp`.
+    pub kind: String,
+    /// The port for vsock, IP:PORT for TCP.
+    pub address: String,
+    /// Connections accepted, refused ones included.
+    pub connections: u64,
+    /// Connections refused before they reached a guest, by reason. Every
+    /// reason of the listener's kind is present, at 0 until it happens, so
+    /// that rates over them start from the first refusal.
+    pub refused: BTreeMap<String, u64>,
 }
 
 /// One entropy source at one moment.
@@ -66,6 +91,10 @@ pub struct DaemonStatus {
     pub max_rate: Option<u64>,
     pub guests: Vec<GuestStatus>,
     pub pool: PoolStatus,
+    /// The shared listeners the daemon runs; none from daemons before this
+    /// field.
+    #[serde(default)]
+    pub listeners: Vec<ListenerStatus>,
 }
 
 impl SourceStatus {
@@ -137,8 +166,38 @@ impl DaemonStatus {
         }
         let _ = writeln!(out, "\nGUESTS");
         out.push_str(&render_guests(&self.guests));
+        if !self.listeners.is_empty() {
+            let _ = writeln!(out, "\nLISTENERS");
+            out.push_str(&render_listeners(&self.listeners));
+        }
         out
     }
+}
+
+/// The listener table of `vhost-rng status`: refusals by reason, in the
+/// order of their names.
+fn render_listeners(listeners: &[ListenerStatus]) -> String {
+    use std::fmt::Write;
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        "{:<6} {:<24} {:>12}  REFUSED",
+        "KIND", "ADDRESS", "CONNECTIONS"
+    );
+    for l in listeners {
+        let refused = l
+            .refused
+            .iter()
+            .map(|(reason, count)| format!("{reason} {count}"))
+            .collect::<Vec<_>>()
+            .join(", ");
+        let _ = writeln!(
+            out,
+            "{:<6} {:<24} {:>12}  {refused}",
+            l.kind, l.address, l.connections
+        );
+    }
+    out
 }
 
 /// The table of `vhost-rng guest list`.
@@ -147,8 +206,16 @@ pub fn render_guests(guests: &[GuestStatus]) -> String {
     let mut out = String::new();
     let _ = writeln!(
         out,
-        "{:<16} {:<10} {:>12} {:>10} {:>12} {:>10} {:>12}  LIMIT",
-        "NAME", "CONNECTED", "BYTES", "REQUESTS", "RATE", "THROTTLED", "DEFECTIVE"
+        "{:<16} {:<10} {:>12} {:>10} {:>12} {:>10} {:>12} {:>8} {:>9}  LIMIT",
+        "NAME",
+        "CONNECTED",
+        "BYTES",
+        "REQUESTS",
+        "RATE",
+        "THROTTLED",
+        "DEFECTIVE",
+        "REFUSED",
+        "WRONG-KEY"
     );
     for g in guests {
         let limit = match (g.rate_bytes, g.rate_period_ms) {
@@ -161,14 +228,16 @@ pub fn render_guests(guests: &[GuestStatus]) -> String {
         };
         let _ = writeln!(
             out,
-            "{:<16} {:<10} {:>12} {:>10} {:>12} {:>9.1}s {:>12}  {limit}",
+            "{:<16} {:<10} {:>12} {:>10} {:>12} {:>9.1}s {:>12} {:>8} {:>9}  {limit}",
             g.name,
             if g.connected { "yes" } else { "no" },
             g.bytes,
             g.requests,
             human_rate(g.current_rate),
             g.throttled_seconds,
-            g.defective_requests
+            g.defective_requests,
+            g.refused_connections,
+            g.wrong_key_connections
         );
     }
     out
@@ -194,6 +263,8 @@ mod tests {
             rate_period_ms: Some(1000),
             burst: None,
             weight: 1,
+            refused_connections: 0,
+            wrong_key_connections: 0,
         }
     }
 
@@ -210,6 +281,7 @@ mod tests {
                 capacity: 8192,
                 sources: vec![],
             },
+            listeners: vec![],
         };
         let json = serde_json::to_string(&status).unwrap();
         assert_eq!(serde_json::from_str::<DaemonStatus>(&json).unwrap(), status);
@@ -219,5 +291,112 @@ mod tests {
             "{text}"
         );
         assert!(text.contains("16.4 kB/s"), "{text}");
+    }
+
+    fn listener(kind: &str, address: &str, refused: &[(&str, u64)]) -> ListenerStatus {
+        ListenerStatus {
+            kind: kind.into(),
+            address: address.into(),
+            connections: 12,
+            refused: refused.iter().map(|(r, n)| (r.to_string(), *n)).collect(),
+        }
+    }
+
+    #[test]
+    fn refusals_and_listeners_are_rendered() {
+        let mut xen1 = guest("xen1");
+        xen1.refused_connections = 7;
+        xen1.wrong_key_connections = 3;
+        let status = DaemonStatus {
+            version: "0.1.0".into(),
+            uptime_seconds: 12.0,
+            max_rate: None,
+            guests: vec![xen1],
+            pool: PoolStatus {
+                mode: "drbg".into(),
+                level: 64,
+                capacity: 8192,
+                sources: vec![],
+            },
+            listeners: vec![
+                listener("vsock", "5564", &[("unknown_cid", 4)]),
+                listener(
+                    "tcp",
+                    "192.0.2.1:5565",
+                    &[("unknown_name", 2), ("not_protocol", 1)],
+                ),
+            ],
+        };
+        let json = serde_json::to_string(&status).unwrap();
+        assert_eq!(serde_json::from_str::<DaemonStatus>(&json).unwrap(), status);
+
+        let text = status.render();
+        let header = text.lines().find(|l| l.contains(" REFUSED ")).unwrap();
+        let row = text.lines().find(|l| l.starts_with("xen1 ")).unwrap();
+        // Columns are right-aligned under their heading.
+        let column = |name: &str| {
+            let end = header.find(name).unwrap() + name.len();
+            row[..end].split_whitespace().last().unwrap()
+        };
+        assert_eq!(
+            (column("REFUSED"), column("WRONG-KEY")),
+            ("7", "3"),
+            "{text}"
+        );
+
+        let listeners = &text[text.find("\nLISTENERS\n").expect("a listener section")..];
+        assert!(
+            listeners.contains("vsock  5564 ") && listeners.contains("unknown_cid 4"),
+            "{text}"
+        );
+        // Reasons in the order of their names.
+        assert!(
+            listeners.contains("192.0.2.1:5565")
+                && listeners.contains("not_protocol 1, unknown_name 2"),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn no_listener_section_without_listeners() {
+        let status = DaemonStatus {
+            version: "0.1.0".into(),
+            uptime_seconds: 1.0,
+            max_rate: None,
+            guests: vec![],
+            pool: PoolStatus {
+                mode: "raw".into(),
+                level: 0,
+                capacity: 65536,
+                sources: vec![],
+            },
+            listeners: vec![],
+        };
+        assert!(!status.render().contains("LISTENERS"));
+    }
+
+    #[test]
+    fn json_of_a_daemon_before_refusal_counts_still_parses() {
+        let mut status: serde_json::Value = serde_json::to_value(DaemonStatus {
+            version: "0.1.0".into(),
+            uptime_seconds: 1.0,
+            max_rate: None,
+            guests: vec![guest("vm1")],
+            pool: PoolStatus {
+                mode: "drbg".into(),
+                level: 0,
+                capacity: 8192,
+                sources: vec![],
+            },
+            listeners: vec![listener("tcp", "127.0.0.1:5565", &[])],
+        })
+        .unwrap();
+        status.as_object_mut().unwrap().remove("listeners");
+        let vm1 = status["guests"][0].as_object_mut().unwrap();
+        vm1.remove("refused_connections");
+        vm1.remove("wrong_key_connections");
+        let parsed: DaemonStatus = serde_json::from_value(status).unwrap();
+        assert!(parsed.listeners.is_empty());
+        assert_eq!(parsed.guests[0], guest("vm1"));
     }
 }

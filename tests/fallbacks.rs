@@ -124,6 +124,11 @@ fn the_agent_over_tcp_is_served_with_its_key_and_refused_with_another() {
     setup
         .daemon
         .wait_for_log("refused: wrong key for guest xen1", 1);
+    // Counted against the guest the hello named, not the key's owner.
+    let xen1 = setup.daemon.guest("xen1");
+    assert_eq!(xen1.wrong_key_connections, 1);
+    assert_eq!(xen1.refused_connections, 0);
+    assert_eq!(setup.daemon.guest("xen2").wrong_key_connections, 0);
 
     // A name the daemon does not know.
     let (ok, _) = agent_once(setup.addr, &setup.xen1_key, "nobody");
@@ -132,6 +137,11 @@ fn the_agent_over_tcp_is_served_with_its_key_and_refused_with_another() {
 
     assert_eq!(setup.daemon.guest("xen1").bytes, 256, "nothing more served");
     assert_eq!(setup.daemon.guest("xen2").bytes, 0);
+    assert_eq!(
+        setup.daemon.guest("xen1").wrong_key_connections,
+        1,
+        "an unknown name is no wrong key"
+    );
 }
 
 /// Bytes a proxy saw going one way.

@@ -2,6 +2,7 @@
 //! every scrape takes a new snapshot, and every line of the exposition is
 //! well-formed OpenMetrics text.
 
+use std::collections::BTreeMap;
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::sync::Arc;
@@ -9,7 +10,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use vhost_rng::metrics::{CONTENT_TYPE, MetricsServer, SnapshotFn, encode};
-use vhost_rng::status::{DaemonStatus, GuestStatus, PoolStatus, SourceStatus};
+use vhost_rng::status::{DaemonStatus, GuestStatus, ListenerStatus, PoolStatus, SourceStatus};
 
 fn status(bytes: u64) -> DaemonStatus {
     DaemonStatus {
@@ -31,6 +32,8 @@ fn status(bytes: u64) -> DaemonStatus {
             rate_period_ms: Some(1000),
             burst: None,
             weight: 1,
+            refused_connections: 3,
+            wrong_key_connections: 2,
         }],
         pool: PoolStatus {
             mode: "raw".into(),
@@ -51,6 +54,26 @@ fn status(bytes: u64) -> DaemonStatus {
                 rate: 0,
             }],
         },
+        listeners: vec![
+            ListenerStatus {
+                kind: "vsock".into(),
+                address: "5564".into(),
+                connections: 9,
+                refused: BTreeMap::from([("unknown_cid".into(), 4)]),
+            },
+            ListenerStatus {
+                kind: "tcp".into(),
+                address: "127.0.0.1:5565".into(),
+                connections: 7,
+                refused: BTreeMap::from([
+                    ("handshake_incomplete".into(), 1),
+                    ("not_protocol".into(), 0),
+                    ("too_many_handshakes".into(), 0),
+                    ("unknown_name".into(), 5),
+                    ("wrong_key".into(), 2),
+                ]),
+            },
+        ],
     }
 }
 
@@ -117,6 +140,28 @@ fn each_scrape_takes_a_new_snapshot() {
     assert_well_formed(&first);
     assert!(first.contains("vhost_rng_guest_bytes_total{guest=\"vm1\"} 100\n"));
     assert!(first.contains("vhost_rng_source_state{source=\"os\",state=\"starting\"} 1\n"));
+    for family in [
+        "guest_refused_connections",
+        "guest_wrong_key_connections",
+        "listener_connections",
+        "listener_refused",
+    ] {
+        assert!(
+            first.contains(&format!("\n# TYPE vhost_rng_{family} counter\n")),
+            "{family}: {first}"
+        );
+    }
+    for sample in [
+        "vhost_rng_guest_refused_connections_total{guest=\"vm1\"} 3\n",
+        "vhost_rng_guest_wrong_key_connections_total{guest=\"vm1\"} 2\n",
+        "vhost_rng_listener_connections_total{listener=\"vsock\"} 9\n",
+        "vhost_rng_listener_connections_total{listener=\"tcp\"} 7\n",
+        "vhost_rng_listener_refused_total{listener=\"vsock\",reason=\"unknown_cid\"} 4\n",
+        "vhost_rng_listener_refused_total{listener=\"tcp\",reason=\"unknown_name\"} 5\n",
+        "vhost_rng_listener_refused_total{listener=\"tcp\",reason=\"too_many_handshakes\"} 0\n",
+    ] {
+        assert!(first.contains(sample), "{sample}: {first}");
+    }
 
     let (_, second) = scrape(server.local_addr());
     assert!(second.contains("vhost_rng_guest_bytes_total{guest=\"vm1\"} 200\n"));

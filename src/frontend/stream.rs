@@ -118,25 +118,40 @@ impl Clients {
     }
 
     /// Serves `client`, which came in `peer` ("on PATH", "from ADDR"), on
-    /// the calling thread until
-    /// it ends; refuses it if the guest has [`MAX_CLIENTS`] already.
+    /// the calling thread until it ends; refuses it if the guest has
+    /// [`MAX_CLIENTS`] already or is stopping.
     pub fn serve(&self, protocol: &Protocol, peer: &str, client: &mut dyn ClientStream) {
         let name = self.guest.name();
-        let Some(_slot) = self.admit(client) else {
-            if !protocol.busy_reply.is_empty() {
-                let _ = client.set_write_timeout(Some(STOP_CHECK));
-                let _ = client
-                    .write_all(protocol.busy_reply)
-                    .and_then(|()| client.flush());
+        let _slot = match self.admit(client) {
+            Ok(slot) => slot,
+            Err(refusal) => {
+                // Whatever the reason, "busy" is what the client should
+                // hear: trying again later may well succeed.
+                if !protocol.busy_reply.is_empty() {
+                    let _ = client.set_write_timeout(Some(STOP_CHECK));
+                    let _ = client
+                        .write_all(protocol.busy_reply)
+                        .and_then(|()| client.flush());
+                }
+                if let Refusal::Full = refusal {
+                    let stats = &self.guest.stats;
+                    stats.refused_connections.fetch_add(1, Ordering::Relaxed);
+                }
+                if let Some(suppressed) = self.refusals.permit() {
+                    // A guest on its way out refusing clients is expected.
+                    let level = match refusal {
+                        Refusal::Stopping => log::Level::Info,
+                        Refusal::Full | Refusal::Io(_) => log::Level::Warn,
+                    };
+                    log::log!(
+                        level,
+                        "guest {name}: {} client {peer} refused: {refusal} ({suppressed} \
+                         similar messages suppressed)",
+                        protocol.name
+                    );
+                }
+                return;
             }
-            if let Some(suppressed) = self.refusals.permit() {
-                warn!(
-                    "guest {name}: {} client {peer} refused: the guest has {MAX_CLIENTS} \
-                     clients already ({suppressed} similar messages suppressed)",
-                    protocol.name
-                );
-            }
-            return;
         };
         info!("guest {name}: {} client connected {peer}", protocol.name);
         let result = GuestReader::new(Arc::clone(&self.guest), Arc::clone(&self.stopping))
@@ -149,18 +164,21 @@ impl Clients {
         let _ = shutdown(client.socket().as_raw_fd(), Shutdown::Both);
     }
 
-    fn admit(&self, client: &dyn ClientStream) -> Option<ClientSlot<'_>> {
+    fn admit(&self, client: &dyn ClientStream) -> Result<ClientSlot<'_>, Refusal> {
         static NEXT_CLIENT: AtomicU64 = AtomicU64::new(0);
-        let handle = client.socket().try_clone_to_owned().ok()?;
+        let handle = client.socket().try_clone_to_owned().map_err(Refusal::Io)?;
         let mut open = self.lock();
-        if open.len() >= MAX_CLIENTS || self.is_stopping() {
-            return None;
+        if self.is_stopping() {
+            return Err(Refusal::Stopping);
+        }
+        if open.len() >= MAX_CLIENTS {
+            return Err(Refusal::Full);
         }
         let id = NEXT_CLIENT.fetch_add(1, Ordering::Relaxed);
         open.insert(id, handle);
         self.guest.stats.connections.fetch_add(1, Ordering::Relaxed);
         self.guest.stats.connected.store(true, Ordering::Relaxed);
-        Some(ClientSlot { clients: self, id })
+        Ok(ClientSlot { clients: self, id })
     }
 
     /// Shuts every client down; clients that come later are refused.
@@ -170,6 +188,21 @@ impl Clients {
             let _ = shutdown(client.as_raw_fd(), Shutdown::Both);
         }
     }
+}
+
+/// Why a client of a guest is not served.
+#[derive(Debug, thiserror::Error)]
+enum Refusal {
+    /// The one counted in the guest's `refused_connections`: the others
+    /// are not the guest's doing.
+    #[error("the guest has {MAX_CLIENTS} clients already")]
+    Full,
+    #[error("the guest is being removed or replaced, or the daemon is stopping")]
+    Stopping,
+    /// Keeping the socket, so that stopping the guest can close it, failed
+    /// (out of file descriptors, most likely).
+    #[error("cannot keep its socket: {0}")]
+    Io(#[source] io::Error),
 }
 
 /// A client's place among its guest's clients, given back when it ends.
@@ -366,5 +399,45 @@ impl GuestReader {
             .bytes
             .fetch_add(bytes as u64, Ordering::Relaxed);
         self.guest.record(bytes as u64, Instant::now());
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::frontend::channel;
+    use crate::guest::{GuestLimits, SharedBucket};
+    use crate::pool::{Pool, PoolConfig};
+
+    fn clients() -> Arc<Clients> {
+        let pool = Pool::start(PoolConfig {
+            sources: vec!["os".parse().unwrap()],
+            mode: Default::default(),
+            reseed: Default::default(),
+        })
+        .unwrap();
+        let guest = Guest::with_limits("vm", pool, GuestLimits::default(), SharedBucket::default());
+        Clients::new(guest)
+    }
+
+    /// Serves one client on this thread; returns what it was told.
+    fn serve_one(clients: &Clients) -> Vec<u8> {
+        let (mut ours, mut theirs) = UnixStream::pair().unwrap();
+        ours.set_read_timeout(Some(Duration::from_secs(10)))
+            .unwrap();
+        clients.serve(&channel::PROTOCOL, "in a test", &mut theirs);
+        drop(theirs);
+        let mut told = Vec::new();
+        ours.read_to_end(&mut told).unwrap();
+        told
+    }
+
+    #[test]
+    fn a_stopping_guest_refuses_clients_without_counting_them_as_over_its_limit() {
+        let clients = clients();
+        clients.close_all();
+        assert_eq!(serve_one(&clients), channel::PROTOCOL.busy_reply);
+        let stats = clients.guest().stats.snapshot();
+        assert_eq!((stats.refused_connections, stats.connections), (0, 0));
     }
 }

@@ -7,16 +7,22 @@
 //!
 //! Anyone on the network can connect, so connections that have not proved
 //! a key yet are bounded: at most [`MAX_HANDSHAKES`] at once, each with
-//! [`HANDSHAKE_TIMEOUT`] to finish. A wrong key or an unknown name is
-//! logged and the connection closed without an answer.
+//! [`HANDSHAKE_TIMEOUT`] to finish, all reads and writes of the handshake
+//! together. A wrong key or an unknown name is logged and the connection
+//! closed without an answer. Every refusal is also counted, by reason
+//! ([`TcpListener::status`]), and a wrong key against the guest it named
+//! too, so that both show in `vhost-rng status` and the metrics without
+//! reading logs.
 
-use std::io;
+use std::cell::Cell;
+use std::collections::BTreeMap;
+use std::io::{self, Read, Write};
 use std::net::{SocketAddr, TcpListener as StdTcpListener, TcpStream};
 use std::os::fd::{AsFd, BorrowedFd};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::thread;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use log::{debug, info, warn};
 
@@ -25,6 +31,7 @@ use super::shared::{Directory, StopSignal};
 use super::stream::ClientStream;
 use crate::log_limit::RateLimitedLog;
 use crate::noise::{self, HandshakeError, Psk, SecureStream};
+use crate::status::ListenerStatus;
 
 /// Connections allowed to be in their handshake at once; more are closed
 /// at once, so unauthenticated peers cannot make the daemon start threads
@@ -48,6 +55,44 @@ pub enum TcpError {
     Spawn(#[source] io::Error),
 }
 
+/// What the listener counts, for [`TcpListener::status`]: connections, and
+/// refusals before a guest was reached, by reason.
+#[derive(Default)]
+struct Counters {
+    /// Every connection accepted, whatever became of it.
+    connections: AtomicU64,
+    /// The hello named no guest with a `tcp-psk` key.
+    unknown_name: AtomicU64,
+    /// The hello named a guest but the handshake did not prove its key.
+    wrong_key: AtomicU64,
+    /// The peer does not speak the protocol: no hello, an invalid name, a
+    /// malformed Noise message.
+    not_protocol: AtomicU64,
+    /// Closed, reset or silent before the handshake was done.
+    handshake_incomplete: AtomicU64,
+    /// Closed at once: [`MAX_HANDSHAKES`] were in progress already.
+    too_many_handshakes: AtomicU64,
+}
+
+impl Counters {
+    fn refused(&self) -> BTreeMap<String, u64> {
+        [
+            ("unknown_name", &self.unknown_name),
+            ("wrong_key", &self.wrong_key),
+            ("not_protocol", &self.not_protocol),
+            ("handshake_incomplete", &self.handshake_incomplete),
+            ("too_many_handshakes", &self.too_many_handshakes),
+        ]
+        .into_iter()
+        .map(|(reason, count)| (reason.to_owned(), count.load(Ordering::Relaxed)))
+        .collect()
+    }
+}
+
+fn count(counter: &AtomicU64) {
+    counter.fetch_add(1, Ordering::Relaxed);
+}
+
 /// The running listener.
 pub struct TcpListener {
     local_addr: SocketAddr,
@@ -55,6 +100,7 @@ pub struct TcpListener {
     handshakes: AtomicUsize,
     stop: StopSignal,
     refusals: RateLimitedLog,
+    counters: Counters,
 }
 
 impl TcpListener {
@@ -70,6 +116,7 @@ impl TcpListener {
             handshakes: AtomicUsize::new(0),
             stop: StopSignal::new().map_err(TcpError::Spawn)?,
             refusals: RateLimitedLog::per_minute(8),
+            counters: Counters::default(),
         });
         let accepting = Arc::clone(&listener);
         thread::Builder::new()
@@ -77,7 +124,7 @@ impl TcpListener {
             .spawn(move || accepting.accept_loop(socket))
             .map_err(TcpError::Spawn)?;
         info!(
-            "listening on TCP {local_addr} (Noise {})",
+            "listening on TCP {local_addr} (encrypted: {})",
             noise::NOISE_PARAMS
         );
         Ok(listener)
@@ -90,6 +137,18 @@ impl TcpListener {
 
     pub fn directory(&self) -> &Arc<TcpDirectory> {
         &self.directory
+    }
+
+    /// Connections and refusals so far. A wrong key is counted here and
+    /// against the guest named; refusals by the guest itself (its client
+    /// limit) are the guest's only.
+    pub fn status(&self) -> ListenerStatus {
+        ListenerStatus {
+            kind: "tcp".into(),
+            address: self.local_addr.to_string(),
+            connections: self.counters.connections.load(Ordering::Relaxed),
+            refused: self.counters.refused(),
+        }
     }
 
     /// Closes every connection and stops listening.
@@ -108,9 +167,11 @@ impl TcpListener {
     }
 
     fn start_handshake(self: &Arc<Self>, stream: TcpStream, peer: SocketAddr) {
+        count(&self.counters.connections);
         let pending = self.handshakes.fetch_add(1, Ordering::SeqCst);
         if pending >= MAX_HANDSHAKES {
             self.handshakes.fetch_sub(1, Ordering::SeqCst);
+            count(&self.counters.too_many_handshakes);
             self.log_refusal(format_args!(
                 "TCP {peer}: closed at once: {MAX_HANDSHAKES} connections are in their \
                  handshake already"
@@ -134,61 +195,89 @@ impl TcpListener {
     }
 
     /// Authenticates the connection; `None` (and a log line) if it fails.
-    fn handshake(&self, stream: TcpStream, peer: SocketAddr) -> Option<SecureStream<TcpStream>> {
-        let prepared = stream
-            .set_read_timeout(Some(HANDSHAKE_TIMEOUT))
-            .and_then(|()| stream.set_write_timeout(Some(HANDSHAKE_TIMEOUT)))
-            .and_then(|()| stream.set_nodelay(true));
-        if let Err(e) = prepared {
+    fn handshake(&self, stream: TcpStream, peer: SocketAddr) -> Option<SecureStream<Connection>> {
+        if let Err(e) = stream.set_nodelay(true) {
             debug!("TCP {peer}: {e}");
+            count(&self.counters.handshake_incomplete);
             return None;
         }
+        let connection = Connection {
+            stream,
+            handshake_deadline: Cell::new(Some(Instant::now() + HANDSHAKE_TIMEOUT)),
+        };
         let lookup = |name: &str| {
             self.directory
                 .get(&name.to_owned())
                 .map(|member| member.credential.clone())
         };
-        match noise::accept_handshake(stream, lookup) {
-            Ok(secure) => Some(secure),
-            Err(HandshakeError::WrongCredential(name)) => {
+        let error = match noise::accept_handshake(connection, lookup) {
+            Ok(secure) => {
+                secure.get_ref().handshake_deadline.set(None);
+                return Some(secure);
+            }
+            Err(error) => error,
+        };
+        let counters = &self.counters;
+        match error {
+            HandshakeError::WrongCredential(name) => {
+                count(&counters.wrong_key);
+                // Gone if removed during the handshake; the listener's
+                // count still has it.
+                if let Some(member) = self.directory.get(&name) {
+                    count(&member.clients.guest().stats.wrong_key_connections);
+                }
                 self.log_refusal(format_args!(
                     "TCP {peer}: refused: wrong key for guest {name} (or a hello altered in \
                      transit)"
                 ));
-                None
             }
-            // Closed before finishing, or silent until the timeout: port
-            // probes and health checks as much as attacks; not worth a warning.
-            Err(HandshakeError::Io(e))
+            HandshakeError::UnknownIdentity(name) => {
+                count(&counters.unknown_name);
+                self.log_refusal(format_args!(
+                    "TCP {peer}: refused: no guest named {name} has a tcp-psk key"
+                ));
+            }
+            HandshakeError::Io(e) => {
+                count(&counters.handshake_incomplete);
+                // Closed before finishing, or silent until the timeout: port
+                // probes and health checks as much as attacks; not worth a
+                // warning.
                 if matches!(
                     e.kind(),
                     io::ErrorKind::UnexpectedEof
                         | io::ErrorKind::WouldBlock
                         | io::ErrorKind::TimedOut
                         | io::ErrorKind::ConnectionReset
-                ) =>
-            {
-                debug!("TCP {peer}: no handshake: {e}");
-                None
+                ) {
+                    debug!("TCP {peer}: no handshake: {e}");
+                } else {
+                    let error = HandshakeError::Io(e);
+                    self.log_refusal(format_args!("TCP {peer}: refused: {error}"));
+                }
             }
-            Err(HandshakeError::UnknownIdentity(name)) => {
-                self.log_refusal(format_args!(
-                    "TCP {peer}: refused: no guest named {name} has a tcp-psk key"
-                ));
-                None
-            }
-            Err(e) => {
-                self.log_refusal(format_args!("TCP {peer}: refused: {e}"));
-                None
+            // Refused is the client side's error: accept_handshake never
+            // returns it, but were it to, it would be a peer out of protocol.
+            error @ (HandshakeError::NotOurProtocol
+            | HandshakeError::BadIdentity
+            | HandshakeError::Noise(_)
+            | HandshakeError::Refused) => {
+                count(&counters.not_protocol);
+                self.log_refusal(format_args!("TCP {peer}: refused: {error}"));
             }
         }
+        None
     }
 
     /// Serves an authenticated client on its handshake's thread.
-    fn serve(&self, mut secure: SecureStream<TcpStream>, peer: SocketAddr) {
+    fn serve(&self, mut secure: SecureStream<Connection>, peer: SocketAddr) {
         let name = secure.identity().to_owned();
-        // The guest may have been removed during the handshake.
+        // The guest may have been removed during the handshake: its name
+        // is no longer known.
         let Some(member) = self.directory.get(&name) else {
+            count(&self.counters.unknown_name);
+            self.log_refusal(format_args!(
+                "TCP {peer}: refused: guest {name} was removed during the handshake"
+            ));
             return;
         };
         let peer = format!("from TCP {peer}");
@@ -202,16 +291,227 @@ impl TcpListener {
     }
 }
 
-impl ClientStream for SecureStream<TcpStream> {
+/// An accepted connection. Until its handshake is done, each read and
+/// write may only take what is left of [`HANDSHAKE_TIMEOUT`]: a socket
+/// timeout bounds each call, not their sum, so a peer sending a byte every
+/// few seconds would otherwise keep its handshake (and one of the
+/// [`MAX_HANDSHAKES`] places) for hours.
+struct Connection {
+    stream: TcpStream,
+    /// When the handshake must be done by; `None` once it is, when the
+    /// session sets its own timeouts.
+    handshake_deadline: Cell<Option<Instant>>,
+}
+
+impl Connection {
+    /// Gives the next read or write (through `set`, which sets its socket
+    /// timeout) what is left before the handshake deadline, if any.
+    fn limit(&self, set: fn(&TcpStream, Option<Duration>) -> io::Result<()>) -> io::Result<()> {
+        let Some(deadline) = self.handshake_deadline.get() else {
+            return Ok(());
+        };
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return Err(io::Error::new(
+                io::ErrorKind::TimedOut,
+                "the handshake took too long",
+            ));
+        }
+        set(&self.stream, Some(left))
+    }
+}
+
+impl Read for Connection {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        self.limit(TcpStream::set_read_timeout)?;
+        self.stream.read(buf)
+    }
+}
+
+impl Write for Connection {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        self.limit(TcpStream::set_write_timeout)?;
+        self.stream.write(buf)
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        self.stream.flush()
+    }
+}
+
+impl ClientStream for SecureStream<Connection> {
     fn set_read_timeout(&self, timeout: Option<Duration>) -> io::Result<()> {
-        self.get_ref().set_read_timeout(timeout)
+        self.get_ref().stream.set_read_timeout(timeout)
     }
 
     fn set_write_timeout(&self, timeout: Option<Duration>) -> io::Result<()> {
-        self.get_ref().set_write_timeout(timeout)
+        self.get_ref().stream.set_write_timeout(timeout)
     }
 
     fn socket(&self) -> BorrowedFd<'_> {
-        self.get_ref().as_fd()
+        self.get_ref().stream.as_fd()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::frontend::stream::Clients;
+    use crate::guest::{Guest, GuestLimits, SharedBucket};
+    use crate::pool::{Pool, PoolConfig};
+    use std::io::Write;
+    use std::time::Instant;
+
+    fn guest(name: &str) -> Arc<Guest> {
+        let pool = Pool::start(PoolConfig {
+            sources: vec!["os".parse().unwrap()],
+            mode: Default::default(),
+            reseed: Default::default(),
+        })
+        .unwrap();
+        Guest::with_limits(name, pool, GuestLimits::default(), SharedBucket::default())
+    }
+
+    fn connect(listener: &TcpListener) -> TcpStream {
+        let stream = TcpStream::connect(listener.local_addr()).unwrap();
+        stream
+            .set_read_timeout(Some(Duration::from_secs(10)))
+            .unwrap();
+        stream
+    }
+
+    /// Waits for the handshake threads to count what the test did.
+    fn wait_for(what: &str, mut done: impl FnMut() -> bool) {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !done() {
+            assert!(Instant::now() < deadline, "never counted: {what}");
+            thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    #[test]
+    fn refusals_are_counted_by_reason_and_a_wrong_key_against_its_guest() {
+        let listener = TcpListener::start("127.0.0.1:0".parse().unwrap()).unwrap();
+        let xen1 = guest("xen1");
+        let key = Psk::generate().unwrap();
+        let _member =
+            listener
+                .directory()
+                .join("xen1".into(), Clients::new(Arc::clone(&xen1)), key.clone());
+        let status = listener.status();
+        assert_eq!(status.kind, "tcp");
+        assert_eq!(status.address, listener.local_addr().to_string());
+        assert_eq!(status.connections, 0);
+        assert!(status.refused.values().all(|&n| n == 0), "{status:?}");
+        assert_eq!(
+            status
+                .refused
+                .keys()
+                .map(String::as_str)
+                .collect::<Vec<_>>(),
+            [
+                "handshake_incomplete",
+                "not_protocol",
+                "too_many_handshakes",
+                "unknown_name",
+                "wrong_key"
+            ]
+        );
+        let refused = |reason: &str| listener.status().refused[reason];
+
+        // Another key for xen1's name.
+        let other_key = Psk::generate().unwrap();
+        let wrong = noise::connect_handshake(connect(&listener), "xen1", &other_key);
+        assert!(matches!(wrong, Err(HandshakeError::Refused)), "{wrong:?}");
+        wait_for("the wrong key", || refused("wrong_key") == 1);
+        assert_eq!(xen1.stats.snapshot().wrong_key_connections, 1);
+
+        // A name no guest has.
+        let unknown = noise::connect_handshake(connect(&listener), "nobody", &key);
+        assert!(
+            matches!(unknown, Err(HandshakeError::Refused)),
+            "{unknown:?}"
+        );
+        wait_for("the unknown name", || refused("unknown_name") == 1);
+
+        // Something else entirely.
+        let mut http = connect(&listener);
+        http.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+            .unwrap();
+        wait_for("the HTTP request", || refused("not_protocol") == 1);
+
+        // Connected, then gone before saying anything.
+        drop(connect(&listener));
+        wait_for("the closed connection", || {
+            refused("handshake_incomplete") == 1
+        });
+
+        // The right key is served, and no refusal.
+        let mut served = noise::connect_handshake(connect(&listener), "xen1", &key).unwrap();
+        let mut bytes = Vec::new();
+        assert_eq!(
+            crate::protocol::fetch(&mut served, 16, &mut bytes).unwrap(),
+            16
+        );
+
+        let status = listener.status();
+        assert_eq!(status.connections, 5);
+        assert_eq!(status.refused.values().sum::<u64>(), 4, "{status:?}");
+        assert_eq!(refused("too_many_handshakes"), 0);
+        let stats = xen1.stats.snapshot();
+        assert_eq!(
+            (stats.wrong_key_connections, stats.refused_connections),
+            (1, 0)
+        );
+        assert_eq!(stats.bytes, 16);
+        listener.stop();
+    }
+
+    #[test]
+    fn connections_beyond_the_handshake_limit_are_counted() {
+        let listener = TcpListener::start("127.0.0.1:0".parse().unwrap()).unwrap();
+        let silent: Vec<TcpStream> = (0..MAX_HANDSHAKES).map(|_| connect(&listener)).collect();
+        wait_for("the silent connections", || {
+            listener.handshakes.load(Ordering::SeqCst) == MAX_HANDSHAKES
+        });
+        let mut extra = connect(&listener);
+        wait_for("the connection over the limit", || {
+            listener.status().refused["too_many_handshakes"] == 1
+        });
+        // Closed at once, without an answer.
+        assert_eq!(std::io::Read::read(&mut extra, &mut [0u8; 1]).unwrap(), 0);
+        drop(silent);
+        wait_for("the silent connections to close", || {
+            listener.status().refused["handshake_incomplete"] == MAX_HANDSHAKES as u64
+        });
+        assert_eq!(listener.status().connections, MAX_HANDSHAKES as u64 + 1);
+        listener.stop();
+    }
+
+    #[test]
+    fn a_peer_that_dribbles_its_handshake_is_cut_off_at_the_timeout() {
+        let listener = TcpListener::start("127.0.0.1:0".parse().unwrap()).unwrap();
+        let mut slow = connect(&listener);
+        // A valid hello, then a frame of 65535 bytes announced, sent a byte
+        // at a time: each read alone is well within the timeout.
+        slow.write_all(b"VRNS\x01\x04xen1\xff\xff").unwrap();
+        let started = Instant::now();
+        let cut_off = loop {
+            thread::sleep(Duration::from_millis(250));
+            if slow.write_all(b"x").is_err()
+                || listener.status().refused["handshake_incomplete"] == 1
+            {
+                break started.elapsed();
+            }
+            assert!(
+                started.elapsed() < HANDSHAKE_TIMEOUT * 3,
+                "the handshake is still open"
+            );
+        };
+        assert!(
+            cut_off < HANDSHAKE_TIMEOUT + Duration::from_secs(2),
+            "{cut_off:?}"
+        );
+        listener.stop();
     }
 }

@@ -5,11 +5,14 @@
 //!
 //! A CID no guest is configured for is refused with an explicit answer,
 //! unless `--vsock-default-rate` lets such guests in, each as a guest of
-//! its own (`cid-N`) limited to that rate.
+//! its own (`cid-N`) limited to that rate. Connections and refusals are
+//! counted for `vhost-rng status` and the metrics ([`VsockListener::status`]).
 
+use std::collections::BTreeMap;
 use std::io::{self, Read, Write};
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::thread;
 use std::time::Duration;
 
@@ -28,6 +31,7 @@ use crate::limiter::RateLimit;
 use crate::log_limit::RateLimitedLog;
 use crate::pool::Pool;
 use crate::protocol::{self, ResponseHeader, Status};
+use crate::status::ListenerStatus;
 
 /// How long a refusal may take to write before the connection is dropped.
 const REFUSAL_TIMEOUT: Duration = Duration::from_millis(500);
@@ -67,6 +71,16 @@ struct DefaultGuests {
     global: SharedBucket,
 }
 
+/// What the listener counts, for [`VsockListener::status`].
+#[derive(Default)]
+struct Counters {
+    /// Every connection from a guest, whether served or refused.
+    connections: AtomicU64,
+    /// Refused because no guest has the peer's CID (and there is no
+    /// default rate to let it in).
+    unknown_cid: AtomicU64,
+}
+
 /// The running listener.
 pub struct VsockListener {
     port: u32,
@@ -74,6 +88,7 @@ pub struct VsockListener {
     default: Option<DefaultGuests>,
     stop: StopSignal,
     refusals: RateLimitedLog,
+    counters: Counters,
 }
 
 impl VsockListener {
@@ -131,6 +146,7 @@ impl VsockListener {
             default,
             stop: StopSignal::new().map_err(VsockError::Spawn)?,
             refusals: RateLimitedLog::per_minute(4),
+            counters: Counters::default(),
         }))
     }
 
@@ -140,6 +156,21 @@ impl VsockListener {
 
     pub fn directory(&self) -> &Arc<VsockDirectory> {
         &self.directory
+    }
+
+    /// Connections and refusals so far. Refusals by the guest itself (its
+    /// client limit) are the guest's, not the listener's.
+    pub fn status(&self) -> ListenerStatus {
+        let counters = &self.counters;
+        ListenerStatus {
+            kind: "vsock".into(),
+            address: self.port.to_string(),
+            connections: counters.connections.load(Ordering::Relaxed),
+            refused: BTreeMap::from([(
+                "unknown_cid".to_owned(),
+                counters.unknown_cid.load(Ordering::Relaxed),
+            )]),
+        }
     }
 
     /// Closes every connection and stops listening.
@@ -172,10 +203,12 @@ impl VsockListener {
 
     /// Serves a connection from `cid` as that CID's guest, or refuses it.
     pub fn admit<S: ClientStream + 'static>(&self, mut stream: S, cid: u32) {
+        self.counters.connections.fetch_add(1, Ordering::Relaxed);
         let peer = format!("from vsock CID {cid}");
         match self.member(cid) {
             Some(member) => spawn_client(&member.clients, channel::PROTOCOL, peer, stream),
             None => {
+                self.counters.unknown_cid.fetch_add(1, Ordering::Relaxed);
                 if let Some(suppressed) = self.refusals.permit() {
                     warn!(
                         "vsock: connection from CID {cid} refused: no guest has cid={cid} \
@@ -335,6 +368,43 @@ mod tests {
     }
 
     #[test]
+    fn unknown_cids_are_counted_as_refused_and_known_ones_as_connections() {
+        let listener = listener(None);
+        let status = listener.status();
+        assert_eq!(
+            (status.kind.as_str(), status.address.as_str()),
+            ("vsock", "5564")
+        );
+        assert_eq!(status.connections, 0);
+        assert_eq!(
+            status.refused,
+            BTreeMap::from([("unknown_cid".to_owned(), 0)])
+        );
+
+        for cid in [42, 43] {
+            let mut stream = connect(&listener, cid);
+            assert_eq!(status_of(&mut stream), Status::Refused);
+        }
+        let guest = Guest::with_limits("vm3", pool(), GuestLimits::default(), Default::default());
+        let _member = listener.directory().join(3, Clients::new(guest), ());
+        let mut served = connect(&listener, 3);
+        assert_eq!(protocol::fetch(&mut served, 8, &mut Vec::new()).unwrap(), 8);
+
+        let status = listener.status();
+        assert_eq!(status.connections, 3);
+        assert_eq!(status.refused["unknown_cid"], 2);
+    }
+
+    #[test]
+    fn unknown_cids_let_in_by_the_default_rate_are_not_refusals() {
+        let listener = listener(Some(1_000_000));
+        let mut stream = connect(&listener, 9);
+        assert_eq!(protocol::fetch(&mut stream, 8, &mut Vec::new()).unwrap(), 8);
+        let status = listener.status();
+        assert_eq!((status.connections, status.refused["unknown_cid"]), (1, 0));
+    }
+
+    #[test]
     fn the_default_rate_lets_unknown_cids_in_as_limited_guests_of_their_own() {
         let listener = listener(Some(1000));
         let mut first = connect(&listener, 7);
@@ -358,7 +428,10 @@ mod tests {
     fn the_ninth_client_of_a_guest_is_told_it_is_refused() {
         let listener = listener(None);
         let guest = Guest::with_limits("vm3", pool(), GuestLimits::default(), Default::default());
-        let _member = listener.directory().join(3, Clients::new(guest), ());
+        let _member = listener
+            .directory()
+            .join(3, Clients::new(Arc::clone(&guest)), ());
+        assert_eq!(guest.stats.snapshot().refused_connections, 0);
         let mut open: Vec<UnixStream> = (0..super::super::stream::MAX_CLIENTS)
             .map(|_| connect(&listener, 3))
             .collect();
@@ -367,6 +440,10 @@ mod tests {
         }
         let mut ninth = connect(&listener, 3);
         assert_eq!(status_of(&mut ninth), Status::Refused);
+        // Refused by the guest's limit, not by the listener: the guest
+        // counts it.
+        assert_eq!(guest.stats.snapshot().refused_connections, 1);
+        assert_eq!(listener.status().refused["unknown_cid"], 0);
         drop(open.pop());
         // The slot frees once the server notices the close.
         let deadline = std::time::Instant::now() + Duration::from_secs(10);
