@@ -343,15 +343,9 @@ impl RateMeter {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::pool::PoolConfig;
 
     fn pool() -> Arc<Pool> {
-        Pool::start(PoolConfig {
-            sources: vec!["os".parse().unwrap()],
-            mode: Default::default(),
-            reseed: Default::default(),
-        })
-        .unwrap()
+        crate::pool::os_pool()
     }
 
     fn limited(bytes: u64) -> GuestLimits {

@@ -461,6 +461,18 @@ fn wake(waiters: Vec<WaitSlot>) {
     }
 }
 
+/// A pool fed by the operating system's generator, for the unit tests of
+/// what sits on top of the pool.
+#[cfg(test)]
+pub(crate) fn os_pool() -> Arc<Pool> {
+    Pool::start(PoolConfig {
+        sources: vec!["os".parse().expect("os is a source")],
+        mode: Mode::default(),
+        reseed: crate::drbg::ReseedPolicy::default(),
+    })
+    .expect("the OS generator is always there")
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -598,15 +598,9 @@ fn close_prepared(prepared: Vec<Result<Prepared, GuestSpec>>) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::pool::PoolConfig;
 
     fn registry() -> Arc<Registry> {
-        let pool = Pool::start(PoolConfig {
-            sources: vec!["os".parse().unwrap()],
-            mode: Default::default(),
-            reseed: Default::default(),
-        })
-        .unwrap();
+        let pool = crate::pool::os_pool();
         Registry::new(pool, SocketAccess::default())
     }
 

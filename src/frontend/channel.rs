@@ -95,7 +95,6 @@ mod tests {
     use super::*;
     use crate::frontend::vhost_user::SocketAccess;
     use crate::guest::{GuestLimits, SharedBucket};
-    use crate::pool::{Pool, PoolConfig};
     use crate::protocol::{Request, encode_request};
     use std::io::{Read, Write};
     use std::os::unix::net::UnixStream;
@@ -104,12 +103,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = uds_path(&dir.path().join("vm.vsock"), protocol::DEFAULT_PORT);
         let socket = GuestSocket::bind(&path, SocketAccess::default()).unwrap();
-        let pool = Pool::start(PoolConfig {
-            sources: vec!["os".parse().unwrap()],
-            mode: Default::default(),
-            reseed: Default::default(),
-        })
-        .unwrap();
+        let pool = crate::pool::os_pool();
         let guest = Guest::with_limits("vm", pool, GuestLimits::default(), SharedBucket::default());
         (spawn(guest, socket).unwrap(), path, dir)
     }

@@ -149,18 +149,13 @@ mod tests {
     use crate::frontend::vhost_user::SocketAccess;
     use crate::guest::{GuestLimits, SharedBucket};
     use crate::limiter::RateLimit;
-    use crate::pool::{Pool, PoolConfig};
+    use crate::pool::Pool;
     use std::io::{Read, Write};
     use std::os::unix::net::UnixStream;
     use std::time::{Duration, Instant};
 
     fn pool() -> Arc<Pool> {
-        Pool::start(PoolConfig {
-            sources: vec!["os".parse().unwrap()],
-            mode: Default::default(),
-            reseed: Default::default(),
-        })
-        .unwrap()
+        crate::pool::os_pool()
     }
 
     fn server(limits: GuestLimits) -> (Arc<StreamServer>, tempfile::TempDir) {

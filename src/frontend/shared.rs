@@ -183,15 +183,9 @@ impl StopSignal {
 mod tests {
     use super::*;
     use crate::guest::{GuestLimits, SharedBucket};
-    use crate::pool::{Pool, PoolConfig};
 
     fn clients(name: &str) -> Arc<Clients> {
-        let pool = Pool::start(PoolConfig {
-            sources: vec!["os".parse().unwrap()],
-            mode: Default::default(),
-            reseed: Default::default(),
-        })
-        .unwrap();
+        let pool = crate::pool::os_pool();
         Clients::new(Guest::with_limits(
             name,
             pool,

@@ -407,15 +407,9 @@ mod tests {
     use super::*;
     use crate::frontend::channel;
     use crate::guest::{GuestLimits, SharedBucket};
-    use crate::pool::{Pool, PoolConfig};
 
     fn clients() -> Arc<Clients> {
-        let pool = Pool::start(PoolConfig {
-            sources: vec!["os".parse().unwrap()],
-            mode: Default::default(),
-            reseed: Default::default(),
-        })
-        .unwrap();
+        let pool = crate::pool::os_pool();
         let guest = Guest::with_limits("vm", pool, GuestLimits::default(), SharedBucket::default());
         Clients::new(guest)
     }

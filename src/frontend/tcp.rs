@@ -358,17 +358,11 @@ mod tests {
     use super::*;
     use crate::frontend::stream::Clients;
     use crate::guest::{Guest, GuestLimits, SharedBucket};
-    use crate::pool::{Pool, PoolConfig};
     use std::io::Write;
     use std::time::Instant;
 
     fn guest(name: &str) -> Arc<Guest> {
-        let pool = Pool::start(PoolConfig {
-            sources: vec!["os".parse().unwrap()],
-            mode: Default::default(),
-            reseed: Default::default(),
-        })
-        .unwrap();
+        let pool = crate::pool::os_pool();
         Guest::with_limits(name, pool, GuestLimits::default(), SharedBucket::default())
     }
 

@@ -311,16 +311,10 @@ impl ClientStream for VsockConnection {
 mod tests {
     use super::*;
     use crate::frontend::GuestFrontend;
-    use crate::pool::PoolConfig;
     use std::os::unix::net::UnixStream;
 
     fn pool() -> Arc<Pool> {
-        Pool::start(PoolConfig {
-            sources: vec!["os".parse().unwrap()],
-            mode: Default::default(),
-            reseed: Default::default(),
-        })
-        .unwrap()
+        crate::pool::os_pool()
     }
 
     fn listener(default_rate: Option<u64>) -> Arc<VsockListener> {
