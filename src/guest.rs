@@ -255,12 +255,13 @@ impl Guest {
 
     /// Fills the start of `buf` for one request: tokens from the guest's
     /// limits, then bytes from `stream`; tokens the stream could not use
-    /// go back. Every frontend serves its guests through this.
-    pub fn supply(&self, stream: &mut dyn EntropyStream, buf: &mut [u8]) -> Supplied {
-        match self.admit(buf.len(), Instant::now()) {
+    /// go back. Every frontend serves its guests through this, with one
+    /// clock reading (`now`) for as many requests as it answers at once.
+    pub fn supply(&self, stream: &mut dyn EntropyStream, buf: &mut [u8], now: Instant) -> Supplied {
+        match self.admit(buf.len(), now) {
             Admission::Wait(wait) => Supplied::Throttled(wait),
             Admission::Granted(granted) => {
-                let got = stream.fill(&mut buf[..granted]);
+                let got = stream.fill(&mut buf[..granted], now);
                 self.settle(granted, got);
                 if got == 0 {
                     Supplied::Starved

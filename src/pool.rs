@@ -80,7 +80,9 @@ pub trait EntropyStream: Send {
     /// Fills the start of `buf` and returns how many bytes were written.
     /// Returns 0 when no bytes may be handed out now (fail closed); the
     /// stream's waker is then called once more bytes may be available.
-    fn fill(&mut self, buf: &mut [u8]) -> usize;
+    /// `now` is the caller's clock reading, one for a whole pass over a
+    /// queue rather than one a request.
+    fn fill(&mut self, buf: &mut [u8], now: Instant) -> usize;
 }
 
 /// A stream's place in the queue of starved streams: registered at most
@@ -311,9 +313,16 @@ impl Pool {
     /// no refill can slip in unnoticed.
     /// Raw mode: takes up to `buf.len()` bytes for stream `id` if it is not
     /// ahead of its fair share; otherwise registers its waker.
-    fn take_fair(&self, buf: &mut [u8], id: u64, weight: u32, slot: &WaitSlot) -> usize {
+    fn take_fair(
+        &self,
+        buf: &mut [u8],
+        id: u64,
+        weight: u32,
+        slot: &WaitSlot,
+        now: Instant,
+    ) -> usize {
         let mut reservoir = self.lock();
-        if !reservoir.fairness.may_take(id, Instant::now()) {
+        if !reservoir.fairness.may_take(id, now) {
             reservoir.enqueue(Some(slot));
             return 0;
         }
@@ -415,8 +424,7 @@ struct DrbgStream {
 }
 
 impl EntropyStream for DrbgStream {
-    fn fill(&mut self, buf: &mut [u8]) -> usize {
-        let now = Instant::now();
+    fn fill(&mut self, buf: &mut [u8], now: Instant) -> usize {
         if self.drbg.needs_reseed(now) {
             match self.pool.take_seed(Some(&self.slot)) {
                 Some(seed) => self.drbg.reseed(&seed, now),
@@ -442,9 +450,9 @@ struct RawStream {
 }
 
 impl EntropyStream for RawStream {
-    fn fill(&mut self, buf: &mut [u8]) -> usize {
+    fn fill(&mut self, buf: &mut [u8], now: Instant) -> usize {
         let weight = self.weight.load(Ordering::Relaxed);
-        self.pool.take_fair(buf, self.id, weight, &self.slot)
+        self.pool.take_fair(buf, self.id, weight, &self.slot, now)
     }
 }
 

@@ -335,7 +335,7 @@ impl GuestReader {
 
     /// One attempt: up to `buf.len()` bytes now, or 0.
     pub fn read_now(&mut self, buf: &mut [u8]) -> usize {
-        match self.guest.supply(self.stream.as_mut(), buf) {
+        match self.guest.supply(self.stream.as_mut(), buf, Instant::now()) {
             Supplied::Bytes(n) => {
                 self.account(n);
                 n
@@ -354,14 +354,18 @@ impl GuestReader {
     pub fn read_until(&mut self, buf: &mut [u8], deadline: Option<Instant>) -> io::Result<usize> {
         let mut filled = 0;
         while filled < buf.len() {
-            let left = deadline.map(|d| d.saturating_duration_since(Instant::now()));
+            let now = Instant::now();
+            let left = deadline.map(|d| d.saturating_duration_since(now));
             if left.is_some_and(|left| left.is_zero()) {
                 break;
             }
             if self.stopping.load(Ordering::SeqCst) {
                 return Err(io::Error::other("the daemon is stopping"));
             }
-            match self.guest.supply(self.stream.as_mut(), &mut buf[filled..]) {
+            match self
+                .guest
+                .supply(self.stream.as_mut(), &mut buf[filled..], now)
+            {
                 Supplied::Bytes(n) => {
                     self.account(n);
                     filled += n;
