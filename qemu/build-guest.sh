@@ -9,15 +9,18 @@ self=$here/$(basename "${BASH_SOURCE[0]}")
 init_src=$here/guest-init.sh
 meta_pkg=linux-image-cloud-amd64
 
-# Wanted in the guest; their dependencies are added automatically.
+# Wanted in the guest; their dependencies are added automatically (listed
+# here in dependency order all the same).  virtio_net (with net_failover and
+# failover, which it needs) is the NIC of vrng.mode=agent-tcp.
 modules=(
 	virtio_ring virtio virtio_pci_modern_dev virtio_pci_legacy_dev virtio_pci
 	virtio-rng virtio_blk
 	vsock vmw_vsock_virtio_transport_common vmw_vsock_virtio_transport
+	failover net_failover virtio_net
 )
 # Enough for guest-init.sh; its debug shell installs the rest itself.
 applets=(sh mount mkdir cat echo sleep insmod uname awk dd timeout wc sed
-	sha256sum cut head od tr sync poweroff setsid cttyhack)
+	sha256sum cut head od tr sync poweroff setsid cttyhack ip dmesg grep)
 
 usage() {
 	cat <<EOF
@@ -30,7 +33,7 @@ Does nothing if they are newer than this script, guest-init.sh and the
   --out DIR     output directory (default: \$VHOST_RNG_GUEST_DIR, else
                 <repo>/target/qemu-guest)
   --agent PATH  also install PATH, a statically linked vhost-rng, as
-                /bin/vhost-rng (for vrng.mode=agent; default:
+                /bin/vhost-rng (for vrng.mode=agent and agent-tcp; default:
                 \$VHOST_RNG_AGENT, else none)
   --force       rebuild even if up to date
 EOF

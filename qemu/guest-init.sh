@@ -10,6 +10,17 @@
 #   vrng.mode=agent   instead of reading /dev/hwrng, run the in-guest agent
 #                     (/bin/vhost-rng, see build-guest.sh --agent) once
 #                     against the host daemon over vsock and report its line
+#                     (asking for vrng.bytes bytes)
+#   vrng.mode=agent-tcp  the same over encrypted TCP, as a guest with only an
+#                     IP network (Xen-like) would: bring up eth0 (virtio-net)
+#                     with QEMU user networking's fixed addresses (guest
+#                     10.0.2.15/24, host 10.0.2.2) and connect the agent to
+#                     tcp:10.0.2.2:PORT as guest NAME with key HEX:
+#   vrng.port=PORT    the daemon's TCP port (agent-tcp)
+#   vrng.name=NAME    the guest's name on the host (agent-tcp)
+#   vrng.psk=HEX      the guest's pre-shared key, 64 hex digits (agent-tcp;
+#                     test only: the kernel command line is no place for a
+#                     secret, see below)
 #   vrng.mode=shell   skip the test and start a shell (debugging)
 #
 # No "set -e": PID 1 exiting panics the kernel and hides the reason, so every
@@ -42,6 +53,9 @@ bytes=1048576
 out=
 timeout=60
 mode="test"
+port=
+name=
+psk=
 read -r cmdline </proc/cmdline
 # shellcheck disable=SC2086 # split into words on purpose
 for arg in $cmdline; do
@@ -50,6 +64,9 @@ for arg in $cmdline; do
 	vrng.out=*) out=${arg#*=} ;;
 	vrng.timeout=*) timeout=${arg#*=} ;;
 	vrng.mode=*) mode=${arg#*=} ;;
+	vrng.port=*) port=${arg#*=} ;;
+	vrng.name=*) name=${arg#*=} ;;
+	vrng.psk=*) psk=${arg#*=} ;;
 	esac
 done
 
@@ -72,14 +89,19 @@ case "$bytes" in
 '' | *[!0-9]*) fail "bad_vrng.bytes" ;;
 esac
 
-if [ "$mode" = agent ]; then
+# Runs the agent once with "$@" (--connect and what goes with it), reports
+# its line and powers off.
+run_agent() {
 	[ -x /bin/vhost-rng ] || fail "no_agent_in_initramfs"
-	# Every module is in /etc/vrng-modules; say whether vsock made it in.
-	[ -d /sys/module/vmw_vsock_virtio_transport ] || fail "no_vsock_transport"
 	mkdir -p /tmp
+	# Whether the kernel CRNG was seeded before the agent started: over TCP
+	# the agent needs random bytes for its Noise handshake.
+	crng=not_ready
+	dmesg | grep -q 'crng init done' && crng=ready
+	say "crng_before_agent=$crng"
 	# The agent prints one "VRNG-AGENT ok|error ..." line on stdout and
 	# explains failures on stderr.
-	timeout "$timeout" /bin/vhost-rng agent --connect vsock:2:5564 --once \
+	timeout "$timeout" /bin/vhost-rng agent "$@" --once \
 		--bytes "$bytes" --credit-bits-per-byte 4 >/tmp/agent.out 2>/tmp/agent.err
 	rc=$?
 	sed 's/^/VRNG agent-log: /' /tmp/agent.err
@@ -90,10 +112,53 @@ if [ "$mode" = agent ]; then
 	say "agent=${line#VRNG-AGENT }"
 	case "$line" in
 	"VRNG-AGENT ok "*) [ "$rc" -eq 0 ] || fail "agent_exit_$rc" ;;
-	*) fail "agent_failed" ;;
+	*)
+		# busybox timeout passes on the status of the TERM it sent.
+		case "$rc" in
+		124 | 143) fail "agent_timeout" ;;
+		esac
+		fail "agent_failed"
+		;;
 	esac
 	say "done status=ok"
 	finish
+}
+
+if [ "$mode" = agent ]; then
+	# Every module is in /etc/vrng-modules; say whether vsock made it in.
+	[ -d /sys/module/vmw_vsock_virtio_transport ] || fail "no_vsock_transport"
+	run_agent --connect vsock:2:5564
+fi
+
+if [ "$mode" = agent-tcp ]; then
+	case "$port" in
+	'' | *[!0-9]*) fail "bad_vrng.port" ;;
+	esac
+	[ -n "$name" ] || fail "no_vrng.name"
+	[ -n "$psk" ] || fail "no_vrng.psk"
+	[ -d /sys/module/virtio_net ] || fail "no_virtio_net"
+	# QEMU user networking (slirp): the guest is 10.0.2.15, and 10.0.2.2 is
+	# the host, where slirp turns connections into ones to the host's
+	# 127.0.0.1.  The NIC may show up just after insmod returns.
+	i=0
+	while [ ! -e /sys/class/net/eth0 ] && [ $i -lt 50 ]; do
+		sleep 0.1
+		i=$((i + 1))
+	done
+	[ -e /sys/class/net/eth0 ] || fail "no_eth0"
+	ip link set lo up
+	ip link set eth0 up || fail "eth0_up_failed"
+	ip addr add 10.0.2.15/24 dev eth0 || fail "eth0_address_failed"
+	ip route add default via 10.0.2.2 dev eth0 || fail "default_route_failed"
+	# Test only: the key comes on the kernel command line, which any process
+	# in the guest can read (/proc/cmdline).  A real deployment copies the
+	# key file into the guest (mode 0600) instead, see docs/fallbacks.md.
+	# umask 077 makes the file 0600: the agent refuses a key file that
+	# group or others can read.
+	mkdir -p /tmp
+	(umask 077 && echo "$psk" >/tmp/host.psk) || fail "psk_write_failed"
+	run_agent --connect "tcp:10.0.2.2:$port" --psk-file /tmp/host.psk \
+		--name "$name"
 fi
 
 # virtio-rng registers with hw_random asynchronously after probe; give it a

@@ -28,6 +28,16 @@ vsock (may be combined with a source):
                    /dev/hwrng: it fetches --bytes bytes over vsock from the
                    daemon and injects them
 
+TCP (a guest with only an IP network, as on Xen):
+  --tcp-agent PORT NAME KEYFILE
+                   give the guest a virtio-net NIC on QEMU user networking
+                   and run the agent (vrng.mode=agent-tcp; the guest must be
+                   built with build-guest.sh --agent) over encrypted TCP to
+                   the daemon listening on the host's 127.0.0.1:PORT (the
+                   guest reaches it as 10.0.2.2:PORT), as guest NAME with
+                   the key in KEYFILE (vhost-rng psk new). Test only: the
+                   key goes in on the kernel command line
+
 Options:
   --bytes N        bytes the guest reads from /dev/hwrng (default 1048576)
   --out FILE       create FILE (N bytes rounded up to 512) as a virtio-blk
@@ -52,17 +62,20 @@ timeout=120
 source_args=()
 sources=0
 vsock_args=()
+net_args=()
+tcp_args=
 mode=
 out=
 append=
 log=
 shell=0
-need() { [ "$2" -ge 2 ] || die "$1 needs a value"; }
+need() { [ "$2" -ge "${3:-2}" ] || die "$1 needs ${4:-a value}"; }
 while [ $# -gt 0 ]; do
 	case "$1" in
 	--socket | --server | --egd | --vsock | --bytes | --out | --guest-dir | --timeout | --append | --log)
 		need "$1" $#
 		;;
+	--tcp-agent) need "$1" $# 4 "PORT NAME KEYFILE" ;;
 	esac
 	case "$1" in
 	--socket)
@@ -89,7 +102,24 @@ while [ $# -gt 0 ]; do
 		vsock_args=(-chardev "socket,id=vs0,path=$2"
 			-device vhost-user-vsock-pci,chardev=vs0)
 		;;
-	--agent) mode=agent ;;
+	--agent)
+		[ "${mode:-agent}" = agent ] || die "give --agent or --tcp-agent, not both"
+		mode=agent
+		;;
+	--tcp-agent)
+		[ "${mode:-agent-tcp}" = agent-tcp ] || die "give --agent or --tcp-agent, not both"
+		[[ "$2" =~ ^[0-9]+$ ]] || die "--tcp-agent wants a port number, not '$2'"
+		[[ "$3" =~ ^[A-Za-z0-9._-]+$ ]] || die "--tcp-agent wants a guest name, not '$3'"
+		psk=$(tr -d '[:space:]' <"$4") || die "cannot read the key file $4"
+		[[ "$psk" =~ ^[0-9a-fA-F]{64}$ ]] || die "$4 is not a key file (64 hex digits)"
+		# user networking: the guest is 10.0.2.15 and reaches the host's
+		# 127.0.0.1 as 10.0.2.2. Not restrict=on: that drops the guest's
+		# connections to the host as well. romfile= skips the PXE ROM.
+		net_args=(-netdev user,id=n0
+			-device virtio-net-pci,netdev=n0,romfile=)
+		tcp_args="vrng.port=$2 vrng.name=$3 vrng.psk=$psk"
+		mode=agent-tcp
+		;;
 	--bytes) bytes=$2 ;;
 	--out) out=$2 ;;
 	--guest-dir) guest_dir=$2 ;;
@@ -102,6 +132,7 @@ while [ $# -gt 0 ]; do
 	esac
 	case "$1" in
 	--builtin | --shell | --agent) shift ;;
+	--tcp-agent) shift 4 ;;
 	*) shift 2 ;;
 	esac
 done
@@ -125,6 +156,7 @@ if [ -n "$out" ]; then
 fi
 [ "$shell" = 0 ] || mode=shell
 [ -z "$mode" ] || cmdline+=" vrng.mode=$mode"
+[ -z "$tcp_args" ] || cmdline+=" $tcp_args"
 [ -z "$append" ] || cmdline+=" $append"
 
 serial=stdio,id=ser0,signal=off
@@ -149,4 +181,4 @@ exec timeout --foreground -k 5 "$timeout" qemu-system-x86_64 \
 	-nographic -nodefaults -no-reboot -monitor none \
 	-chardev "$serial" -serial chardev:ser0 \
 	-kernel "$kernel" -initrd "$initrd" -append "$cmdline" \
-	"${source_args[@]}" "${vsock_args[@]}" "${args[@]}"
+	"${source_args[@]}" "${vsock_args[@]}" "${net_args[@]}" "${args[@]}"

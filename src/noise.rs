@@ -29,6 +29,9 @@ use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{Ordering, compiler_fence};
 
+use snow::params::{CipherChoice, DHChoice, HashChoice};
+use snow::resolvers::{CryptoResolver, DefaultResolver, FallbackResolver};
+use snow::types::{Cipher, Dh, Hash, Random};
 use snow::{Builder, HandshakeState, TransportState};
 
 /// The Noise protocol name: no static keys (`NN`), the pre-shared key mixed
@@ -110,7 +113,7 @@ pub enum PskError {
         source: io::Error,
     },
     #[error("cannot get random bytes from the operating system for a new key: {0}")]
-    Random(#[source] getrandom::Error),
+    Random(#[source] io::Error),
 }
 
 impl Psk {
@@ -147,7 +150,7 @@ impl Psk {
     /// on anything a guest could have influenced or seen.
     pub fn generate() -> Result<Psk, PskError> {
         let mut key = Psk([0; PSK_LEN]);
-        getrandom::fill(&mut key.0).map_err(PskError::Random)?;
+        kernel_random(&mut key.0).map_err(PskError::Random)?;
         Ok(key)
     }
 
@@ -648,7 +651,8 @@ fn handshake_state(
     role: Role,
 ) -> Result<HandshakeState, HandshakeError> {
     let params = NOISE_PARAMS.parse().map_err(noise_error)?;
-    let builder = Builder::new(params)
+    let resolver = FallbackResolver::new(Box::new(KernelRandomResolver), Box::new(DefaultResolver));
+    let builder = Builder::with_resolver(params, Box::new(resolver))
         .psk(0, psk.as_bytes())
         .and_then(|builder| builder.prologue(prologue))
         .map_err(noise_error)?;
@@ -657,6 +661,65 @@ fn handshake_state(
         Role::Responder => builder.build_responder(),
     }
     .map_err(noise_error)
+}
+
+/// Fills `buf` from the kernel's `getrandom(2)`, waiting until the kernel
+/// generator is seeded.
+///
+/// Not through the `getrandom` crate: in a statically linked binary (how
+/// the agent ships) it cannot find the C library's `getrandom` and falls
+/// back to polling `/dev/random`. Polling does not make the kernel seed its
+/// generator, while a blocking `getrandom(2)` does (from CPU timing
+/// jitter), so in a freshly booted guest with nothing else asking for
+/// randomness, the agent that is there to seed the generator waited for it
+/// forever.
+pub fn kernel_random(buf: &mut [u8]) -> io::Result<()> {
+    let mut filled = 0;
+    while filled < buf.len() {
+        let rest = &mut buf[filled..];
+        // SAFETY: the kernel writes at most `rest.len()` bytes into `rest`.
+        let n = unsafe { libc::getrandom(rest.as_mut_ptr().cast(), rest.len(), 0) };
+        match usize::try_from(n) {
+            Ok(n) => filled += n,
+            Err(_) => {
+                let error = io::Error::last_os_error();
+                if error.kind() != io::ErrorKind::Interrupted {
+                    return Err(error);
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Gives snow [`kernel_random`] for its ephemeral keys, and nothing else
+/// (the other primitives come from its default resolver).
+struct KernelRandomResolver;
+
+struct KernelRandom;
+
+impl Random for KernelRandom {
+    fn try_fill_bytes(&mut self, dest: &mut [u8]) -> Result<(), snow::Error> {
+        kernel_random(dest).map_err(|_| snow::Error::Rng)
+    }
+}
+
+impl CryptoResolver for KernelRandomResolver {
+    fn resolve_rng(&self) -> Option<Box<dyn Random>> {
+        Some(Box::new(KernelRandom))
+    }
+
+    fn resolve_dh(&self, _: &DHChoice) -> Option<Box<dyn Dh>> {
+        None
+    }
+
+    fn resolve_hash(&self, _: &HashChoice) -> Option<Box<dyn Hash>> {
+        None
+    }
+
+    fn resolve_cipher(&self, _: &CipherChoice) -> Option<Box<dyn Cipher>> {
+        None
+    }
 }
 
 /// Reads handshake message `number` in its frame. Both messages have one

@@ -13,24 +13,9 @@ use std::sync::{Arc, Mutex};
 use std::thread;
 use std::time::{Duration, Instant};
 
-use common::{Daemon, run_cli, wait_until};
+use common::{Daemon, new_psk, run_cli, wait_until};
 use vhost_rng::noise::{self, Psk};
 use vhost_rng::protocol::{self, Request, Status};
-
-fn new_key(dir: &Path, name: &str) -> PathBuf {
-    let path = dir.join(format!("{name}.psk"));
-    let output = run_cli(["psk".as_ref(), "new".as_ref(), path.as_os_str()]);
-    assert!(output.status.success(), "{output:?}");
-    path
-}
-
-/// The address the daemon logged for its TCP listener.
-fn tcp_addr(daemon: &Daemon) -> SocketAddr {
-    daemon.wait_for_log("listening on TCP ", 1);
-    let log = daemon.log();
-    let rest = &log[log.find("listening on TCP ").unwrap() + "listening on TCP ".len()..];
-    rest.split_whitespace().next().unwrap().parse().unwrap()
-}
 
 struct TcpSetup {
     daemon: Daemon,
@@ -43,9 +28,9 @@ struct TcpSetup {
 /// A daemon serving guests xen1 and xen2 over TCP, each with its own key.
 fn serve_tcp() -> TcpSetup {
     let dir = tempfile::tempdir().unwrap();
-    let xen1_key = new_key(dir.path(), "xen1");
-    let xen2_key = new_key(dir.path(), "xen2");
-    let daemon = Daemon::start([
+    let xen1_key = new_psk(dir.path(), "xen1");
+    let xen2_key = new_psk(dir.path(), "xen2");
+    let mut daemon = Daemon::start([
         "serve".to_owned(),
         "--source".into(),
         "os".into(),
@@ -59,8 +44,8 @@ fn serve_tcp() -> TcpSetup {
         "--guest".into(),
         format!("name=xen2,tcp-psk={}", xen2_key.display()),
     ]);
+    let addr = daemon.tcp_addr();
     daemon.wait_for_log("control socket on", 1);
-    let addr = tcp_addr(&daemon);
     TcpSetup {
         daemon,
         addr,
@@ -97,7 +82,7 @@ fn agent_once(addr: SocketAddr, key: &Path, name: &str) -> (bool, String) {
 fn psk_new_writes_a_private_key_and_never_overwrites() {
     use std::os::unix::fs::PermissionsExt;
     let dir = tempfile::tempdir().unwrap();
-    let path = new_key(dir.path(), "vm");
+    let path = new_psk(dir.path(), "vm");
     let mode = std::fs::metadata(&path).unwrap().permissions().mode();
     assert_eq!(mode & 0o777, 0o600);
     let key = std::fs::read_to_string(&path).unwrap();
@@ -305,7 +290,7 @@ fn vsock_options_are_checked_before_anything_starts() {
 fn a_guest_key_file_must_be_private() {
     use std::os::unix::fs::PermissionsExt;
     let dir = tempfile::tempdir().unwrap();
-    let key = new_key(dir.path(), "xen1");
+    let key = new_psk(dir.path(), "xen1");
     std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o644)).unwrap();
     let output = run_cli([
         "serve".to_owned(),

@@ -9,12 +9,7 @@ use std::fs;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 
-use common::{Daemon, boot_guest, repo_root, wait_until};
-
-/// Where tests/run-all.sh builds the statically linked agent.
-const STATIC_AGENT: &str = "target/x86_64-unknown-linux-gnu/release/vhost-rng";
-/// The guest built with that agent inside (qemu/build-guest.sh --agent).
-const AGENT_GUEST: &str = "target/qemu-guest-agent";
+use common::{Daemon, STATIC_AGENT, boot_guest, build_agent_guest, repo_root, wait_until};
 
 /// What this test needs from the host, or `None` when the QEMU tests are
 /// skipped with VHOST_RNG_SKIP_QEMU=1. As for the other real-guest tests,
@@ -56,27 +51,6 @@ fn find_vhost_device_vsock() -> Option<PathBuf> {
         .chain(cargo_bin)
         .map(|dir| dir.join("vhost-device-vsock"))
         .find(|candidate| candidate.is_file())
-}
-
-/// Builds (or finds up to date) the test guest with the agent in it.
-fn agent_guest(agent: &Path) -> PathBuf {
-    let dir = repo_root().join(AGENT_GUEST);
-    let output = Command::new(repo_root().join("qemu/build-guest.sh"))
-        .arg("--out")
-        .arg(&dir)
-        .arg("--agent")
-        .arg(agent)
-        .stdin(Stdio::null())
-        .output()
-        .expect("run qemu/build-guest.sh");
-    assert!(
-        output.status.success(),
-        "qemu/build-guest.sh --agent failed: {}\n{}{}",
-        output.status,
-        String::from_utf8_lossy(&output.stdout),
-        String::from_utf8_lossy(&output.stderr)
-    );
-    dir
 }
 
 /// A vhost-device-vsock process, killed when dropped.
@@ -132,7 +106,7 @@ impl Drop for VsockBackend {
 #[test]
 fn guest_agent_fetches_entropy_over_hybrid_vsock() {
     let Some(host) = host() else { return };
-    let guest = agent_guest(&host.agent);
+    let guest = build_agent_guest(&host.agent);
     let dir = tempfile::tempdir().unwrap();
     let uds = dir.path().join("vm.vsock");
     let vhost_socket = dir.path().join("vhost.sock");

@@ -332,3 +332,57 @@ pub fn sha256_prefix(path: &Path, len: usize) -> String {
         .unwrap()
         .to_owned()
 }
+
+/// Where tests/run-all.sh builds the statically linked agent.
+pub const STATIC_AGENT: &str = "target/x86_64-unknown-linux-gnu/release/vhost-rng";
+/// The guest built with that agent inside (qemu/build-guest.sh --agent).
+pub const AGENT_GUEST: &str = "target/qemu-guest-agent";
+
+/// Builds (or finds up to date) the test guest with `agent` in it as
+/// /bin/vhost-rng, in [`AGENT_GUEST`].
+pub fn build_agent_guest(agent: &Path) -> PathBuf {
+    let dir = repo_root().join(AGENT_GUEST);
+    let output = Command::new(repo_root().join("qemu/build-guest.sh"))
+        .arg("--out")
+        .arg(&dir)
+        .arg("--agent")
+        .arg(agent)
+        .stdin(Stdio::null())
+        .output()
+        .expect("run qemu/build-guest.sh");
+    assert!(
+        output.status.success(),
+        "qemu/build-guest.sh --agent failed: {}\n{}{}",
+        output.status,
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    dir
+}
+
+/// Writes a new pre-shared key to `dir/NAME.psk` with `vhost-rng psk new`.
+pub fn new_psk(dir: &Path, name: &str) -> PathBuf {
+    let path = dir.join(format!("{name}.psk"));
+    let output = run_cli(["psk".as_ref(), "new".as_ref(), path.as_os_str()]);
+    assert!(output.status.success(), "{output:?}");
+    path
+}
+
+impl Daemon {
+    /// The address the daemon logged for its `--listen-tcp` listener
+    /// (`listening on TCP ADDR ...`), once it has.
+    pub fn tcp_addr(&mut self) -> std::net::SocketAddr {
+        const NEEDLE: &str = "listening on TCP ";
+        wait_until("the daemon to listen on TCP", || {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                panic!("vhost-rng exited with {status}:\n{}", self.log());
+            }
+            self.log().contains(NEEDLE)
+        });
+        let log = self.log();
+        let rest = &log[log.find(NEEDLE).unwrap() + NEEDLE.len()..];
+        let addr = rest.split_whitespace().next().unwrap_or_default();
+        addr.parse()
+            .unwrap_or_else(|e| panic!("'{addr}' in the daemon log: {e}\n{log}"))
+    }
+}
