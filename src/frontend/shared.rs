@@ -141,6 +141,11 @@ where
     }
 }
 
+/// How long a listener pauses after a failed accept. The usual cause (no
+/// descriptors left) leaves the connection queued, so an immediate retry
+/// would fail the same way, over and over, at full speed.
+pub const ACCEPT_ERROR_PAUSE: std::time::Duration = std::time::Duration::from_millis(100);
+
 /// Wakes a shared listener's accept loop so that it ends.
 pub struct StopSignal {
     event: EventFd,

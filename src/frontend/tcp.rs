@@ -27,7 +27,7 @@ use std::time::{Duration, Instant};
 use log::{debug, info, warn};
 
 use super::channel;
-use super::shared::{Directory, StopSignal};
+use super::shared::{ACCEPT_ERROR_PAUSE, Directory, StopSignal};
 use super::stream::ClientStream;
 use crate::log_limit::RateLimitedLog;
 use crate::noise::{self, HandshakeError, Psk, SecureStream};
@@ -161,7 +161,10 @@ impl TcpListener {
         while self.stop.wait_for_connection(socket.as_fd()) {
             match socket.accept() {
                 Ok((stream, peer)) => self.start_handshake(stream, peer),
-                Err(e) => self.log_refusal(format_args!("TCP accept: {e}")),
+                Err(e) => {
+                    self.log_refusal(format_args!("TCP accept: {e}"));
+                    thread::sleep(ACCEPT_ERROR_PAUSE);
+                }
             }
         }
     }

@@ -23,7 +23,7 @@ use nix::sys::socket::{
 use nix::sys::time::{TimeVal, TimeValLike};
 
 use super::channel;
-use super::shared::{Directory, Member, StopSignal};
+use super::shared::{ACCEPT_ERROR_PAUSE, Directory, Member, StopSignal};
 use super::stream::{ClientStream, Clients, spawn_client};
 use crate::config::VSOCK_CID_ANY;
 use crate::guest::{Guest, GuestLimits, SharedBucket};
@@ -196,6 +196,7 @@ impl VsockListener {
                     if let Some(suppressed) = self.refusals.permit() {
                         warn!("vsock accept: {e} ({suppressed} similar messages suppressed)");
                     }
+                    thread::sleep(ACCEPT_ERROR_PAUSE);
                 }
             }
         }
