@@ -7,39 +7,14 @@
 
 mod common;
 
-use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::path::Path;
 
 use common::{
-    Daemon, GuestReport, STATIC_AGENT, boot_guest, build_agent_guest, new_psk, repo_root,
-    wait_until,
+    Daemon, GuestReport, boot_guest, build_agent_guest, new_psk, static_agent, wait_until,
 };
 
 /// Bytes the agent asks for.
 const BYTES: u64 = 256;
-
-/// The static agent, or `None` when the QEMU tests are skipped with
-/// VHOST_RNG_SKIP_QEMU=1. As for the other real-guest tests, anything
-/// missing otherwise is a failure, never a skip.
-fn static_agent() -> Option<PathBuf> {
-    if std::env::var_os("VHOST_RNG_SKIP_QEMU").is_some_and(|v| v == "1") {
-        eprintln!("VHOST_RNG_SKIP_QEMU=1: skipping a real-guest test");
-        return None;
-    }
-    let have_qemu = Command::new("qemu-system-x86_64")
-        .arg("--version")
-        .stdout(Stdio::null())
-        .status()
-        .is_ok_and(|s| s.success());
-    let agent = repo_root().join(STATIC_AGENT);
-    assert!(
-        have_qemu && agent.exists(),
-        "the TCP guest test needs qemu-system-x86_64 and a static agent in {}: run \
-         tests/run-all.sh, or set VHOST_RNG_SKIP_QEMU=1",
-        agent.display()
-    );
-    Some(agent)
-}
 
 /// Boots the agent guest once: it brings up its NIC and runs the agent
 /// against the daemon's port `port` as guest `name` with the key in `key`.

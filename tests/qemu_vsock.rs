@@ -9,7 +9,7 @@ use std::fs;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 
-use common::{Daemon, STATIC_AGENT, boot_guest, build_agent_guest, repo_root, wait_until};
+use common::{Daemon, boot_guest, build_agent_guest, static_agent, wait_until};
 
 /// What this test needs from the host, or `None` when the QEMU tests are
 /// skipped with VHOST_RNG_SKIP_QEMU=1. As for the other real-guest tests,
@@ -20,23 +20,12 @@ struct Host {
 }
 
 fn host() -> Option<Host> {
-    if std::env::var_os("VHOST_RNG_SKIP_QEMU").is_some_and(|v| v == "1") {
-        eprintln!("VHOST_RNG_SKIP_QEMU=1: skipping a real-guest test");
-        return None;
-    }
-    let have_qemu = Command::new("qemu-system-x86_64")
-        .arg("--version")
-        .stdout(Stdio::null())
-        .status()
-        .is_ok_and(|s| s.success());
-    let agent = repo_root().join(STATIC_AGENT);
+    let agent = static_agent()?;
     let vsock_backend = find_vhost_device_vsock();
     assert!(
-        have_qemu && agent.exists() && vsock_backend.is_some(),
-        "the vsock guest test needs qemu-system-x86_64, vhost-device-vsock (on PATH or \
-         in ~/.cargo/bin) and a static agent in {}: run tests/run-all.sh, or set \
-         VHOST_RNG_SKIP_QEMU=1",
-        agent.display()
+        vsock_backend.is_some(),
+        "the vsock guest test needs vhost-device-vsock (on PATH or in ~/.cargo/bin): run \
+         tests/run-all.sh, or set VHOST_RNG_SKIP_QEMU=1"
     );
     Some(Host {
         agent,

@@ -190,29 +190,58 @@ where
         .expect("run vhost-rng")
 }
 
+/// False when the QEMU tests are explicitly skipped with
+/// VHOST_RNG_SKIP_QEMU=1.
+fn qemu_tests_wanted() -> bool {
+    if std::env::var_os("VHOST_RNG_SKIP_QEMU").is_some_and(|v| v == "1") {
+        eprintln!("VHOST_RNG_SKIP_QEMU=1: skipping a real-guest test");
+        return false;
+    }
+    true
+}
+
+fn have_qemu() -> bool {
+    Command::new("qemu-system-x86_64")
+        .arg("--version")
+        .stdout(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success())
+}
+
 /// The built test guest (qemu/build-guest.sh), or `None` when the QEMU tests
 /// are explicitly skipped with VHOST_RNG_SKIP_QEMU=1. Anything else missing is
 /// a test failure: CI must run these tests, not skip them.
 pub fn test_guest() -> Option<PathBuf> {
-    if std::env::var_os("VHOST_RNG_SKIP_QEMU").is_some_and(|v| v == "1") {
-        eprintln!("VHOST_RNG_SKIP_QEMU=1: skipping a real-guest test");
+    if !qemu_tests_wanted() {
         return None;
     }
     let dir = std::env::var_os("VHOST_RNG_GUEST_DIR")
         .map(PathBuf::from)
         .unwrap_or_else(|| repo_root().join("target/qemu-guest"));
-    let have_qemu = Command::new("qemu-system-x86_64")
-        .arg("--version")
-        .stdout(Stdio::null())
-        .status()
-        .is_ok_and(|s| s.success());
     assert!(
-        have_qemu && dir.join("bzImage").exists() && dir.join("initramfs.cpio.gz").exists(),
+        have_qemu() && dir.join("bzImage").exists() && dir.join("initramfs.cpio.gz").exists(),
         "real-guest tests need qemu-system-x86_64 and a test guest in {}: run \
          tests/run-all.sh (or qemu/build-guest.sh), or set VHOST_RNG_SKIP_QEMU=1",
         dir.display()
     );
     Some(dir)
+}
+
+/// The statically linked agent for the agent guest, or `None` when the
+/// QEMU tests are skipped; as for [`test_guest`], anything missing is a
+/// failure.
+pub fn static_agent() -> Option<PathBuf> {
+    if !qemu_tests_wanted() {
+        return None;
+    }
+    let agent = repo_root().join(STATIC_AGENT);
+    assert!(
+        have_qemu() && agent.exists(),
+        "agent guest tests need qemu-system-x86_64 and a static agent in {}: run \
+         tests/run-all.sh, or set VHOST_RNG_SKIP_QEMU=1",
+        agent.display()
+    );
+    Some(agent)
 }
 
 /// What one boot of the test guest reported.
