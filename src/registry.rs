@@ -91,6 +91,9 @@ struct Entry {
     /// Added over the control socket: a reload of the config file leaves
     /// it alone.
     runtime: bool,
+    /// For a `tcp-psk=` guest, the key read from its file when it started,
+    /// so that a reload can tell the file now holds another.
+    key: Option<Psk>,
 }
 
 /// The running guests.
@@ -250,12 +253,16 @@ impl Registry {
         }
 
         // Guests whose endpoint changes are replaced: removed, then added.
+        // So are TCP guests whose key file now holds another key: their
+        // connections were proven with the old one.
+        let rekeyed = rekeyed_guests(&guests, &specs)?;
         let replaced: Vec<String> = specs
             .iter()
             .filter(|spec| {
                 guests
                     .get(&spec.name)
                     .is_some_and(|e| e.spec.endpoint != spec.endpoint)
+                    || rekeyed.contains(&spec.name)
             })
             .map(|spec| spec.name.clone())
             .collect();
@@ -413,6 +420,7 @@ impl Registry {
             name: spec.name.clone(),
             error,
         };
+        let mut key = None;
         let server: Arc<dyn GuestFrontend> = match endpoint {
             Opened::VhostUser(endpoint) => {
                 info!(
@@ -453,6 +461,7 @@ impl Registry {
                     spec.name,
                     listener.local_addr()
                 );
+                key = Some(psk.clone());
                 let name = spec.name.clone();
                 listener.directory().join(name, Clients::new(guest), psk)
             }
@@ -463,6 +472,7 @@ impl Registry {
                 spec,
                 server,
                 runtime,
+                key,
             },
         );
         Ok(())
@@ -584,6 +594,36 @@ fn check_unique(
     Ok(())
 }
 
+/// The running TCP guests, among `specs`, whose key file now holds a key
+/// other than the one they started with. A key file that cannot be read
+/// fails the whole reload, as a new guest's would.
+fn rekeyed_guests(
+    running: &BTreeMap<String, Entry>,
+    specs: &[GuestSpec],
+) -> Result<Vec<String>, RegistryError> {
+    let mut rekeyed = Vec::new();
+    for spec in specs {
+        let GuestEndpoint::TcpPsk(path) = &spec.endpoint else {
+            continue;
+        };
+        let Some(entry) = running.get(&spec.name) else {
+            continue;
+        };
+        if entry.spec.endpoint != spec.endpoint {
+            continue;
+        }
+        let key = Psk::load(path).map_err(|error| RegistryError::Key {
+            name: spec.name.clone(),
+            error,
+        })?;
+        if entry.key.as_ref() != Some(&key) {
+            info!("guest {}: its key file holds a new key", spec.name);
+            rekeyed.push(spec.name.clone());
+        }
+    }
+    Ok(rekeyed)
+}
+
 fn close_prepared(prepared: Vec<Result<Prepared, GuestSpec>>) {
     for ready in prepared.into_iter().flatten() {
         match ready.endpoint {
@@ -621,5 +661,50 @@ mod tests {
         assert_eq!(listeners[0].address, tcp.local_addr().to_string());
         assert_eq!(listeners[0], tcp.status());
         with_tcp.stop_all();
+    }
+
+    #[test]
+    fn a_reload_picks_up_a_new_key_in_a_tcp_guests_key_file() {
+        use crate::noise;
+        use std::os::unix::fs::PermissionsExt;
+
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("xen1.psk");
+        let old = noise::write_new_psk(&path).unwrap();
+        let registry = registry();
+        let tcp = TcpListener::start("127.0.0.1:0".parse().unwrap()).unwrap();
+        registry.set_listeners(Listeners {
+            vsock: None,
+            tcp: Some(Arc::clone(&tcp)),
+        });
+        let spec: GuestSpec = format!("name=xen1,tcp-psk={}", path.display())
+            .parse()
+            .unwrap();
+        let key_served = || {
+            tcp.directory()
+                .get(&"xen1".to_owned())
+                .map(|member| member.credential.clone())
+        };
+        registry.apply(vec![spec.clone()]).unwrap();
+        assert_eq!(key_served(), Some(old.clone()));
+
+        // The same file, the same key: nothing to do.
+        let summary = registry.apply(vec![spec.clone()]).unwrap();
+        assert_eq!(summary.unchanged, 1);
+
+        // A new key in the same file: the guest is served with it.
+        std::fs::remove_file(&path).unwrap();
+        let new = noise::write_new_psk(&path).unwrap();
+        let summary = registry.apply(vec![spec.clone()]).unwrap();
+        assert_eq!(summary.added, ["xen1"], "{summary:?}");
+        assert_eq!(key_served(), Some(new.clone()));
+        assert_ne!(old, new);
+
+        // A key file gone bad fails the reload and keeps the running key.
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644)).unwrap();
+        let error = registry.apply(vec![spec]).unwrap_err().to_string();
+        assert!(error.contains("chmod 600"), "{error}");
+        assert_eq!(key_served(), Some(new));
+        registry.stop_all();
     }
 }
