@@ -104,8 +104,9 @@ fn guest_agent_fetches_entropy_over_hybrid_vsock() {
         "serve".to_owned(),
         "--source".into(),
         "os".into(),
-        "--guest".into(),
-        format!("name=vm,vsock-uds={}", uds.display()),
+        // The shorthand the issue names: a guest named after the file, "vm".
+        "--vsock-uds".into(),
+        uds.display().to_string(),
     ]);
     daemon.wait_for_socket(&dir.path().join("vm.vsock_5564"));
     daemon.wait_for_log("control socket on", 1);
