@@ -254,6 +254,61 @@ fn two_hundred_idle_tcp_connections_do_not_lock_out_a_guest() {
 }
 
 #[test]
+fn the_vsock_listener_starts_reports_itself_and_its_port_cannot_be_taken_twice() {
+    // A port of its own, so that tests running side by side do not meet.
+    let port = 0x4000_0000 + std::process::id();
+    let args = |control: &str| {
+        vec![
+            "serve".to_owned(),
+            "--source".into(),
+            "os".into(),
+            "--vsock".into(),
+            port.to_string(),
+            "--vsock-default-rate".into(),
+            "4096".into(),
+            "--guest".into(),
+            "name=vm3,cid=3,rate-bytes=8192".into(),
+            "--control".into(),
+            control.into(),
+        ]
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let first_control = dir.path().join("first.sock");
+    let daemon = Daemon::start(args(first_control.to_str().unwrap()));
+    daemon.wait_for_log(
+        &format!("listening on vsock port {port}; unknown CIDs are served at 4096 bytes/s"),
+        1,
+    );
+    daemon.wait_for_log("guest vm3: serving vsock CID 3", 1);
+    let status = run_cli([
+        "status".as_ref(),
+        "--json".as_ref(),
+        "--control".as_ref(),
+        first_control.as_os_str(),
+    ]);
+    assert!(status.status.success(), "{status:?}");
+    let status: vhost_rng::status::DaemonStatus = serde_json::from_slice(&status.stdout).unwrap();
+    assert_eq!(status.listeners.len(), 1, "{:?}", status.listeners);
+    assert_eq!(status.listeners[0].kind, "vsock");
+    assert_eq!(status.listeners[0].address, port.to_string());
+    let vm3 = status.guests.iter().find(|g| g.name == "vm3").unwrap();
+    assert_eq!((vm3.endpoint.as_str(), vm3.path.as_str()), ("cid", "3"));
+
+    // A second daemon on the same port says why it cannot start, and
+    // leaves nothing behind.
+    let second_control = dir.path().join("second.sock");
+    let output = run_cli(args(second_control.to_str().unwrap()));
+    assert_eq!(output.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        stderr.contains(&format!("cannot listen on vsock port {port}"))
+            && stderr.contains("another process listens on that port"),
+        "{stderr}"
+    );
+    assert!(!second_control.exists());
+}
+
+#[test]
 fn vsock_options_are_checked_before_anything_starts() {
     // A default rate with no port to serve it on.
     let output = run_cli([
