@@ -236,20 +236,59 @@ fn a_plaintext_client_gets_nothing_over_tcp() {
         .wait_for_log("does not speak the vhost-rng encrypted transport", 1);
 }
 
+/// A TCP connection from the loopback address `source` (all of 127/8 is
+/// local), so that one test can play several hosts.
+fn connect_from(source: [u8; 4], to: SocketAddr) -> TcpStream {
+    use nix::sys::socket::{AddressFamily, SockFlag, SockType, SockaddrIn, bind, connect, socket};
+    use std::os::fd::AsRawFd;
+    let socket = socket(
+        AddressFamily::Inet,
+        SockType::Stream,
+        SockFlag::SOCK_CLOEXEC,
+        None,
+    )
+    .unwrap();
+    let [a, b, c, d] = source;
+    bind(socket.as_raw_fd(), &SockaddrIn::new(a, b, c, d, 0)).unwrap();
+    let SocketAddr::V4(to) = to else {
+        panic!("the tests listen on IPv4")
+    };
+    connect(socket.as_raw_fd(), &SockaddrIn::from(to)).unwrap();
+    TcpStream::from(socket)
+}
+
 #[test]
 fn two_hundred_idle_tcp_connections_do_not_lock_out_a_guest() {
     let setup = serve_tcp();
-    // 200 connections that never send a byte, and 20 that send garbage.
+    // Another host opens 200 connections that never send a byte, a third
+    // sends garbage 20 times; the guest's agent, on its own address, is
+    // served all the same.
     let idle: Vec<TcpStream> = (0..200)
-        .map(|_| TcpStream::connect(setup.addr).unwrap())
+        .map(|_| connect_from([127, 0, 0, 2], setup.addr))
         .collect();
     for _ in 0..20 {
-        let mut garbage = TcpStream::connect(setup.addr).unwrap();
+        let mut garbage = connect_from([127, 0, 0, 3], setup.addr);
         garbage.write_all(b"GET / HTTP/1.1\r\n\r\n").unwrap();
     }
     let (ok, text) = agent_once(setup.addr, &setup.xen1_key, "xen1");
     assert!(ok, "{text}");
     assert_eq!(setup.daemon.guest("xen1").bytes, 256);
+
+    // The idle host got only its share of handshake places; the rest of
+    // its connections were closed at once and counted.
+    let status = run_cli([
+        "status".as_ref(),
+        "--json".as_ref(),
+        "--control".as_ref(),
+        setup.daemon.control().as_os_str(),
+    ]);
+    let status: vhost_rng::status::DaemonStatus = serde_json::from_slice(&status.stdout).unwrap();
+    let refused = &status.listeners[0].refused;
+    assert!(
+        refused["too_many_handshakes"] >= 190,
+        "{:?}",
+        status.listeners
+    );
     drop(idle);
 }
 

@@ -107,6 +107,9 @@ pub struct AgentConfig {
 pub struct Credentials {
     pub name: String,
     pub psk: Psk,
+    /// The `--psk-file` the key came from, read again after the host
+    /// refuses the key, so that a rotated key is picked up without a restart.
+    pub path: PathBuf,
 }
 
 /// Checks the options against each other and loads the pre-shared key, so
@@ -126,6 +129,7 @@ impl TryFrom<&AgentArgs> for AgentConfig {
                 Some(Credentials {
                     name: name.clone(),
                     psk: Psk::load(psk_file).map_err(AgentError::Key)?,
+                    path: psk_file.clone(),
                 })
             }
             (Endpoint::Tcp { .. }, psk_file, name) => {
@@ -338,7 +342,7 @@ pub fn run(
     config: &AgentConfig,
     kernel: &mut dyn KernelEntropy,
 ) -> Result<AgentReport, AgentError> {
-    let mut connection = connect(config)?;
+    let mut connection = connect(&config.endpoint, config.credentials.as_ref())?;
     let report = fetch_and_inject(&mut connection, config, kernel)?;
     log_round(&report, &config.endpoint);
     Ok(report)
@@ -347,7 +351,8 @@ pub fn run(
 /// Runs rounds every `config.interval` until an error that waiting cannot
 /// cure ([`AgentError::is_fatal`]), which it returns. Failures to reach or
 /// get an answer from the host are logged at a limited rate and retried
-/// after 1 s, 2 s, 4 s ... up to 60 s.
+/// after 1 s, 2 s, 4 s ... up to 60 s. After the host refuses the key, the
+/// key file is read again before the next attempt (see `Session`).
 pub fn run_forever(config: &AgentConfig, kernel: &mut dyn KernelEntropy) -> AgentError {
     let mut session = Session::new(config);
     let mut backoff = Backoff::new();
@@ -413,8 +418,12 @@ pub fn run_command(args: &AgentArgs) -> ExitCode {
     }
 }
 
-fn connect(config: &AgentConfig) -> Result<Connection, AgentError> {
-    let endpoint = &config.endpoint;
+/// Connects to `endpoint`, over TCP proving who this guest is with
+/// `credentials`.
+fn connect(
+    endpoint: &Endpoint,
+    credentials: Option<&Credentials>,
+) -> Result<Connection, AgentError> {
     let connect_error = |error: io::Error| AgentError::Connect {
         hint: endpoint.connect_hint(&error),
         endpoint: endpoint.clone(),
@@ -425,7 +434,7 @@ fn connect(config: &AgentConfig) -> Result<Connection, AgentError> {
     };
     // AgentConfig::try_from makes sure a tcp: endpoint has credentials;
     // a config built by hand might not.
-    let Some(credentials) = &config.credentials else {
+    let Some(credentials) = credentials else {
         return Err(AgentError::InvalidConfig(format!(
             "{endpoint} needs the guest's name and pre-shared key"
         )));
@@ -465,12 +474,26 @@ fn log_round(report: &AgentReport, endpoint: &Endpoint) {
     );
 }
 
-/// The connection kept between rounds. It is kept only when rounds come
-/// more often than the server's idle timeout; otherwise the server would
-/// have closed it by the next round anyway.
+/// What lasts from one round to the next: the connection, and the key.
+///
+/// The connection is kept only when rounds come more often than the
+/// server's idle timeout; otherwise the server would have closed it by the
+/// next round anyway.
+///
+/// The key is the one loaded at start-up until the host refuses it. Then
+/// the key file is read again before the next attempt, since the operator
+/// may have rotated the key (written a new one into the file); a normal
+/// round uses the key in memory. A key file that cannot be read then (or is
+/// too open, or holds no key) is logged and the last good key kept: the
+/// operator may be in the middle of the rotation.
 struct Session<'a> {
     config: &'a AgentConfig,
     connection: Option<Connection>,
+    /// The config's credentials, with the newest good key from the key file.
+    credentials: Option<Credentials>,
+    /// The host refused the key: read the key file before the next attempt.
+    reread_key: bool,
+    key_failures: RateLimitedLog,
 }
 
 impl<'a> Session<'a> {
@@ -478,10 +501,16 @@ impl<'a> Session<'a> {
         Session {
             config,
             connection: None,
+            credentials: config.credentials.clone(),
+            reread_key: false,
+            key_failures: RateLimitedLog::per_minute(4),
         }
     }
 
     fn round(&mut self, kernel: &mut dyn KernelEntropy) -> Result<AgentReport, AgentError> {
+        if std::mem::take(&mut self.reread_key) {
+            self.reread_key();
+        }
         if let Some(mut connection) = self.connection.take() {
             match fetch_and_inject(&mut connection, self.config, kernel) {
                 Ok(report) => {
@@ -494,10 +523,41 @@ impl<'a> Session<'a> {
                 Err(e) => return Err(e),
             }
         }
-        let mut connection = connect(self.config)?;
+        let mut connection = match connect(&self.config.endpoint, self.credentials.as_ref()) {
+            Ok(connection) => connection,
+            Err(e) => {
+                self.reread_key = matches!(e, AgentError::CredentialsRefused { .. });
+                return Err(e);
+            }
+        };
         let report = fetch_and_inject(&mut connection, self.config, kernel)?;
         self.keep(connection);
         Ok(report)
+    }
+
+    /// Reads the key file again, keeping the key in memory if it fails.
+    fn reread_key(&mut self) {
+        let Some(credentials) = &mut self.credentials else {
+            return;
+        };
+        match Psk::load(&credentials.path) {
+            // Still the refused key: the host has yet to catch up.
+            Ok(psk) if psk == credentials.psk => {}
+            Ok(psk) => {
+                info!(
+                    "key file {} holds a new key; using it",
+                    credentials.path.display()
+                );
+                credentials.psk = psk;
+            }
+            Err(e) => {
+                if let Some(suppressed) = self.key_failures.permit() {
+                    warn!(
+                        "{e}; keeping the key read before ({suppressed} similar messages suppressed)"
+                    );
+                }
+            }
+        }
     }
 
     fn keep(&mut self, connection: Connection) {

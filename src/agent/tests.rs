@@ -150,11 +150,14 @@ fn tcp_daemon(connections: Vec<TcpConnection>) -> (u16, TcpDaemon) {
     (port, daemon)
 }
 
+/// A TCP config holding `key` as if read from a key file that does not
+/// exist, so that reading it again after a refusal keeps `key`.
 fn tcp_config(port: u16, key: Psk) -> AgentConfig {
     AgentConfig {
         credentials: Some(Credentials {
             name: GUEST.to_owned(),
             psk: key,
+            path: PathBuf::from("/nonexistent/vhost-rng-test/vm1.key"),
         }),
         ..config(Endpoint::Tcp {
             host: "127.0.0.1".to_owned(),
@@ -582,7 +585,8 @@ fn a_tcp_endpoint_needs_a_key_file_and_a_name() {
         config.credentials,
         Some(Credentials {
             name: GUEST.to_owned(),
-            psk: psk(7)
+            psk: psk(7),
+            path: PathBuf::from(path),
         })
     );
     assert_eq!(
@@ -808,4 +812,138 @@ fn frequent_rounds_over_tcp_share_a_connection_and_reconnect_when_it_drops() {
         .map(|c| c.as_ref().map_or(0, Vec::len))
         .collect();
     assert_eq!(served, [2, 1]);
+}
+
+/// A TCP config whose key comes from the key file at `path`, as
+/// `--psk-file` would load it.
+fn tcp_config_from_file(port: u16, path: &Path) -> AgentConfig {
+    AgentConfig {
+        credentials: Some(Credentials {
+            name: GUEST.to_owned(),
+            psk: Psk::load(path).unwrap(),
+            path: path.to_owned(),
+        }),
+        ..tcp_config(port, psk(0))
+    }
+}
+
+/// The key the session will use for its next connection.
+fn session_key(session: &Session<'_>) -> Psk {
+    session.credentials.as_ref().unwrap().psk.clone()
+}
+
+#[test]
+fn a_rotated_key_is_read_from_the_key_file_after_a_refusal() {
+    // The host has key 8 for the guest; the guest's file still holds 7.
+    let (port, daemon) = tcp_daemon(vec![
+        TcpConnection {
+            key: psk(8),
+            script: vec![],
+        },
+        TcpConnection {
+            key: psk(8),
+            script: vec![Answer::Data(pattern(64))],
+        },
+        TcpConnection {
+            key: psk(8),
+            script: vec![Answer::Data(pattern(64))],
+        },
+    ]);
+    let dir = tempfile::tempdir().unwrap();
+    let path = key_file(dir.path(), &psk(7), 0o600);
+    let config = tcp_config_from_file(port, &path);
+    let mut session = Session::new(&config);
+    let mut kernel = FakeKernel::default();
+
+    let err = session.round(&mut kernel).unwrap_err();
+    assert!(
+        matches!(err, AgentError::CredentialsRefused { .. }),
+        "{err}"
+    );
+    assert!(!err.is_fatal());
+
+    // The operator writes the new key into the guest's file.
+    key_file(dir.path(), &psk(8), 0o600);
+    let report = session.round(&mut kernel);
+    assert!(report.is_ok(), "{report:?}");
+    assert!(session_key(&session) == psk(8), "the new key is kept");
+
+    // A round that is not refused does not read the file: a key written
+    // now is not used.
+    key_file(dir.path(), &psk(9), 0o600);
+    let report = session.round(&mut kernel);
+    assert!(report.is_ok(), "{report:?}");
+    assert!(session_key(&session) == psk(8));
+
+    let connections = daemon.join().unwrap();
+    assert!(
+        matches!(
+            &connections[..],
+            [Err(noise::HandshakeError::WrongCredential(_)), Ok(first), Ok(second)]
+                if first.len() == 1 && second.len() == 1
+        ),
+        "{connections:?}"
+    );
+}
+
+#[test]
+fn an_unusable_key_file_after_a_refusal_keeps_the_old_key_and_is_not_fatal() {
+    // The host refuses key 7 twice (the operator is mid-rotation), then
+    // has it again.
+    let (port, daemon) = tcp_daemon(vec![
+        TcpConnection {
+            key: psk(8),
+            script: vec![],
+        },
+        TcpConnection {
+            key: psk(8),
+            script: vec![],
+        },
+        TcpConnection {
+            key: psk(7),
+            script: vec![Answer::Data(pattern(64))],
+        },
+    ]);
+    let dir = tempfile::tempdir().unwrap();
+    let path = key_file(dir.path(), &psk(7), 0o600);
+    let config = tcp_config_from_file(port, &path);
+    let mut session = Session::new(&config);
+    let mut kernel = FakeKernel::default();
+
+    let err = session.round(&mut kernel).unwrap_err();
+    assert!(
+        matches!(err, AgentError::CredentialsRefused { .. }),
+        "{err}"
+    );
+
+    // Too open (the tests may run as root, who reads any mode): the file is
+    // not used, and the round goes ahead with the old key.
+    key_file(dir.path(), &psk(8), 0o644);
+    assert!(Psk::load(&path).is_err());
+    let err = session.round(&mut kernel).unwrap_err();
+    assert!(
+        matches!(err, AgentError::CredentialsRefused { .. }),
+        "{err}"
+    );
+    assert!(!err.is_fatal());
+    assert!(session_key(&session) == psk(7), "the old key is kept");
+
+    // Gone altogether: the same.
+    std::fs::remove_file(&path).unwrap();
+    let report = session.round(&mut kernel);
+    assert!(report.is_ok(), "{report:?}");
+    assert!(session_key(&session) == psk(7));
+
+    let connections = daemon.join().unwrap();
+    assert!(
+        matches!(
+            &connections[..],
+            [
+                Err(noise::HandshakeError::WrongCredential(_)),
+                Err(noise::HandshakeError::WrongCredential(_)),
+                Ok(requests),
+            ] if requests.len() == 1
+        ),
+        "{connections:?}"
+    );
 }

@@ -15,19 +15,19 @@
 //! reading logs.
 
 use std::cell::Cell;
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::io::{self, Read, Write};
-use std::net::{SocketAddr, TcpListener as StdTcpListener, TcpStream};
+use std::net::{IpAddr, SocketAddr, TcpListener as StdTcpListener, TcpStream};
 use std::os::fd::{AsFd, BorrowedFd};
-use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::thread;
 use std::time::{Duration, Instant};
 
 use log::{debug, info, warn};
 
 use super::channel;
-use super::shared::{ACCEPT_ERROR_PAUSE, Directory, StopSignal};
+use super::shared::{ACCEPT_ERROR_PAUSE, Directory, Member, StopSignal};
 use super::stream::ClientStream;
 use crate::log_limit::RateLimitedLog;
 use crate::noise::{self, HandshakeError, Psk, SecureStream};
@@ -37,6 +37,10 @@ use crate::status::ListenerStatus;
 /// at once, so unauthenticated peers cannot make the daemon start threads
 /// without bound.
 pub const MAX_HANDSHAKES: usize = 256;
+/// Of those, how many may come from one IP address. A guest needs one; a
+/// handshake takes milliseconds. Without it one host opening silent
+/// connections could hold every place and lock all guests out.
+pub const MAX_HANDSHAKES_PER_PEER: usize = 8;
 /// Time a connection has to complete its handshake.
 pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
 
@@ -97,7 +101,8 @@ fn count(counter: &AtomicU64) {
 pub struct TcpListener {
     local_addr: SocketAddr,
     directory: Arc<TcpDirectory>,
-    handshakes: AtomicUsize,
+    /// Handshakes in progress, by peer address.
+    handshakes: Mutex<HashMap<IpAddr, usize>>,
     stop: StopSignal,
     refusals: RateLimitedLog,
     counters: Counters,
@@ -113,7 +118,7 @@ impl TcpListener {
         let listener = Arc::new(TcpListener {
             local_addr,
             directory: Arc::default(),
-            handshakes: AtomicUsize::new(0),
+            handshakes: Mutex::new(HashMap::new()),
             stop: StopSignal::new().map_err(TcpError::Spawn)?,
             refusals: RateLimitedLog::per_minute(8),
             counters: Counters::default(),
@@ -171,14 +176,9 @@ impl TcpListener {
 
     fn start_handshake(self: &Arc<Self>, stream: TcpStream, peer: SocketAddr) {
         count(&self.counters.connections);
-        let pending = self.handshakes.fetch_add(1, Ordering::SeqCst);
-        if pending >= MAX_HANDSHAKES {
-            self.handshakes.fetch_sub(1, Ordering::SeqCst);
+        if let Err(why) = self.begin_handshake(peer.ip()) {
             count(&self.counters.too_many_handshakes);
-            self.log_refusal(format_args!(
-                "TCP {peer}: closed at once: {MAX_HANDSHAKES} connections are in their \
-                 handshake already"
-            ));
+            self.log_refusal(format_args!("TCP {peer}: closed at once: {why}"));
             return;
         }
         let listener = Arc::clone(self);
@@ -186,19 +186,56 @@ impl TcpListener {
             .name("tcp-handshake".into())
             .spawn(move || {
                 let outcome = listener.handshake(stream, peer);
-                listener.handshakes.fetch_sub(1, Ordering::SeqCst);
-                if let Some(secure) = outcome {
-                    listener.serve(secure, peer);
+                listener.end_handshake(peer.ip());
+                if let Some((secure, member)) = outcome {
+                    listener.serve(secure, &member, peer);
                 }
             });
         if let Err(e) = spawned {
-            self.handshakes.fetch_sub(1, Ordering::SeqCst);
+            self.end_handshake(peer.ip());
             self.log_refusal(format_args!("TCP {peer}: cannot start a thread: {e}"));
         }
     }
 
-    /// Authenticates the connection; `None` (and a log line) if it fails.
-    fn handshake(&self, stream: TcpStream, peer: SocketAddr) -> Option<SecureStream<Connection>> {
+    /// Takes a place for a handshake from `ip`, or says why there is none:
+    /// all [`MAX_HANDSHAKES`] are taken, or `ip` has
+    /// [`MAX_HANDSHAKES_PER_PEER`] already (so one host cannot take them all
+    /// and lock every guest out).
+    fn begin_handshake(&self, ip: IpAddr) -> Result<(), String> {
+        let mut pending = self.handshakes.lock().unwrap_or_else(|e| e.into_inner());
+        let total: usize = pending.values().sum();
+        if total >= MAX_HANDSHAKES {
+            return Err(format!(
+                "{MAX_HANDSHAKES} connections are in their handshake already"
+            ));
+        }
+        let from_peer = pending.entry(ip).or_insert(0);
+        if *from_peer >= MAX_HANDSHAKES_PER_PEER {
+            return Err(format!(
+                "{MAX_HANDSHAKES_PER_PEER} connections from {ip} are in their handshake already"
+            ));
+        }
+        *from_peer += 1;
+        Ok(())
+    }
+
+    fn end_handshake(&self, ip: IpAddr) {
+        let mut pending = self.handshakes.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(from_peer) = pending.get_mut(&ip) {
+            *from_peer -= 1;
+            if *from_peer == 0 {
+                pending.remove(&ip);
+            }
+        }
+    }
+
+    /// Authenticates the connection: the stream, and the guest whose key it
+    /// proved; `None` (and a log line) if it fails.
+    fn handshake(
+        &self,
+        stream: TcpStream,
+        peer: SocketAddr,
+    ) -> Option<(SecureStream<Connection>, Arc<Member<Psk>>)> {
         if let Err(e) = stream.set_nodelay(true) {
             debug!("TCP {peer}: {e}");
             count(&self.counters.handshake_incomplete);
@@ -208,15 +245,20 @@ impl TcpListener {
             stream,
             handshake_deadline: Cell::new(Some(Instant::now() + HANDSHAKE_TIMEOUT)),
         };
+        // The member whose key is checked is the one served: looked up
+        // again by name afterwards, it could be a successor (a reload with
+        // a new key) that this key does not belong to.
+        let mut proven = None;
         let lookup = |name: &str| {
-            self.directory
-                .get(&name.to_owned())
-                .map(|member| member.credential.clone())
+            let member = self.directory.get(&name.to_owned())?;
+            let key = member.credential.clone();
+            proven = Some(member);
+            Some(key)
         };
         let error = match noise::accept_handshake(connection, lookup) {
             Ok(secure) => {
                 secure.get_ref().handshake_deadline.set(None);
-                return Some(secure);
+                return proven.map(|member| (secure, member));
             }
             Err(error) => error,
         };
@@ -271,18 +313,10 @@ impl TcpListener {
         None
     }
 
-    /// Serves an authenticated client on its handshake's thread.
-    fn serve(&self, mut secure: SecureStream<Connection>, peer: SocketAddr) {
-        let name = secure.identity().to_owned();
-        // The guest may have been removed during the handshake: its name
-        // is no longer known.
-        let Some(member) = self.directory.get(&name) else {
-            count(&self.counters.unknown_name);
-            self.log_refusal(format_args!(
-                "TCP {peer}: refused: guest {name} was removed during the handshake"
-            ));
-            return;
-        };
+    /// Serves an authenticated client on its handshake's thread, as the
+    /// guest whose key it proved. A guest removed or re-keyed meanwhile has
+    /// closed its clients, and so refuses this one.
+    fn serve(&self, mut secure: SecureStream<Connection>, member: &Member<Psk>, peer: SocketAddr) {
         let peer = format!("from TCP {peer}");
         member.clients.serve(&channel::PROTOCOL, &peer, &mut secure);
     }
@@ -370,7 +404,28 @@ mod tests {
     }
 
     fn connect(listener: &TcpListener) -> TcpStream {
-        let stream = TcpStream::connect(listener.local_addr()).unwrap();
+        connect_from([127, 0, 0, 1], listener)
+    }
+
+    /// A connection from the loopback address `source` (all of 127/8 is
+    /// local), so that one test can play several peers.
+    fn connect_from(source: [u8; 4], listener: &TcpListener) -> TcpStream {
+        use nix::sys::socket::{AddressFamily, SockFlag, SockType, SockaddrIn, bind, socket};
+        use std::os::fd::AsRawFd;
+        let socket = socket(
+            AddressFamily::Inet,
+            SockType::Stream,
+            SockFlag::SOCK_CLOEXEC,
+            None,
+        )
+        .unwrap();
+        let [a, b, c, d] = source;
+        bind(socket.as_raw_fd(), &SockaddrIn::new(a, b, c, d, 0)).unwrap();
+        let SocketAddr::V4(to) = listener.local_addr() else {
+            panic!("the tests listen on IPv4")
+        };
+        nix::sys::socket::connect(socket.as_raw_fd(), &SockaddrIn::from(to)).unwrap();
+        let stream = TcpStream::from(socket);
         stream
             .set_read_timeout(Some(Duration::from_secs(10)))
             .unwrap();
@@ -465,23 +520,48 @@ mod tests {
     }
 
     #[test]
-    fn connections_beyond_the_handshake_limit_are_counted() {
+    fn connections_beyond_the_handshake_limits_are_closed_and_counted() {
         let listener = TcpListener::start("127.0.0.1:0".parse().unwrap()).unwrap();
-        let silent: Vec<TcpStream> = (0..MAX_HANDSHAKES).map(|_| connect(&listener)).collect();
-        wait_for("the silent connections", || {
-            listener.handshakes.load(Ordering::SeqCst) == MAX_HANDSHAKES
+        let pending = || -> usize {
+            let handshakes = listener.handshakes.lock().unwrap();
+            handshakes.values().sum()
+        };
+        // One peer may hold MAX_HANDSHAKES_PER_PEER handshakes, no more.
+        let mut silent: Vec<TcpStream> = (0..MAX_HANDSHAKES_PER_PEER)
+            .map(|_| connect_from([127, 0, 0, 2], &listener))
+            .collect();
+        wait_for("one peer's silent connections", || {
+            pending() == MAX_HANDSHAKES_PER_PEER
         });
-        let mut extra = connect(&listener);
-        wait_for("the connection over the limit", || {
+        let mut extra = connect_from([127, 0, 0, 2], &listener);
+        wait_for("the peer's connection over its limit", || {
             listener.status().refused["too_many_handshakes"] == 1
         });
         // Closed at once, without an answer.
         assert_eq!(std::io::Read::read(&mut extra, &mut [0u8; 1]).unwrap(), 0);
+
+        // Many peers together may hold MAX_HANDSHAKES, no more.
+        let peers = MAX_HANDSHAKES / MAX_HANDSHAKES_PER_PEER;
+        for peer in 1..peers {
+            for _ in 0..MAX_HANDSHAKES_PER_PEER {
+                silent.push(connect_from([127, 0, 1, peer as u8], &listener));
+            }
+        }
+        wait_for("every handshake place taken", || {
+            pending() == MAX_HANDSHAKES
+        });
+        let mut over = connect_from([127, 0, 2, 1], &listener);
+        wait_for("a new peer's connection over the total", || {
+            listener.status().refused["too_many_handshakes"] == 2
+        });
+        assert_eq!(std::io::Read::read(&mut over, &mut [0u8; 1]).unwrap(), 0);
+
         drop(silent);
         wait_for("the silent connections to close", || {
             listener.status().refused["handshake_incomplete"] == MAX_HANDSHAKES as u64
         });
-        assert_eq!(listener.status().connections, MAX_HANDSHAKES as u64 + 1);
+        assert_eq!(pending(), 0, "every place given back");
+        assert_eq!(listener.status().connections, MAX_HANDSHAKES as u64 + 2);
         listener.stop();
     }
 
@@ -489,9 +569,10 @@ mod tests {
     fn a_peer_that_dribbles_its_handshake_is_cut_off_at_the_timeout() {
         let listener = TcpListener::start("127.0.0.1:0".parse().unwrap()).unwrap();
         let mut slow = connect(&listener);
-        // A valid hello, then a frame of 65535 bytes announced, sent a byte
-        // at a time: each read alone is well within the timeout.
-        slow.write_all(b"VRNS\x01\x04xen1\xff\xff").unwrap();
+        // A valid hello, then handshake message 1 (48 bytes) sent a byte
+        // every 250 ms: each read alone is well within the timeout, all of
+        // them together (12 s) are not.
+        slow.write_all(b"VRNS\x01\x04xen1\x00\x30").unwrap();
         let started = Instant::now();
         let cut_off = loop {
             thread::sleep(Duration::from_millis(250));
