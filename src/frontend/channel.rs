@@ -14,7 +14,7 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Instant;
 
-use super::stream::{ClientStream, GuestReader, Protocol, Session, StreamServer};
+use super::stream::{ClientStream, GuestReader, Protocol, Session, StreamServer, Waited};
 use super::vhost_user::GuestSocket;
 use crate::guest::Guest;
 use crate::protocol::{self, IDLE_TIMEOUT, REQUEST_LEN, REQUEST_TIMEOUT, ResponseHeader, Status};
@@ -52,13 +52,16 @@ impl Session for ChannelSession {
         let mut header = [0u8; REQUEST_LEN];
         let mut bytes = Vec::new();
         loop {
+            // Between requests a client may be quiet for IDLE_TIMEOUT; once
+            // a request has begun, all of it must arrive within
+            // REQUEST_TIMEOUT, however it is dribbled.
             client.set_read_timeout(Some(IDLE_TIMEOUT))?;
-            match client.read_exact(&mut header) {
-                Ok(()) => {}
-                // A clean close, or idle too long: either way, done.
-                Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => return Ok(()),
+            match client.read(&mut header[..1]) {
+                Ok(0) => return Ok(()),
+                Ok(_) => {}
                 Err(e) => return Err(e),
             }
+            read_exact_by(client, &mut header[1..], Instant::now() + REQUEST_TIMEOUT)?;
             let request = match protocol::decode_request(&header) {
                 Ok(request) => request,
                 Err(e) => {
@@ -72,11 +75,15 @@ impl Session for ChannelSession {
                 }
             };
             bytes.resize(request.length as usize, 0);
-            let n = self
+            let (n, waited) = self
                 .reader
                 .read_until(&mut bytes, Some(Instant::now() + REQUEST_TIMEOUT))?;
             if n == 0 {
-                let answer = ResponseHeader::error(Status::Unavailable);
+                let status = match waited {
+                    Waited::ForTokens => Status::RateLimited,
+                    Waited::ForEntropy | Waited::Nothing => Status::Unavailable,
+                };
+                let answer = ResponseHeader::error(status);
                 client.write_all(&protocol::encode_response_header(&answer))?;
                 client.flush()?;
                 return Ok(());
@@ -90,6 +97,33 @@ impl Session for ChannelSession {
     }
 }
 
+/// Fills `buf` from `client`, giving up at `deadline` (a socket timeout
+/// bounds each read, not their sum).
+fn read_exact_by(
+    client: &mut dyn ClientStream,
+    buf: &mut [u8],
+    deadline: Instant,
+) -> io::Result<()> {
+    let mut got = 0;
+    while got < buf.len() {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return Err(io::Error::new(
+                io::ErrorKind::TimedOut,
+                "the request did not arrive in time",
+            ));
+        }
+        client.set_read_timeout(Some(left))?;
+        match client.read(&mut buf[got..]) {
+            Ok(0) => return Err(io::ErrorKind::UnexpectedEof.into()),
+            Ok(n) => got += n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -100,12 +134,100 @@ mod tests {
     use std::os::unix::net::UnixStream;
 
     fn server() -> (Arc<StreamServer>, PathBuf, tempfile::TempDir) {
+        server_with("vm", GuestLimits::default())
+    }
+
+    fn server_with(
+        name: &str,
+        limits: GuestLimits,
+    ) -> (Arc<StreamServer>, PathBuf, tempfile::TempDir) {
         let dir = tempfile::tempdir().unwrap();
         let path = uds_path(&dir.path().join("vm.vsock"), protocol::DEFAULT_PORT);
         let socket = GuestSocket::bind(&path, SocketAccess::default()).unwrap();
         let pool = crate::pool::os_pool();
-        let guest = Guest::with_limits("vm", pool, GuestLimits::default(), SharedBucket::default());
+        let guest = Guest::with_limits(name, pool, limits, SharedBucket::default());
         (spawn(guest, socket).unwrap(), path, dir)
+    }
+
+    fn connect(path: &Path) -> UnixStream {
+        let client = UnixStream::connect(path).unwrap();
+        client
+            .set_read_timeout(Some(std::time::Duration::from_secs(30)))
+            .unwrap();
+        client
+    }
+
+    /// Threads of this process whose name is `name`.
+    fn threads_named(name: &str) -> usize {
+        std::fs::read_dir("/proc/self/task")
+            .unwrap()
+            .filter_map(|task| std::fs::read_to_string(task.ok()?.path().join("comm")).ok())
+            .filter(|comm| comm.trim_end() == name)
+            .count()
+    }
+
+    #[test]
+    fn a_guest_out_of_tokens_is_told_rate_limited() {
+        // One byte a minute, from an empty bucket: nothing within the
+        // request timeout.
+        let limits = GuestLimits {
+            rate: Some(crate::limiter::RateLimit::new(1, 60_000, 1).unwrap()),
+            weight: 1,
+        };
+        let (_server, path, _dir) = server_with("slow", limits);
+        let mut client = connect(&path);
+        let answer = protocol::fetch(&mut client, 32, &mut Vec::new());
+        assert!(
+            matches!(
+                answer,
+                Err(protocol::ProtocolError::Server(Status::RateLimited))
+            ),
+            "{answer:?}"
+        );
+    }
+
+    #[test]
+    fn a_request_dribbled_past_the_request_timeout_is_dropped() {
+        let (server, path, _dir) = server();
+        let mut client = connect(&path);
+        let request = encode_request(&Request { length: 16 });
+        let started = Instant::now();
+        // A byte every 1.5 s: each read well within the idle timeout, the
+        // whole request (18 s) not within the request timeout.
+        for byte in request {
+            if client.write_all(&[byte]).is_err() {
+                break;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(1500));
+        }
+        let mut answer = [0u8; 1];
+        assert_eq!(
+            client.read(&mut answer).unwrap_or(0),
+            0,
+            "closed, no answer"
+        );
+        let took = started.elapsed();
+        assert!(
+            took < REQUEST_TIMEOUT + std::time::Duration::from_secs(3),
+            "{took:?}"
+        );
+        assert_eq!(server.guest().stats.snapshot().bytes, 0);
+    }
+
+    #[test]
+    fn stopping_ends_the_accept_thread_even_when_the_socket_file_is_gone() {
+        let (server, path, _dir) = server_with("gone", GuestLimits::default());
+        let wait_for = |what: &str, count: usize| {
+            let deadline = Instant::now() + std::time::Duration::from_secs(10);
+            while threads_named("channel-gone") != count {
+                assert!(Instant::now() < deadline, "{what}");
+                std::thread::sleep(std::time::Duration::from_millis(20));
+            }
+        };
+        wait_for("the accept thread never started", 1);
+        std::fs::remove_file(&path).unwrap();
+        server.stop();
+        wait_for("the accept thread is still there", 0);
     }
 
     #[test]

@@ -14,10 +14,12 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use log::{debug, info, warn};
+use nix::fcntl::{FcntlArg, OFlag, fcntl};
 use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
 use nix::sys::socket::{Shutdown, shutdown};
 use vmm_sys_util::event::{EventConsumer, EventFlag, new_event_consumer_and_notifier};
 
+use super::shared::{ACCEPT_ERROR_PAUSE, StopSignal};
 use super::vhost_user::GuestSocket;
 use crate::guest::{Guest, Supplied};
 use crate::log_limit::RateLimitedLog;
@@ -127,12 +129,7 @@ impl Clients {
             Err(refusal) => {
                 // Whatever the reason, "busy" is what the client should
                 // hear: trying again later may well succeed.
-                if !protocol.busy_reply.is_empty() {
-                    let _ = client.set_write_timeout(Some(STOP_CHECK));
-                    let _ = client
-                        .write_all(protocol.busy_reply)
-                        .and_then(|()| client.flush());
-                }
+                refuse(client, protocol.busy_reply);
                 if let Refusal::Full = refusal {
                     let stats = &self.guest.stats;
                     stats.refused_connections.fetch_add(1, Ordering::Relaxed);
@@ -190,6 +187,28 @@ impl Clients {
     }
 }
 
+/// Tells a refused client `reply` (if anything) without waiting for it:
+/// refusals are sent on a listener's accept thread, which a peer that
+/// does not read (or a guest that gives its vsock no receive credit) must
+/// not hold up. A reply that does not fit at once is dropped.
+pub fn refuse(client: &mut dyn ClientStream, reply: &[u8]) {
+    if reply.is_empty() {
+        return;
+    }
+    // A duplicate shares the file status flags with the client's socket.
+    let set_nonblocking = |socket: OwnedFd| -> nix::Result<()> {
+        let flags = OFlag::from_bits_truncate(fcntl(&socket, FcntlArg::F_GETFL)?);
+        fcntl(&socket, FcntlArg::F_SETFL(flags | OFlag::O_NONBLOCK)).map(drop)
+    };
+    let socket = client.socket().try_clone_to_owned();
+    if socket
+        .ok()
+        .is_some_and(|socket| set_nonblocking(socket).is_ok())
+    {
+        let _ = client.write_all(reply).and_then(|()| client.flush());
+    }
+}
+
 /// Why a client of a guest is not served.
 #[derive(Debug, thiserror::Error)]
 enum Refusal {
@@ -227,6 +246,7 @@ impl Drop for ClientSlot<'_> {
 pub struct StreamServer {
     clients: Arc<Clients>,
     socket: GuestSocket,
+    stop: Arc<StopSignal>,
 }
 
 impl StreamServer {
@@ -240,25 +260,26 @@ impl StreamServer {
         let server = Arc::new(StreamServer {
             clients: Clients::new(guest),
             socket,
+            stop: Arc::new(StopSignal::new()?),
         });
         let clients = Arc::clone(&server.clients);
+        let stop = Arc::clone(&server.stop);
         let peer = format!("on {}", server.socket.path().display());
         thread::Builder::new()
             .name(format!("{}-{}", protocol.name, clients.guest.name()))
             .spawn(move || {
-                for stream in listener.incoming() {
-                    if clients.is_stopping() {
-                        return;
-                    }
-                    match stream {
-                        Ok(stream) => spawn_client(&clients, protocol, peer.clone(), stream),
+                // Woken by the stop signal rather than by a connection to
+                // the socket file, which someone may have removed already.
+                while stop.wait_for_connection(listener.as_fd()) {
+                    match listener.accept() {
+                        Ok((stream, _)) => spawn_client(&clients, protocol, peer.clone(), stream),
                         Err(e) => {
                             warn!(
                                 "guest {}: {} accept: {e}",
                                 clients.guest.name(),
                                 protocol.name
                             );
-                            thread::sleep(STOP_CHECK);
+                            thread::sleep(ACCEPT_ERROR_PAUSE);
                         }
                     }
                 }
@@ -270,11 +291,11 @@ impl StreamServer {
         self.clients.guest()
     }
 
-    /// Closes every client and removes the socket file.
+    /// Closes every client, ends the accept thread and removes the socket
+    /// file.
     pub fn stop(&self) {
         self.clients.close_all();
-        // Unblocks the accept loop so its thread ends, then removes the file.
-        let _ = UnixStream::connect(self.socket.path());
+        self.stop.raise();
         self.socket.remove();
     }
 }
@@ -302,6 +323,16 @@ pub fn spawn_client<S: ClientStream + 'static>(
             protocol.name
         );
     }
+}
+
+/// What a read last waited for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Waited {
+    Nothing,
+    /// The guest's rate limit (or the daemon's `--max-rate`).
+    ForTokens,
+    /// Healthy entropy from the sources.
+    ForEntropy,
 }
 
 /// A client's access to its guest's bytes: the guest's limits and a pool
@@ -350,9 +381,15 @@ impl GuestReader {
     }
 
     /// Fills as much of `buf` as it can before `deadline` (if any), waiting
-    /// on this thread; returns how many bytes that was.
-    pub fn read_until(&mut self, buf: &mut [u8], deadline: Option<Instant>) -> io::Result<usize> {
+    /// on this thread; returns how many bytes that was, and what it waited
+    /// for last (why it got no more, if it got fewer than asked for).
+    pub fn read_until(
+        &mut self,
+        buf: &mut [u8],
+        deadline: Option<Instant>,
+    ) -> io::Result<(usize, Waited)> {
         let mut filled = 0;
+        let mut waited = Waited::Nothing;
         while filled < buf.len() {
             let now = Instant::now();
             let left = deadline.map(|d| d.saturating_duration_since(now));
@@ -371,16 +408,18 @@ impl GuestReader {
                     filled += n;
                 }
                 Supplied::Throttled(wait) => {
+                    waited = Waited::ForTokens;
                     thread::sleep(wait.min(STOP_CHECK).min(left.unwrap_or(wait)));
                 }
                 Supplied::Starved => {
+                    waited = Waited::ForEntropy;
                     debug!("guest {}: read waits for entropy", self.guest.name());
                     self.wait_for_wake()?;
                 }
             }
         }
         self.guest.stats.requests.fetch_add(1, Ordering::Relaxed);
-        Ok(filled)
+        Ok((filled, waited))
     }
 
     fn wait_for_wake(&self) -> io::Result<()> {

@@ -24,7 +24,7 @@ use nix::sys::time::{TimeVal, TimeValLike};
 
 use super::channel;
 use super::shared::{ACCEPT_ERROR_PAUSE, Directory, Member, StopSignal};
-use super::stream::{ClientStream, Clients, spawn_client};
+use super::stream::{ClientStream, Clients, refuse, spawn_client};
 use crate::config::VSOCK_CID_ANY;
 use crate::guest::{Guest, GuestLimits, SharedBucket};
 use crate::limiter::RateLimit;
@@ -32,9 +32,6 @@ use crate::log_limit::RateLimitedLog;
 use crate::pool::Pool;
 use crate::protocol::{self, ResponseHeader, Status};
 use crate::status::ListenerStatus;
-
-/// How long a refusal may take to write before the connection is dropped.
-const REFUSAL_TIMEOUT: Duration = Duration::from_millis(500);
 
 /// The guests of the vsock listener, by CID.
 pub type VsockDirectory = Directory<u32, ()>;
@@ -219,8 +216,7 @@ impl VsockListener {
                 }
                 let refusal =
                     protocol::encode_response_header(&ResponseHeader::error(Status::Refused));
-                let _ = stream.set_write_timeout(Some(REFUSAL_TIMEOUT));
-                let _ = stream.write_all(&refusal);
+                refuse(&mut stream, &refusal);
             }
         }
     }
