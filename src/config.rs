@@ -210,6 +210,15 @@ impl GuestEndpoint {
         }
     }
 
+    /// Whether serving it creates a socket file at its path (rather than
+    /// connecting to one, or using a key file or a CID).
+    pub fn creates_socket(&self) -> bool {
+        matches!(
+            self,
+            GuestEndpoint::Socket(_) | GuestEndpoint::Egd(_) | GuestEndpoint::VsockUds(_)
+        )
+    }
+
     pub fn address(&self) -> Address {
         match self {
             GuestEndpoint::Cid(cid) => Address::Cid(*cid),

@@ -280,6 +280,7 @@ fn reload(config: &ServeConfig, running: &Resolved, registry: &Registry) {
                 summary.unchanged
             );
         }
+        Err(e @ RegistryError::PartlyApplied(_)) => error!("SIGHUP: {e}"),
         Err(e) => error!("SIGHUP: configuration rejected, keeping the running one: {e}"),
     }
 }

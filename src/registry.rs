@@ -68,6 +68,11 @@ pub enum RegistryError {
         #[source]
         error: PskError,
     },
+    #[error(
+        "the change was applied only in part, as the guests it replaced had left already: \
+         {0}; `vhost-rng status` lists the guests now served"
+    )]
+    PartlyApplied(#[source] Box<RegistryError>),
     #[error("guest {name}: cannot start its thread: {error}")]
     Spawn {
         name: String,
@@ -298,14 +303,16 @@ impl Registry {
         }
         let mut prepared = Vec::new();
         for spec in new_specs {
-            // A replaced guest's new socket may be the path of another
-            // leaving guest; that one is removed first below, so only
-            // sockets at fresh paths are opened here.
-            let path_leaving = leaving.iter().any(|name| {
-                guests
-                    .get(name)
-                    .is_some_and(|e| e.spec.endpoint.address() == spec.endpoint.address())
-            });
+            // A new socket file may be at the path of a leaving guest's;
+            // that guest is removed first below, so only sockets at fresh
+            // paths are opened here. Endpoints that create no file (a key,
+            // a CID, a VMM's socket) are prepared now whatever they share.
+            let path_leaving = spec.endpoint.creates_socket()
+                && leaving.iter().any(|name| {
+                    guests
+                        .get(name)
+                        .is_some_and(|e| e.spec.endpoint.address() == spec.endpoint.address())
+                });
             if path_leaving {
                 prepared.push(Err(spec));
                 continue;
@@ -336,14 +343,17 @@ impl Registry {
                 entry.spec = spec;
             }
         }
+        // From here on the old guests are gone, so a failure cannot leave
+        // the running set as it was: it says so instead of "rejected".
+        let partly = |error| RegistryError::PartlyApplied(Box::new(error));
         for item in prepared {
             let ready = match item {
                 Ok(ready) => ready,
                 // The path is free now that the guest holding it left.
-                Err(spec) => self.prepare(spec)?,
+                Err(spec) => self.prepare(spec).map_err(partly)?,
             };
             let name = ready.spec.name.clone();
-            self.launch(&mut guests, ready, false)?;
+            self.launch(&mut guests, ready, false).map_err(partly)?;
             summary.added.push(name);
         }
         Ok(summary)
@@ -705,6 +715,32 @@ mod tests {
         let error = registry.apply(vec![spec]).unwrap_err().to_string();
         assert!(error.contains("chmod 600"), "{error}");
         assert_eq!(key_served(), Some(new));
+        registry.stop_all();
+    }
+
+    #[test]
+    fn a_reload_that_fails_after_old_guests_left_says_it_was_applied_in_part() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("x.sock");
+        // A VMM listening on the path, as for connect=.
+        let _vmm = std::os::unix::net::UnixListener::bind(&path).unwrap();
+        let registry = registry();
+        let spec = |text: String| -> GuestSpec { text.parse().unwrap() };
+        registry
+            .apply(vec![spec(format!("name=vm1,connect={}", path.display()))])
+            .unwrap();
+        // The same path as a socket the daemon would create: it can only
+        // try once the connect= guest has left, and the VMM's live socket
+        // is still there.
+        let error = registry
+            .apply(vec![spec(format!("name=vm1,socket={}", path.display()))])
+            .unwrap_err();
+        assert!(matches!(error, RegistryError::PartlyApplied(_)), "{error}");
+        assert!(
+            error.to_string().contains("applied only in part"),
+            "{error}"
+        );
+        assert!(registry.names().is_empty());
         registry.stop_all();
     }
 }
