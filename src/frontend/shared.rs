@@ -93,6 +93,15 @@ where
         })
     }
 
+    /// Forgets the guests let in automatically that have no client now.
+    /// Called when another is let in, so their number stays near the number
+    /// connected, however many CIDs come and go; one that comes back
+    /// starts afresh (with an empty bucket, so it gains nothing).
+    pub fn forget_idle_automatic(&self) {
+        self.lock()
+            .retain(|_, member| !member.automatic || member.clients.has_clients());
+    }
+
     /// The guests let in automatically, with their keys.
     pub fn automatic(&self) -> Vec<(K, Arc<Guest>)> {
         self.lock()

@@ -90,7 +90,20 @@ pub struct Clients {
     stopping: Arc<AtomicBool>,
     /// Open clients by id, so [`Clients::close_all`] can shut them down.
     open: Mutex<HashMap<u64, OwnedFd>>,
+    /// The guest's one pool stream, shared by its clients; made with the
+    /// first client.
+    stream: Mutex<Option<Arc<SharedStream>>>,
     refusals: RateLimitedLog,
+}
+
+/// A guest's pool stream (in `drbg` mode its DRBG) and the wake-up its
+/// starved readers wait on. One per guest rather than per connection:
+/// a new stream draws a fresh seed from the shared reservoir, which the
+/// guest's rate limit does not charge for, so a guest that connected over
+/// and over would drain the pool for everyone.
+struct SharedStream {
+    stream: Mutex<Box<dyn EntropyStream>>,
+    wake: EventConsumer,
 }
 
 impl Clients {
@@ -99,8 +112,29 @@ impl Clients {
             guest,
             stopping: Arc::new(AtomicBool::new(false)),
             open: Mutex::new(HashMap::new()),
+            stream: Mutex::new(None),
             refusals: RateLimitedLog::per_minute(4),
         })
+    }
+
+    /// The guest's shared stream, made on first use.
+    fn shared_stream(&self) -> io::Result<Arc<SharedStream>> {
+        let mut slot = self.stream.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(shared) = slot.as_ref() {
+            return Ok(Arc::clone(shared));
+        }
+        let (wake, notifier) =
+            new_event_consumer_and_notifier(EventFlag::NONBLOCK | EventFlag::CLOEXEC)?;
+        let waker = Arc::new(move || {
+            let _ = notifier.notify();
+        });
+        let stream = self.guest.pool().stream(waker, self.guest.weight());
+        let shared = Arc::new(SharedStream {
+            stream: Mutex::new(stream),
+            wake,
+        });
+        *slot = Some(Arc::clone(&shared));
+        Ok(shared)
     }
 
     pub fn guest(&self) -> &Arc<Guest> {
@@ -109,6 +143,11 @@ impl Clients {
 
     fn lock(&self) -> MutexGuard<'_, HashMap<u64, OwnedFd>> {
         self.open.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Whether any client is connected.
+    pub fn has_clients(&self) -> bool {
+        !self.lock().is_empty()
     }
 
     pub fn is_full(&self) -> bool {
@@ -151,7 +190,13 @@ impl Clients {
             }
         };
         info!("guest {name}: {} client connected {peer}", protocol.name);
-        let result = GuestReader::new(Arc::clone(&self.guest), Arc::clone(&self.stopping))
+        let result = self
+            .shared_stream()
+            .map(|shared| GuestReader {
+                guest: Arc::clone(&self.guest),
+                shared,
+                stopping: Arc::clone(&self.stopping),
+            })
             .and_then(|reader| (protocol.new_session)(reader).serve(client));
         match result {
             Ok(()) => info!("guest {name}: {} client disconnected", protocol.name),
@@ -335,29 +380,18 @@ pub enum Waited {
     ForEntropy,
 }
 
-/// A client's access to its guest's bytes: the guest's limits and a pool
-/// stream of its own, with a wake-up for when the pool has bytes again.
+/// A client's access to its guest's bytes: the guest's limits and the
+/// guest's pool stream, with a wake-up for when the pool has bytes again.
 pub struct GuestReader {
     guest: Arc<Guest>,
-    stream: Box<dyn EntropyStream>,
-    wake: EventConsumer,
+    shared: Arc<SharedStream>,
     stopping: Arc<AtomicBool>,
 }
 
 impl GuestReader {
-    fn new(guest: Arc<Guest>, stopping: Arc<AtomicBool>) -> io::Result<Self> {
-        let (wake, notifier) =
-            new_event_consumer_and_notifier(EventFlag::NONBLOCK | EventFlag::CLOEXEC)?;
-        let waker = Arc::new(move || {
-            let _ = notifier.notify();
-        });
-        let stream = guest.pool().stream(waker, guest.weight());
-        Ok(GuestReader {
-            guest,
-            stream,
-            wake,
-            stopping,
-        })
+    fn supply(&self, buf: &mut [u8], now: Instant) -> Supplied {
+        let mut stream = self.shared.stream.lock().unwrap_or_else(|e| e.into_inner());
+        self.guest.supply(stream.as_mut(), buf, now)
     }
 
     pub fn guest(&self) -> &Guest {
@@ -366,7 +400,7 @@ impl GuestReader {
 
     /// One attempt: up to `buf.len()` bytes now, or 0.
     pub fn read_now(&mut self, buf: &mut [u8]) -> usize {
-        match self.guest.supply(self.stream.as_mut(), buf, Instant::now()) {
+        match self.supply(buf, Instant::now()) {
             Supplied::Bytes(n) => {
                 self.account(n);
                 n
@@ -399,10 +433,7 @@ impl GuestReader {
             if self.stopping.load(Ordering::SeqCst) {
                 return Err(io::Error::other("the daemon is stopping"));
             }
-            match self
-                .guest
-                .supply(self.stream.as_mut(), &mut buf[filled..], now)
-            {
+            match self.supply(&mut buf[filled..], now) {
                 Supplied::Bytes(n) => {
                     self.account(n);
                     filled += n;
@@ -423,13 +454,16 @@ impl GuestReader {
     }
 
     fn wait_for_wake(&self) -> io::Result<()> {
+        // Other clients of the guest may wait on the same wake-up and take
+        // it first; the timeout bounds how long this one then sleeps.
+        let wake = &self.shared.wake;
         // SAFETY: the consumer owns this fd and outlives the poll call.
-        let fd = unsafe { BorrowedFd::borrow_raw(self.wake.as_raw_fd()) };
+        let fd = unsafe { BorrowedFd::borrow_raw(wake.as_raw_fd()) };
         let mut fds = [PollFd::new(fd, PollFlags::POLLIN)];
         let timeout = PollTimeout::try_from(STOP_CHECK).unwrap_or(PollTimeout::MAX);
         match poll(&mut fds, timeout) {
             Ok(_) | Err(nix::errno::Errno::EINTR) => {
-                let _ = self.wake.consume();
+                let _ = wake.consume();
                 Ok(())
             }
             Err(e) => Err(e.into()),
@@ -476,5 +510,80 @@ mod tests {
         assert_eq!(serve_one(&clients), channel::PROTOCOL.busy_reply);
         let stats = clients.guest().stats.snapshot();
         assert_eq!((stats.refused_connections, stats.connections), (0, 0));
+    }
+
+    #[test]
+    fn a_guests_clients_share_one_stream_so_reconnecting_draws_no_new_seeds() {
+        use crate::pool::{Pool, PoolConfig};
+        use std::io::Write as _;
+        use std::time::Duration;
+
+        // A source that delivers 4 KiB once, then nothing: less than the
+        // reservoir holds, so the pool's level only goes down from then
+        // on, by 32 bytes per seed drawn.
+        let dir = tempfile::tempdir().unwrap();
+        let fifo = dir.path().join("entropy.fifo");
+        nix::unistd::mkfifo(&fifo, nix::sys::stat::Mode::S_IRWXU).unwrap();
+        let writer_path = fifo.clone();
+        thread::spawn(move || {
+            let mut bytes = vec![0u8; 4096];
+            getrandom::fill(&mut bytes).unwrap();
+            let mut writer = std::fs::OpenOptions::new()
+                .write(true)
+                .open(writer_path)
+                .unwrap();
+            writer.write_all(&bytes).unwrap();
+            // Kept open: the source waits rather than seeing an end.
+            thread::sleep(Duration::from_secs(60));
+        });
+        let pool = Pool::start(PoolConfig {
+            sources: vec![
+                format!("file={},min-entropy=8", fifo.display())
+                    .parse()
+                    .unwrap(),
+            ],
+            mode: Default::default(),
+            reseed: Default::default(),
+        })
+        .unwrap();
+        let mut last = 0;
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            thread::sleep(Duration::from_millis(200));
+            let level = pool.level();
+            if level > 0 && level == last {
+                break;
+            }
+            last = level;
+            assert!(Instant::now() < deadline, "the pool never settled");
+        }
+
+        let guest = Guest::with_limits(
+            "vm",
+            Arc::clone(&pool),
+            GuestLimits::default(),
+            SharedBucket::default(),
+        );
+        let clients = Clients::new(guest);
+        let level_before = pool.level();
+        for _ in 0..5 {
+            let (mut ours, mut theirs) = UnixStream::pair().unwrap();
+            ours.set_read_timeout(Some(Duration::from_secs(10)))
+                .unwrap();
+            let serving = Arc::clone(&clients);
+            let server =
+                thread::spawn(move || serving.serve(&channel::PROTOCOL, "test", &mut theirs));
+            assert_eq!(
+                crate::protocol::fetch(&mut ours, 16, &mut Vec::new()).unwrap(),
+                16
+            );
+            drop(ours);
+            server.join().unwrap();
+        }
+        assert_eq!(
+            level_before - pool.level(),
+            32,
+            "five connections drew one 32-byte seed between them"
+        );
     }
 }

@@ -227,6 +227,7 @@ impl VsockListener {
             return Some(member);
         }
         let default = self.default.as_ref()?;
+        self.directory.forget_idle_automatic();
         Some(self.directory.get_or_insert_with(&cid, || {
             let name = format!("cid-{cid}");
             info!(
@@ -413,6 +414,45 @@ mod tests {
         assert_eq!(protocol::fetch(&mut second, 10, &mut bytes).unwrap(), 10);
         assert_eq!(listener.directory().automatic().len(), 1);
         assert_eq!(guest.stats.snapshot().bytes, 510);
+    }
+
+    #[test]
+    fn guests_let_in_by_the_default_rate_are_forgotten_once_idle() {
+        let listener = listener(Some(1_000_000));
+        let mut first = connect(&listener, 7);
+        assert_eq!(protocol::fetch(&mut first, 8, &mut Vec::new()).unwrap(), 8);
+        drop(first);
+        let seven = listener.directory().get(&7).unwrap();
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while seven.clients.has_clients() {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "cid-7 never went idle"
+            );
+            thread::sleep(Duration::from_millis(20));
+        }
+        // Still listed until another unknown CID comes...
+        assert_eq!(listener.directory().automatic().len(), 1);
+        let mut second = connect(&listener, 8);
+        assert_eq!(protocol::fetch(&mut second, 8, &mut Vec::new()).unwrap(), 8);
+        // ...which takes the idle one's place; a connected one stays.
+        let cids: Vec<u32> = listener
+            .directory()
+            .automatic()
+            .into_iter()
+            .map(|(cid, _)| cid)
+            .collect();
+        assert_eq!(cids, [8]);
+        let mut third = connect(&listener, 9);
+        assert_eq!(protocol::fetch(&mut third, 8, &mut Vec::new()).unwrap(), 8);
+        let mut cids: Vec<u32> = listener
+            .directory()
+            .automatic()
+            .into_iter()
+            .map(|(cid, _)| cid)
+            .collect();
+        cids.sort();
+        assert_eq!(cids, [8, 9]);
     }
 
     #[test]
