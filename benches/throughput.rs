@@ -64,7 +64,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use support::{Process, Result, peer_version, ticks_per_second};
+use support::{Process, Result, cpu_seconds, machine_busy_seconds, median, peer_version};
 use vhost_rng::drbg::{Drbg, ReseedPolicy, SEED_BYTES};
 use vhost_rng::testing::{Buffer, TestVmm, TestVmmConfig, UsedElem};
 
@@ -573,44 +573,6 @@ fn pipeline(
     })
 }
 
-/// User plus system CPU time of a process so far, from its `/proc/PID/stat`,
-/// in seconds (0 if unknown).
-fn cpu_seconds(stat_path: &str) -> f64 {
-    let Ok(stat) = std::fs::read_to_string(stat_path) else {
-        return 0.0;
-    };
-    // Fields after the parenthesised command name start with field 3 (state);
-    // utime and stime are fields 14 and 15.
-    let Some((_, after_name)) = stat.rsplit_once(')') else {
-        return 0.0;
-    };
-    let fields: Vec<&str> = after_name.split_whitespace().collect();
-    let ticks = |i: usize| fields.get(i).and_then(|f| f.parse::<f64>().ok());
-    match (ticks(11), ticks(12)) {
-        (Some(user), Some(system)) => (user + system) / ticks_per_second(),
-        _ => 0.0,
-    }
-}
-
-/// Busy CPU time of all CPUs together since boot, in seconds (0 if unknown).
-fn machine_busy_seconds() -> f64 {
-    let stat = std::fs::read_to_string("/proc/stat").unwrap_or_default();
-    let Some(line) = stat.lines().find(|line| line.starts_with("cpu ")) else {
-        return 0.0;
-    };
-    // user nice system idle iowait irq softirq steal: all but idle and iowait.
-    let ticks: Vec<f64> = line
-        .split_whitespace()
-        .skip(1)
-        .take(8)
-        .filter_map(|field| field.parse().ok())
-        .collect();
-    if ticks.len() < 8 {
-        return 0.0;
-    }
-    (ticks.iter().sum::<f64>() - ticks[3] - ticks[4]) / ticks_per_second()
-}
-
 /// Calls of `fill` on a `len`-byte buffer per second, over about `duration`.
 fn call_rate(
     len: u32,
@@ -726,17 +688,6 @@ impl SourceRates {
             self.small.push(rate);
         }
         Ok(())
-    }
-}
-
-fn median(values: impl IntoIterator<Item = f64>) -> f64 {
-    let mut values: Vec<f64> = values.into_iter().collect();
-    values.sort_by(f64::total_cmp);
-    let mid = values.len() / 2;
-    if values.len() % 2 == 1 {
-        values[mid]
-    } else {
-        (values[mid - 1] + values[mid]) / 2.0
     }
 }
 

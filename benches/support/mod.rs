@@ -1,7 +1,8 @@
 //! Support code shared by the `harness = false` benchmarks in `benches/`
-//! (`throughput`, `scale` and `ratelimit`): a backend daemon run as a child
-//! process with its stderr logged to a file and stopped on drop, and the
-//! small helpers that describe the machine and the processes measured.
+//! (`throughput`, `scale`, `ratelimit` and `fallbacks`): a backend daemon run
+//! as a child process with its stderr logged to a file and stopped on drop,
+//! and the small helpers that describe the machine and the processes
+//! measured.
 //!
 //! Each benchmark includes this file with
 //! `#[path = "support/mod.rs"] mod support;`; cargo does not build
@@ -241,4 +242,57 @@ pub fn print_machine() {
 /// Prints `date: ` and the output of `date -u`.
 pub fn print_date() {
     println!("date: {}", utc_date());
+}
+
+/// User plus system CPU time of a process so far, from its `/proc/PID/stat`
+/// (`/proc/self/stat` for this one), in seconds (0 if unknown).
+pub fn cpu_seconds(stat_path: &str) -> f64 {
+    let Ok(stat) = std::fs::read_to_string(stat_path) else {
+        return 0.0;
+    };
+    // Fields after the parenthesised command name start with field 3 (state);
+    // utime and stime are fields 14 and 15.
+    let Some((_, after_name)) = stat.rsplit_once(')') else {
+        return 0.0;
+    };
+    let fields: Vec<&str> = after_name.split_whitespace().collect();
+    let ticks = |i: usize| fields.get(i).and_then(|f| f.parse::<f64>().ok());
+    match (ticks(11), ticks(12)) {
+        (Some(user), Some(system)) => (user + system) / ticks_per_second(),
+        _ => 0.0,
+    }
+}
+
+/// Busy CPU time of all CPUs together since boot, in seconds (0 if unknown).
+pub fn machine_busy_seconds() -> f64 {
+    let stat = std::fs::read_to_string("/proc/stat").unwrap_or_default();
+    let Some(line) = stat.lines().find(|line| line.starts_with("cpu ")) else {
+        return 0.0;
+    };
+    // user nice system idle iowait irq softirq steal: all but idle and iowait.
+    let ticks: Vec<f64> = line
+        .split_whitespace()
+        .skip(1)
+        .take(8)
+        .filter_map(|field| field.parse().ok())
+        .collect();
+    if ticks.len() < 8 {
+        return 0.0;
+    }
+    (ticks.iter().sum::<f64>() - ticks[3] - ticks[4]) / ticks_per_second()
+}
+
+/// The median of `values` (NaN if there are none).
+pub fn median(values: impl IntoIterator<Item = f64>) -> f64 {
+    let mut values: Vec<f64> = values.into_iter().collect();
+    if values.is_empty() {
+        return f64::NAN;
+    }
+    values.sort_by(f64::total_cmp);
+    let mid = values.len() / 2;
+    if values.len() % 2 == 1 {
+        values[mid]
+    } else {
+        (values[mid - 1] + values[mid]) / 2.0
+    }
 }
