@@ -14,7 +14,9 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Instant;
 
-use super::stream::{ClientStream, GuestReader, Protocol, Session, StreamServer, Waited};
+use super::stream::{
+    ClientStream, GuestReader, Protocol, Session, StreamServer, Waited, read_exact_by,
+};
 use super::vhost_user::GuestSocket;
 use crate::guest::Guest;
 use crate::protocol::{self, IDLE_TIMEOUT, REQUEST_LEN, REQUEST_TIMEOUT, ResponseHeader, Status};
@@ -95,33 +97,6 @@ impl Session for ChannelSession {
             client.flush()?;
         }
     }
-}
-
-/// Fills `buf` from `client`, giving up at `deadline` (a socket timeout
-/// bounds each read, not their sum).
-fn read_exact_by(
-    client: &mut dyn ClientStream,
-    buf: &mut [u8],
-    deadline: Instant,
-) -> io::Result<()> {
-    let mut got = 0;
-    while got < buf.len() {
-        let left = deadline.saturating_duration_since(Instant::now());
-        if left.is_zero() {
-            return Err(io::Error::new(
-                io::ErrorKind::TimedOut,
-                "the request did not arrive in time",
-            ));
-        }
-        client.set_read_timeout(Some(left))?;
-        match client.read(&mut buf[got..]) {
-            Ok(0) => return Err(io::ErrorKind::UnexpectedEof.into()),
-            Ok(n) => got += n,
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-            Err(e) => return Err(e),
-        }
-    }
-    Ok(())
 }
 
 #[cfg(test)]

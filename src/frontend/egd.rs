@@ -19,11 +19,11 @@
 use std::io;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use log::warn;
 
-use super::stream::{ClientStream, GuestReader, Protocol, Session, StreamServer};
+use super::stream::{ClientStream, GuestReader, Protocol, Session, StreamServer, read_exact_by};
 use super::vhost_user::GuestSocket;
 use crate::guest::Guest;
 use crate::pool::Mode;
@@ -70,23 +70,23 @@ impl Session for EgdSession {
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
                 Err(e) => return Err(e),
             }
-            client.set_read_timeout(Some(COMMAND_TIMEOUT))?;
+            let deadline = Instant::now() + COMMAND_TIMEOUT;
             match command[0] {
                 GET_ENTROPY_LEVEL => client.write_all(&self.available_bits().to_be_bytes())?,
                 READ_NONBLOCKING => {
                     let mut buf = [0u8; 255];
-                    let wanted = read_u8(client)? as usize;
+                    let wanted = read_u8(client, deadline)? as usize;
                     let n = self.reader.read_now(&mut buf[..wanted]);
                     client.write_all(&[n as u8])?;
                     client.write_all(&buf[..n])?;
                 }
                 READ_BLOCKING => {
                     let mut buf = [0u8; 255];
-                    let wanted = read_u8(client)? as usize;
+                    let wanted = read_u8(client, deadline)? as usize;
                     self.reader.read_blocking(&mut buf[..wanted])?;
                     client.write_all(&buf[..wanted])?;
                 }
-                WRITE_ENTROPY => self.refuse_write(client)?,
+                WRITE_ENTROPY => self.refuse_write(client, deadline)?,
                 GET_PID => {
                     let pid = std::process::id().to_string();
                     client.write_all(&[pid.len() as u8])?;
@@ -120,11 +120,11 @@ impl EgdSession {
 
     /// Reads a write request (bits, length, data) and drops it: clients
     /// never feed the pool.
-    fn refuse_write(&self, client: &mut dyn ClientStream) -> io::Result<()> {
+    fn refuse_write(&self, client: &mut dyn ClientStream, deadline: Instant) -> io::Result<()> {
         let mut header = [0u8; 3];
-        client.read_exact(&mut header)?;
+        read_exact_by(client, &mut header, deadline)?;
         let mut discard = vec![0u8; header[2] as usize];
-        client.read_exact(&mut discard)?;
+        read_exact_by(client, &mut discard, deadline)?;
         let guest = self.reader.guest();
         if let Some(suppressed) = guest.defect_log.permit() {
             warn!(
@@ -137,9 +137,9 @@ impl EgdSession {
     }
 }
 
-fn read_u8(stream: &mut dyn ClientStream) -> io::Result<u8> {
+fn read_u8(stream: &mut dyn ClientStream, deadline: Instant) -> io::Result<u8> {
     let mut byte = [0u8; 1];
-    stream.read_exact(&mut byte)?;
+    read_exact_by(stream, &mut byte, deadline)?;
     Ok(byte[0])
 }
 
@@ -261,6 +261,25 @@ mod tests {
             "{:?}",
             started.elapsed()
         );
+    }
+
+    #[test]
+    fn a_command_dribbled_past_its_timeout_is_dropped() {
+        let (_server, dir) = server(GuestLimits::default());
+        let mut c = client(&dir);
+        let started = Instant::now();
+        // A write of 255 bytes, sent a byte every 1.5 s: each read well
+        // within the command timeout, the whole command far beyond it.
+        for byte in [WRITE_ENTROPY, 0, 8, 255].into_iter().chain([0u8; 255]) {
+            if c.write_all(&[byte]).is_err() || started.elapsed() > COMMAND_TIMEOUT * 2 {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(1500));
+        }
+        let mut byte = [0u8; 1];
+        assert_eq!(c.read(&mut byte).unwrap_or(0), 0, "closed");
+        let took = started.elapsed();
+        assert!(took < COMMAND_TIMEOUT + Duration::from_secs(3), "{took:?}");
     }
 
     #[test]

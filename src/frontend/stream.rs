@@ -370,6 +370,33 @@ pub fn spawn_client<S: ClientStream + 'static>(
     }
 }
 
+/// Fills `buf` from `client`, giving up at `deadline` (a socket timeout
+/// bounds each read, not their sum).
+pub fn read_exact_by(
+    client: &mut dyn ClientStream,
+    buf: &mut [u8],
+    deadline: Instant,
+) -> io::Result<()> {
+    let mut got = 0;
+    while got < buf.len() {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return Err(io::Error::new(
+                io::ErrorKind::TimedOut,
+                "the request did not arrive in time",
+            ));
+        }
+        client.set_read_timeout(Some(left))?;
+        match client.read(&mut buf[got..]) {
+            Ok(0) => return Err(io::ErrorKind::UnexpectedEof.into()),
+            Ok(n) => got += n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
+}
+
 /// What a read last waited for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Waited {
