@@ -33,3 +33,4 @@ pub mod registry;
 pub mod source;
 pub mod status;
 pub mod testing;
+pub mod vsock_stream;

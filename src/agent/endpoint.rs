@@ -4,28 +4,22 @@
 use std::fmt;
 use std::io::{self, Read, Write};
 use std::net::{Ipv6Addr, TcpStream, ToSocketAddrs};
-use std::os::fd::{AsRawFd, OwnedFd};
 use std::os::unix::net::UnixStream;
 use std::path::PathBuf;
 use std::str::FromStr;
 use std::time::Duration;
 
 use nix::errno::Errno;
-use nix::sys::socket::{
-    self, AddressFamily, MsgFlags, SockFlag, SockType, VsockAddr, setsockopt, sockopt,
-};
-use nix::sys::time::{TimeVal, TimeValLike};
 
 use crate::noise::SecureStream;
 use crate::protocol::DEFAULT_PORT;
+use crate::vsock_stream::{MAX_IO_TIMEOUT, VsockStream};
 
 /// The CID a guest reaches its host at.
 pub const HOST_CID: u32 = 2;
 /// `VMADDR_CID_ANY` and `VMADDR_PORT_ANY`: wildcards for binding, not
 /// addresses one can connect to.
 const VSOCK_ANY: u32 = u32::MAX;
-/// Longer socket timeouts are cut to this (a day is "forever" here).
-const MAX_IO_TIMEOUT: Duration = Duration::from_secs(24 * 60 * 60);
 
 /// The daemon's address as the agent sees it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -287,64 +281,6 @@ impl Write for Connection {
     }
 }
 
-/// A connected AF_VSOCK stream socket (the standard library has none).
-#[derive(Debug)]
-pub struct VsockStream {
-    socket: OwnedFd,
-}
-
-impl VsockStream {
-    pub fn connect(cid: u32, port: u32, io_timeout: Duration) -> io::Result<Self> {
-        let socket = socket::socket(
-            AddressFamily::Vsock,
-            SockType::Stream,
-            SockFlag::SOCK_CLOEXEC,
-            None,
-        )?;
-        // The kernel bounds the connect itself (2 s by default for vsock).
-        socket::connect(socket.as_raw_fd(), &VsockAddr::new(cid, port))?;
-        Self::from_connected(socket, io_timeout)
-    }
-
-    /// Wraps a connected stream socket, setting its read and write timeouts.
-    fn from_connected(socket: OwnedFd, io_timeout: Duration) -> io::Result<Self> {
-        // Clamped so the conversion cannot overflow; a zero timeout would
-        // mean "wait forever" to the kernel, so it becomes 1 µs instead.
-        let micros = io_timeout
-            .clamp(Duration::from_micros(1), MAX_IO_TIMEOUT)
-            .as_micros();
-        let timeout = TimeVal::microseconds(i64::try_from(micros).unwrap_or(i64::MAX));
-        setsockopt(&socket, sockopt::ReceiveTimeout, &timeout)?;
-        setsockopt(&socket, sockopt::SendTimeout, &timeout)?;
-        Ok(VsockStream { socket })
-    }
-}
-
-impl Read for VsockStream {
-    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        Ok(socket::recv(
-            self.socket.as_raw_fd(),
-            buf,
-            MsgFlags::empty(),
-        )?)
-    }
-}
-
-impl Write for VsockStream {
-    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-        // MSG_NOSIGNAL: a closed peer is an EPIPE error, not a SIGPIPE.
-        Ok(socket::send(
-            self.socket.as_raw_fd(),
-            buf,
-            MsgFlags::MSG_NOSIGNAL,
-        )?)
-    }
-
-    fn flush(&mut self) -> io::Result<()> {
-        Ok(())
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -504,28 +440,6 @@ mod tests {
         ] {
             assert_eq!(parse(value).unwrap().to_string(), value);
         }
-    }
-
-    #[test]
-    fn vsock_stream_reads_writes_and_times_out() {
-        // Any connected stream socket exercises the same recv/send calls
-        // and socket options; this host need not have vsock.
-        let (ours, mut theirs) = UnixStream::pair().unwrap();
-        let mut stream =
-            VsockStream::from_connected(OwnedFd::from(ours), Duration::from_millis(50)).unwrap();
-        stream.write_all(b"ping").unwrap();
-        let mut buf = [0; 4];
-        theirs.read_exact(&mut buf).unwrap();
-        assert_eq!(&buf, b"ping");
-        theirs.write_all(b"pong").unwrap();
-        stream.read_exact(&mut buf).unwrap();
-        assert_eq!(&buf, b"pong");
-        let err = stream.read(&mut buf).unwrap_err();
-        assert_eq!(err.kind(), io::ErrorKind::WouldBlock, "{err}");
-        drop(theirs);
-        assert_eq!(stream.read(&mut buf).unwrap(), 0, "end of stream");
-        let err = stream.write_all(b"x").unwrap_err();
-        assert_eq!(err.kind(), io::ErrorKind::BrokenPipe, "no SIGPIPE: {err}");
     }
 
     #[test]

@@ -26,7 +26,8 @@ use crate::log_limit::RateLimitedLog;
 use crate::noise::{self, HandshakeError, MAX_IDENTITY, Psk, PskError};
 use crate::protocol::{self, IDLE_TIMEOUT, MAX_REQUEST, ProtocolError, Status};
 
-pub use endpoint::{Connection, Endpoint, EndpointError, HOST_CID, VsockStream, connect_tcp};
+pub use crate::vsock_stream::VsockStream;
+pub use endpoint::{Connection, Endpoint, EndpointError, HOST_CID, connect_tcp};
 pub use kernel::{DEV_RANDOM, DevRandom, KernelEntropy, RNDADDENTROPY, RNDRESEEDCRNG};
 
 /// Bytes asked for each round: twice the 32-byte seed of the kernel CRNG,

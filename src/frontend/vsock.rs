@@ -9,7 +9,7 @@
 //! counted for `vhost-rng status` and the metrics ([`VsockListener::status`]).
 
 use std::collections::BTreeMap;
-use std::io::{self, Read, Write};
+use std::io;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -17,10 +17,7 @@ use std::thread;
 use std::time::Duration;
 
 use log::{info, warn};
-use nix::sys::socket::{
-    self, AddressFamily, Backlog, MsgFlags, SockFlag, SockType, VsockAddr, setsockopt, sockopt,
-};
-use nix::sys::time::{TimeVal, TimeValLike};
+use nix::sys::socket::{self, AddressFamily, Backlog, SockFlag, SockType, VsockAddr};
 
 use super::channel;
 use super::shared::{ACCEPT_ERROR_PAUSE, Directory, Member, StopSignal};
@@ -32,6 +29,7 @@ use crate::log_limit::RateLimitedLog;
 use crate::pool::Pool;
 use crate::protocol::{self, ResponseHeader, Status};
 use crate::status::ListenerStatus;
+use crate::vsock_stream::VsockStream;
 
 /// The guests of the vsock listener, by CID.
 pub type VsockDirectory = Directory<u32, ()>;
@@ -188,7 +186,7 @@ impl VsockListener {
                     Ok((fd, peer.cid()))
                 });
             match accepted {
-                Ok((fd, cid)) => self.admit(VsockConnection(fd), cid),
+                Ok((fd, cid)) => self.admit(VsockStream::accepted(fd), cid),
                 Err(e) => {
                     if let Some(suppressed) = self.refusals.permit() {
                         warn!("vsock accept: {e} ({suppressed} similar messages suppressed)");
@@ -253,55 +251,17 @@ impl VsockListener {
     }
 }
 
-/// An accepted AF_VSOCK connection (the standard library has no vsock).
-pub struct VsockConnection(OwnedFd);
-
-fn timeval(timeout: Option<Duration>) -> TimeVal {
-    // None means "no timeout", which the kernel spells as zero.
-    let micros = timeout.map_or(0, |t| t.as_micros().max(1));
-    TimeVal::microseconds(i64::try_from(micros).unwrap_or(i64::MAX))
-}
-
-impl Read for VsockConnection {
-    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        Ok(socket::recv(self.0.as_raw_fd(), buf, MsgFlags::empty())?)
-    }
-}
-
-impl Write for VsockConnection {
-    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-        // MSG_NOSIGNAL: a closed peer is an EPIPE error, not a SIGPIPE.
-        Ok(socket::send(
-            self.0.as_raw_fd(),
-            buf,
-            MsgFlags::MSG_NOSIGNAL,
-        )?)
-    }
-
-    fn flush(&mut self) -> io::Result<()> {
-        Ok(())
-    }
-}
-
-impl ClientStream for VsockConnection {
+impl ClientStream for VsockStream {
     fn set_read_timeout(&self, timeout: Option<Duration>) -> io::Result<()> {
-        Ok(setsockopt(
-            &self.0,
-            sockopt::ReceiveTimeout,
-            &timeval(timeout),
-        )?)
+        VsockStream::set_read_timeout(self, timeout)
     }
 
     fn set_write_timeout(&self, timeout: Option<Duration>) -> io::Result<()> {
-        Ok(setsockopt(
-            &self.0,
-            sockopt::SendTimeout,
-            &timeval(timeout),
-        )?)
+        VsockStream::set_write_timeout(self, timeout)
     }
 
     fn socket(&self) -> BorrowedFd<'_> {
-        self.0.as_fd()
+        self.as_fd()
     }
 }
 
@@ -309,6 +269,7 @@ impl ClientStream for VsockConnection {
 mod tests {
     use super::*;
     use crate::frontend::GuestFrontend;
+    use std::io::Read;
     use std::os::unix::net::UnixStream;
 
     fn pool() -> Arc<Pool> {
