@@ -16,6 +16,7 @@ use std::time::{Duration, Instant};
 use common::{Daemon, new_psk, run_cli, wait_until};
 use vhost_rng::noise::{self, Psk};
 use vhost_rng::protocol::{self, Request, Status};
+use vhost_rng::testing::connect_from;
 
 struct TcpSetup {
     daemon: Daemon,
@@ -236,27 +237,6 @@ fn a_plaintext_client_gets_nothing_over_tcp() {
         .wait_for_log("does not speak the vhost-rng encrypted transport", 1);
 }
 
-/// A TCP connection from the loopback address `source` (all of 127/8 is
-/// local), so that one test can play several hosts.
-fn connect_from(source: [u8; 4], to: SocketAddr) -> TcpStream {
-    use nix::sys::socket::{AddressFamily, SockFlag, SockType, SockaddrIn, bind, connect, socket};
-    use std::os::fd::AsRawFd;
-    let socket = socket(
-        AddressFamily::Inet,
-        SockType::Stream,
-        SockFlag::SOCK_CLOEXEC,
-        None,
-    )
-    .unwrap();
-    let [a, b, c, d] = source;
-    bind(socket.as_raw_fd(), &SockaddrIn::new(a, b, c, d, 0)).unwrap();
-    let SocketAddr::V4(to) = to else {
-        panic!("the tests listen on IPv4")
-    };
-    connect(socket.as_raw_fd(), &SockaddrIn::from(to)).unwrap();
-    TcpStream::from(socket)
-}
-
 #[test]
 fn two_hundred_idle_tcp_connections_do_not_lock_out_a_guest() {
     let setup = serve_tcp();
@@ -264,10 +244,10 @@ fn two_hundred_idle_tcp_connections_do_not_lock_out_a_guest() {
     // sends garbage 20 times; the guest's agent, on its own address, is
     // served all the same.
     let idle: Vec<TcpStream> = (0..200)
-        .map(|_| connect_from([127, 0, 0, 2], setup.addr))
+        .map(|_| connect_from([127, 0, 0, 2], setup.addr).unwrap())
         .collect();
     for _ in 0..20 {
-        let mut garbage = connect_from([127, 0, 0, 3], setup.addr);
+        let mut garbage = connect_from([127, 0, 0, 3], setup.addr).unwrap();
         garbage.write_all(b"GET / HTTP/1.1\r\n\r\n").unwrap();
     }
     let (ok, text) = agent_once(setup.addr, &setup.xen1_key, "xen1");

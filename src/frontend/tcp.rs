@@ -407,25 +407,8 @@ mod tests {
         connect_from([127, 0, 0, 1], listener)
     }
 
-    /// A connection from the loopback address `source` (all of 127/8 is
-    /// local), so that one test can play several peers.
     fn connect_from(source: [u8; 4], listener: &TcpListener) -> TcpStream {
-        use nix::sys::socket::{AddressFamily, SockFlag, SockType, SockaddrIn, bind, socket};
-        use std::os::fd::AsRawFd;
-        let socket = socket(
-            AddressFamily::Inet,
-            SockType::Stream,
-            SockFlag::SOCK_CLOEXEC,
-            None,
-        )
-        .unwrap();
-        let [a, b, c, d] = source;
-        bind(socket.as_raw_fd(), &SockaddrIn::new(a, b, c, d, 0)).unwrap();
-        let SocketAddr::V4(to) = listener.local_addr() else {
-            panic!("the tests listen on IPv4")
-        };
-        nix::sys::socket::connect(socket.as_raw_fd(), &SockaddrIn::from(to)).unwrap();
-        let stream = TcpStream::from(socket);
+        let stream = crate::testing::connect_from(source, listener.local_addr()).unwrap();
         stream
             .set_read_timeout(Some(Duration::from_secs(10)))
             .unwrap();

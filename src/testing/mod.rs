@@ -25,6 +25,8 @@
 //! - [`guest_memory`]: memfd-backed guest RAM whose fd is handed to the backend.
 //! - [`split_ring`]: the guest driver's side of the split virtqueue.
 //! - [`vmm`]: the vhost-user connection, with QEMU and cloud-hypervisor profiles.
+//! - [`connect_from`]: a TCP client of a chosen loopback address, so one
+//!   test can play several network peers.
 
 pub mod error;
 pub mod guest_memory;
@@ -38,3 +40,29 @@ pub use vmm::{
     CLOUD_HYPERVISOR_PROTOCOL_FEATURES, FrontendProfile, MemoryRegistration,
     QEMU_PROTOCOL_FEATURES, TestVmm, TestVmmConfig, raise_fd_limit,
 };
+
+/// A TCP connection to `to` from the loopback address `source` (all of
+/// 127.0.0.0/8 is local on Linux), so that one test can play several hosts.
+pub fn connect_from(
+    source: [u8; 4],
+    to: std::net::SocketAddr,
+) -> std::io::Result<std::net::TcpStream> {
+    use nix::sys::socket::{AddressFamily, SockFlag, SockType, SockaddrIn, bind, connect, socket};
+    use std::os::fd::AsRawFd;
+    let std::net::SocketAddr::V4(to) = to else {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidInput,
+            "connect_from connects to IPv4 addresses only",
+        ));
+    };
+    let socket = socket(
+        AddressFamily::Inet,
+        SockType::Stream,
+        SockFlag::SOCK_CLOEXEC,
+        None,
+    )?;
+    let [a, b, c, d] = source;
+    bind(socket.as_raw_fd(), &SockaddrIn::new(a, b, c, d, 0))?;
+    connect(socket.as_raw_fd(), &SockaddrIn::from(to))?;
+    Ok(std::net::TcpStream::from(socket))
+}
