@@ -183,6 +183,21 @@ pub struct ServeArgs {
     /// Serve Prometheus metrics at http://ADDR/metrics, e.g. 127.0.0.1:9564.
     #[arg(long, value_name = "ADDR")]
     pub metrics: Option<SocketAddr>,
+
+    /// Most guest memory regions one vhost-user connection may map; also
+    /// the slot count offered to the VMM [default: 509].
+    #[arg(long, value_name = "N", value_parser = parse_positive)]
+    pub vhost_user_max_regions: Option<u64>,
+
+    /// Most bytes of guest memory one vhost-user connection may map, all
+    /// regions together [default: 17592186044416, 16 TiB].
+    #[arg(long, value_name = "BYTES", value_parser = parse_positive)]
+    pub vhost_user_max_memory: Option<u64>,
+
+    /// Seconds a new vhost-user connection has to claim the device
+    /// (SET_OWNER) before it is closed to make way for the next [default: 10].
+    #[arg(long, value_name = "SECS", value_parser = parse_positive)]
+    pub vhost_user_setup_timeout: Option<u64>,
 }
 
 impl ServeArgs {
@@ -252,6 +267,9 @@ impl From<&ServeArgs> for Settings {
             vsock: args.vsock,
             vsock_default_rate: args.vsock_default_rate,
             listen_tcp: args.listen_tcp,
+            vhost_user_max_regions: args.vhost_user_max_regions,
+            vhost_user_max_memory: args.vhost_user_max_memory,
+            vhost_user_setup_timeout: args.vhost_user_setup_timeout,
         }
     }
 }

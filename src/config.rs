@@ -75,6 +75,15 @@ vsock-default-rate = 4096
 # address on the guests' network; 127.0.0.1 here only reaches local agents.
 listen-tcp = "127.0.0.1:5565"
 
+# What one vhost-user connection (one VMM) may cost the daemon. The defaults
+# fit any real VM; lower them on hosts whose VMs are small.
+# Guest memory regions it may map (also the slots offered to the VMM).
+vhost-user-max-regions = 509
+# Bytes of guest memory it may map, all regions together (16 TiB).
+vhost-user-max-memory = 17592186044416
+# Seconds a new connection has to claim the device (SET_OWNER).
+vhost-user-setup-timeout = 10
+
 # Limits for every [[guest]] that does not set the key itself.
 [defaults]                         # applied to every [[guest]] that does not set the key
 # Rate limit: at most rate-bytes bytes every rate-period milliseconds. A
@@ -141,7 +150,7 @@ pub const FIRST_GUEST_CID: u32 = 3;
 pub const VSOCK_CID_ANY: u32 = u32::MAX;
 
 /// The keys a configuration file may have at its top level.
-pub const FILE_KEYS: [&str; 14] = [
+pub const FILE_KEYS: [&str; 17] = [
     "sources",
     "mode",
     "reseed-bytes",
@@ -154,6 +163,9 @@ pub const FILE_KEYS: [&str; 14] = [
     "vsock",
     "vsock-default-rate",
     "listen-tcp",
+    "vhost-user-max-regions",
+    "vhost-user-max-memory",
+    "vhost-user-setup-timeout",
     "defaults",
     "guest",
 ];
@@ -968,6 +980,12 @@ pub struct ConfigFile {
     pub vsock_default_rate: Option<u64>,
     /// Address of the TCP listener for `tcp-psk=` guests.
     pub listen_tcp: Option<SocketAddr>,
+    /// Most guest memory regions per vhost-user connection.
+    pub vhost_user_max_regions: Option<u64>,
+    /// Most bytes of guest memory per vhost-user connection.
+    pub vhost_user_max_memory: Option<u64>,
+    /// Seconds a vhost-user connection has to send SET_OWNER.
+    pub vhost_user_setup_timeout: Option<u64>,
     pub defaults: GuestDefaults,
     /// The `[[guest]]` tables in file order, with `[defaults]` applied.
     pub guests: Vec<GuestSpec>,
@@ -1255,6 +1273,16 @@ impl FileParser<'_> {
                     config.vsock_default_rate = Some(self.positive(name, value, MAX_BYTES, hint)?);
                 }
                 "listen-tcp" => config.listen_tcp = Some(self.socket_addr(name, value)?),
+                "vhost-user-max-regions" => {
+                    config.vhost_user_max_regions = Some(self.positive(name, value, 65535, "")?);
+                }
+                "vhost-user-max-memory" => {
+                    config.vhost_user_max_memory = Some(self.positive(name, value, u64::MAX, "")?);
+                }
+                "vhost-user-setup-timeout" => {
+                    let secs = self.positive(name, value, 3600, "")?;
+                    config.vhost_user_setup_timeout = Some(secs);
+                }
                 "defaults" => config.defaults = self.defaults(value)?,
                 "guest" => guests = Some(value),
                 _ => {

@@ -19,7 +19,7 @@ use crate::config::{self, ConfigError, ConfigFile, GuestSpec};
 use crate::control::{ControlServer, DEFAULT_CONTROL_PATH};
 use crate::drbg::ReseedPolicy;
 use crate::frontend::tcp::{TcpError, TcpListener};
-use crate::frontend::vhost_user::{SocketAccess, SocketError};
+use crate::frontend::vhost_user::{MemoryLimits, SocketAccess, SocketError, VhostUserLimits};
 use crate::frontend::vsock::{VsockError, VsockListener};
 use crate::limiter::RateLimit;
 use crate::metrics::MetricsServer;
@@ -43,6 +43,9 @@ pub struct Settings {
     pub vsock: Option<u32>,
     pub vsock_default_rate: Option<u64>,
     pub listen_tcp: Option<SocketAddr>,
+    pub vhost_user_max_regions: Option<u64>,
+    pub vhost_user_max_memory: Option<u64>,
+    pub vhost_user_setup_timeout: Option<u64>,
 }
 
 /// What `serve` was asked for.
@@ -58,6 +61,7 @@ pub struct ServeConfig {
 struct Resolved {
     pool: PoolConfig,
     access: SocketAccess,
+    vhost_user: VhostUserLimits,
     max_rate: Option<u64>,
     control: Option<PathBuf>,
     metrics: Option<SocketAddr>,
@@ -141,6 +145,7 @@ fn resolve(config: &ServeConfig) -> Result<Resolved, DaemonError> {
             mode: cli.socket_mode.or(file.socket_mode).unwrap_or(0o600),
             group,
         },
+        vhost_user: vhost_user_limits(cli, &file),
         max_rate: cli.max_rate.or(file.max_rate),
         control,
         metrics: cli.metrics.or(file.metrics),
@@ -149,6 +154,29 @@ fn resolve(config: &ServeConfig) -> Result<Resolved, DaemonError> {
         listen_tcp: cli.listen_tcp.or(file.listen_tcp),
         guests: config::merge_guests(config.guests.clone(), file.guests)?,
     })
+}
+
+fn vhost_user_limits(cli: &Settings, file: &ConfigFile) -> VhostUserLimits {
+    let defaults = VhostUserLimits::default();
+    VhostUserLimits {
+        memory: MemoryLimits {
+            max_regions: cli
+                .vhost_user_max_regions
+                .or(file.vhost_user_max_regions)
+                .map_or(defaults.memory.max_regions, |n| {
+                    usize::try_from(n).unwrap_or(usize::MAX)
+                }),
+            max_bytes: cli
+                .vhost_user_max_memory
+                .or(file.vhost_user_max_memory)
+                .unwrap_or(defaults.memory.max_bytes),
+        },
+        setup_timeout: cli
+            .vhost_user_setup_timeout
+            .or(file.vhost_user_setup_timeout)
+            .map_or(defaults.setup_timeout, Duration::from_secs),
+        ..defaults
+    }
 }
 
 /// Runs the daemon until SIGTERM or SIGINT.
@@ -161,7 +189,7 @@ pub fn run(config: ServeConfig) -> Result<(), DaemonError> {
     let resolved = resolve(&config)?;
     info!("serving mode: {}", resolved.pool.mode.as_str());
     let pool = Pool::start(resolved.pool.clone())?;
-    let registry = Registry::new(Arc::clone(&pool), resolved.access);
+    let registry = Registry::new(Arc::clone(&pool), resolved.access, resolved.vhost_user);
     registry.set_max_rate(resolved.max_rate)?;
     registry.set_listeners(open_listeners(&resolved, &pool, &registry)?);
     if let Err(e) = registry.apply(resolved.guests.clone()) {

@@ -15,7 +15,9 @@ use crate::config::{GuestEndpoint, GuestSpec};
 use crate::frontend::GuestFrontend;
 use crate::frontend::stream::Clients;
 use crate::frontend::tcp::TcpListener;
-use crate::frontend::vhost_user::{Endpoint, GuestServer, GuestSocket, SocketAccess, SocketError};
+use crate::frontend::vhost_user::{
+    Endpoint, GuestServer, GuestSocket, SocketAccess, SocketError, VhostUserLimits,
+};
 use crate::frontend::vsock::VsockListener;
 use crate::frontend::{channel, egd};
 use crate::guest::{Guest, GuestLimits, SharedBucket};
@@ -105,6 +107,7 @@ struct Entry {
 pub struct Registry {
     pool: Arc<Pool>,
     access: SocketAccess,
+    vhost_user: VhostUserLimits,
     global: SharedBucket,
     max_rate: Mutex<Option<u64>>,
     guests: Mutex<BTreeMap<String, Entry>>,
@@ -176,10 +179,11 @@ struct Prepared {
 }
 
 impl Registry {
-    pub fn new(pool: Arc<Pool>, access: SocketAccess) -> Arc<Self> {
+    pub fn new(pool: Arc<Pool>, access: SocketAccess, vhost_user: VhostUserLimits) -> Arc<Self> {
         Arc::new(Registry {
             pool,
             access,
+            vhost_user,
             global: SharedBucket::default(),
             max_rate: Mutex::new(None),
             guests: Mutex::new(BTreeMap::new()),
@@ -438,7 +442,7 @@ impl Registry {
                     spec.name,
                     endpoint.path().display()
                 );
-                GuestServer::spawn(guest, endpoint).map_err(spawn_error)?
+                GuestServer::spawn(guest, endpoint, self.vhost_user).map_err(spawn_error)?
             }
             Opened::Egd(socket) => {
                 info!(
@@ -651,7 +655,7 @@ mod tests {
 
     fn registry() -> Arc<Registry> {
         let pool = crate::pool::os_pool();
-        Registry::new(pool, SocketAccess::default())
+        Registry::new(pool, SocketAccess::default(), VhostUserLimits::default())
     }
 
     #[test]

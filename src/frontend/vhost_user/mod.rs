@@ -3,14 +3,21 @@
 //! (`--generic-vhost-user`).
 //!
 //! - [`socket`]: the guest's socket file (permissions, stale files).
-//! - [`server`]: one guest's connections, one after another.
+//! - [`server`]: one guest's connections, one after another, on one thread.
+//! - [`handler`]: the vhost-user messages of a connection, checked.
+//! - [`memory`]: the guest memory a VMM shares, checked and mapped.
+//! - [`fault_guard`]: surviving a guest memory file that shrinks.
 //! - [`device`]: the virtio-rng device offered over each connection.
 //! - [`request`]: answering the requests on its queue.
 
 pub mod device;
+pub mod fault_guard;
+pub mod handler;
+pub mod memory;
 pub mod request;
 pub mod server;
 pub mod socket;
 
-pub use server::{Endpoint, GuestServer};
+pub use memory::MemoryLimits;
+pub use server::{Endpoint, GuestServer, VhostUserLimits};
 pub use socket::{GuestSocket, SocketAccess, SocketError};

@@ -1,28 +1,35 @@
 //! Serving one guest's vhost-user connections, one after another, for as
 //! long as the daemon runs: a VM shutting down, rebooting or crashing ends a
 //! connection, never the guest's service.
+//!
+//! One thread per guest does everything for it: waits for the VMM, reads its
+//! messages ([`super::handler`]) and answers the guest's requests when it
+//! kicks, when the pool can serve a starved request again, or when a
+//! throttled guest has tokens again. Nothing a VMM sends can block that
+//! thread for long: a message must arrive whole within
+//! [`VhostUserLimits::message_timeout`], and a connection must claim the
+//! device (SET_OWNER) within [`VhostUserLimits::setup_timeout`] or make way
+//! for the next one.
 
 use std::io;
-use std::os::fd::{AsFd, AsRawFd};
-use std::os::unix::net::UnixListener;
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd};
+use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use log::{debug, info, warn};
 use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
-use vhost::vhost_user::{Error as VhostUserError, Listener};
-use vhost_user_backend::{ShutdownHandle, VhostUserDaemon};
-use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
-use vmm_sys_util::epoll::EventSet;
+use vhost::vhost_user::{BackendReqHandler, Error as VhostUserError};
 use vmm_sys_util::eventfd::EventFd;
 
-use super::device::{RngDevice, TIMER_EVENT, WAKE_EVENT};
+use super::fault_guard;
+use super::handler::Handler;
+use super::memory::MemoryLimits;
 use super::socket::GuestSocket;
 use crate::guest::Guest;
-
 /// How a guest's VMM reaches the daemon.
 #[derive(Debug)]
 pub enum Endpoint {
@@ -42,6 +49,33 @@ impl Endpoint {
     }
 }
 
+/// What one VMM connection may cost the daemon, and how long it may take.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct VhostUserLimits {
+    pub memory: MemoryLimits,
+    /// From accepting a connection to its SET_OWNER.
+    pub setup_timeout: Duration,
+    /// For the rest of a message once its first byte has arrived, and for
+    /// the VMM to take a reply.
+    pub message_timeout: Duration,
+}
+
+/// QEMU and cloud-hypervisor send SET_OWNER within milliseconds of
+/// connecting; ten seconds leaves room for a loaded host.
+pub const DEFAULT_SETUP_TIMEOUT: Duration = Duration::from_secs(10);
+/// A message is at most a few KiB on a local socket.
+pub const DEFAULT_MESSAGE_TIMEOUT: Duration = Duration::from_secs(5);
+
+impl Default for VhostUserLimits {
+    fn default() -> Self {
+        VhostUserLimits {
+            memory: MemoryLimits::default(),
+            setup_timeout: DEFAULT_SETUP_TIMEOUT,
+            message_timeout: DEFAULT_MESSAGE_TIMEOUT,
+        }
+    }
+}
+
 /// Retry delays while a VMM is not there to connect to: short at first, so
 /// a VM that is starting is served quickly, capped so the wait stays cheap.
 const CONNECT_RETRY_FIRST: Duration = Duration::from_millis(50);
@@ -54,25 +88,30 @@ const SETUP_RETRY: Duration = Duration::from_millis(500);
 pub struct GuestServer {
     guest: Arc<Guest>,
     endpoint: Endpoint,
+    limits: VhostUserLimits,
     stopping: AtomicBool,
-    /// Wakes the thread waiting for a VMM when the guest is stopped.
+    /// Wakes the guest's thread when the guest is stopped.
     stop_event: EventFd,
-    active: Mutex<Option<ShutdownHandle>>,
+    /// A second handle on the current connection, to end it from stop().
+    active: Mutex<Option<UnixStream>>,
 }
 
 impl GuestServer {
     /// Starts serving `guest` on `endpoint` in a thread of its own.
-    pub fn spawn(guest: Arc<Guest>, endpoint: Endpoint) -> io::Result<Arc<Self>> {
+    pub fn spawn(
+        guest: Arc<Guest>,
+        endpoint: Endpoint,
+        limits: VhostUserLimits,
+    ) -> io::Result<Arc<Self>> {
+        fault_guard::install();
         let listener = match &endpoint {
-            Endpoint::Listen(socket) => Some((
-                socket.try_clone_listener()?,
-                Listener::from(socket.try_clone_listener()?),
-            )),
+            Endpoint::Listen(socket) => Some(socket.try_clone_listener()?),
             Endpoint::Connect(_) => None,
         };
         let server = Arc::new(GuestServer {
             guest,
             endpoint,
+            limits,
             stopping: AtomicBool::new(false),
             stop_event: EventFd::new(libc::EFD_NONBLOCK | libc::EFD_CLOEXEC)?,
             active: Mutex::new(None),
@@ -81,7 +120,7 @@ impl GuestServer {
         thread::Builder::new()
             .name(format!("guest-{}", server.guest.name()))
             .spawn(move || match listener {
-                Some((readiness, mut listener)) => worker.listen_loop(&readiness, &mut listener),
+                Some(listener) => worker.listen_loop(&listener),
                 None => worker.connect_loop(),
             })?;
         Ok(server)
@@ -106,7 +145,7 @@ impl GuestServer {
             );
         }
         if let Some(connection) = self.lock_active().take() {
-            connection.shutdown();
+            let _ = connection.shutdown(std::net::Shutdown::Both);
         }
         if let Endpoint::Listen(socket) = &self.endpoint {
             socket.remove();
@@ -117,85 +156,28 @@ impl GuestServer {
         self.stopping.load(Ordering::SeqCst)
     }
 
-    fn lock_active(&self) -> std::sync::MutexGuard<'_, Option<ShutdownHandle>> {
+    fn lock_active(&self) -> std::sync::MutexGuard<'_, Option<UnixStream>> {
         self.active.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    fn new_daemon(&self) -> Option<Connection> {
-        let device = match RngDevice::new(Arc::clone(&self.guest)) {
-            Ok(device) => device,
-            Err(e) => {
-                warn!("guest {}: cannot create device: {e}", self.guest.name());
-                return None;
-            }
-        };
-        let memory = GuestMemoryAtomic::new(GuestMemoryMmap::new());
-        let (wake_fd, timer_fd) = (device.wake_fd(), device.timer_fd());
-        let name = format!("vhost-rng-{}", self.guest.name());
-        let mut daemon = match VhostUserDaemon::new(name, Arc::clone(&device), memory) {
-            Ok(daemon) => Connection {
-                daemon: Some(daemon),
-                device,
-            },
-            Err(e) => {
-                warn!(
-                    "guest {}: cannot create vhost-user handler: {e}",
-                    self.guest.name()
-                );
-                return None;
-            }
-        };
-        // The worker thread that serves the queue also takes the pool's
-        // wake-ups, so a starved request is retried on the same thread.
-        let registered = daemon.daemon().get_epoll_handlers().first().map(|worker| {
-            worker.register_listener(wake_fd, EventSet::IN, u64::from(WAKE_EVENT))?;
-            worker.register_listener(timer_fd, EventSet::IN, u64::from(TIMER_EVENT))
-        });
-        match registered {
-            Some(Ok(())) => Some(daemon),
-            Some(Err(e)) => {
-                warn!(
-                    "guest {}: cannot watch for wake-ups and timers: {e}",
-                    self.guest.name()
-                );
-                None
-            }
-            None => {
-                warn!(
-                    "guest {}: vhost-user handler has no worker",
-                    self.guest.name()
-                );
-                None
-            }
-        }
+    fn stop_fd(&self) -> BorrowedFd<'_> {
+        // SAFETY: the EventFd lives as long as `self`.
+        unsafe { BorrowedFd::borrow_raw(self.stop_event.as_raw_fd()) }
     }
 
-    /// `readiness` and `listener` are the same listening socket: the first
-    /// to wait on, the second for vhost-user to accept on.
-    fn listen_loop(&self, readiness: &UnixListener, listener: &mut Listener) {
+    fn listen_loop(&self, listener: &UnixListener) {
         while !self.is_stopping() {
-            // The connection's handler and vring worker thread are only
-            // created once a VMM is knocking, so an idle guest costs one
-            // sleeping thread.
-            let waited = wait_readable(readiness, &self.stop_event);
+            let waited = wait_readable(&[listener.as_fd(), self.stop_fd()], PollTimeout::NONE);
             if self.is_stopping() {
                 return;
             }
-            if let Err(e) = waited {
-                warn!(
-                    "guest {}: waiting on {}: {e}",
-                    self.guest.name(),
-                    self.path().display()
-                );
-                thread::sleep(SETUP_RETRY);
-                continue;
-            }
-            let Some(mut daemon) = self.new_daemon() else {
-                thread::sleep(SETUP_RETRY);
-                continue;
-            };
-            if let Err(e) = daemon.daemon().start(listener) {
-                if !self.is_stopping() {
+            let accepted = waited.map_err(io::Error::from).and_then(|_| listener.accept());
+            match accepted {
+                Ok((stream, _)) => self.serve_connection(stream),
+                // Another thread cannot take it, but a VMM that gave up
+                // between poll and accept leaves nothing to take.
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                Err(e) => {
                     warn!(
                         "guest {}: accepting on {}: {e}",
                         self.guest.name(),
@@ -203,28 +185,20 @@ impl GuestServer {
                     );
                     thread::sleep(SETUP_RETRY);
                 }
-                continue;
             }
-            self.serve_connection(daemon);
         }
     }
 
     fn connect_loop(&self) {
         let path = self.path().to_owned();
-        // `start_client` takes a &str; the CLI only accepts UTF-8 paths.
-        let path_str = path.to_string_lossy().into_owned();
         let mut delay = CONNECT_RETRY_FIRST;
         let mut waiting_logged = false;
         while !self.is_stopping() {
-            let Some(mut daemon) = self.new_daemon() else {
-                thread::sleep(SETUP_RETRY);
-                continue;
-            };
-            match daemon.daemon().start_client(&path_str) {
-                Ok(()) => {
+            match UnixStream::connect(&path) {
+                Ok(stream) => {
                     delay = CONNECT_RETRY_FIRST;
                     waiting_logged = false;
-                    self.serve_connection(daemon);
+                    self.serve_connection(stream);
                 }
                 Err(e) => {
                     if !waiting_logged {
@@ -241,71 +215,173 @@ impl GuestServer {
                             path.display()
                         );
                     }
-                    thread::sleep(delay);
+                    // Woken early by stop().
+                    let _ = wait_readable(&[self.stop_fd()], timeout_of(delay));
                     delay = (delay * 2).min(CONNECT_RETRY_MAX);
                 }
             }
         }
     }
 
-    fn serve_connection(&self, mut connection: Connection) {
-        let daemon = connection.daemon();
+    fn serve_connection(&self, stream: UnixStream) {
         let name = self.guest.name();
         let path = self.path().display();
-        *self.lock_active() = daemon.shutdown_handle();
+        let prepared = (|| {
+            stream.set_read_timeout(Some(self.limits.message_timeout))?;
+            stream.set_write_timeout(Some(self.limits.message_timeout))?;
+            let handle = stream.try_clone()?;
+            let handler = Handler::new(Arc::clone(&self.guest), self.limits.memory)?;
+            Ok::<_, io::Error>((handle, Arc::new(Mutex::new(handler))))
+        })();
+        let (handle, handler) = match prepared {
+            Ok(prepared) => prepared,
+            Err(e) => {
+                warn!("guest {name}: cannot set up a connection on {path}: {e}");
+                thread::sleep(SETUP_RETRY);
+                return;
+            }
+        };
+        *self.lock_active() = handle.try_clone().ok();
         if self.is_stopping() {
             // stop() ran between accept and registering the connection.
-            daemon.request_shutdown();
+            return;
         }
         self.guest.stats.connections.fetch_add(1, Ordering::Relaxed);
         self.guest.stats.connected.store(true, Ordering::Relaxed);
         info!("guest {name}: VMM connected on {path}");
-        let result = daemon.wait();
+        let mut requests = BackendReqHandler::from_stream(stream, Arc::clone(&handler));
+        let ended = self.run_connection(&handle, &mut requests, &handler);
         self.lock_active().take();
         self.guest.stats.connected.store(false, Ordering::Relaxed);
-        match result {
-            Ok(())
-            | Err(vhost_user_backend::Error::HandleRequest(
-                VhostUserError::Disconnected | VhostUserError::PartialMessage,
-            )) => info!("guest {name}: VMM disconnected from {path}"),
-            Err(e) => warn!("guest {name}: connection on {path} ended: {e}"),
+        match ended {
+            Ended::Disconnected => info!("guest {name}: VMM disconnected from {path}"),
+            Ended::Stopped => info!("guest {name}: connection on {path} closed (guest stopped)"),
+            Ended::Closed(reason) => {
+                if let Some(suppressed) = self.guest.defect_log.permit() {
+                    warn!(
+                        "guest {name}: connection on {path} closed: {reason} \
+                         ({suppressed} similar messages suppressed)"
+                    );
+                }
+            }
         }
-        // Dropping the connection stops and joins its vring worker.
+        // Dropping the handler unmaps the guest's memory and closes every
+        // fd the VMM sent.
+    }
+
+    /// Serves one connection until it ends.
+    fn run_connection(
+        &self,
+        connection: &UnixStream,
+        requests: &mut BackendReqHandler<Mutex<Handler>>,
+        handler: &Mutex<Handler>,
+    ) -> Ended {
+        let lock = || handler.lock().unwrap_or_else(|e| e.into_inner());
+        let setup_deadline = Instant::now() + self.limits.setup_timeout;
+        loop {
+            let mut state = lock();
+            let timeout = if state.owned() {
+                PollTimeout::NONE
+            } else {
+                match setup_deadline.checked_duration_since(Instant::now()) {
+                    Some(left) if !left.is_zero() => timeout_of(left),
+                    _ => {
+                        return Ended::Closed(format!(
+                            "the VMM did not claim the device (SET_OWNER) within {:?}",
+                            self.limits.setup_timeout
+                        ));
+                    }
+                }
+            };
+            let (kick, wake, timer) = state.wait_fds();
+            let mut fds = vec![
+                PollFd::new(connection.as_fd(), PollFlags::POLLIN),
+                PollFd::new(self.stop_fd(), PollFlags::POLLIN),
+                PollFd::new(wake, PollFlags::POLLIN),
+                PollFd::new(timer, PollFlags::POLLIN),
+            ];
+            if let Some(kick) = kick {
+                fds.push(PollFd::new(kick, PollFlags::POLLIN));
+            }
+            match poll(&mut fds, timeout) {
+                Ok(_) | Err(nix::errno::Errno::EINTR) => {}
+                Err(e) => return Ended::Closed(format!("waiting for events: {e}")),
+            }
+            let ready: Vec<bool> = fds
+                .iter()
+                .map(|fd| fd.revents().is_some_and(|r| !r.is_empty()))
+                .collect();
+            drop(fds);
+            if ready[1] || self.is_stopping() {
+                return Ended::Stopped;
+            }
+            if ready.get(4) == Some(&true) {
+                state.on_kick();
+            }
+            if ready[2] {
+                state.on_wake();
+            }
+            if ready[3] {
+                state.on_timer();
+            }
+            if let Some(refusal) = state.take_fatal() {
+                return Ended::Closed(format!("the VMM's guest memory is unusable: {refusal}"));
+            }
+            drop(state);
+            if ready[0] {
+                // Guest memory is touched by some messages too (a kick fd
+                // set on a ring with requests waiting).
+                let (result, faults) = fault_guard::guarded(|| requests.handle_request());
+                if faults > 0 {
+                    return Ended::Closed(format!(
+                        "its guest memory file shrank under the daemon ({faults} fault(s))"
+                    ));
+                }
+                match result {
+                    Ok(()) => {}
+                    Err(VhostUserError::Disconnected | VhostUserError::PartialMessage) => {
+                        return Ended::Disconnected;
+                    }
+                    Err(e) => {
+                        let refusal = lock().take_fatal();
+                        return Ended::Closed(match refusal {
+                            Some(refusal) => format!("the VMM sent {refusal}"),
+                            None => format!("bad message from the VMM: {e}"),
+                        });
+                    }
+                }
+                if let Some(refusal) = lock().take_fatal() {
+                    return Ended::Closed(format!("the VMM sent {refusal}"));
+                }
+            }
+        }
     }
 }
 
-/// One VMM connection's vhost-user handler and the device it serves.
-struct Connection {
-    daemon: Option<VhostUserDaemon<Arc<RngDevice>>>,
-    device: Arc<RngDevice>,
+/// How a connection ended.
+enum Ended {
+    /// The VMM closed it (a VM shutting down, rebooting, crashing).
+    Disconnected,
+    /// The guest was removed or the daemon is stopping.
+    Stopped,
+    /// The daemon closed it, for this reason.
+    Closed(String),
 }
 
-impl Connection {
-    fn daemon(&mut self) -> &mut VhostUserDaemon<Arc<RngDevice>> {
-        // Only `drop` empties it.
-        self.daemon.as_mut().unwrap_or_else(|| unreachable!())
-    }
+fn timeout_of(duration: Duration) -> PollTimeout {
+    // Round up, so a deadline is never polled with 0 ms and spun on.
+    let millis = duration.as_nanos().div_ceil(1_000_000);
+    PollTimeout::try_from(millis.min(i32::MAX as u128) as i32).unwrap_or(PollTimeout::MAX)
 }
 
-impl Drop for Connection {
-    fn drop(&mut self) {
-        // The handler first (this joins the vring worker), then the exit
-        // event the crate leaves open.
-        self.daemon.take();
-        self.device.close_exit_event();
-    }
-}
-
-/// Blocks until a connection is waiting on `listener`.
-fn wait_readable(listener: &UnixListener, stop: &EventFd) -> nix::Result<()> {
-    // SAFETY: the EventFd outlives this call, so its fd stays open.
-    let stop = unsafe { std::os::fd::BorrowedFd::borrow_raw(stop.as_raw_fd()) };
-    let mut fds = [
-        PollFd::new(listener.as_fd(), PollFlags::POLLIN),
-        PollFd::new(stop, PollFlags::POLLIN),
-    ];
+/// Blocks until one of `fds` is readable or `timeout` passes.
+fn wait_readable(fds: &[BorrowedFd<'_>], timeout: PollTimeout) -> nix::Result<()> {
+    let mut fds: Vec<PollFd<'_>> = fds
+        .iter()
+        .map(|fd| PollFd::new(*fd, PollFlags::POLLIN))
+        .collect();
     loop {
-        match poll(&mut fds, PollTimeout::NONE) {
+        match poll(&mut fds, timeout) {
             Err(nix::errno::Errno::EINTR) => continue,
             result => return result.map(|_| ()),
         }

@@ -1,0 +1,503 @@
+//! The vhost-user protocol of one VMM connection: what each message does to
+//! the device, checked as input from a VMM that may be hostile.
+//!
+//! The vhost crate reads and frames the messages; this is the state they
+//! change: ownership, features, the memory table ([`super::memory`]) and the
+//! request ring. Rules beyond what the crate checks:
+//! - nothing but feature queries before SET_OWNER;
+//! - kick, call and error fds must be eventfds, and are made non-blocking, so
+//!   nothing a VMM hands over can block the thread that serves the guest;
+//! - a refused message ends the connection ([`Handler::take_fatal`]): a VMM
+//!   that sends one is broken or hostile, and a half-configured device is
+//!   worse than a clean disconnect it can see.
+
+use std::fs::File;
+use std::io;
+use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, IntoRawFd};
+use std::sync::Arc;
+
+use vhost::vhost_user::message::{
+    VhostUserConfigFlags, VhostUserInflight, VhostUserLog, VhostUserMemoryRegion,
+    VhostUserProtocolFeatures, VhostUserSharedMsg, VhostUserShMemConfig,
+    VhostUserSingleMemoryRegion, VhostUserVirtioFeatures, VhostUserVringAddrFlags,
+    VhostUserVringState,
+};
+use vhost::vhost_user::{
+    Backend, Error as VhostUserError, GpuBackend, Result as VhostUserResult,
+    VhostUserBackendReqHandlerMut,
+};
+use virtio_bindings::bindings::virtio_ring::VIRTIO_RING_F_EVENT_IDX;
+use virtio_queue::{Queue, QueueT};
+use vmm_sys_util::eventfd::EventFd;
+
+use super::device::{MAX_QUEUE_SIZE, NUM_QUEUES, RngDevice, VIRTIO_FEATURES, protocol_features};
+use super::fault_guard;
+use super::memory::{MemoryError, MemoryLimits, MemoryTable};
+use crate::guest::Guest;
+
+/// Why a connection is being closed on the daemon's side.
+#[derive(Debug, thiserror::Error)]
+pub enum Refusal {
+    #[error("{0} before SET_OWNER")]
+    NotOwner(&'static str),
+    #[error("a second SET_OWNER")]
+    OwnerTwice,
+    #[error("features {0:#x} that were not offered")]
+    UnofferedFeatures(u64),
+    #[error("queue index {0}; virtio-rng has one queue")]
+    NoSuchQueue(u64),
+    #[error("queue size {0} (must be a power of two from 1 to {MAX_QUEUE_SIZE})")]
+    QueueSize(u32),
+    #[error("a vring address {0:#x} outside every memory region")]
+    UnmappedRingAddress(u64),
+    #[error("a vring base {0} (must be below 65536)")]
+    VringBase(u32),
+    #[error("{which} fd: {reason}")]
+    BadEventFd { which: &'static str, reason: String },
+    #[error("a kick without an fd (polling mode is not supported)")]
+    NoKickFd,
+    #[error("memory table refused: {0}")]
+    Memory(#[from] MemoryError),
+    #[error("its guest memory file shrank under the daemon (SIGBUS on {0} page(s))")]
+    MemoryShrank(u64),
+    #[error("{0}, which this device does not support")]
+    Unsupported(&'static str),
+}
+
+/// The request ring as the VMM configured it.
+struct Ring {
+    queue: Queue,
+    kick: Option<EventFd>,
+    call: Option<EventFd>,
+    /// Kept only so the VMM's error eventfd stays valid; virtio-rng reports
+    /// nothing through it.
+    _err: Option<EventFd>,
+    /// SET_VRING_ENABLE, or implied when PROTOCOL_FEATURES is not acked.
+    enabled: bool,
+}
+
+impl Ring {
+    fn new() -> Self {
+        Ring {
+            // MAX_QUEUE_SIZE is a power of two, which is all new() checks.
+            queue: Queue::new(MAX_QUEUE_SIZE).unwrap_or_else(|_| unreachable!()),
+            kick: None,
+            call: None,
+            _err: None,
+            enabled: false,
+        }
+    }
+
+    /// Started (kick received, not stopped by GET_VRING_BASE) and enabled.
+    fn running(&self) -> bool {
+        self.queue.ready() && self.enabled && self.kick.is_some()
+    }
+}
+
+/// One VMM connection's device state.
+pub struct Handler {
+    device: RngDevice,
+    owner: bool,
+    acked_features: u64,
+    memory: MemoryTable,
+    ring: Ring,
+    fatal: Option<Refusal>,
+}
+
+impl Handler {
+    pub fn new(guest: Arc<Guest>, limits: MemoryLimits) -> io::Result<Self> {
+        Ok(Handler {
+            device: RngDevice::new(guest)?,
+            owner: false,
+            acked_features: 0,
+            memory: MemoryTable::new(limits),
+            ring: Ring::new(),
+            fatal: None,
+        })
+    }
+
+    /// Whether the VMM has claimed the device (SET_OWNER).
+    pub fn owned(&self) -> bool {
+        self.owner
+    }
+
+    /// The reason to close the connection, once a message was refused.
+    pub fn take_fatal(&mut self) -> Option<Refusal> {
+        self.fatal.take()
+    }
+
+    /// The fds to wait on besides the connection: the kick (while the ring
+    /// runs), the pool's wake-up and the rate-limit timer.
+    pub fn wait_fds(&self) -> (Option<BorrowedFd<'_>>, BorrowedFd<'_>, BorrowedFd<'_>) {
+        let kick = self
+            .ring
+            .kick
+            .as_ref()
+            .filter(|_| self.ring.running())
+            // SAFETY: the EventFd owns the fd for as long as `self` lives.
+            .map(|kick| unsafe { BorrowedFd::borrow_raw(kick.as_raw_fd()) });
+        (kick, self.device.wake_fd(), self.device.timer_fd())
+    }
+
+    /// The guest kicked: take the kick and serve the queue.
+    pub fn on_kick(&mut self) {
+        if let Some(kick) = &self.ring.kick {
+            // Non-blocking (see eventfd()): an empty counter reads EAGAIN.
+            let _ = kick.read();
+        }
+        self.serve();
+    }
+
+    /// The pool can serve a starved request again.
+    pub fn on_wake(&mut self) {
+        self.device.consume_wake();
+        self.serve();
+    }
+
+    /// A throttled guest has tokens again.
+    pub fn on_timer(&mut self) {
+        self.device.clear_timer();
+        self.serve();
+    }
+
+    fn serve(&mut self) {
+        if !self.ring.running() {
+            return;
+        }
+        let Some(memory) = self.memory.memory() else {
+            return;
+        };
+        let (device, queue) = (&mut self.device, &mut self.ring.queue);
+        let (notify, faults) = fault_guard::guarded(|| device.serve(queue, memory));
+        if faults > 0 {
+            self.fail(Refusal::MemoryShrank(faults));
+            return;
+        }
+        if notify && let Some(call) = &self.ring.call {
+            // Non-blocking: a counter the VMM left near its maximum reads
+            // EAGAIN, and the driver then simply gets no interrupt.
+            let _ = call.write(1);
+        }
+    }
+
+    fn fail(&mut self, refusal: Refusal) -> VhostUserError {
+        let error = VhostUserError::ReqHandlerError(io::Error::other(refusal.to_string()));
+        self.fatal.get_or_insert(refusal);
+        error
+    }
+
+    fn check(&mut self, ok: bool, refusal: impl FnOnce() -> Refusal) -> VhostUserResult<()> {
+        if ok {
+            Ok(())
+        } else {
+            let refusal = refusal();
+            Err(self.fail(refusal))
+        }
+    }
+
+    fn require_owner(&mut self, message: &'static str) -> VhostUserResult<()> {
+        self.check(self.owner, || Refusal::NotOwner(message))
+    }
+
+    fn require_queue(&mut self, message: &'static str, index: u64) -> VhostUserResult<()> {
+        self.require_owner(message)?;
+        self.check(index < NUM_QUEUES, || Refusal::NoSuchQueue(index))
+    }
+
+    fn refuse<T>(&mut self, what: &'static str) -> VhostUserResult<T> {
+        Err(self.fail(Refusal::Unsupported(what)))
+    }
+
+    fn eventfd(&mut self, which: &'static str, file: File) -> VhostUserResult<EventFd> {
+        eventfd(file).map_err(|reason| self.fail(Refusal::BadEventFd { which, reason }))
+    }
+
+    fn memory_result(&mut self, result: Result<(), MemoryError>) -> VhostUserResult<()> {
+        result.map_err(|e| self.fail(Refusal::Memory(e)))
+    }
+
+    /// Stops the ring: GET_VRING_BASE, a reset, or a new owner.
+    fn stop_ring(&mut self) -> u16 {
+        let next_avail = self.ring.queue.next_avail();
+        self.ring.queue.set_ready(false);
+        self.ring.kick = None;
+        self.ring.call = None;
+        next_avail
+    }
+}
+
+/// Checks that a VMM-supplied fd is an eventfd and makes it non-blocking.
+fn eventfd(file: File) -> Result<EventFd, String> {
+    let fd = file.as_raw_fd();
+    let target = std::fs::read_link(format!("/proc/self/fd/{fd}"))
+        .map_err(|e| format!("cannot inspect it: {e}"))?;
+    if target.as_os_str() != "anon_inode:[eventfd]" {
+        return Err(format!("{} is not an eventfd", target.display()));
+    }
+    let flags = nix::fcntl::fcntl(&file, nix::fcntl::FcntlArg::F_GETFL)
+        .map_err(|e| format!("cannot read its flags: {e}"))?;
+    let flags = nix::fcntl::OFlag::from_bits_truncate(flags) | nix::fcntl::OFlag::O_NONBLOCK;
+    nix::fcntl::fcntl(&file, nix::fcntl::FcntlArg::F_SETFL(flags))
+        .map_err(|e| format!("cannot make it non-blocking: {e}"))?;
+    // SAFETY: the fd is an eventfd whose only owner was `file`.
+    Ok(unsafe { EventFd::from_raw_fd(file.into_raw_fd()) })
+}
+
+impl VhostUserBackendReqHandlerMut for Handler {
+    fn set_owner(&mut self) -> VhostUserResult<()> {
+        self.check(!self.owner, || Refusal::OwnerTwice)?;
+        self.owner = true;
+        Ok(())
+    }
+
+    fn reset_owner(&mut self) -> VhostUserResult<()> {
+        self.stop_ring();
+        self.owner = false;
+        self.acked_features = 0;
+        Ok(())
+    }
+
+    fn reset_device(&mut self) -> VhostUserResult<()> {
+        self.stop_ring();
+        self.ring.enabled = false;
+        self.acked_features = 0;
+        Ok(())
+    }
+
+    fn get_features(&mut self) -> VhostUserResult<u64> {
+        Ok(VIRTIO_FEATURES)
+    }
+
+    fn set_features(&mut self, features: u64) -> VhostUserResult<()> {
+        self.require_owner("SET_FEATURES")?;
+        self.check(features & !VIRTIO_FEATURES == 0, || {
+            Refusal::UnofferedFeatures(features & !VIRTIO_FEATURES)
+        })?;
+        self.acked_features = features;
+        // Without PROTOCOL_FEATURES rings are enabled from the start
+        // (vhost-user "Ring states").
+        if features & VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits() == 0 {
+            self.ring.enabled = true;
+        }
+        self.ring
+            .queue
+            .set_event_idx(features & (1 << VIRTIO_RING_F_EVENT_IDX) != 0);
+        Ok(())
+    }
+
+    fn set_mem_table(
+        &mut self,
+        regions: &[VhostUserMemoryRegion],
+        files: Vec<File>,
+        postcopy_listening: Option<bool>,
+    ) -> VhostUserResult<Option<Vec<vhost::VhostUserMemoryRegionBase>>>
+    {
+        self.require_owner("SET_MEM_TABLE")?;
+        if postcopy_listening == Some(true) {
+            return self.refuse("postcopy");
+        }
+        let result = self.memory.replace(regions, files);
+        self.memory_result(result)?;
+        Ok(None)
+    }
+
+    fn set_vring_num(&mut self, index: u32, num: u32) -> VhostUserResult<()> {
+        self.require_queue("SET_VRING_NUM", index.into())?;
+        let valid = num.is_power_of_two() && num <= u32::from(MAX_QUEUE_SIZE);
+        self.check(valid, || Refusal::QueueSize(num))?;
+        // Checked above to fit.
+        self.ring.queue.set_size(num as u16);
+        Ok(())
+    }
+
+    fn set_vring_addr(
+        &mut self,
+        index: u32,
+        _flags: VhostUserVringAddrFlags,
+        descriptor: u64,
+        used: u64,
+        available: u64,
+        _log: u64,
+    ) -> VhostUserResult<()> {
+        self.require_queue("SET_VRING_ADDR", index.into())?;
+        let mut translate = |vmm_addr: u64| {
+            let address = self.memory.guest_address(vmm_addr);
+            address
+                .ok_or_else(|| self.fail(Refusal::UnmappedRingAddress(vmm_addr)))
+                .map(|a| a.0)
+        };
+        let (descriptor, available, used) =
+            (translate(descriptor)?, translate(available)?, translate(used)?);
+        let split = |address: u64| (Some(address as u32), Some((address >> 32) as u32));
+        let queue = &mut self.ring.queue;
+        let (low, high) = split(descriptor);
+        queue.set_desc_table_address(low, high);
+        let (low, high) = split(available);
+        queue.set_avail_ring_address(low, high);
+        let (low, high) = split(used);
+        queue.set_used_ring_address(low, high);
+        Ok(())
+    }
+
+    fn set_vring_base(&mut self, index: u32, base: u32) -> VhostUserResult<()> {
+        self.require_queue("SET_VRING_BASE", index.into())?;
+        let base = u16::try_from(base).map_err(|_| self.fail(Refusal::VringBase(base)))?;
+        // The device completes requests in order, so the used index a
+        // restarted ring resumes from is the avail index it stopped at.
+        self.ring.queue.set_next_avail(base);
+        self.ring.queue.set_next_used(base);
+        Ok(())
+    }
+
+    fn get_vring_base(&mut self, index: u32) -> VhostUserResult<VhostUserVringState> {
+        self.require_queue("GET_VRING_BASE", index.into())?;
+        let next_avail = self.stop_ring();
+        Ok(VhostUserVringState::new(index, u32::from(next_avail)))
+    }
+
+    fn set_vring_kick(&mut self, index: u8, fd: Option<File>) -> VhostUserResult<()> {
+        self.require_queue("SET_VRING_KICK", index.into())?;
+        let file = fd.ok_or_else(|| self.fail(Refusal::NoKickFd))?;
+        let kick = self.eventfd("kick", file)?;
+        self.ring.kick = Some(kick);
+        // The spec starts the ring on the first kick; QEMU and
+        // cloud-hypervisor send this last, once addresses are set.
+        self.ring.queue.set_ready(true);
+        // Requests may already be waiting from before a reconnect.
+        self.serve();
+        Ok(())
+    }
+
+    fn set_vring_call(&mut self, index: u8, fd: Option<File>) -> VhostUserResult<()> {
+        self.require_queue("SET_VRING_CALL", index.into())?;
+        self.ring.call = match fd {
+            Some(file) => Some(self.eventfd("call", file)?),
+            None => None,
+        };
+        Ok(())
+    }
+
+    fn set_vring_err(&mut self, index: u8, fd: Option<File>) -> VhostUserResult<()> {
+        self.require_queue("SET_VRING_ERR", index.into())?;
+        self.ring._err = match fd {
+            Some(file) => Some(self.eventfd("error", file)?),
+            None => None,
+        };
+        Ok(())
+    }
+
+    fn get_protocol_features(&mut self) -> VhostUserResult<VhostUserProtocolFeatures> {
+        Ok(protocol_features())
+    }
+
+    fn set_protocol_features(&mut self, _features: u64) -> VhostUserResult<()> {
+        // The vhost crate keeps the acked set and checks it per message;
+        // QEMU sends this before SET_OWNER.
+        Ok(())
+    }
+
+    fn get_queue_num(&mut self) -> VhostUserResult<u64> {
+        Ok(NUM_QUEUES)
+    }
+
+    fn set_vring_enable(&mut self, index: u32, enable: bool) -> VhostUserResult<()> {
+        self.require_queue("SET_VRING_ENABLE", index.into())?;
+        let negotiated =
+            self.acked_features & VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits() != 0;
+        if !negotiated {
+            return self.refuse("SET_VRING_ENABLE without PROTOCOL_FEATURES");
+        }
+        self.ring.enabled = enable;
+        if enable {
+            self.serve();
+        }
+        Ok(())
+    }
+
+    fn get_config(
+        &mut self,
+        _offset: u32,
+        _size: u32,
+        _flags: VhostUserConfigFlags,
+    ) -> VhostUserResult<Vec<u8>> {
+        self.refuse("GET_CONFIG (virtio-rng has no configuration space)")
+    }
+
+    fn set_config(
+        &mut self,
+        _offset: u32,
+        _buf: &[u8],
+        _flags: VhostUserConfigFlags,
+    ) -> VhostUserResult<()> {
+        self.refuse("SET_CONFIG (virtio-rng has no configuration space)")
+    }
+
+    fn set_backend_req_fd(&mut self, _backend: Backend) {
+        // Not offered (BACKEND_REQ); the vhost crate refuses it first.
+    }
+
+    fn set_gpu_socket(&mut self, _gpu_backend: GpuBackend) -> VhostUserResult<()> {
+        self.refuse("GPU_SET_SOCKET")
+    }
+
+    fn get_shared_object(&mut self, _uuid: VhostUserSharedMsg) -> VhostUserResult<File> {
+        self.refuse("GET_SHARED_OBJECT")
+    }
+
+    fn get_inflight_fd(
+        &mut self,
+        _inflight: &VhostUserInflight,
+    ) -> VhostUserResult<(VhostUserInflight, File)> {
+        self.refuse("GET_INFLIGHT_FD")
+    }
+
+    fn set_inflight_fd(&mut self, _inflight: &VhostUserInflight, _file: File) -> VhostUserResult<()> {
+        self.refuse("SET_INFLIGHT_FD")
+    }
+
+    fn get_max_mem_slots(&mut self) -> VhostUserResult<u64> {
+        Ok(self.memory.limits().max_regions as u64)
+    }
+
+    fn add_mem_region(
+        &mut self,
+        region: &VhostUserSingleMemoryRegion,
+        fd: File,
+        postcopy_listening: Option<bool>,
+    ) -> VhostUserResult<Option<vhost::VhostUserMemoryRegionBase>> {
+        self.require_owner("ADD_MEM_REG")?;
+        if postcopy_listening == Some(true) {
+            return self.refuse("postcopy");
+        }
+        let result = self.memory.add(region, fd);
+        self.memory_result(result)?;
+        Ok(None)
+    }
+
+    fn remove_mem_region(&mut self, region: &VhostUserSingleMemoryRegion) -> VhostUserResult<()> {
+        self.require_owner("REM_MEM_REG")?;
+        let result = self.memory.remove(region);
+        self.memory_result(result)
+    }
+
+    fn set_device_state_fd(
+        &mut self,
+        _direction: vhost::vhost_user::message::VhostTransferStateDirection,
+        _phase: vhost::vhost_user::message::VhostTransferStatePhase,
+        _fd: File,
+    ) -> VhostUserResult<Option<File>> {
+        self.refuse("SET_DEVICE_STATE_FD")
+    }
+
+    fn check_device_state(&mut self) -> VhostUserResult<()> {
+        self.refuse("CHECK_DEVICE_STATE")
+    }
+
+    fn get_shmem_config(&mut self) -> VhostUserResult<VhostUserShMemConfig> {
+        self.refuse("GET_SHMEM_CONFIG")
+    }
+
+    fn set_log_base(&mut self, _log: &VhostUserLog, _file: File) -> VhostUserResult<()> {
+        self.refuse("SET_LOG_BASE (dirty logging)")
+    }
+}
