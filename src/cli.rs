@@ -35,7 +35,7 @@ pub struct Cli {
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Serve guests until SIGTERM or SIGINT.
-    Serve(ServeArgs),
+    Serve(Box<ServeArgs>),
     /// Run entropy sources through the health tests and report on each;
     /// exit 0 if all are healthy, 1 if not.
     Check(CheckArgs),
@@ -195,7 +195,8 @@ pub struct ServeArgs {
     pub vhost_user_max_memory: Option<u64>,
 
     /// Seconds a new vhost-user connection has to claim the device
-    /// (SET_OWNER) before it is closed to make way for the next [default: 10].
+    /// (SET_OWNER), and a begun message to arrive whole, before the
+    /// connection is closed to make way for the next [default: 10].
     #[arg(long, value_name = "SECS", value_parser = parse_positive)]
     pub vhost_user_setup_timeout: Option<u64>,
 }
@@ -373,7 +374,7 @@ mod tests {
 
     fn serve(args: &[&str]) -> ServeArgs {
         match parse(args).unwrap().command {
-            Command::Serve(serve) => serve,
+            Command::Serve(serve) => *serve,
             other => panic!("parsed as {other:?}"),
         }
     }

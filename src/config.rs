@@ -1277,7 +1277,8 @@ impl FileParser<'_> {
                     config.vhost_user_max_regions = Some(self.positive(name, value, 65535, "")?);
                 }
                 "vhost-user-max-memory" => {
-                    config.vhost_user_max_memory = Some(self.positive(name, value, u64::MAX, "")?);
+                    config.vhost_user_max_memory =
+                        Some(self.positive(name, value, u64::MAX, "")?);
                 }
                 "vhost-user-setup-timeout" => {
                     let secs = self.positive(name, value, 3600, "")?;

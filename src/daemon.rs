@@ -171,11 +171,21 @@ fn vhost_user_limits(cli: &Settings, file: &ConfigFile) -> VhostUserLimits {
                 .or(file.vhost_user_max_memory)
                 .unwrap_or(defaults.memory.max_bytes),
         },
-        setup_timeout: cli
+        timeout: cli
             .vhost_user_setup_timeout
             .or(file.vhost_user_setup_timeout)
-            .map_or(defaults.setup_timeout, Duration::from_secs),
-        ..defaults
+            .map_or(defaults.timeout, Duration::from_secs),
+    }
+}
+
+/// The daemon maps guests' RAM and holds every guest's DRBG keys: a core
+/// dump would write them to disk, readable by whoever reads crash reports.
+/// Guest mappings are also marked MADV_DONTDUMP (frontend::vhost_user::memory).
+fn keep_out_of_core_dumps() {
+    if let Err(e) = nix::sys::prctl::set_dumpable(false) {
+        warn!(
+            "cannot make the daemon non-dumpable ({e}): a crash may write guest memory and keys to a core file"
+        );
     }
 }
 
@@ -185,6 +195,7 @@ pub fn run(config: ServeConfig) -> Result<(), DaemonError> {
     // mask and the signals reach only the `wait` below.
     let signals = daemon_signals();
     signals.thread_block().map_err(DaemonError::Signals)?;
+    keep_out_of_core_dumps();
 
     let resolved = resolve(&config)?;
     info!("serving mode: {}", resolved.pool.mode.as_str());

@@ -25,7 +25,7 @@ fn main() -> ExitCode {
             let config = ServeConfig {
                 guests: args.command_line_guests(),
                 config_file: args.config.clone(),
-                settings: Settings::from(&args),
+                settings: Settings::from(&*args),
             };
             match daemon::run(config) {
                 Ok(()) => ExitCode::SUCCESS,

@@ -65,7 +65,9 @@ impl RngDevice {
         let (wake, wake_notifier) =
             new_event_consumer_and_notifier(EventFlag::NONBLOCK | EventFlag::CLOEXEC)?;
         let timer = TimerFd::new()?;
-        let stream = guest.pool().stream(waker(&guest, wake_notifier), guest.weight());
+        let stream = guest
+            .pool()
+            .stream(waker(&guest, wake_notifier), guest.weight());
         Ok(RngDevice {
             guest,
             processor: RequestProcessor::default(),
@@ -112,20 +114,17 @@ impl RngDevice {
             stream: self.stream.as_mut(),
             now: Instant::now(),
         };
-        let outcome = self.processor.process_queue(
-            queue,
-            memory,
-            &mut supply,
-            &mut |head, defect| {
-                if let Some(suppressed) = guest.defect_log.permit() {
-                    warn!(
-                        "guest {}: request {head} answered with 0 bytes: {defect} \
+        let outcome =
+            self.processor
+                .process_queue(queue, memory, &mut supply, &mut |head, defect| {
+                    if let Some(suppressed) = guest.defect_log.permit() {
+                        warn!(
+                            "guest {}: request {head} answered with 0 bytes: {defect} \
                          ({suppressed} similar messages suppressed)",
-                        guest.name()
-                    );
-                }
-            },
-        );
+                            guest.name()
+                        );
+                    }
+                });
         let outcome = match outcome {
             Ok(outcome) => outcome,
             Err(e) => {

@@ -41,8 +41,7 @@ pub fn install() {
         );
         // SAFETY: `on_sigbus` only touches const-initialised thread-locals
         // and makes async-signal-safe system calls (mmap, signal).
-        if let Err(e) = unsafe { nix::sys::signal::sigaction(nix::sys::signal::SIGBUS, &action) }
-        {
+        if let Err(e) = unsafe { nix::sys::signal::sigaction(nix::sys::signal::SIGBUS, &action) } {
             warn!(
                 "cannot install the SIGBUS handler ({e}): a VMM that truncates its guest \
                  memory file will crash the daemon"
@@ -73,7 +72,11 @@ pub fn guarded<T>(access: impl FnOnce() -> T) -> (T, u64) {
 /// (a hugetlbfs mapping cannot be split at a smaller boundary).
 const PAGE_SIZES: [usize; 3] = [4 << 10, 2 << 20, 1 << 30];
 
-extern "C" fn on_sigbus(_signal: libc::c_int, info: *mut libc::siginfo_t, _context: *mut libc::c_void) {
+extern "C" fn on_sigbus(
+    _signal: libc::c_int,
+    info: *mut libc::siginfo_t,
+    _context: *mut libc::c_void,
+) {
     let inside = DEPTH.with(Cell::get) > 0;
     // SAFETY: the kernel passes a valid siginfo for an SA_SIGINFO handler;
     // for SIGBUS `si_addr` is the faulting address.

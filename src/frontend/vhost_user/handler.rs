@@ -18,7 +18,7 @@ use std::sync::Arc;
 
 use vhost::vhost_user::message::{
     VhostUserConfigFlags, VhostUserInflight, VhostUserLog, VhostUserMemoryRegion,
-    VhostUserProtocolFeatures, VhostUserSharedMsg, VhostUserShMemConfig,
+    VhostUserProtocolFeatures, VhostUserShMemConfig, VhostUserSharedMsg,
     VhostUserSingleMemoryRegion, VhostUserVirtioFeatures, VhostUserVringAddrFlags,
     VhostUserVringState,
 };
@@ -290,8 +290,7 @@ impl VhostUserBackendReqHandlerMut for Handler {
         regions: &[VhostUserMemoryRegion],
         files: Vec<File>,
         postcopy_listening: Option<bool>,
-    ) -> VhostUserResult<Option<Vec<vhost::VhostUserMemoryRegionBase>>>
-    {
+    ) -> VhostUserResult<Option<Vec<vhost::VhostUserMemoryRegionBase>>> {
         self.require_owner("SET_MEM_TABLE")?;
         if postcopy_listening == Some(true) {
             return self.refuse("postcopy");
@@ -326,8 +325,11 @@ impl VhostUserBackendReqHandlerMut for Handler {
                 .ok_or_else(|| self.fail(Refusal::UnmappedRingAddress(vmm_addr)))
                 .map(|a| a.0)
         };
-        let (descriptor, available, used) =
-            (translate(descriptor)?, translate(available)?, translate(used)?);
+        let (descriptor, available, used) = (
+            translate(descriptor)?,
+            translate(available)?,
+            translate(used)?,
+        );
         let split = |address: u64| (Some(address as u32), Some((address >> 32) as u32));
         let queue = &mut self.ring.queue;
         let (low, high) = split(descriptor);
@@ -451,7 +453,11 @@ impl VhostUserBackendReqHandlerMut for Handler {
         self.refuse("GET_INFLIGHT_FD")
     }
 
-    fn set_inflight_fd(&mut self, _inflight: &VhostUserInflight, _file: File) -> VhostUserResult<()> {
+    fn set_inflight_fd(
+        &mut self,
+        _inflight: &VhostUserInflight,
+        _file: File,
+    ) -> VhostUserResult<()> {
         self.refuse("SET_INFLIGHT_FD")
     }
 

@@ -276,9 +276,10 @@ impl MemoryTable {
     fn rebuild(&mut self) {
         // Regions were checked not to overlap, which is all from_arc_regions
         // refuses besides an empty list.
-        self.memory =
-            GuestMemoryMmap::from_arc_regions(self.regions.iter().map(|r| r.mapping.clone()).collect())
-                .ok();
+        self.memory = GuestMemoryMmap::from_arc_regions(
+            self.regions.iter().map(|r| r.mapping.clone()).collect(),
+        )
+        .ok();
     }
 }
 
@@ -366,8 +367,9 @@ mod tests {
     use super::*;
 
     fn memfd(len: u64) -> File {
-        let fd = nix::sys::memfd::memfd_create(c"test-guest", nix::sys::memfd::MFdFlags::MFD_CLOEXEC)
-            .unwrap();
+        let fd =
+            nix::sys::memfd::memfd_create(c"test-guest", nix::sys::memfd::MFdFlags::MFD_CLOEXEC)
+                .unwrap();
         let file = File::from(fd);
         file.set_len(len).unwrap();
         file
@@ -434,7 +436,10 @@ mod tests {
                 vec![memfd(8192), memfd(8192)],
             )
             .unwrap_err();
-        assert!(matches!(err, MemoryError::Overlap { index: 1, .. }), "{err}");
+        assert!(
+            matches!(err, MemoryError::Overlap { index: 1, .. }),
+            "{err}"
+        );
         // The old table is still there.
         assert_eq!(table.guest_address(0x1000_0010), Some(GuestAddress(0x10)));
 
@@ -442,7 +447,13 @@ mod tests {
             .add(&region(0x10_0000, 4096, 0x1000_0000, 0), memfd(4096))
             .unwrap_err();
         assert!(
-            matches!(err, MemoryError::Overlap { what: "VMM addresses", .. }),
+            matches!(
+                err,
+                MemoryError::Overlap {
+                    what: "VMM addresses",
+                    ..
+                }
+            ),
             "{err}"
         );
     }
@@ -454,7 +465,9 @@ mod tests {
             max_bytes: 3 * 4096,
         };
         let mut table = MemoryTable::new(limits);
-        table.add(&region(0, 4096, 0x1000_0000, 0), memfd(4096)).unwrap();
+        table
+            .add(&region(0, 4096, 0x1000_0000, 0), memfd(4096))
+            .unwrap();
         table
             .add(&region(0x10_0000, 4096, 0x2000_0000, 0), memfd(4096))
             .unwrap();
@@ -465,7 +478,10 @@ mod tests {
 
         table.remove(&region(0x10_0000, 4096, 0, 0)).unwrap();
         let err = table
-            .add(&region(0x20_0000, 3 * 4096, 0x3000_0000, 0), memfd(3 * 4096))
+            .add(
+                &region(0x20_0000, 3 * 4096, 0x3000_0000, 0),
+                memfd(3 * 4096),
+            )
             .unwrap_err();
         assert!(matches!(err, MemoryError::TooLarge { .. }), "{err}");
         assert_eq!(table.mapped_bytes(), 4096);
@@ -492,7 +508,10 @@ mod tests {
             )
             .unwrap();
         assert_eq!(table.guest_address(0x1000_1fff), Some(GuestAddress(0x1fff)));
-        assert_eq!(table.guest_address(0x2000_0004), Some(GuestAddress(0x10_0004)));
+        assert_eq!(
+            table.guest_address(0x2000_0004),
+            Some(GuestAddress(0x10_0004))
+        );
         assert_eq!(table.guest_address(0x1000_2000), None);
         assert_eq!(table.guest_address(u64::MAX), None);
     }

@@ -6,10 +6,9 @@
 //! messages ([`super::handler`]) and answers the guest's requests when it
 //! kicks, when the pool can serve a starved request again, or when a
 //! throttled guest has tokens again. Nothing a VMM sends can block that
-//! thread for long: a message must arrive whole within
-//! [`VhostUserLimits::message_timeout`], and a connection must claim the
-//! device (SET_OWNER) within [`VhostUserLimits::setup_timeout`] or make way
-//! for the next one.
+//! thread for long: a connection must claim the device (SET_OWNER), and a
+//! begun message must arrive whole, within [`VhostUserLimits::timeout`], or
+//! the connection is closed to make way for the next one.
 
 use std::io;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd};
@@ -22,6 +21,8 @@ use std::time::{Duration, Instant};
 
 use log::{debug, info, warn};
 use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
+use nix::sys::socket::MsgFlags;
+use vhost::vhost_user::message::MAX_MSG_SIZE;
 use vhost::vhost_user::{BackendReqHandler, Error as VhostUserError};
 use vmm_sys_util::eventfd::EventFd;
 
@@ -53,25 +54,21 @@ impl Endpoint {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct VhostUserLimits {
     pub memory: MemoryLimits,
-    /// From accepting a connection to its SET_OWNER.
-    pub setup_timeout: Duration,
-    /// For the rest of a message once its first byte has arrived, and for
-    /// the VMM to take a reply.
-    pub message_timeout: Duration,
+    /// From accepting a connection to its SET_OWNER; also how long the
+    /// rest of a begun message may take to arrive, and a reply to be taken.
+    pub timeout: Duration,
 }
 
 /// QEMU and cloud-hypervisor send SET_OWNER within milliseconds of
-/// connecting; ten seconds leaves room for a loaded host.
-pub const DEFAULT_SETUP_TIMEOUT: Duration = Duration::from_secs(10);
-/// A message is at most a few KiB on a local socket.
-pub const DEFAULT_MESSAGE_TIMEOUT: Duration = Duration::from_secs(5);
+/// connecting, and a message is a few KiB on a local socket; ten seconds
+/// leaves room for a loaded host.
+pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(10);
 
 impl Default for VhostUserLimits {
     fn default() -> Self {
         VhostUserLimits {
             memory: MemoryLimits::default(),
-            setup_timeout: DEFAULT_SETUP_TIMEOUT,
-            message_timeout: DEFAULT_MESSAGE_TIMEOUT,
+            timeout: DEFAULT_TIMEOUT,
         }
     }
 }
@@ -171,7 +168,9 @@ impl GuestServer {
             if self.is_stopping() {
                 return;
             }
-            let accepted = waited.map_err(io::Error::from).and_then(|_| listener.accept());
+            let accepted = waited
+                .map_err(io::Error::from)
+                .and_then(|_| listener.accept());
             match accepted {
                 Ok((stream, _)) => self.serve_connection(stream),
                 // Another thread cannot take it, but a VMM that gave up
@@ -227,8 +226,8 @@ impl GuestServer {
         let name = self.guest.name();
         let path = self.path().display();
         let prepared = (|| {
-            stream.set_read_timeout(Some(self.limits.message_timeout))?;
-            stream.set_write_timeout(Some(self.limits.message_timeout))?;
+            stream.set_read_timeout(Some(self.limits.timeout))?;
+            stream.set_write_timeout(Some(self.limits.timeout))?;
             let handle = stream.try_clone()?;
             let handler = Handler::new(Arc::clone(&self.guest), self.limits.memory)?;
             Ok::<_, io::Error>((handle, Arc::new(Mutex::new(handler))))
@@ -277,23 +276,33 @@ impl GuestServer {
         handler: &Mutex<Handler>,
     ) -> Ended {
         let lock = || handler.lock().unwrap_or_else(|e| e.into_inner());
-        let setup_deadline = Instant::now() + self.limits.setup_timeout;
+        let setup_deadline = Instant::now() + self.limits.timeout;
+        // Set when part of a message has arrived: the rest must follow by
+        // then. The vhost crate's reader retries a timed-out read forever,
+        // so a message is only handed to it once it is all there.
+        let mut message_deadline: Option<Instant> = None;
         loop {
             let mut state = lock();
-            let timeout = if state.owned() {
-                PollTimeout::NONE
-            } else {
-                match setup_deadline.checked_duration_since(Instant::now()) {
+            let deadline = match (state.owned(), message_deadline) {
+                (_, Some(deadline)) => Some((deadline, "to finish a message")),
+                (false, None) => Some((setup_deadline, "to claim the device (SET_OWNER)")),
+                (true, None) => None,
+            };
+            let timeout = match deadline {
+                None => PollTimeout::NONE,
+                Some((deadline, what)) => match deadline.checked_duration_since(Instant::now()) {
                     Some(left) if !left.is_zero() => timeout_of(left),
                     _ => {
                         return Ended::Closed(format!(
-                            "the VMM did not claim the device (SET_OWNER) within {:?}",
-                            self.limits.setup_timeout
+                            "the VMM took longer than {:?} {what}",
+                            self.limits.timeout
                         ));
                     }
-                }
+                },
             };
             let (kick, wake, timer) = state.wait_fds();
+            // While a message is incomplete the connection is polled for
+            // its rest with the deadline above, not spun on.
             let mut fds = vec![
                 PollFd::new(connection.as_fd(), PollFlags::POLLIN),
                 PollFd::new(self.stop_fd(), PollFlags::POLLIN),
@@ -328,33 +337,82 @@ impl GuestServer {
                 return Ended::Closed(format!("the VMM's guest memory is unusable: {refusal}"));
             }
             drop(state);
-            if ready[0] {
-                // Guest memory is touched by some messages too (a kick fd
-                // set on a ring with requests waiting).
-                let (result, faults) = fault_guard::guarded(|| requests.handle_request());
-                if faults > 0 {
-                    return Ended::Closed(format!(
-                        "its guest memory file shrank under the daemon ({faults} fault(s))"
-                    ));
-                }
-                match result {
-                    Ok(()) => {}
-                    Err(VhostUserError::Disconnected | VhostUserError::PartialMessage) => {
-                        return Ended::Disconnected;
-                    }
-                    Err(e) => {
-                        let refusal = lock().take_fatal();
-                        return Ended::Closed(match refusal {
-                            Some(refusal) => format!("the VMM sent {refusal}"),
-                            None => format!("bad message from the VMM: {e}"),
-                        });
-                    }
-                }
-                if let Some(refusal) = lock().take_fatal() {
-                    return Ended::Closed(format!("the VMM sent {refusal}"));
+            if !ready[0] {
+                continue;
+            }
+            match message_arrived(connection) {
+                Arrival::Whole => message_deadline = None,
+                Arrival::Partial => {
+                    message_deadline.get_or_insert(Instant::now() + self.limits.timeout);
+                    // Poll again for the rest; the stream stays readable
+                    // while the part waits, so pause instead of spinning.
+                    let _ = wait_readable(&[self.stop_fd()], timeout_of(PARTIAL_MESSAGE_POLL));
+                    continue;
                 }
             }
+            // Guest memory is touched by some messages too (a kick fd set on
+            // a ring with requests waiting).
+            let (result, faults) = fault_guard::guarded(|| requests.handle_request());
+            if faults > 0 {
+                return Ended::Closed(format!(
+                    "its guest memory file shrank under the daemon ({faults} fault(s))"
+                ));
+            }
+            match result {
+                Ok(()) => {}
+                Err(VhostUserError::Disconnected | VhostUserError::PartialMessage) => {
+                    return Ended::Disconnected;
+                }
+                Err(e) => {
+                    let refusal = lock().take_fatal();
+                    return Ended::Closed(match refusal {
+                        Some(refusal) => format!("the VMM sent {refusal}"),
+                        None => format!("bad message from the VMM: {e}"),
+                    });
+                }
+            }
+            if let Some(refusal) = lock().take_fatal() {
+                return Ended::Closed(format!("the VMM sent {refusal}"));
+            }
         }
+    }
+}
+
+/// How often an incomplete message is looked at again.
+const PARTIAL_MESSAGE_POLL: Duration = Duration::from_millis(10);
+
+/// vhost-user message header: request, flags, payload size (u32 each).
+const HEADER_LEN: usize = 12;
+
+enum Arrival {
+    /// A whole message is waiting, or the end of the stream or an error,
+    /// which the vhost crate's reader reports at once.
+    Whole,
+    /// Only part of a message has arrived.
+    Partial,
+}
+
+/// Looks, without taking anything, whether a whole message is waiting.
+fn message_arrived(connection: &UnixStream) -> Arrival {
+    let mut buf = [0u8; HEADER_LEN + MAX_MSG_SIZE];
+    let peek = |buf: &mut [u8]| {
+        nix::sys::socket::recv(
+            connection.as_raw_fd(),
+            buf,
+            MsgFlags::MSG_PEEK | MsgFlags::MSG_DONTWAIT,
+        )
+    };
+    match peek(&mut buf[..HEADER_LEN]) {
+        Ok(n) if n >= HEADER_LEN => {}
+        Ok(0) | Err(_) => return Arrival::Whole,
+        Ok(_) => return Arrival::Partial,
+    }
+    let size = u32::from_le_bytes([buf[8], buf[9], buf[10], buf[11]]) as usize;
+    // An oversized message is refused from its header alone.
+    let whole = HEADER_LEN + size.min(MAX_MSG_SIZE);
+    match peek(&mut buf[..whole]) {
+        Ok(n) if n < whole => Arrival::Partial,
+        _ => Arrival::Whole,
     }
 }
 
