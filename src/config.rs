@@ -1677,6 +1677,9 @@ mod tests {
         assert_eq!(config.vsock, Some(5564));
         assert_eq!(config.vsock_default_rate, Some(4096));
         assert_eq!(config.listen_tcp, Some("127.0.0.1:5565".parse().unwrap()));
+        assert_eq!(config.vhost_user_max_regions, Some(509));
+        assert_eq!(config.vhost_user_max_memory, Some(16 << 40));
+        assert_eq!(config.vhost_user_setup_timeout, Some(10));
         assert_eq!(
             config.defaults,
             GuestDefaults {
@@ -1922,7 +1925,8 @@ mod tests {
             err.to_string(),
             "/etc/vhost-rng.toml:3: unknown key 'max_rate' (valid: sources, mode, \
              reseed-bytes, reseed-secs, max-rate, socket-mode, socket-group, control, \
-             metrics, vsock, vsock-default-rate, listen-tcp, defaults, guest)"
+             metrics, vsock, vsock-default-rate, listen-tcp, vhost-user-max-regions, \
+             vhost-user-max-memory, vhost-user-setup-timeout, defaults, guest)"
         );
         assert_eq!(err.line(), Some(3));
         assert_eq!(err.key(), Some("max_rate"));
