@@ -370,15 +370,17 @@ pub fn spawn_client<S: ClientStream + 'static>(
     }
 }
 
-/// Fills `buf` from `client`, giving up at `deadline` (a socket timeout
-/// bounds each read, not their sum).
-pub fn read_exact_by(
+/// One read from `client` into `buf` (its byte count, 0 at the end of the
+/// stream), giving up at `deadline`. The building block of every exchange
+/// that must be over by a deadline: a socket timeout alone bounds each
+/// read, not their sum, so a peer sending a byte at a time would get as
+/// long as it liked.
+pub fn read_by(
     client: &mut dyn ClientStream,
     buf: &mut [u8],
     deadline: Instant,
-) -> io::Result<()> {
-    let mut got = 0;
-    while got < buf.len() {
+) -> io::Result<usize> {
+    loop {
         let left = deadline.saturating_duration_since(Instant::now());
         if left.is_zero() {
             return Err(io::Error::new(
@@ -387,9 +389,48 @@ pub fn read_exact_by(
             ));
         }
         client.set_read_timeout(Some(left))?;
-        match client.read(&mut buf[got..]) {
-            Ok(0) => return Err(io::ErrorKind::UnexpectedEof.into()),
-            Ok(n) => got += n,
+        match client.read(buf) {
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            result => return result,
+        }
+    }
+}
+
+/// Fills `buf` from `client`, giving up at `deadline`.
+pub fn read_exact_by(
+    client: &mut dyn ClientStream,
+    buf: &mut [u8],
+    deadline: Instant,
+) -> io::Result<()> {
+    let mut got = 0;
+    while got < buf.len() {
+        match read_by(client, &mut buf[got..], deadline)? {
+            0 => return Err(io::ErrorKind::UnexpectedEof.into()),
+            n => got += n,
+        }
+    }
+    Ok(())
+}
+
+/// Writes all of `data` to `client`, giving up at `deadline` however the
+/// client paces its reads.
+pub fn write_all_by(
+    client: &mut dyn ClientStream,
+    mut data: &[u8],
+    deadline: Instant,
+) -> io::Result<()> {
+    while !data.is_empty() {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return Err(io::Error::new(
+                io::ErrorKind::TimedOut,
+                "the client is too slow to take the answer",
+            ));
+        }
+        client.set_write_timeout(Some(left))?;
+        match client.write(data) {
+            Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+            Ok(n) => data = &data[n..],
             Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
             Err(e) => return Err(e),
         }
