@@ -18,7 +18,6 @@ use std::io::{self, BufRead, BufReader, Write};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::thread;
 use std::time::{Duration, Instant};
 
@@ -27,7 +26,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::config::GuestSpec;
 use crate::frontend::shared::ACCEPT_ERROR_PAUSE;
-use crate::frontend::stream::{read_by, refuse, write_all_by};
+use crate::frontend::stream::{Places, read_by, refuse, write_all_by};
 use crate::frontend::vhost_user::{GuestSocket, SocketAccess, SocketError};
 use crate::log_limit::RateLimitedLog;
 use crate::registry::Registry;
@@ -171,7 +170,7 @@ impl ControlServer {
 /// a client itself, so a full house only costs the next client a refusal.
 fn accept_loop(listener: &UnixListener, registry: &Arc<Registry>, timeout: Duration) {
     let errors = Arc::new(RateLimitedLog::per_minute(6));
-    let active = Arc::new(AtomicUsize::new(0));
+    let places = Places::new(MAX_CLIENTS);
     for client in listener.incoming() {
         let mut stream = match client {
             Ok(stream) => stream,
@@ -181,7 +180,7 @@ fn accept_loop(listener: &UnixListener, registry: &Arc<Registry>, timeout: Durat
                 continue;
             }
         };
-        let Some(slot) = ClientSlot::take(&active) else {
+        let Some(place) = places.take() else {
             refuse(&mut stream, &busy_reply());
             log_error(
                 &errors,
@@ -191,12 +190,12 @@ fn accept_loop(listener: &UnixListener, registry: &Arc<Registry>, timeout: Durat
         };
         let registry = Arc::clone(registry);
         let thread_errors = Arc::clone(&errors);
-        // If the thread cannot start, the closure (and the slot with it)
+        // If the thread cannot start, the closure (and the place with it)
         // is dropped, giving the place back.
         let spawned = thread::Builder::new()
             .name("control-client".into())
             .spawn(move || {
-                let _slot = slot;
+                let _place = place;
                 if let Err(e) = serve_client(stream, &registry, timeout) {
                     log_error(&thread_errors, &e);
                 }
@@ -224,26 +223,6 @@ fn busy_reply() -> Vec<u8> {
     let mut line = serde_json::to_vec(&response).unwrap_or_default();
     line.push(b'\n');
     line
-}
-
-/// A place among the clients served at once, given back when dropped.
-struct ClientSlot(Arc<AtomicUsize>);
-
-impl ClientSlot {
-    fn take(active: &Arc<AtomicUsize>) -> Option<ClientSlot> {
-        active
-            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| {
-                (n < MAX_CLIENTS).then_some(n + 1)
-            })
-            .ok()
-            .map(|_| ClientSlot(Arc::clone(active)))
-    }
-}
-
-impl Drop for ClientSlot {
-    fn drop(&mut self) {
-        self.0.fetch_sub(1, Ordering::SeqCst);
-    }
 }
 
 /// Reads one request line, answers it, within `timeout` of the client's
@@ -331,15 +310,13 @@ mod tests {
         (server, path)
     }
 
-    /// Threads of this process named `name`. By name, not all of them: the
-    /// other tests of the process start and end threads of their own.
-    fn threads_named(name: &str) -> usize {
-        std::fs::read_dir("/proc/self/task")
-            .unwrap()
-            .filter_map(|task| std::fs::read_to_string(task.ok()?.path().join("comm")).ok())
-            .filter(|comm| comm.trim_end() == name)
-            .count()
+    fn client_threads() -> usize {
+        crate::testing::threads_named("control-client").unwrap()
     }
+
+    /// Held by the tests that hold clients open, so that they do not count
+    /// each other's threads.
+    static HOLDING_CLIENTS: std::sync::Mutex<()> = std::sync::Mutex::new(());
 
     /// Waits, at most 10 s, for `done`.
     fn wait_for(what: &str, mut done: impl FnMut() -> bool) {
@@ -402,15 +379,17 @@ mod tests {
         // Long enough that the idle clients are surely still held when the
         // request is made.
         let timeout = Duration::from_secs(10);
+        let _holding = HOLDING_CLIENTS.lock().unwrap_or_else(|e| e.into_inner());
         let (_server, path) = server(dir.path(), timeout);
-        let baseline = threads_named("control-client");
+        // The dribbling test's client lasts 1 s.
+        wait_for("the other tests' client threads to end", || {
+            client_threads() == 0
+        });
 
         let idle: Vec<UnixStream> = (0..8)
             .map(|_| UnixStream::connect(&path).unwrap())
             .collect();
-        wait_for("a thread for each idle client", || {
-            threads_named("control-client") >= baseline + 8
-        });
+        wait_for("a thread for each idle client", || client_threads() >= 8);
         // Served while all 8 are still connected, before their deadline:
         // one client at a time, it would wait for all of theirs.
         let started = Instant::now();
@@ -420,13 +399,12 @@ mod tests {
         assert_eq!(list, Response::Guests { guests: vec![] });
 
         drop(idle);
-        wait_for("the client threads to end", || {
-            threads_named("control-client") <= baseline
-        });
+        wait_for("the client threads to end", || client_threads() == 0);
     }
 
     #[test]
     fn clients_beyond_the_limit_are_told_the_daemon_is_busy() {
+        let _holding = HOLDING_CLIENTS.lock().unwrap_or_else(|e| e.into_inner());
         let dir = tempfile::tempdir().unwrap();
         // Long enough that the idle clients keep their places throughout.
         let (_server, path) = server(dir.path(), Duration::from_secs(30));

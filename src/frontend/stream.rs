@@ -8,7 +8,7 @@ use std::io::{self, Read, Write};
 use std::net::TcpStream;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
 use std::os::unix::net::UnixStream;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::thread;
 use std::time::{Duration, Instant};
@@ -251,6 +251,45 @@ pub fn refuse(client: &mut dyn ClientStream, reply: &[u8]) {
         .is_some_and(|socket| set_nonblocking(socket).is_ok())
     {
         let _ = client.write_all(reply).and_then(|()| client.flush());
+    }
+}
+
+/// A bound on connections served at once, each on a thread of its own
+/// (the control socket's, the metrics endpoint's): a place is taken before
+/// the thread starts and given back when the thread drops it, so a caller
+/// that finds none can refuse at once instead of waiting.
+#[derive(Debug)]
+pub struct Places {
+    limit: usize,
+    taken: Arc<AtomicUsize>,
+}
+
+/// One taken place of [`Places`], given back when dropped.
+#[derive(Debug)]
+pub struct Place(Arc<AtomicUsize>);
+
+impl Places {
+    pub fn new(limit: usize) -> Self {
+        Places {
+            limit,
+            taken: Arc::new(AtomicUsize::new(0)),
+        }
+    }
+
+    /// A place, or `None` if all are taken.
+    pub fn take(&self) -> Option<Place> {
+        self.taken
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| {
+                (n < self.limit).then_some(n + 1)
+            })
+            .ok()
+            .map(|_| Place(Arc::clone(&self.taken)))
+    }
+}
+
+impl Drop for Place {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::SeqCst);
     }
 }
 
