@@ -14,17 +14,19 @@
 //! <- {"result":"error","message":"no guest named vm9"}
 //! ```
 
-use std::io::{BufRead, BufReader, Read, Write};
-use std::os::unix::net::UnixStream;
+use std::io::{self, BufRead, BufReader, Write};
+use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::thread;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use log::{info, warn};
 use serde::{Deserialize, Serialize};
 
 use crate::config::GuestSpec;
+use crate::frontend::shared::ACCEPT_ERROR_PAUSE;
+use crate::frontend::stream::{Places, read_by, refuse, write_all_by};
 use crate::frontend::vhost_user::{GuestSocket, SocketAccess, SocketError};
 use crate::log_limit::RateLimitedLog;
 use crate::registry::Registry;
@@ -33,9 +35,14 @@ use crate::status::{DaemonStatus, GuestStatus};
 /// Where the control socket is when the daemon runs as root.
 pub const DEFAULT_CONTROL_PATH: &str = "/run/vhost-rng/control.sock";
 /// A request line longer than this is refused.
-const MAX_REQUEST: u64 = 64 * 1024;
-/// A client gets this long to send its request and read the answer.
-const CLIENT_TIMEOUT: Duration = Duration::from_secs(5);
+const MAX_REQUEST: usize = 64 * 1024;
+/// A client gets this long in all to send its request and read the answer.
+pub const CLIENT_TIMEOUT: Duration = Duration::from_secs(5);
+/// Clients served at once; more are refused at once, so clients that never
+/// finish cannot make the daemon start threads without bound. `vhost-rng`
+/// commands take milliseconds each: 16 leaves room for scripts running
+/// several at once, and for a few stuck clients besides.
+pub const MAX_CLIENTS: usize = 16;
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "command", rename_all = "kebab-case")]
@@ -99,15 +106,27 @@ pub fn handle(registry: &Registry, request: Request) -> Response {
     result.unwrap_or_else(|message| Response::Error { message })
 }
 
-/// The daemon's end: listens on `path` and serves clients one at a time on
-/// a thread of its own (each with a timeout, so one stuck client cannot
-/// keep the others out for long).
+/// The daemon's end: listens on `path` and serves each client on a thread
+/// of its own, at most [`MAX_CLIENTS`] at once. Each client has
+/// [`CLIENT_TIMEOUT`] in all to send its request and take the answer, so a
+/// client that is slow or stuck (or sends a byte now and then) holds one
+/// place for that long at most and never keeps the others waiting.
 pub struct ControlServer {
     socket: GuestSocket,
 }
 
 impl ControlServer {
     pub fn start(path: &Path, registry: Arc<Registry>) -> Result<Self, SocketError> {
+        Self::start_with_timeout(path, registry, CLIENT_TIMEOUT)
+    }
+
+    /// [`ControlServer::start`], giving each client `timeout` instead of
+    /// [`CLIENT_TIMEOUT`] (tests use a short one).
+    pub fn start_with_timeout(
+        path: &Path,
+        registry: Arc<Registry>,
+        timeout: Duration,
+    ) -> Result<Self, SocketError> {
         if path == Path::new(DEFAULT_CONTROL_PATH)
             && let Some(dir) = path.parent()
             && !dir.exists()
@@ -131,17 +150,7 @@ impl ControlServer {
         let shown = path.display().to_string();
         thread::Builder::new()
             .name("control".into())
-            .spawn(move || {
-                let errors = RateLimitedLog::per_minute(6);
-                for client in listener.incoming() {
-                    let result = client.and_then(|stream| serve_client(stream, &registry));
-                    if let Err(e) = result
-                        && let Some(suppressed) = errors.permit()
-                    {
-                        warn!("control socket: {e} ({suppressed} similar messages suppressed)");
-                    }
-                }
-            })
+            .spawn(move || accept_loop(&listener, &registry, timeout))
             .map_err(|error| SocketError::Io {
                 path: path.to_owned(),
                 action: "start the control thread",
@@ -157,22 +166,107 @@ impl ControlServer {
     }
 }
 
-fn serve_client(stream: UnixStream, registry: &Registry) -> std::io::Result<()> {
-    stream.set_read_timeout(Some(CLIENT_TIMEOUT))?;
-    stream.set_write_timeout(Some(CLIENT_TIMEOUT))?;
-    let mut line = String::new();
-    BufReader::new((&stream).take(MAX_REQUEST)).read_line(&mut line)?;
-    let response = match serde_json::from_str::<Request>(line.trim_end()) {
+/// Accepts clients and hands each to a thread of its own; never waits for
+/// a client itself, so a full house only costs the next client a refusal.
+fn accept_loop(listener: &UnixListener, registry: &Arc<Registry>, timeout: Duration) {
+    let errors = Arc::new(RateLimitedLog::per_minute(6));
+    let places = Places::new(MAX_CLIENTS);
+    for client in listener.incoming() {
+        let mut stream = match client {
+            Ok(stream) => stream,
+            Err(e) => {
+                log_error(&errors, &e);
+                thread::sleep(ACCEPT_ERROR_PAUSE);
+                continue;
+            }
+        };
+        let Some(place) = places.take() else {
+            refuse(&mut stream, &busy_reply());
+            log_error(
+                &errors,
+                &format!("{MAX_CLIENTS} clients are being served already; one refused"),
+            );
+            continue;
+        };
+        let registry = Arc::clone(registry);
+        let thread_errors = Arc::clone(&errors);
+        // If the thread cannot start, the closure (and the place with it)
+        // is dropped, giving the place back.
+        let spawned = thread::Builder::new()
+            .name("control-client".into())
+            .spawn(move || {
+                let _place = place;
+                if let Err(e) = serve_client(stream, &registry, timeout) {
+                    log_error(&thread_errors, &e);
+                }
+            });
+        if let Err(e) = spawned {
+            log_error(&errors, &format!("cannot start a client thread: {e}"));
+        }
+    }
+}
+
+fn log_error(errors: &RateLimitedLog, error: &dyn std::fmt::Display) {
+    if let Some(suppressed) = errors.permit() {
+        warn!("control socket: {error} ({suppressed} similar messages suppressed)");
+    }
+}
+
+/// What a client refused for want of a place is told, if its socket takes
+/// it at once.
+fn busy_reply() -> Vec<u8> {
+    let response = Response::Error {
+        message: format!(
+            "the daemon is serving {MAX_CLIENTS} control clients already; try again in a few seconds"
+        ),
+    };
+    let mut line = serde_json::to_vec(&response).unwrap_or_default();
+    line.push(b'\n');
+    line
+}
+
+/// Reads one request line, answers it, within `timeout` of the client's
+/// time in all: the clock stops while the daemon carries the request out
+/// (adding a guest may take a while), which is not the client's doing.
+fn serve_client(mut stream: UnixStream, registry: &Registry, timeout: Duration) -> io::Result<()> {
+    let deadline = Instant::now() + timeout;
+    let line = read_request_line(&mut stream, deadline)?;
+    let read_at = Instant::now();
+    let response = match serde_json::from_slice::<Request>(line.trim_ascii_end()) {
         Ok(request) => handle(registry, request),
         Err(e) => Response::Error {
             message: format!("bad request: {e}"),
         },
     };
-    send_line(&stream, &response)
+    let left = deadline.saturating_duration_since(read_at);
+    let mut answer = serde_json::to_vec(&response).map_err(io::Error::other)?;
+    answer.push(b'\n');
+    write_all_by(&mut stream, &answer, Instant::now() + left)
 }
 
-fn send_line<T: Serialize>(mut stream: &UnixStream, value: &T) -> std::io::Result<()> {
-    let mut line = serde_json::to_vec(value).map_err(std::io::Error::other)?;
+/// Reads up to the end of the first line (or of the stream), at most
+/// [`MAX_REQUEST`] bytes, by `deadline`.
+fn read_request_line(stream: &mut UnixStream, deadline: Instant) -> io::Result<Vec<u8>> {
+    let mut line = Vec::new();
+    let mut chunk = [0u8; 4096];
+    while line.len() < MAX_REQUEST {
+        let n = read_by(stream, &mut chunk, deadline)?;
+        if n == 0 {
+            break;
+        }
+        let got = &chunk[..n];
+        if let Some(end) = got.iter().position(|&b| b == b'\n') {
+            line.extend_from_slice(&got[..end]);
+            break;
+        }
+        line.extend_from_slice(got);
+    }
+    line.truncate(MAX_REQUEST);
+    Ok(line)
+}
+
+fn send_line<T: Serialize>(mut stream: &UnixStream, value: &T) -> io::Result<()> {
+    let mut line = serde_json::to_vec(value).map_err(io::Error::other)?;
     line.push(b'\n');
     stream.write_all(&line)
 }
@@ -203,6 +297,142 @@ pub fn request(path: &Path, request: &Request) -> Result<Response, ControlError>
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::io::Read;
+
+    /// A control server on a socket in `dir`, giving each client `timeout`.
+    fn server(dir: &Path, timeout: Duration) -> (ControlServer, PathBuf) {
+        let path = dir.join("control.sock");
+        let registry = Registry::new(
+            crate::pool::os_pool(),
+            crate::frontend::vhost_user::SocketAccess::default(),
+        );
+        let server = ControlServer::start_with_timeout(&path, registry, timeout).unwrap();
+        (server, path)
+    }
+
+    fn client_threads() -> usize {
+        crate::testing::threads_named("control-client").unwrap()
+    }
+
+    /// Held by the tests that hold clients open, so that they do not count
+    /// each other's threads.
+    static HOLDING_CLIENTS: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+    /// Waits, at most 10 s, for `done`.
+    fn wait_for(what: &str, mut done: impl FnMut() -> bool) {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !done() {
+            assert!(Instant::now() < deadline, "never happened: {what}");
+            thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    fn assert_status_works(path: &Path) {
+        let response = request(path, &Request::Status).unwrap();
+        assert!(matches!(response, Response::Status { .. }), "{response:?}");
+    }
+
+    #[test]
+    fn a_client_dribbling_its_request_is_dropped_at_the_deadline() {
+        let dir = tempfile::tempdir().unwrap();
+        let timeout = Duration::from_secs(1);
+        let (_server, path) = server(dir.path(), timeout);
+        let mut dribbler = UnixStream::connect(&path).unwrap();
+        dribbler
+            .set_read_timeout(Some(Duration::from_secs(20)))
+            .unwrap();
+        let mut writer = dribbler.try_clone().unwrap();
+        let started = Instant::now();
+        // A byte every 300 ms, never a line end: each read is well within
+        // the timeout, all of them together (6 s) are not.
+        let sender = thread::spawn(move || {
+            for &b in br#"{"command":"status"    "# {
+                if writer.write_all(&[b]).is_err() {
+                    break;
+                }
+                thread::sleep(Duration::from_millis(300));
+            }
+        });
+        let mut answer = Vec::new();
+        let result = dribbler.read_to_end(&mut answer);
+        let dropped_after = started.elapsed();
+        assert!(
+            result.is_ok()
+                || result
+                    .as_ref()
+                    .is_err_and(|e| e.kind() == io::ErrorKind::ConnectionReset),
+            "{result:?}"
+        );
+        assert!(answer.is_empty(), "{:?}", String::from_utf8_lossy(&answer));
+        assert!(dropped_after >= timeout, "{dropped_after:?}");
+        assert!(
+            dropped_after < timeout + Duration::from_secs(2),
+            "held for {dropped_after:?}"
+        );
+        sender.join().unwrap();
+        assert_status_works(&path);
+    }
+
+    #[test]
+    fn idle_clients_do_not_keep_others_out_and_their_threads_end() {
+        let dir = tempfile::tempdir().unwrap();
+        // Long enough that the idle clients are surely still held when the
+        // request is made.
+        let timeout = Duration::from_secs(10);
+        let _holding = HOLDING_CLIENTS.lock().unwrap_or_else(|e| e.into_inner());
+        let (_server, path) = server(dir.path(), timeout);
+        // The dribbling test's client lasts 1 s.
+        wait_for("the other tests' client threads to end", || {
+            client_threads() == 0
+        });
+
+        let idle: Vec<UnixStream> = (0..8)
+            .map(|_| UnixStream::connect(&path).unwrap())
+            .collect();
+        wait_for("a thread for each idle client", || client_threads() >= 8);
+        // Served while all 8 are still connected, before their deadline:
+        // one client at a time, it would wait for all of theirs.
+        let started = Instant::now();
+        assert_status_works(&path);
+        assert!(started.elapsed() < timeout, "{:?}", started.elapsed());
+        let list = request(&path, &Request::GuestList).unwrap();
+        assert_eq!(list, Response::Guests { guests: vec![] });
+
+        drop(idle);
+        wait_for("the client threads to end", || client_threads() == 0);
+    }
+
+    #[test]
+    fn clients_beyond_the_limit_are_told_the_daemon_is_busy() {
+        let _holding = HOLDING_CLIENTS.lock().unwrap_or_else(|e| e.into_inner());
+        let dir = tempfile::tempdir().unwrap();
+        // Long enough that the idle clients keep their places throughout.
+        let (_server, path) = server(dir.path(), Duration::from_secs(30));
+        let idle: Vec<UnixStream> = (0..MAX_CLIENTS)
+            .map(|_| UnixStream::connect(&path).unwrap())
+            .collect();
+        // Every place is taken once a new client is refused; until then the
+        // accept thread may not have handed out all of them.
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let refusal = loop {
+            match request(&path, &Request::Status) {
+                Err(ControlError::Refused(message)) => break message,
+                Ok(_) => {
+                    assert!(Instant::now() < deadline, "never refused");
+                    thread::sleep(Duration::from_millis(10));
+                }
+                Err(e) => panic!("{e}"),
+            }
+        };
+        assert!(
+            refusal.contains(&format!("serving {MAX_CLIENTS} control clients already")),
+            "{refusal}"
+        );
+        drop(idle);
+        wait_for("a place to free up", || {
+            request(&path, &Request::Status).is_ok()
+        });
+    }
 
     #[test]
     fn requests_and_responses_have_a_stable_wire_form() {

@@ -6,14 +6,16 @@
 //! snapshot through the closure given to [`MetricsServer::start`], encodes it
 //! through a registry built for that scrape alone, and throws both away.
 //!
-//! The server answers one connection at a time on its own thread. Every
-//! client gets [`IO_TIMEOUT`] to send its request head (at most
-//! [`MAX_REQUEST_HEAD`] bytes) and as long again to take the response, so a
-//! slow or hostile client delays the next scrape by seconds at most and
-//! never touches the daemon's other threads.
+//! The server answers each connection on a thread of its own, at most
+//! [`MAX_CONNECTIONS`] at once; a connection beyond those is closed at once
+//! rather than queued. Every client gets [`IO_TIMEOUT`] in all to send its
+//! request head (at most [`MAX_REQUEST_HEAD`] bytes) and as long again to
+//! take the response, so a slow or hostile client holds one place for
+//! seconds at most, never delays the scrapes beside it, and never touches
+//! the daemon's other threads.
 
 use std::fmt;
-use std::io::{self, Read, Write};
+use std::io::{self, Read};
 use std::net::{Ipv4Addr, Ipv6Addr, Shutdown, SocketAddr, TcpListener, TcpStream};
 use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::sync::Arc;
@@ -29,6 +31,7 @@ use prometheus_client::metrics::counter::ConstCounter;
 use prometheus_client::metrics::gauge::ConstGauge;
 use prometheus_client::registry::Registry;
 
+use crate::frontend::stream::{Places, read_by, write_all_by};
 use crate::log_limit::RateLimitedLog;
 use crate::status::{DaemonStatus, GuestStatus, ListenerStatus, SourceStatus};
 
@@ -41,9 +44,16 @@ pub const PREFIX: &str = "vhost_rng";
 /// The values of the `state` label of `vhost_rng_source_state`.
 pub const SOURCE_STATES: [&str; 4] = ["starting", "healthy", "quarantined", "failed"];
 
-/// How long a client may take to send its request head, and separately how
-/// long it may take to accept the response.
+/// How long a client may take to send its request head, all reads
+/// together, and separately how long it may take to accept the response.
 pub const IO_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// Connections served at once. A Prometheus server scrapes over one
+/// connection at a time, so this is room for several scrapers and for
+/// clients that connect and say nothing (which each hold a place for
+/// [`IO_TIMEOUT`]); beyond it new connections are closed at once, so they
+/// cannot make the daemon start threads without bound.
+pub const MAX_CONNECTIONS: usize = 32;
 
 /// The longest request head (request line and header fields) read.
 pub const MAX_REQUEST_HEAD: usize = 8 * 1024;
@@ -366,15 +376,25 @@ impl fmt::Debug for MetricsServer {
 
 impl MetricsServer {
     /// Binds `addr` (so a bad or busy address is reported here, at
-    /// start-up) and serves from a new thread. `snapshot` is called once per
-    /// scrape, on that thread.
+    /// start-up) and serves from new threads. `snapshot` is called once per
+    /// scrape, on the thread serving the scrape.
     pub fn start(addr: SocketAddr, snapshot: SnapshotFn) -> io::Result<MetricsServer> {
+        Self::start_with_timeout(addr, snapshot, IO_TIMEOUT)
+    }
+
+    /// [`MetricsServer::start`], giving each client `io_timeout` instead of
+    /// [`IO_TIMEOUT`] (tests use a short one).
+    pub fn start_with_timeout(
+        addr: SocketAddr,
+        snapshot: SnapshotFn,
+        io_timeout: Duration,
+    ) -> io::Result<MetricsServer> {
         let listener = TcpListener::bind(addr)?;
         let local_addr = listener.local_addr()?;
         let stop = Arc::new(AtomicBool::new(false));
         let thread = thread::Builder::new().name("metrics".into()).spawn({
             let stop = Arc::clone(&stop);
-            move || serve(&listener, &*snapshot, &stop)
+            move || serve(&listener, &snapshot, io_timeout, &stop)
         })?;
         Ok(MetricsServer {
             local_addr,
@@ -389,8 +409,9 @@ impl MetricsServer {
         self.local_addr
     }
 
-    /// Stops serving once the client being served, if any, is done (a few
-    /// seconds at most), and closes the listening socket.
+    /// Stops accepting connections and closes the listening socket; the
+    /// connections being served end on their own threads (within their
+    /// timeouts).
     pub fn shutdown(mut self) {
         self.stop_and_join();
     }
@@ -426,24 +447,17 @@ impl Drop for MetricsServer {
     }
 }
 
-fn serve(
-    listener: &TcpListener,
-    snapshot: &(dyn Fn() -> DaemonStatus + Send + Sync),
-    stop: &AtomicBool,
-) {
+fn serve(listener: &TcpListener, snapshot: &SnapshotFn, io_timeout: Duration, stop: &AtomicBool) {
     let accept_log = RateLimitedLog::per_minute(5);
-    let failure_log = RateLimitedLog::per_minute(5);
+    let busy_log = RateLimitedLog::per_minute(5);
+    let failure_log = Arc::new(RateLimitedLog::per_minute(5));
+    let places = Places::new(MAX_CONNECTIONS);
     for incoming in listener.incoming() {
         if stop.load(Ordering::SeqCst) {
             break;
         }
-        match incoming {
-            Ok(stream) => {
-                let peer = stream.peer_addr().ok();
-                if let Err(e) = handle(stream, snapshot, &failure_log) {
-                    debug!("metrics: client {peer:?}: {e}");
-                }
-            }
+        let stream = match incoming {
+            Ok(stream) => stream,
             Err(e) => {
                 if let Some(suppressed) = accept_log.permit() {
                     warn!(
@@ -452,7 +466,40 @@ fn serve(
                     );
                 }
                 thread::sleep(ACCEPT_ERROR_PAUSE);
+                continue;
             }
+        };
+        let peer = stream.peer_addr().ok();
+        // Closed at once: queued, it would wait behind the idle ones.
+        let Some(place) = places.take() else {
+            if let Some(suppressed) = busy_log.permit() {
+                warn!(
+                    "metrics: {MAX_CONNECTIONS} connections are being served already; \
+                     closed one from {peer:?}{}",
+                    suppressed_note(suppressed)
+                );
+            }
+            continue;
+        };
+        let snapshot = Arc::clone(snapshot);
+        let failure_log = Arc::clone(&failure_log);
+        // If the thread cannot start, the closure (and the place with it)
+        // is dropped, giving the place back.
+        let spawned = thread::Builder::new()
+            .name("metrics-client".into())
+            .spawn(move || {
+                let _place = place;
+                if let Err(e) = handle(stream, &*snapshot, &failure_log, io_timeout) {
+                    debug!("metrics: client {peer:?}: {e}");
+                }
+            });
+        if let Err(e) = spawned
+            && let Some(suppressed) = accept_log.permit()
+        {
+            warn!(
+                "metrics: cannot start a thread for a client: {e}{}",
+                suppressed_note(suppressed)
+            );
         }
     }
 }
@@ -470,9 +517,10 @@ fn handle(
     mut stream: TcpStream,
     snapshot: &(dyn Fn() -> DaemonStatus + Send + Sync),
     failure_log: &RateLimitedLog,
+    io_timeout: Duration,
 ) -> io::Result<()> {
     let mut buf = [0u8; MAX_REQUEST_HEAD];
-    let response = match read_head(&mut stream, &mut buf, Instant::now() + IO_TIMEOUT) {
+    let response = match read_head(&mut stream, &mut buf, Instant::now() + io_timeout) {
         Ok(request) => respond(&request, snapshot, failure_log),
         // Nothing to answer: the client went away, or never said anything.
         Err(HeadError::Closed) | Err(HeadError::Idle) => return Ok(()),
@@ -490,7 +538,7 @@ fn handle(
     write_all_by(
         &mut stream,
         &response.to_bytes(),
-        Instant::now() + IO_TIMEOUT,
+        Instant::now() + io_timeout,
     )?;
     linger(&mut stream);
     Ok(())
@@ -545,23 +593,15 @@ fn read_head(
         if len == buf.len() {
             return Err(HeadError::TooLarge);
         }
-        let remaining = deadline.saturating_duration_since(Instant::now());
         let timed_out = if len == 0 {
             HeadError::Idle
         } else {
             HeadError::TimedOut
         };
-        if remaining.is_zero() {
-            return Err(timed_out);
-        }
-        stream
-            .set_read_timeout(Some(remaining))
-            .map_err(HeadError::Io)?;
-        match stream.read(&mut buf[len..]) {
+        match read_by(stream, &mut buf[len..], deadline) {
             Ok(0) if len == 0 => return Err(HeadError::Closed),
             Ok(0) => return Err(HeadError::Truncated),
             Ok(n) => len += n,
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
             Err(e)
                 if matches!(
                     e.kind(),
@@ -706,28 +746,6 @@ impl Response {
     }
 }
 
-/// `write_all`, but giving up at `deadline` however the client paces its
-/// reads.
-fn write_all_by(stream: &mut TcpStream, mut data: &[u8], deadline: Instant) -> io::Result<()> {
-    while !data.is_empty() {
-        let remaining = deadline.saturating_duration_since(Instant::now());
-        if remaining.is_zero() {
-            return Err(io::Error::new(
-                io::ErrorKind::TimedOut,
-                "client too slow to take the response",
-            ));
-        }
-        stream.set_write_timeout(Some(remaining))?;
-        match stream.write(data) {
-            Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
-            Ok(n) => data = &data[n..],
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-            Err(e) => return Err(e),
-        }
-    }
-    Ok(())
-}
-
 /// Ends the response with a FIN, then reads and drops whatever the client
 /// still sends for a moment, so the close does not reset the connection
 /// before the client has read the response.
@@ -757,6 +775,7 @@ mod tests {
     use super::*;
     use crate::status::PoolStatus;
     use std::collections::HashMap;
+    use std::io::Write;
     use std::sync::atomic::AtomicUsize;
 
     fn guest(name: &str, limited: bool) -> GuestStatus {
@@ -1539,6 +1558,106 @@ mod tests {
         );
         let answer = dribbler.join().unwrap();
         assert!(answer.starts_with("HTTP/1.1 408 "), "{answer:?}");
+    }
+
+    fn client_threads() -> usize {
+        crate::testing::threads_named("metrics-client").unwrap()
+    }
+
+    /// Held by the tests that count client threads, so that they do not
+    /// count each other's.
+    static COUNTING_THREADS: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+    /// Waits, at most 10 s, for `done`.
+    fn wait_for(what: &str, mut done: impl FnMut() -> bool) {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !done() {
+            assert!(Instant::now() < deadline, "never happened: {what}");
+            thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    /// A GET /metrics that may be turned away: its status, or `None`.
+    fn try_scrape(addr: SocketAddr) -> Option<u16> {
+        let mut stream = TcpStream::connect(addr).ok()?;
+        stream
+            .set_read_timeout(Some(Duration::from_secs(10)))
+            .ok()?;
+        stream
+            .write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
+            .ok()?;
+        let mut raw = Vec::new();
+        stream.read_to_end(&mut raw).ok()?;
+        let text = String::from_utf8_lossy(&raw);
+        text.strip_prefix("HTTP/1.1 ")?.get(..3)?.parse().ok()
+    }
+
+    #[test]
+    fn idle_connections_do_not_hold_up_a_scrape_and_their_threads_end() {
+        let _counting = COUNTING_THREADS.lock().unwrap_or_else(|e| e.into_inner());
+        // Long, so the idle connections are surely all held during the
+        // scrape: served one at a time, it would wait for every one.
+        let timeout = Duration::from_secs(10);
+        let snapshot: SnapshotFn = Arc::new(sample_status);
+        let server =
+            MetricsServer::start_with_timeout("127.0.0.1:0".parse().unwrap(), snapshot, timeout)
+                .unwrap();
+        let addr = server.local_addr();
+        // The other tests' clients last 2 s at most.
+        wait_for("the other tests' client threads to end", || {
+            client_threads() == 0
+        });
+
+        let idle: Vec<TcpStream> = (0..20).map(|_| TcpStream::connect(addr).unwrap()).collect();
+        wait_for("a thread for each idle connection", || {
+            client_threads() >= 20
+        });
+        let started = Instant::now();
+        assert_scrape_ok(addr);
+        assert!(started.elapsed() < timeout, "{:?}", started.elapsed());
+
+        drop(idle);
+        wait_for("the idle connections' threads to end", || {
+            client_threads() == 0
+        });
+    }
+
+    #[test]
+    fn connections_beyond_the_limit_are_closed_at_once() {
+        let _counting = COUNTING_THREADS.lock().unwrap_or_else(|e| e.into_inner());
+        let timeout = Duration::from_secs(30);
+        let snapshot: SnapshotFn = Arc::new(sample_status);
+        let server =
+            MetricsServer::start_with_timeout("127.0.0.1:0".parse().unwrap(), snapshot, timeout)
+                .unwrap();
+        let addr = server.local_addr();
+        // Accepted in the order they connected: these take every place.
+        let idle: Vec<TcpStream> = (0..MAX_CONNECTIONS)
+            .map(|_| TcpStream::connect(addr).unwrap())
+            .collect();
+        // Closed without an answer, long before the idle ones' timeout (a
+        // queued connection would wait 30 s and then hit the read timeout).
+        let mut extra = TcpStream::connect(addr).unwrap();
+        extra
+            .set_read_timeout(Some(Duration::from_secs(10)))
+            .unwrap();
+        let mut raw = Vec::new();
+        let closed = extra.read_to_end(&mut raw);
+        assert!(
+            closed.is_ok()
+                || closed
+                    .as_ref()
+                    .is_err_and(|e| e.kind() == io::ErrorKind::ConnectionReset),
+            "{closed:?}"
+        );
+        assert!(raw.is_empty());
+
+        drop(idle);
+        // The places come back as the idle connections' threads see them
+        // close; until then a scrape may still be turned away.
+        wait_for("a scrape to be served again", || {
+            try_scrape(addr) == Some(200)
+        });
     }
 
     #[test]

@@ -285,6 +285,10 @@ pub enum HandshakeError {
         "the host closed the connection during the handshake: it does not accept this guest's name or pre-shared key"
     )]
     Refused,
+    #[error(
+        "the host closed the connection without reading the handshake: it may be busy (too many connections in their handshake at once); this says nothing about the guest's name or key"
+    )]
+    Dropped,
     #[error("Noise handshake failed: {0}")]
     Noise(String),
 }
@@ -513,9 +517,12 @@ impl<S: fmt::Debug> fmt::Debug for SecureStream<S> {
 /// Client side: sends the hello naming `identity` and Noise message 1, then
 /// reads message 2. Timeouts are the caller's: set them on `stream` first.
 ///
-/// [`HandshakeError::Refused`] means the server closed the connection
-/// instead of answering, which is what it does for a wrong key or a name it
-/// does not know (it does not say which).
+/// [`HandshakeError::Refused`] means the server read the hello and message
+/// 1 and then closed the connection instead of answering, which is what it
+/// does for a wrong key or a name it does not know (it does not say
+/// which). [`HandshakeError::Dropped`] means it reset the connection
+/// without reading them, which is what it does when it has too many
+/// handshakes in progress.
 pub fn connect_handshake<S: Read + Write>(
     mut stream: S,
     identity: &str,
@@ -530,21 +537,35 @@ pub fn connect_handshake<S: Read + Write>(
     // The hello and message 1 go out in one write, usually one segment.
     let mut first = hello;
     push_frame(&mut first, &message[..len]);
-    stream.write_all(&first)?;
-    stream.flush()?;
+    // A reset (seen as such, or as a broken pipe once it has been) is a
+    // close with what we sent unread.
+    let reset = |e: &io::Error| {
+        matches!(
+            e.kind(),
+            io::ErrorKind::ConnectionReset
+                | io::ErrorKind::BrokenPipe
+                | io::ErrorKind::ConnectionAborted
+        )
+    };
+    if let Err(e) = stream.write_all(&first).and_then(|()| stream.flush()) {
+        return Err(if reset(&e) {
+            HandshakeError::Dropped
+        } else {
+            e.into()
+        });
+    }
 
     let reply = match read_handshake_frame(&mut stream, 2) {
         Ok(reply) => reply?,
-        // The server reads all we sent before it gives up, so a refusal is
-        // an orderly close; a reset is treated the same in case it was not.
-        Err(e)
-            if matches!(
-                e.kind(),
-                io::ErrorKind::UnexpectedEof | io::ErrorKind::ConnectionReset
-            ) =>
-        {
+        // The server reads all we sent before it refuses a name or a key,
+        // so that refusal is an orderly close. Over its handshake limits it
+        // closes at once with a reset, without reading: that is not a
+        // verdict on the key, and must not send the operator looking for a
+        // wrong one.
+        Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => {
             return Err(HandshakeError::Refused);
         }
+        Err(e) if reset(&e) => return Err(HandshakeError::Dropped),
         Err(e) => return Err(e.into()),
     };
     noise.read_message(&reply, &mut []).map_err(|e| match e {

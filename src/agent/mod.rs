@@ -268,6 +268,12 @@ impl AgentError {
                 error: HandshakeError::Io(e),
                 ..
             } if is_timeout(e) => "timeout",
+            // Not "credentials-refused": a busy host says nothing about
+            // the key.
+            AgentError::Handshake {
+                error: HandshakeError::Dropped,
+                ..
+            } => "connection-closed",
             AgentError::Handshake { .. } => "handshake",
             AgentError::Protocol { error, .. } => match error {
                 ProtocolError::Server(Status::BadRequest) => "server-bad-request",
@@ -440,7 +446,20 @@ fn connect(
             "{endpoint} needs the guest's name and pre-shared key"
         )));
     };
-    let stream = connect_tcp(host, *port, IO_TIMEOUT).map_err(connect_error)?;
+    let stream = match connect_tcp(host, *port, IO_TIMEOUT) {
+        Ok(stream) => stream,
+        // Connected, then reset (a port nobody listens on refuses the
+        // connection instead): the daemon closing a connection over its
+        // handshake limits as soon as it accepts it, quicker than
+        // connect_tcp could see the connection up.
+        Err(e) if e.kind() == io::ErrorKind::ConnectionReset => {
+            return Err(AgentError::Handshake {
+                endpoint: endpoint.clone(),
+                error: HandshakeError::Dropped,
+            });
+        }
+        Err(e) => return Err(connect_error(e)),
+    };
     // The socket's timeouts bound each step of the handshake too.
     match noise::connect_handshake(stream, &credentials.name, &credentials.psk) {
         Ok(stream) => Ok(Connection::Tcp(Box::new(stream))),

@@ -8,7 +8,7 @@ use std::io::{self, Read, Write};
 use std::net::TcpStream;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
 use std::os::unix::net::UnixStream;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::thread;
 use std::time::{Duration, Instant};
@@ -254,6 +254,45 @@ pub fn refuse(client: &mut dyn ClientStream, reply: &[u8]) {
     }
 }
 
+/// A bound on connections served at once, each on a thread of its own
+/// (the control socket's, the metrics endpoint's): a place is taken before
+/// the thread starts and given back when the thread drops it, so a caller
+/// that finds none can refuse at once instead of waiting.
+#[derive(Debug)]
+pub struct Places {
+    limit: usize,
+    taken: Arc<AtomicUsize>,
+}
+
+/// One taken place of [`Places`], given back when dropped.
+#[derive(Debug)]
+pub struct Place(Arc<AtomicUsize>);
+
+impl Places {
+    pub fn new(limit: usize) -> Self {
+        Places {
+            limit,
+            taken: Arc::new(AtomicUsize::new(0)),
+        }
+    }
+
+    /// A place, or `None` if all are taken.
+    pub fn take(&self) -> Option<Place> {
+        self.taken
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| {
+                (n < self.limit).then_some(n + 1)
+            })
+            .ok()
+            .map(|_| Place(Arc::clone(&self.taken)))
+    }
+}
+
+impl Drop for Place {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
 /// Why a client of a guest is not served.
 #[derive(Debug, thiserror::Error)]
 enum Refusal {
@@ -370,15 +409,17 @@ pub fn spawn_client<S: ClientStream + 'static>(
     }
 }
 
-/// Fills `buf` from `client`, giving up at `deadline` (a socket timeout
-/// bounds each read, not their sum).
-pub fn read_exact_by(
+/// One read from `client` into `buf` (its byte count, 0 at the end of the
+/// stream), giving up at `deadline`. The building block of every exchange
+/// that must be over by a deadline: a socket timeout alone bounds each
+/// read, not their sum, so a peer sending a byte at a time would get as
+/// long as it liked.
+pub fn read_by(
     client: &mut dyn ClientStream,
     buf: &mut [u8],
     deadline: Instant,
-) -> io::Result<()> {
-    let mut got = 0;
-    while got < buf.len() {
+) -> io::Result<usize> {
+    loop {
         let left = deadline.saturating_duration_since(Instant::now());
         if left.is_zero() {
             return Err(io::Error::new(
@@ -387,9 +428,48 @@ pub fn read_exact_by(
             ));
         }
         client.set_read_timeout(Some(left))?;
-        match client.read(&mut buf[got..]) {
-            Ok(0) => return Err(io::ErrorKind::UnexpectedEof.into()),
-            Ok(n) => got += n,
+        match client.read(buf) {
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            result => return result,
+        }
+    }
+}
+
+/// Fills `buf` from `client`, giving up at `deadline`.
+pub fn read_exact_by(
+    client: &mut dyn ClientStream,
+    buf: &mut [u8],
+    deadline: Instant,
+) -> io::Result<()> {
+    let mut got = 0;
+    while got < buf.len() {
+        match read_by(client, &mut buf[got..], deadline)? {
+            0 => return Err(io::ErrorKind::UnexpectedEof.into()),
+            n => got += n,
+        }
+    }
+    Ok(())
+}
+
+/// Writes all of `data` to `client`, giving up at `deadline` however the
+/// client paces its reads.
+pub fn write_all_by(
+    client: &mut dyn ClientStream,
+    mut data: &[u8],
+    deadline: Instant,
+) -> io::Result<()> {
+    while !data.is_empty() {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return Err(io::Error::new(
+                io::ErrorKind::TimedOut,
+                "the client is too slow to take the answer",
+            ));
+        }
+        client.set_write_timeout(Some(left))?;
+        match client.write(data) {
+            Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+            Ok(n) => data = &data[n..],
             Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
             Err(e) => return Err(e),
         }

@@ -25,6 +25,7 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use log::{debug, info, warn};
+use nix::sys::socket::{setsockopt, sockopt};
 
 use super::channel;
 use super::shared::{ACCEPT_ERROR_PAUSE, Directory, Member, StopSignal};
@@ -179,6 +180,7 @@ impl TcpListener {
         if let Err(why) = self.begin_handshake(peer.ip()) {
             count(&self.counters.too_many_handshakes);
             self.log_refusal(format_args!("TCP {peer}: closed at once: {why}"));
+            close_with_reset(stream);
             return;
         }
         let listener = Arc::clone(self);
@@ -300,12 +302,14 @@ impl TcpListener {
                     self.log_refusal(format_args!("TCP {peer}: refused: {error}"));
                 }
             }
-            // Refused is the client side's error: accept_handshake never
-            // returns it, but were it to, it would be a peer out of protocol.
+            // Refused and Dropped are the client side's errors:
+            // accept_handshake never returns them, but were it to, it would
+            // be a peer out of protocol.
             error @ (HandshakeError::NotOurProtocol
             | HandshakeError::BadIdentity
             | HandshakeError::Noise(_)
-            | HandshakeError::Refused) => {
+            | HandshakeError::Refused
+            | HandshakeError::Dropped) => {
                 count(&counters.not_protocol);
                 self.log_refusal(format_args!("TCP {peer}: refused: {error}"));
             }
@@ -325,6 +329,22 @@ impl TcpListener {
         if let Some(suppressed) = self.refusals.permit() {
             warn!("{message} ({suppressed} similar messages suppressed)");
         }
+    }
+}
+
+/// Closes `stream` with a reset rather than the orderly close of a refused
+/// name or key. Without SO_LINGER the close would be a reset only if the
+/// client's hello had arrived by then (unread data), an orderly close if
+/// not; always a reset, the client can tell "busy" from "not accepted"
+/// (see [`noise::connect_handshake`]). It also leaves no TIME_WAIT behind,
+/// which suits a connection refused in a flood.
+fn close_with_reset(stream: TcpStream) {
+    let linger = libc::linger {
+        l_onoff: 1,
+        l_linger: 0,
+    };
+    if let Err(e) = setsockopt(&stream, sockopt::Linger, &linger) {
+        debug!("cannot set SO_LINGER on a refused connection: {e}");
     }
 }
 
@@ -520,8 +540,20 @@ mod tests {
         wait_for("the peer's connection over its limit", || {
             listener.status().refused["too_many_handshakes"] == 1
         });
-        // Closed at once, without an answer.
-        assert_eq!(std::io::Read::read(&mut extra, &mut [0u8; 1]).unwrap(), 0);
+        // Closed at once, without an answer, and with a reset even though
+        // it sent nothing: not the orderly close of a refused key.
+        let err = std::io::Read::read(&mut extra, &mut [0u8; 1]).unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::ConnectionReset, "{err}");
+        // Which a client in its handshake tells apart from a refusal.
+        let busy = noise::connect_handshake(
+            connect_from([127, 0, 0, 2], &listener),
+            "xen1",
+            &Psk::generate().unwrap(),
+        );
+        assert!(matches!(busy, Err(HandshakeError::Dropped)), "{busy:?}");
+        wait_for("the client over the limit", || {
+            listener.status().refused["too_many_handshakes"] == 2
+        });
 
         // Many peers together may hold MAX_HANDSHAKES, no more.
         let peers = MAX_HANDSHAKES / MAX_HANDSHAKES_PER_PEER;
@@ -535,16 +567,17 @@ mod tests {
         });
         let mut over = connect_from([127, 0, 2, 1], &listener);
         wait_for("a new peer's connection over the total", || {
-            listener.status().refused["too_many_handshakes"] == 2
+            listener.status().refused["too_many_handshakes"] == 3
         });
-        assert_eq!(std::io::Read::read(&mut over, &mut [0u8; 1]).unwrap(), 0);
+        let err = std::io::Read::read(&mut over, &mut [0u8; 1]).unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::ConnectionReset, "{err}");
 
         drop(silent);
         wait_for("the silent connections to close", || {
             listener.status().refused["handshake_incomplete"] == MAX_HANDSHAKES as u64
         });
         assert_eq!(pending(), 0, "every place given back");
-        assert_eq!(listener.status().connections, MAX_HANDSHAKES as u64 + 2);
+        assert_eq!(listener.status().connections, MAX_HANDSHAKES as u64 + 3);
         listener.stop();
     }
 

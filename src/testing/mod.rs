@@ -27,6 +27,8 @@
 //! - [`vmm`]: the vhost-user connection, with QEMU and cloud-hypervisor profiles.
 //! - [`connect_from`]: a TCP client of a chosen loopback address, so one
 //!   test can play several network peers.
+//! - [`threads_named`]: how many threads of a kind the process has, to see
+//!   that a server's threads end.
 
 pub mod error;
 pub mod guest_memory;
@@ -65,4 +67,22 @@ pub fn connect_from(
     bind(socket.as_raw_fd(), &SockaddrIn::new(a, b, c, d, 0))?;
     connect(socket.as_raw_fd(), &SockaddrIn::from(to))?;
     Ok(std::net::TcpStream::from(socket))
+}
+
+/// The threads of this process named `name` (as given to
+/// `thread::Builder::name`, at most 15 bytes), counted in /proc/self/task.
+/// By name rather than all of them: tests running beside the caller start
+/// and end threads of their own.
+pub fn threads_named(name: &str) -> std::io::Result<usize> {
+    let mut count = 0;
+    for task in std::fs::read_dir("/proc/self/task")? {
+        // A thread that ended since the listing is simply not counted.
+        let Ok(comm) = std::fs::read_to_string(task?.path().join("comm")) else {
+            continue;
+        };
+        if comm.trim_end_matches('\n') == name {
+            count += 1;
+        }
+    }
+    Ok(count)
 }

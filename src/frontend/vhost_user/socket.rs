@@ -1,17 +1,26 @@
 //! Socket files for guests: created with the operator's permissions, stale
 //! files from a crashed daemon replaced, live ones (another daemon) refused,
 //! and removed on shutdown only if they are still ours.
+//!
+//! Every socket file the daemon makes (guest sockets, EGD and hybrid vsock
+//! sockets, the control socket) is made here: in a private directory next
+//! to its path, given its mode and group there, and renamed into place, so
+//! that nobody who can write the directory can redirect the chmod or chown
+//! to another file with a symlink.
 
 use std::fs;
 use std::io;
-use std::os::fd::OwnedFd;
-use std::os::unix::fs::{FileTypeExt, MetadataExt, PermissionsExt};
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::unix::fs::{FileTypeExt, MetadataExt};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 
 use log::info;
+use nix::errno::Errno;
+use nix::fcntl::{AtFlags, OFlag, open, openat, renameat};
 use nix::sys::socket::{self, AddressFamily, Backlog, SockFlag, SockType, UnixAddr};
-use nix::unistd::Gid;
+use nix::sys::stat::{FchmodatFlags, Mode, fchmodat, fstat, fstatat, mkdirat};
+use nix::unistd::{Gid, UnlinkatFlags, fchownat, geteuid, unlinkat};
 
 /// Who may connect to a guest socket.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -73,12 +82,11 @@ impl GuestSocket {
     /// Creates the socket file at `path` and listens on it.
     pub fn bind(path: &Path, access: SocketAccess) -> Result<Self, SocketError> {
         remove_if_stale(path)?;
-        let listener = bind_with_access(path, access)?;
-        let metadata = fs::symlink_metadata(path).map_err(io_error(path, "inspect socket"))?;
+        let (listener, identity) = bind_with_access(path, access)?;
         Ok(GuestSocket {
             path: path.to_owned(),
             listener,
-            identity: (metadata.dev(), metadata.ino()),
+            identity,
         })
     }
 
@@ -127,12 +135,57 @@ fn remove_if_stale(path: &Path) -> Result<(), SocketError> {
     }
 }
 
-/// Binds, sets mode and group, and only then listens, so no client can
-/// connect while the file still has the default permissions.
-fn bind_with_access(path: &Path, access: SocketAccess) -> Result<UnixListener, SocketError> {
-    let address = UnixAddr::new(path).map_err(|_| SocketError::PathTooLong {
+/// The name of the socket inside its private directory: one byte, so the
+/// temporary path is as short as it can be.
+const PRIVATE_NAME: &str = "s";
+
+/// Binds the socket, sets its mode and group and listens, all inside a
+/// private directory next to `path`, then renames it onto `path`; returns
+/// the listener and the (device, inode) of the file now at `path`.
+///
+/// Nothing here touches `path` by name but the rename. Binding at `path`
+/// and then calling chmod/chown on it would follow a symlink someone with
+/// write access to the directory swapped in meanwhile, and hand them the
+/// mode and group of a file of their choice. Inside a directory only we
+/// can enter nobody can swap anything, and `rename` replaces whatever is at
+/// `path` by then (a symlink included) instead of following it. The
+/// private directory is used through a descriptor, so renaming it does not
+/// redirect anything either. Clients can only reach the socket once it has
+/// its final permissions.
+fn bind_with_access(
+    path: &Path,
+    access: SocketAccess,
+) -> Result<(UnixListener, (u64, u64)), SocketError> {
+    // The operator's path must fit: clients connect to it.
+    UnixAddr::new(path).map_err(|_| SocketError::PathTooLong {
         path: path.to_owned(),
     })?;
+    let name = path.file_name().ok_or_else(|| {
+        io_error(path, "bind socket")(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            "the path does not end in a file name",
+        ))
+    })?;
+    let parent = match path.parent() {
+        Some(dir) if !dir.as_os_str().is_empty() => dir,
+        _ => Path::new("."),
+    };
+    let parent_fd = open(
+        parent,
+        OFlag::O_DIRECTORY | OFlag::O_RDONLY | OFlag::O_CLOEXEC,
+        Mode::empty(),
+    )
+    .map_err(|e| match e {
+        Errno::ENOENT => SocketError::NoDirectory {
+            path: path.to_owned(),
+        },
+        e => io_error(path, "open the socket's directory")(e.into()),
+    })?;
+    let private = PrivateDir::create(&parent_fd).map_err(io_error(
+        path,
+        "create a private directory next to the socket",
+    ))?;
+
     let fd: OwnedFd = socket::socket(
         AddressFamily::Unix,
         SockType::Stream,
@@ -140,38 +193,147 @@ fn bind_with_access(path: &Path, access: SocketAccess) -> Result<UnixListener, S
         None,
     )
     .map_err(|e| io_error(path, "create socket")(e.into()))?;
-    if let Err(e) = socket::bind(std::os::fd::AsRawFd::as_raw_fd(&fd), &address) {
-        let parent_missing = path
-            .parent()
-            .is_some_and(|dir| !dir.as_os_str().is_empty() && !dir.exists());
-        return Err(if parent_missing {
-            SocketError::NoDirectory {
-                path: path.to_owned(),
+    let address = private
+        .socket_address(parent)
+        .map_err(|_| SocketError::PathTooLong {
+            path: path.to_owned(),
+        })?;
+    socket::bind(fd.as_raw_fd(), &address).map_err(|e| io_error(path, "bind socket")(e.into()))?;
+    // Through the directory's descriptor: if the socket is not in our
+    // directory (someone renamed it and put theirs in its place before
+    // bind), these fail rather than act on theirs.
+    fchmodat(
+        &private.fd,
+        PRIVATE_NAME,
+        Mode::from_bits_truncate(access.mode),
+        FchmodatFlags::FollowSymlink,
+    )
+    .map_err(|e| io_error(path, "set socket permissions")(e.into()))?;
+    if let Some(group) = access.group {
+        fchownat(
+            &private.fd,
+            PRIVATE_NAME,
+            None,
+            Some(group),
+            AtFlags::AT_SYMLINK_NOFOLLOW,
+        )
+        .map_err(|e| io_error(path, "set socket group")(e.into()))?;
+    }
+    socket::listen(&fd, Backlog::new(16).unwrap_or(Backlog::MAXCONN))
+        .map_err(|e| io_error(path, "listen on socket")(e.into()))?;
+    // Taken before the rename, which keeps device and inode: looked up at
+    // `path` afterwards it could already be someone else's file.
+    let stat = fstatat(&private.fd, PRIVATE_NAME, AtFlags::AT_SYMLINK_NOFOLLOW)
+        .map_err(|e| io_error(path, "inspect socket")(e.into()))?;
+    renameat(&private.fd, PRIVATE_NAME, &parent_fd, name)
+        .map_err(|e| io_error(path, "move the socket into place")(e.into()))?;
+    // `private` is dropped here, removing the now empty directory.
+    Ok((UnixListener::from(fd), (stat.st_dev, stat.st_ino)))
+}
+
+/// A directory only this process's user can enter, made next to a socket's
+/// final path for [`bind_with_access`]; removed with whatever is left in it
+/// when dropped, on success and on every error alike.
+struct PrivateDir<'a> {
+    parent: &'a OwnedFd,
+    name: String,
+    fd: OwnedFd,
+}
+
+impl<'a> PrivateDir<'a> {
+    /// Tries a few random names, in case one is taken.
+    fn create(parent: &'a OwnedFd) -> io::Result<Self> {
+        let mut attempts = 0;
+        loop {
+            let mut random = [0u8; 4];
+            getrandom::fill(&mut random)?;
+            // Short, so the socket's temporary path is rarely longer than
+            // a Unix socket address allows (see `socket_address`).
+            let name = format!(".vrng-{:08x}", u32::from_ne_bytes(random));
+            match mkdirat(parent, name.as_str(), Mode::S_IRWXU) {
+                Ok(()) => return Self::open(parent, name),
+                Err(Errno::EEXIST) if attempts < 8 => attempts += 1,
+                Err(e) => return Err(e.into()),
             }
-        } else {
-            io_error(path, "bind socket")(e.into())
-        });
-    }
-    let finish = || -> Result<(), SocketError> {
-        fs::set_permissions(path, fs::Permissions::from_mode(access.mode))
-            .map_err(io_error(path, "set socket permissions"))?;
-        if let Some(group) = access.group {
-            std::os::unix::fs::chown(path, None, Some(group.as_raw()))
-                .map_err(io_error(path, "set socket group"))?;
         }
-        socket::listen(&fd, Backlog::new(16).unwrap_or(Backlog::MAXCONN))
-            .map_err(|e| io_error(path, "listen on socket")(e.into()))
-    };
-    if let Err(e) = finish() {
-        let _ = fs::remove_file(path);
-        return Err(e);
     }
-    Ok(UnixListener::from(fd))
+
+    /// Opens the directory just made, checking it is still the one made:
+    /// not a symlink, and ours alone.
+    fn open(parent: &'a OwnedFd, name: String) -> io::Result<Self> {
+        let opened = openat(
+            parent,
+            name.as_str(),
+            OFlag::O_DIRECTORY | OFlag::O_NOFOLLOW | OFlag::O_RDONLY | OFlag::O_CLOEXEC,
+            Mode::empty(),
+        );
+        let fd = match opened {
+            Ok(fd) => fd,
+            Err(e) => {
+                let _ = unlinkat(parent, name.as_str(), UnlinkatFlags::RemoveDir);
+                return Err(e.into());
+            }
+        };
+        let dir = PrivateDir { parent, name, fd };
+        let stat = fstat(&dir.fd)?;
+        if stat.st_uid != geteuid().as_raw() || stat.st_mode & 0o077 != 0 {
+            return Err(io::Error::other(
+                "the new directory was replaced by someone else's",
+            ));
+        }
+        Ok(dir)
+    }
+
+    /// The address to bind: the socket's path inside this directory or,
+    /// if that is too long for a Unix socket address (the operator's path
+    /// fits, but this one is longer), the same place reached through
+    /// /proc/self/fd, which is short whatever the directory.
+    fn socket_address(&self, parent: &Path) -> nix::Result<UnixAddr> {
+        let direct = parent.join(&self.name).join(PRIVATE_NAME);
+        UnixAddr::new(&direct).or_else(|_| {
+            let through_fd = format!("/proc/self/fd/{}/{PRIVATE_NAME}", self.fd.as_raw_fd());
+            UnixAddr::new(through_fd.as_str())
+        })
+    }
+}
+
+impl Drop for PrivateDir<'_> {
+    fn drop(&mut self) {
+        // The socket is still here only if something failed before the
+        // rename. Nothing else can be: nobody else can write here.
+        let _ = unlinkat(&self.fd, PRIVATE_NAME, UnlinkatFlags::NoRemoveDir);
+        // By name, but removing a directory takes an empty one: if someone
+        // swapped ours for theirs, at worst their empty directory goes.
+        if let Err(e) = unlinkat(self.parent, self.name.as_str(), UnlinkatFlags::RemoveDir) {
+            log::warn!("cannot remove the temporary directory {}: {e}", self.name);
+        }
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::os::unix::fs::PermissionsExt;
+
+    /// A group to give sockets that is not the one they get anyway, so
+    /// that a test can see it was set; needs root (otherwise our own).
+    fn other_group() -> Gid {
+        if geteuid().is_root() {
+            Gid::from_raw(4242)
+        } else {
+            nix::unistd::getegid()
+        }
+    }
+
+    /// The names in `dir`, sorted.
+    fn entries(dir: &Path) -> Vec<String> {
+        let mut names: Vec<String> = fs::read_dir(dir)
+            .unwrap()
+            .map(|entry| entry.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        names.sort();
+        names
+    }
 
     #[test]
     fn creates_socket_with_requested_mode() {
@@ -191,15 +353,113 @@ mod tests {
     fn applies_group_and_wider_mode() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("guest.sock");
-        let gid = nix::unistd::getegid();
+        let gid = other_group();
         let access = SocketAccess {
             mode: 0o660,
             group: Some(gid),
         };
-        let _socket = GuestSocket::bind(&path, access).unwrap();
+        let socket = GuestSocket::bind(&path, access).unwrap();
         let metadata = fs::symlink_metadata(&path).unwrap();
+        assert!(metadata.file_type().is_socket());
         assert_eq!(metadata.permissions().mode() & 0o777, 0o660);
         assert_eq!(metadata.gid(), gid.as_raw());
+        UnixStream::connect(&path).unwrap();
+        // The private directory it was made in is gone.
+        assert_eq!(entries(dir.path()), ["guest.sock"]);
+        socket.remove();
+        assert!(entries(dir.path()).is_empty());
+    }
+
+    #[test]
+    fn a_symlink_swapped_in_before_the_socket_is_replaced_not_followed() {
+        let dir = tempfile::tempdir().unwrap();
+        let victim_dir = tempfile::tempdir().unwrap();
+        let victim = victim_dir.path().join("shadow");
+        fs::write(&victim, b"secret").unwrap();
+        fs::set_permissions(&victim, fs::Permissions::from_mode(0o600)).unwrap();
+        let before = fs::metadata(&victim).unwrap();
+        let path = dir.path().join("guest.sock");
+        // What an attacker with write access to the directory plants after
+        // the daemon checked the path and before it creates the socket:
+        // bind_with_access is the part that runs after the check.
+        std::os::unix::fs::symlink(&victim, &path).unwrap();
+        let gid = other_group();
+        let access = SocketAccess {
+            mode: 0o660,
+            group: Some(gid),
+        };
+
+        let (_listener, identity) = bind_with_access(&path, access).unwrap();
+
+        let metadata = fs::symlink_metadata(&path).unwrap();
+        assert!(metadata.file_type().is_socket(), "the link was replaced");
+        assert_eq!(metadata.permissions().mode() & 0o777, 0o660);
+        assert_eq!(metadata.gid(), gid.as_raw());
+        assert_eq!(identity, (metadata.dev(), metadata.ino()));
+        UnixStream::connect(&path).unwrap();
+        let after = fs::metadata(&victim).unwrap();
+        assert_eq!(after.permissions().mode(), before.permissions().mode());
+        assert_eq!((after.uid(), after.gid()), (before.uid(), before.gid()));
+        assert_eq!(fs::read(&victim).unwrap(), b"secret");
+        assert_eq!(entries(dir.path()), ["guest.sock"]);
+    }
+
+    #[test]
+    fn a_symlink_already_there_is_refused_and_left_alone() {
+        let dir = tempfile::tempdir().unwrap();
+        let victim = dir.path().join("victim");
+        fs::write(&victim, b"keep me").unwrap();
+        fs::set_permissions(&victim, fs::Permissions::from_mode(0o600)).unwrap();
+        let path = dir.path().join("guest.sock");
+        std::os::unix::fs::symlink(&victim, &path).unwrap();
+
+        let err = GuestSocket::bind(&path, SocketAccess::default()).unwrap_err();
+        assert!(matches!(err, SocketError::NotASocket { .. }), "{err}");
+        assert!(fs::symlink_metadata(&path).unwrap().is_symlink());
+        let metadata = fs::metadata(&victim).unwrap();
+        assert_eq!(metadata.permissions().mode() & 0o777, 0o600);
+        assert_eq!(fs::read(&victim).unwrap(), b"keep me");
+    }
+
+    #[test]
+    fn a_path_that_fits_works_even_if_the_temporary_one_would_not() {
+        let dir = tempfile::tempdir().unwrap();
+        // 107 bytes in all, the most an address holds; the socket's path
+        // in its private directory is longer.
+        let base = dir.path().as_os_str().len();
+        let sub = dir
+            .path()
+            .join("d".repeat(107 - base - "/g.sock".len() - 1));
+        fs::create_dir(&sub).unwrap();
+        let path = sub.join("g.sock");
+        assert_eq!(path.as_os_str().len(), 107);
+
+        let socket = GuestSocket::bind(&path, SocketAccess::default()).unwrap();
+        let metadata = fs::symlink_metadata(&path).unwrap();
+        assert!(metadata.file_type().is_socket());
+        assert_eq!(metadata.permissions().mode() & 0o777, 0o600);
+        UnixStream::connect(&path).unwrap();
+        assert_eq!(entries(&sub), ["g.sock"]);
+        socket.remove();
+        assert!(!path.exists());
+    }
+
+    #[test]
+    fn a_failed_bind_leaves_nothing_behind() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("guest.sock");
+        // A directory where the socket should go: the rename fails.
+        fs::create_dir(&path).unwrap();
+        fs::write(path.join("inside"), b"").unwrap();
+
+        let err = bind_with_access(&path, SocketAccess::default()).unwrap_err();
+        assert!(
+            err.to_string()
+                .contains("cannot move the socket into place"),
+            "{err}"
+        );
+        assert_eq!(entries(dir.path()), ["guest.sock"]);
+        assert_eq!(entries(&path), ["inside"]);
     }
 
     #[test]
@@ -244,7 +504,11 @@ mod tests {
 
         let long = dir.path().join("x".repeat(120));
         let err = GuestSocket::bind(&long, SocketAccess::default()).unwrap_err();
-        assert!(matches!(err, SocketError::PathTooLong { .. }), "{err}");
+        assert!(
+            matches!(&err, SocketError::PathTooLong { path } if *path == long),
+            "{err}"
+        );
+        assert!(entries(dir.path()).is_empty());
     }
 
     #[test]
