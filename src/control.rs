@@ -305,6 +305,7 @@ mod tests {
         let registry = Registry::new(
             crate::pool::os_pool(),
             crate::frontend::vhost_user::SocketAccess::default(),
+            crate::frontend::vhost_user::VhostUserLimits::default(),
         );
         let server = ControlServer::start_with_timeout(&path, registry, timeout).unwrap();
         (server, path)
