@@ -608,3 +608,40 @@ fn a_message_begun_and_never_finished_is_dropped() {
         .wait_for_log("took longer than 1s to finish a message", 2);
     target.assert_recovered();
 }
+
+#[test]
+fn a_vmm_that_never_reads_its_replies_is_closed() {
+    let mut target = Target::start(&[]);
+    let mut vmm = RawVmm::connect(&target.victim);
+    vmm.claim();
+    vmm.sync();
+    // 20 bytes of reply each; the daemon would block writing once the
+    // socket filled.
+    vmm.stream.set_nonblocking(true).unwrap();
+    let mut sent = 0;
+    while sent < 100_000 {
+        match vmm.send(GET_FEATURES, &[], &[]) {
+            Ok(()) => sent += 1,
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                thread::sleep(Duration::from_millis(1));
+            }
+            // The daemon closed the connection.
+            Err(_) => break,
+        }
+    }
+    target.daemon.wait_for_log("bytes of replies unread", 1);
+    target.assert_recovered();
+}
+
+#[test]
+fn file_descriptors_attached_where_none_belong_are_closed() {
+    let mut target = Target::start(&[]);
+    let mut vmm = RawVmm::connect(&target.victim);
+    vmm.claim();
+    vmm.sync();
+    let memory: Vec<GuestMemory> = (0..16).map(|_| GuestMemory::new(4096)).collect();
+    let fds: Vec<RawFd> = memory.iter().map(GuestMemory::fd).collect();
+    vmm.send(GET_FEATURES, &[], &fds).unwrap();
+    assert!(vmm.closed_by_daemon());
+    target.assert_recovered();
+}

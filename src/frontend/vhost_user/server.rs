@@ -374,8 +374,30 @@ impl GuestServer {
             if let Some(refusal) = lock().take_fatal() {
                 return Ended::Closed(format!("the VMM sent {refusal}"));
             }
+            // The vhost crate's writer also retries a full socket forever:
+            // a VMM that sends without reading the replies is closed long
+            // before its socket fills.
+            if let Some(unread) = unread_replies(connection)
+                && unread > MAX_UNREAD_REPLIES
+            {
+                return Ended::Closed(format!("the VMM left {unread} bytes of replies unread"));
+            }
         }
     }
+}
+
+/// QEMU and cloud-hypervisor wait for each reply before the next request,
+/// so more than a few replies unread means a VMM that does not read them.
+/// Far below a Unix socket's default send buffer (about 200 KiB).
+const MAX_UNREAD_REPLIES: usize = 64 * 1024;
+
+/// Bytes the daemon wrote that the VMM has not read yet.
+fn unread_replies(connection: &UnixStream) -> Option<usize> {
+    let mut unread: libc::c_int = 0;
+    // SAFETY: SIOCOUTQ writes one int through the pointer, which lives for
+    // the call.
+    let result = unsafe { libc::ioctl(connection.as_raw_fd(), libc::TIOCOUTQ, &mut unread) };
+    (result == 0).then(|| usize::try_from(unread).unwrap_or(0))
 }
 
 /// How often an incomplete message is looked at again.
