@@ -543,6 +543,7 @@ impl Registry {
                     burst: limits.rate.map(|r| r.burst()),
                     weight: limits.weight,
                     refused_connections: stats.refused_connections,
+                    evicted_connections: stats.evicted_connections,
                     wrong_key_connections: stats.wrong_key_connections,
                 }
             })
