@@ -250,6 +250,39 @@ fn sighup_reloads_the_config_and_rejects_a_bad_one_whole() {
     let names: Vec<String> = daemon.guests().into_iter().map(|g| g.name).collect();
     assert_eq!(names, ["keep", "new"]);
     assert!(daemon.log().contains("vhost-rng.toml"), "{}", daemon.log());
+
+    // A truncated file (a full disk, a write cut short) is no order to
+    // detach every VM: the reload is refused and the guest still served.
+    std::fs::write(&config, "").unwrap();
+    signal::kill(daemon.pid(), Signal::SIGHUP).unwrap();
+    daemon.wait_for_log("configuration rejected", 2);
+    assert!(
+        daemon
+            .log()
+            .contains("would remove all 2 running guests (keep, new); write `guest = []`"),
+        "{}",
+        daemon.log()
+    );
+    let names: Vec<String> = daemon.guests().into_iter().map(|g| g.name).collect();
+    assert_eq!(names, ["keep", "new"]);
+    assert!(daemon.guest("keep").connected);
+    kept.post(&[Buffer::writable(64)]).unwrap();
+    kept.kick().unwrap();
+    assert_eq!(kept.wait_used(1, TIMEOUT).unwrap()[0].len, 64);
+
+    // Said explicitly, no guests is what the file gets.
+    std::fs::write(&config, "guest = []\n").unwrap();
+    signal::kill(daemon.pid(), Signal::SIGHUP).unwrap();
+    daemon.wait_for_log("SIGHUP: reloaded", 2);
+    assert!(
+        daemon
+            .log()
+            .contains("0 added, 2 removed, 0 changed, 0 unchanged"),
+        "{}",
+        daemon.log()
+    );
+    assert!(daemon.guests().is_empty());
+    assert!(!sock("keep").exists() && !sock("new").exists());
 }
 
 /// Scrapes http://ADDR/metrics with a plain socket.
