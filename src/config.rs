@@ -113,6 +113,9 @@ weight = 1
 #            vhost-rng psk new PATH), on the --listen-tcp ADDR listener; the
 #            agent connects to tcp:HOST:PORT --psk-file --name
 #   rate-bytes, rate-period, burst, weight: as in [defaults], which they override
+# A file meant to have no guests says so with guest = [] instead of tables: a
+# reload of a file with neither, which would remove every running guest, is
+# refused (an empty or truncated file is likelier than that wish).
 [[guest]]
 name = "vm1"
 socket = "/run/vhost-rng/vm1.sock"
@@ -989,6 +992,11 @@ pub struct ConfigFile {
     pub defaults: GuestDefaults,
     /// The `[[guest]]` tables in file order, with `[defaults]` applied.
     pub guests: Vec<GuestSpec>,
+    /// Whether the file has the `guest` key at all: `[[guest]]` tables, or
+    /// `guest = []` for no guests on purpose. A reload of a file without it
+    /// does not remove every running guest: an empty or truncated file is
+    /// far likelier than that wish.
+    pub guests_declared: bool,
     socket_group_line: usize,
 }
 
@@ -1297,6 +1305,7 @@ impl FileParser<'_> {
         }
         if let Some(guests) = guests {
             config.guests = self.guests(guests, &config.defaults)?;
+            config.guests_declared = true;
         }
         Ok(config)
     }
@@ -1797,6 +1806,28 @@ mod tests {
             assert_eq!(config.defaults, GuestDefaults::default());
             assert_eq!(config.socket_group_id().unwrap(), None);
         }
+    }
+
+    #[test]
+    fn an_empty_guest_array_declares_no_guests_on_purpose() {
+        let config = parse_ok("guest = []\n");
+        assert!(config.guests.is_empty());
+        assert!(config.guests_declared);
+        // With other keys, and after [defaults], it is the same key.
+        let config = parse_ok("max-rate = 100\nguest = []\n[defaults]\nweight = 2\n");
+        assert!(config.guests.is_empty() && config.guests_declared);
+        let config = parse_ok("[[guest]]\nname = \"a\"\nsocket = \"/a\"\n");
+        assert!(config.guests_declared);
+        // A file without the key says nothing about guests.
+        for text in ["", "max-rate = 100\n", "[defaults]\nweight = 2\n"] {
+            assert!(!parse_ok(text).guests_declared, "{text:?}");
+        }
+        // Both forms at once is one key given twice.
+        let error = message("guest = []\n[[guest]]\nname = \"a\"\nsocket = \"/a\"\n");
+        assert!(error.contains(":2: invalid TOML"), "{error}");
+        // Anything in the array must be a guest's table.
+        let error = message("guest = [1]\n");
+        assert!(error.contains("expected a table for each guest"), "{error}");
     }
 
     #[test]

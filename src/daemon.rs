@@ -69,6 +69,9 @@ struct Resolved {
     vsock_default_rate: Option<u64>,
     listen_tcp: Option<SocketAddr>,
     guests: Vec<GuestSpec>,
+    /// The config file has the `guest` key (`guest = []` included): a
+    /// reload may then end with no guests.
+    guests_declared: bool,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -153,6 +156,7 @@ fn resolve(config: &ServeConfig) -> Result<Resolved, DaemonError> {
         vsock_default_rate,
         listen_tcp: cli.listen_tcp.or(file.listen_tcp),
         guests: config::merge_guests(config.guests.clone(), file.guests)?,
+        guests_declared: file.guests_declared,
     })
 }
 
@@ -285,8 +289,9 @@ fn open_listeners(
 }
 
 /// SIGHUP: re-reads the config file and applies its guests and limits.
-/// A config that does not load, or guests that cannot be served, leave the
-/// running set untouched.
+/// A config that does not load, guests that cannot be served, or a file
+/// that would remove every running guest without saying `guest = []`
+/// leave the running set untouched.
 fn reload(config: &ServeConfig, running: &Resolved, registry: &Registry) {
     let Some(path) = &config.config_file else {
         info!("SIGHUP: no configuration file to reload");
@@ -305,7 +310,7 @@ fn reload(config: &ServeConfig, running: &Resolved, registry: &Registry) {
         error!("SIGHUP: configuration rejected, keeping the running one: max-rate: {e}");
         return;
     }
-    match registry.apply(resolved.guests) {
+    match registry.reload(resolved.guests, resolved.guests_declared) {
         Ok(summary) => {
             if let Err(e) = registry.set_max_rate(resolved.max_rate) {
                 error!("SIGHUP: max-rate not applied: {e}");

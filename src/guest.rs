@@ -21,8 +21,12 @@ pub struct GuestStats {
     /// Time requests spent waiting for rate-limit tokens, in nanoseconds.
     pub throttled_ns: AtomicU64,
     /// Clients turned away because the guest had as many as it may have
-    /// ([`crate::frontend::stream::MAX_CLIENTS`]).
+    /// ([`crate::frontend::stream::MAX_CLIENTS`]) and none could make room;
+    /// since an idle one is closed instead, that no longer happens.
     pub refused_connections: AtomicU64,
+    /// Idle clients closed to make room for a new one when the guest had
+    /// [`crate::frontend::stream::MAX_CLIENTS`] already.
+    pub evicted_connections: AtomicU64,
     /// TCP handshakes that named this guest but did not prove its key.
     pub wrong_key_connections: AtomicU64,
 }
@@ -37,6 +41,7 @@ pub struct GuestStatsSnapshot {
     pub defective_requests: u64,
     pub throttled: Duration,
     pub refused_connections: u64,
+    pub evicted_connections: u64,
     pub wrong_key_connections: u64,
 }
 
@@ -50,6 +55,7 @@ impl GuestStats {
             defective_requests: self.defective_requests.load(Ordering::Relaxed),
             throttled: Duration::from_nanos(self.throttled_ns.load(Ordering::Relaxed)),
             refused_connections: self.refused_connections.load(Ordering::Relaxed),
+            evicted_connections: self.evicted_connections.load(Ordering::Relaxed),
             wrong_key_connections: self.wrong_key_connections.load(Ordering::Relaxed),
         }
     }

@@ -167,6 +167,12 @@ fn encode_guests(e: &mut DescriptorEncoder, guests: &[GuestStatus]) -> fmt::Resu
     )?;
     family(
         e,
+        "guest_evicted_connections",
+        "Idle clients of the guest closed to make room for a new one when it had as many as it may have at once.",
+        by_guest(guests, |g| ConstCounter::new(g.evicted_connections)),
+    )?;
+    family(
+        e,
         "guest_wrong_key_connections",
         "TCP handshakes that named the guest but did not prove its pre-shared key.",
         by_guest(guests, |g| ConstCounter::new(g.wrong_key_connections)),
@@ -795,6 +801,7 @@ mod tests {
             burst: None,
             weight: 1,
             refused_connections: if limited { 5 } else { 0 },
+            evicted_connections: if limited { 6 } else { 0 },
             wrong_key_connections: if limited { 0 } else { 4 },
         }
     }
@@ -989,7 +996,7 @@ mod tests {
         value.expect("missing series").parse().unwrap()
     }
 
-    const FAMILIES: [(&str, &str); 23] = [
+    const FAMILIES: [(&str, &str); 24] = [
         ("guest_bytes", "counter"),
         ("guest_requests", "counter"),
         ("guest_defective_requests", "counter"),
@@ -997,6 +1004,7 @@ mod tests {
         ("guest_connected", "gauge"),
         ("guest_connections", "counter"),
         ("guest_refused_connections", "counter"),
+        ("guest_evicted_connections", "counter"),
         ("guest_wrong_key_connections", "counter"),
         ("guest_rate_limit_bytes_per_second", "gauge"),
         ("source_bytes_read", "counter"),
@@ -1076,6 +1084,9 @@ mod tests {
         let refused = "vhost_rng_guest_refused_connections_total";
         assert_eq!(exp.value(refused, &vm1), Some("5"));
         assert_eq!(exp.value(refused, &vm2), Some("0"));
+        let evicted = "vhost_rng_guest_evicted_connections_total";
+        assert_eq!(exp.value(evicted, &vm1), Some("6"));
+        assert_eq!(exp.value(evicted, &vm2), Some("0"));
         let wrong_key = "vhost_rng_guest_wrong_key_connections_total";
         assert_eq!(exp.value(wrong_key, &vm1), Some("0"));
         assert_eq!(exp.value(wrong_key, &vm2), Some("4"));
@@ -1089,6 +1100,7 @@ mod tests {
             "guest_requests_total",
             "guest_connected",
             "guest_refused_connections_total",
+            "guest_evicted_connections_total",
             "guest_wrong_key_connections_total",
         ] {
             assert_eq!(exp.series(&format!("vhost_rng_{family}")).len(), 2);

@@ -81,6 +81,20 @@ pub enum RegistryError {
         #[source]
         error: std::io::Error,
     },
+    #[error(
+        "the new configuration has no guests and would remove {}; write `guest = []` in the \
+         config file to mean that",
+        running_guests(.0)
+    )]
+    WouldRemoveAll(Vec<String>),
+}
+
+/// "the running guest vm1", "all 2 running guests (vm1, vm2)".
+fn running_guests(names: &[String]) -> String {
+    match names {
+        [name] => format!("the running guest {name}"),
+        _ => format!("all {} running guests ({})", names.len(), names.join(", ")),
+    }
 }
 
 /// What a reload changed.
@@ -252,7 +266,41 @@ impl Registry {
     /// Only guests from the command line and the config file are managed
     /// here; guests added at runtime stay as they are.
     pub fn apply(&self, specs: Vec<GuestSpec>) -> Result<ReloadSummary, RegistryError> {
+        self.apply_locked(&mut self.lock(), specs)
+    }
+
+    /// [`Registry::apply`] for a reload of the config file, which refuses
+    /// to end with no guests from the command line and the file where some
+    /// are running, unless `none_on_purpose` (the file says `guest = []`):
+    /// a file emptied by a truncated write or a full disk is far likelier
+    /// than a wish to detach every VM, and a guest removed this way stays
+    /// cut off. A reload that keeps or adds any guest is an ordinary one,
+    /// whatever it removes. Guests added at runtime count for nothing here:
+    /// a reload leaves them alone either way.
+    pub fn reload(
+        &self,
+        specs: Vec<GuestSpec>,
+        none_on_purpose: bool,
+    ) -> Result<ReloadSummary, RegistryError> {
         let mut guests = self.lock();
+        if specs.is_empty() && !none_on_purpose {
+            let leaving: Vec<String> = guests
+                .iter()
+                .filter(|(_, entry)| !entry.runtime)
+                .map(|(name, _)| name.clone())
+                .collect();
+            if !leaving.is_empty() {
+                return Err(RegistryError::WouldRemoveAll(leaving));
+            }
+        }
+        self.apply_locked(&mut guests, specs)
+    }
+
+    fn apply_locked(
+        &self,
+        guests: &mut BTreeMap<String, Entry>,
+        specs: Vec<GuestSpec>,
+    ) -> Result<ReloadSummary, RegistryError> {
         let mut summary = ReloadSummary::default();
         if let Some(spec) = specs
             .iter()
@@ -264,7 +312,7 @@ impl Registry {
         // Guests whose endpoint changes are replaced: removed, then added.
         // So are TCP guests whose key file now holds another key: their
         // connections were proven with the old one.
-        let rekeyed = rekeyed_guests(&guests, &specs)?;
+        let rekeyed = rekeyed_guests(guests, &specs)?;
         let replaced: Vec<String> = specs
             .iter()
             .filter(|spec| {
@@ -288,7 +336,7 @@ impl Registry {
             .filter(|spec| !guests.contains_key(&spec.name) || replaced.contains(&spec.name))
             .cloned()
             .collect();
-        check_unique(&guests, &new_specs, &leaving)?;
+        check_unique(guests, &new_specs, &leaving)?;
 
         // Check every limit, then open every new socket, before changing
         // anything.
@@ -357,7 +405,7 @@ impl Registry {
                 Err(spec) => self.prepare(spec).map_err(partly)?,
             };
             let name = ready.spec.name.clone();
-            self.launch(&mut guests, ready, false).map_err(partly)?;
+            self.launch(guests, ready, false).map_err(partly)?;
             summary.added.push(name);
         }
         Ok(summary)
@@ -547,6 +595,7 @@ impl Registry {
                     burst: limits.rate.map(|r| r.burst()),
                     weight: limits.weight,
                     refused_connections: stats.refused_connections,
+                    evicted_connections: stats.evicted_connections,
                     wrong_key_connections: stats.wrong_key_connections,
                 }
             })
@@ -656,6 +705,69 @@ mod tests {
     fn registry() -> Arc<Registry> {
         let pool = crate::pool::os_pool();
         Registry::new(pool, SocketAccess::default(), VhostUserLimits::default())
+    }
+
+    /// An EGD guest named `name` with its socket in `dir`.
+    fn egd_guest(dir: &tempfile::TempDir, name: &str) -> GuestSpec {
+        let path = dir.path().join(format!("{name}.egd"));
+        format!("name={name},egd={}", path.display())
+            .parse()
+            .unwrap()
+    }
+
+    #[test]
+    fn a_reload_to_no_guests_is_refused_unless_the_file_says_so() {
+        let dir = tempfile::tempdir().unwrap();
+        let registry = registry();
+        registry
+            .apply(vec![egd_guest(&dir, "vm1"), egd_guest(&dir, "vm2")])
+            .unwrap();
+        registry.add(egd_guest(&dir, "runtime")).unwrap();
+
+        // An empty file: nothing changes, and the operator is told why.
+        let error = registry.reload(vec![], false).unwrap_err();
+        assert!(matches!(error, RegistryError::WouldRemoveAll(_)), "{error}");
+        assert_eq!(
+            error.to_string(),
+            "the new configuration has no guests and would remove all 2 running guests \
+             (vm1, vm2); write `guest = []` in the config file to mean that"
+        );
+        assert_eq!(registry.names(), ["runtime", "vm1", "vm2"]);
+        assert!(dir.path().join("vm1.egd").exists());
+
+        // `guest = []`: the file's guests go, the runtime one stays.
+        let summary = registry.reload(vec![], true).unwrap();
+        assert_eq!(summary.removed, ["vm1", "vm2"]);
+        assert_eq!(registry.names(), ["runtime"]);
+        assert!(!dir.path().join("vm1.egd").exists());
+
+        // With only runtime guests left there is nothing to protect.
+        assert_eq!(
+            registry.reload(vec![], false).unwrap(),
+            ReloadSummary::default()
+        );
+        assert_eq!(registry.names(), ["runtime"]);
+        registry.stop_all();
+    }
+
+    #[test]
+    fn a_reload_whose_guests_all_changed_name_is_an_ordinary_one() {
+        let dir = tempfile::tempdir().unwrap();
+        let registry = registry();
+        registry.apply(vec![egd_guest(&dir, "old")]).unwrap();
+        let error = registry.reload(vec![], false).unwrap_err().to_string();
+        assert!(error.contains("remove the running guest old;"), "{error}");
+
+        // It removes every running guest but does not end with none.
+        let summary = registry
+            .reload(vec![egd_guest(&dir, "new")], false)
+            .unwrap();
+        assert_eq!(
+            (summary.added, summary.removed),
+            (vec!["new".to_owned()], vec!["old".to_owned()])
+        );
+        assert_eq!(registry.names(), ["new"]);
+        registry.stop_all();
     }
 
     #[test]

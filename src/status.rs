@@ -31,6 +31,11 @@ pub struct GuestStatus {
     /// once. Absent from the JSON of daemons before this field: 0.
     #[serde(default)]
     pub refused_connections: u64,
+    /// Idle clients closed to make room for a new one when the guest had
+    /// as many as it may have at once. Absent from the JSON of daemons
+    /// before this field: 0.
+    #[serde(default)]
+    pub evicted_connections: u64,
     /// TCP handshakes that named the guest but did not prove its key.
     #[serde(default)]
     pub wrong_key_connections: u64,
@@ -206,7 +211,7 @@ pub fn render_guests(guests: &[GuestStatus]) -> String {
     let mut out = String::new();
     let _ = writeln!(
         out,
-        "{:<16} {:<10} {:>12} {:>10} {:>12} {:>10} {:>12} {:>8} {:>9}  LIMIT",
+        "{:<16} {:<10} {:>12} {:>10} {:>12} {:>10} {:>12} {:>8} {:>8} {:>9}  LIMIT",
         "NAME",
         "CONNECTED",
         "BYTES",
@@ -215,6 +220,7 @@ pub fn render_guests(guests: &[GuestStatus]) -> String {
         "THROTTLED",
         "DEFECTIVE",
         "REFUSED",
+        "EVICTED",
         "WRONG-KEY"
     );
     for g in guests {
@@ -228,7 +234,7 @@ pub fn render_guests(guests: &[GuestStatus]) -> String {
         };
         let _ = writeln!(
             out,
-            "{:<16} {:<10} {:>12} {:>10} {:>12} {:>9.1}s {:>12} {:>8} {:>9}  {limit}",
+            "{:<16} {:<10} {:>12} {:>10} {:>12} {:>9.1}s {:>12} {:>8} {:>8} {:>9}  {limit}",
             g.name,
             if g.connected { "yes" } else { "no" },
             g.bytes,
@@ -237,6 +243,7 @@ pub fn render_guests(guests: &[GuestStatus]) -> String {
             g.throttled_seconds,
             g.defective_requests,
             g.refused_connections,
+            g.evicted_connections,
             g.wrong_key_connections
         );
     }
@@ -264,6 +271,7 @@ mod tests {
             burst: None,
             weight: 1,
             refused_connections: 0,
+            evicted_connections: 0,
             wrong_key_connections: 0,
         }
     }
@@ -306,6 +314,7 @@ mod tests {
     fn refusals_and_listeners_are_rendered() {
         let mut xen1 = guest("xen1");
         xen1.refused_connections = 7;
+        xen1.evicted_connections = 5;
         xen1.wrong_key_connections = 3;
         let status = DaemonStatus {
             version: "0.1.0".into(),
@@ -339,8 +348,8 @@ mod tests {
             row[..end].split_whitespace().last().unwrap()
         };
         assert_eq!(
-            (column("REFUSED"), column("WRONG-KEY")),
-            ("7", "3"),
+            (column("REFUSED"), column("EVICTED"), column("WRONG-KEY")),
+            ("7", "5", "3"),
             "{text}"
         );
 
@@ -394,6 +403,7 @@ mod tests {
         status.as_object_mut().unwrap().remove("listeners");
         let vm1 = status["guests"][0].as_object_mut().unwrap();
         vm1.remove("refused_connections");
+        vm1.remove("evicted_connections");
         vm1.remove("wrong_key_connections");
         let parsed: DaemonStatus = serde_json::from_value(status).unwrap();
         assert!(parsed.listeners.is_empty());

@@ -250,6 +250,39 @@ fn sighup_reloads_the_config_and_rejects_a_bad_one_whole() {
     let names: Vec<String> = daemon.guests().into_iter().map(|g| g.name).collect();
     assert_eq!(names, ["keep", "new"]);
     assert!(daemon.log().contains("vhost-rng.toml"), "{}", daemon.log());
+
+    // A truncated file (a full disk, a write cut short) is no order to
+    // detach every VM: the reload is refused and the guest still served.
+    std::fs::write(&config, "").unwrap();
+    signal::kill(daemon.pid(), Signal::SIGHUP).unwrap();
+    daemon.wait_for_log("configuration rejected", 2);
+    assert!(
+        daemon
+            .log()
+            .contains("would remove all 2 running guests (keep, new); write `guest = []`"),
+        "{}",
+        daemon.log()
+    );
+    let names: Vec<String> = daemon.guests().into_iter().map(|g| g.name).collect();
+    assert_eq!(names, ["keep", "new"]);
+    assert!(daemon.guest("keep").connected);
+    kept.post(&[Buffer::writable(64)]).unwrap();
+    kept.kick().unwrap();
+    assert_eq!(kept.wait_used(1, TIMEOUT).unwrap()[0].len, 64);
+
+    // Said explicitly, no guests is what the file gets.
+    std::fs::write(&config, "guest = []\n").unwrap();
+    signal::kill(daemon.pid(), Signal::SIGHUP).unwrap();
+    daemon.wait_for_log("SIGHUP: reloaded", 2);
+    assert!(
+        daemon
+            .log()
+            .contains("0 added, 2 removed, 0 changed, 0 unchanged"),
+        "{}",
+        daemon.log()
+    );
+    assert!(daemon.guests().is_empty());
+    assert!(!sock("keep").exists() && !sock("new").exists());
 }
 
 /// Scrapes http://ADDR/metrics with a plain socket.
@@ -467,4 +500,76 @@ fn a_reload_keeps_guests_added_at_runtime_and_a_rejected_one_changes_nothing() {
         serde_json::from_str(&control_json(&daemon, &["status", "--json"])).unwrap();
     assert_eq!(status.max_rate, Some(100000));
     assert_eq!(status.guests.len(), 2);
+}
+
+fn fds_of(daemon: &Daemon) -> usize {
+    std::fs::read_dir(format!("/proc/{}/fd", daemon.pid()))
+        .unwrap()
+        .count()
+}
+
+/// An EGD client of the daemon, as QEMU's `rng-egd` is.
+fn egd_client(path: &Path) -> std::os::unix::net::UnixStream {
+    let client = std::os::unix::net::UnixStream::connect(path).unwrap();
+    client.set_read_timeout(Some(TIMEOUT)).unwrap();
+    client
+}
+
+/// Whether an EGD client is still served: it asks for the entropy level
+/// (command 0x00) and reads the 4-byte answer.
+fn egd_answers(client: &mut std::os::unix::net::UnixStream) -> bool {
+    client.write_all(&[0x00]).is_ok() && client.read_exact(&mut [0u8; 4]).is_ok()
+}
+
+#[test]
+fn idle_egd_clients_cannot_lock_the_vmm_out_and_leave_nothing_behind() {
+    let dir = tempfile::tempdir().unwrap();
+    let egd = dir.path().join("vm.egd");
+    let daemon = serve(&["--guest", &format!("name=vm,egd={}", egd.display())]);
+    let threads_before = threads_of(&daemon);
+    // The guest's pool stream (and its wake-up descriptor) is made with its
+    // first client and kept: a first client that comes and goes sets the
+    // descriptors' baseline.
+    let mut warm_up = egd_client(&egd);
+    assert!(egd_answers(&mut warm_up));
+    drop(warm_up);
+    wait_until("the first client's thread to end", || {
+        threads_of(&daemon) <= threads_before
+    });
+    let fds_before = fds_of(&daemon);
+
+    // QEMU connects when the VM starts, and reads.
+    let mut qemu = egd_client(&egd);
+    assert!(egd_answers(&mut qemu));
+    // Eight clients that connect and say nothing: the last of them makes
+    // room by closing the first of them, not QEMU.
+    let mut attackers: Vec<_> = (0..8).map(|_| egd_client(&egd)).collect();
+    daemon.wait_for_log("closed to make room for a new one", 1);
+    assert!(egd_answers(&mut qemu), "QEMU was locked out");
+    // A ninth and a tenth cannot close QEMU either.
+    attackers.push(egd_client(&egd));
+    attackers.push(egd_client(&egd));
+    wait_until("three evictions", || {
+        daemon.guest("vm").evicted_connections == 3
+    });
+    assert!(egd_answers(&mut qemu), "QEMU was locked out");
+    // Each was shut down before it was counted: its end of file is there
+    // to read already, where the others have nothing.
+    for (i, attacker) in attackers.iter_mut().enumerate() {
+        attacker.set_nonblocking(true).unwrap();
+        let closed = matches!(attacker.read(&mut [0u8; 1]), Ok(0));
+        attacker.set_nonblocking(false).unwrap();
+        assert_eq!(closed, i < 3, "attacker {i}");
+        if !closed {
+            assert!(egd_answers(attacker), "attacker {i}");
+        }
+    }
+    let vm = daemon.guest("vm");
+    assert_eq!((vm.connections, vm.refused_connections), (12, 0));
+
+    drop((qemu, attackers));
+    wait_until(
+        "the daemon's threads and descriptors back to before",
+        || threads_of(&daemon) <= threads_before && fds_of(&daemon) <= fds_before,
+    );
 }

@@ -33,6 +33,7 @@ fn status(bytes: u64) -> DaemonStatus {
             burst: None,
             weight: 1,
             refused_connections: 3,
+            evicted_connections: 4,
             wrong_key_connections: 2,
         }],
         pool: PoolStatus {
@@ -142,6 +143,7 @@ fn each_scrape_takes_a_new_snapshot() {
     assert!(first.contains("vhost_rng_source_state{source=\"os\",state=\"starting\"} 1\n"));
     for family in [
         "guest_refused_connections",
+        "guest_evicted_connections",
         "guest_wrong_key_connections",
         "listener_connections",
         "listener_refused",
@@ -153,6 +155,7 @@ fn each_scrape_takes_a_new_snapshot() {
     }
     for sample in [
         "vhost_rng_guest_refused_connections_total{guest=\"vm1\"} 3\n",
+        "vhost_rng_guest_evicted_connections_total{guest=\"vm1\"} 4\n",
         "vhost_rng_guest_wrong_key_connections_total{guest=\"vm1\"} 2\n",
         "vhost_rng_listener_connections_total{listener=\"vsock\"} 9\n",
         "vhost_rng_listener_connections_total{listener=\"tcp\"} 7\n",

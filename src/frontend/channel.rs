@@ -6,7 +6,8 @@
 //!
 //! Clients can only read. A malformed request is answered with an explicit
 //! error and the connection closed; a client idle longer than the protocol's
-//! idle timeout is closed.
+//! idle timeout is closed, and so is the idlest (save the one connected
+//! longest) when the guest has all its clients and another arrives.
 
 use std::io;
 use std::path::{Path, PathBuf};
@@ -90,6 +91,10 @@ impl Session for ChannelSession {
                 client.flush()?;
                 return Ok(());
             }
+            // Idle from here on, should a newcomer need a place; marked
+            // before the answer goes out, so that a client holding its
+            // answer is sure to be marked.
+            self.reader.command_done();
             let answer = ResponseHeader::ok(n as u32);
             client.write_all(&protocol::encode_response_header(&answer))?;
             client.write_all(&bytes[..n])?;

@@ -14,7 +14,10 @@
 //!
 //! Each client has a thread of its own ([`super::stream`]), so a blocking
 //! read that waits for the guest's tokens or for the pool never holds up
-//! another client.
+//! another client. A client may stay quiet between commands as long as it
+//! likes (QEMU does), but when the guest has all its clients and another
+//! arrives, the one idle longest, save the one connected longest, is
+//! closed to make room.
 
 use std::io;
 use std::sync::Arc;
@@ -58,6 +61,8 @@ impl Session for EgdSession {
     fn serve(&mut self, client: &mut dyn ClientStream) -> io::Result<()> {
         client.set_write_timeout(Some(COMMAND_TIMEOUT))?;
         let mut command = [0u8; 1];
+        // The longest answer: a count byte and 255 bytes.
+        let mut answer = Vec::with_capacity(256);
         loop {
             // Between commands a client may stay quiet as long as it likes:
             // QEMU holds one connection for the life of the VM and asks only
@@ -71,26 +76,28 @@ impl Session for EgdSession {
                 Err(e) => return Err(e),
             }
             let deadline = Instant::now() + COMMAND_TIMEOUT;
+            answer.clear();
             match command[0] {
-                GET_ENTROPY_LEVEL => client.write_all(&self.available_bits().to_be_bytes())?,
+                GET_ENTROPY_LEVEL => {
+                    answer.extend_from_slice(&self.available_bits().to_be_bytes());
+                }
                 READ_NONBLOCKING => {
-                    let mut buf = [0u8; 255];
                     let wanted = read_u8(client, deadline)? as usize;
-                    let n = self.reader.read_now(&mut buf[..wanted]);
-                    client.write_all(&[n as u8])?;
-                    client.write_all(&buf[..n])?;
+                    answer.resize(1 + wanted, 0);
+                    let n = self.reader.read_now(&mut answer[1..]);
+                    answer[0] = n as u8;
+                    answer.truncate(1 + n);
                 }
                 READ_BLOCKING => {
-                    let mut buf = [0u8; 255];
                     let wanted = read_u8(client, deadline)? as usize;
-                    self.reader.read_blocking(&mut buf[..wanted])?;
-                    client.write_all(&buf[..wanted])?;
+                    answer.resize(wanted, 0);
+                    self.reader.read_blocking(&mut answer)?;
                 }
                 WRITE_ENTROPY => self.refuse_write(client, deadline)?,
                 GET_PID => {
                     let pid = std::process::id().to_string();
-                    client.write_all(&[pid.len() as u8])?;
-                    client.write_all(pid.as_bytes())?;
+                    answer.push(pid.len() as u8);
+                    answer.extend_from_slice(pid.as_bytes());
                 }
                 other => {
                     let stats = &self.reader.guest().stats;
@@ -101,6 +108,11 @@ impl Session for EgdSession {
                     ));
                 }
             }
+            // Idle from here on, should a newcomer need a place; marked
+            // before the answer goes out, so that a client holding its
+            // answer is sure to be marked.
+            self.reader.command_done();
+            client.write_all(&answer)?;
         }
     }
 }
@@ -146,6 +158,7 @@ fn read_u8(stream: &mut dyn ClientStream, deadline: Instant) -> io::Result<u8> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::frontend::stream::MAX_CLIENTS;
     use crate::frontend::vhost_user::SocketAccess;
     use crate::guest::{GuestLimits, SharedBucket};
     use crate::limiter::RateLimit;
@@ -159,10 +172,17 @@ mod tests {
     }
 
     fn server(limits: GuestLimits) -> (Arc<StreamServer>, tempfile::TempDir) {
+        server_named("egd", limits)
+    }
+
+    /// A server for a guest named `name`, whose client threads are named
+    /// `EGD-{name}-client`: a test counting them needs a name of its own,
+    /// of 4 characters at most (the kernel keeps 15 of a thread's name).
+    fn server_named(name: &str, limits: GuestLimits) -> (Arc<StreamServer>, tempfile::TempDir) {
         let dir = tempfile::tempdir().unwrap();
         let socket =
             GuestSocket::bind(&dir.path().join("egd.sock"), SocketAccess::default()).unwrap();
-        let guest = Guest::with_limits("egd", pool(), limits, SharedBucket::default());
+        let guest = Guest::with_limits(name, pool(), limits, SharedBucket::default());
         (spawn(guest, socket).unwrap(), dir)
     }
 
@@ -280,6 +300,141 @@ mod tests {
         assert_eq!(c.read(&mut byte).unwrap_or(0), 0, "closed");
         let took = started.elapsed();
         assert!(took < COMMAND_TIMEOUT + Duration::from_secs(3), "{took:?}");
+    }
+
+    /// Polls `condition` for up to 10 s.
+    fn wait_for(what: &str, mut condition: impl FnMut() -> bool) {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !condition() {
+            assert!(Instant::now() < deadline, "timed out waiting for {what}");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    /// Asks `c` for the daemon's pid: whether it is still served.
+    fn answers(c: &mut UnixStream) -> bool {
+        let mut len = [0u8; 1];
+        c.write_all(&[GET_PID]).is_ok()
+            && c.read_exact(&mut len).is_ok()
+            && c.read_exact(&mut vec![0u8; len[0] as usize]).is_ok()
+    }
+
+    /// Whether `c` was closed by the daemon: EOF (or a reset) rather than
+    /// the 10 s read timeout.
+    fn closed(c: &mut UnixStream) -> bool {
+        match c.read(&mut [0u8; 1]) {
+            Ok(n) => n == 0,
+            Err(e) => e.kind() == std::io::ErrorKind::ConnectionReset,
+        }
+    }
+
+    /// Threads of this process named `name`.
+    fn threads_named(name: &str) -> usize {
+        std::fs::read_dir("/proc/self/task")
+            .unwrap()
+            .filter_map(|task| std::fs::read_to_string(task.ok()?.path().join("comm")).ok())
+            .filter(|comm| comm.trim_end() == name)
+            .count()
+    }
+
+    #[test]
+    fn the_first_client_keeps_its_place_however_many_idle_clients_arrive() {
+        let (server, dir) = server(GuestLimits::default());
+        let stats = || server.guest().stats.snapshot();
+        // QEMU connects when the VM starts, reads once, then stays quiet:
+        // idle longer than any client after it.
+        let mut qemu = client(&dir);
+        qemu.write_all(&[GET_ENTROPY_LEVEL]).unwrap();
+        qemu.read_exact(&mut [0u8; 4]).unwrap();
+
+        let mut attackers: Vec<UnixStream> = (0..MAX_CLIENTS).map(|_| client(&dir)).collect();
+        // The eighth made the ninth client: the attacker idle longest made
+        // room for it, not QEMU.
+        wait_for("an eviction", || stats().evicted_connections == 1);
+        qemu.write_all(&[GET_ENTROPY_LEVEL]).unwrap();
+        qemu.read_exact(&mut [0u8; 4]).unwrap();
+        qemu.write_all(&[READ_NONBLOCKING, 16]).unwrap();
+        let mut count = [0u8; 1];
+        qemu.read_exact(&mut count).unwrap();
+        qemu.read_exact(&mut vec![0u8; count[0] as usize]).unwrap();
+
+        // A ninth and a tenth attacker close attackers, never QEMU.
+        attackers.push(client(&dir));
+        attackers.push(client(&dir));
+        wait_for("two more evictions", || stats().evicted_connections == 3);
+        assert!(answers(&mut qemu), "QEMU lost its connection");
+        for (i, attacker) in attackers.iter_mut().enumerate() {
+            if i < 3 {
+                assert!(
+                    closed(attacker),
+                    "attacker {i}, idle longest, was not closed"
+                );
+            } else {
+                assert!(answers(attacker), "attacker {i} was closed");
+            }
+        }
+        assert!(answers(&mut qemu));
+        assert_eq!(stats().refused_connections, 0);
+        assert_eq!(stats().connections, 1 + MAX_CLIENTS as u64 + 2);
+    }
+
+    #[test]
+    fn a_newcomer_to_a_full_guest_closes_the_idlest_client_but_the_first() {
+        let (server, dir) = server_named("full", GuestLimits::default());
+        let stats = || server.guest().stats.snapshot();
+        let client_threads = || threads_named("EGD-full-client");
+        let mut idle: Vec<UnixStream> = (0..MAX_CLIENTS).map(|_| client(&dir)).collect();
+        wait_for("every client served", || client_threads() == MAX_CLIENTS);
+
+        let mut newcomer = client(&dir);
+        assert!(answers(&mut newcomer), "the newcomer is served");
+        // None of them ever completed a command: the second connected is
+        // idle longest, the first being left out.
+        assert!(closed(&mut idle[1]), "the idlest client was not closed");
+        assert_eq!(stats().evicted_connections, 1);
+        // Its thread ended: one per open client again.
+        wait_for("the closed client's thread to end", || {
+            client_threads() == MAX_CLIENTS
+        });
+        for i in [0, 2, 3, 4, 5, 6, 7] {
+            assert!(answers(&mut idle[i]), "client {i} was closed");
+        }
+
+        drop((idle, newcomer));
+        wait_for("every client thread to end", || client_threads() == 0);
+        assert!(!stats().connected);
+    }
+
+    #[test]
+    fn a_client_closed_while_its_read_waits_for_tokens_gives_its_thread_back() {
+        // One byte a minute: a blocking read of 255 bytes would wait for
+        // hours, and does not look at its socket while it waits.
+        let limits = GuestLimits {
+            rate: Some(RateLimit::new(1, 60_000, 1).unwrap()),
+            weight: 1,
+        };
+        let (server, dir) = server_named("wait", limits);
+        let client_threads = || threads_named("EGD-wait-client");
+        let mut first = client(&dir);
+        let mut waiting = client(&dir);
+        waiting.write_all(&[READ_BLOCKING, 255]).unwrap();
+        let mut others: Vec<UnixStream> = (2..MAX_CLIENTS).map(|_| client(&dir)).collect();
+        wait_for("every client served", || client_threads() == MAX_CLIENTS);
+
+        // The waiting client never completed a command: idlest but the
+        // first. Its thread ends well within a second of its closing.
+        let mut newcomer = client(&dir);
+        wait_for("the eviction", || {
+            server.guest().stats.snapshot().evicted_connections == 1
+        });
+        let closed_at = Instant::now();
+        wait_for("the waiting client's thread to end", || {
+            client_threads() == MAX_CLIENTS
+        });
+        assert!(closed_at.elapsed() < Duration::from_secs(2));
+        assert!(closed(&mut waiting));
+        assert!(answers(&mut first) && answers(&mut newcomer));
+        assert!(others.iter_mut().all(answers));
     }
 
     #[test]

@@ -25,10 +25,15 @@ use crate::guest::{Guest, Supplied};
 use crate::log_limit::RateLimitedLog;
 use crate::pool::EntropyStream;
 
-/// Clients served at once per guest; more are refused so a misbehaving
-/// client cannot make the daemon spawn threads without bound. A VMM holds
-/// one connection per device and an agent one per guest, so 8 leaves room
-/// for reconnects that overlap a closing connection.
+/// Clients served at once per guest, so a misbehaving client cannot make
+/// the daemon spawn threads without bound. A VMM holds one connection per
+/// device and an agent one per guest, so 8 leaves room for reconnects that
+/// overlap a closing connection.
+///
+/// A client arriving when all are taken is not refused: the client idle
+/// longest is closed to make room for it, except the one connected longest
+/// (see [`Clients::serve`]). Refusing it instead would let 8 idle
+/// connections lock the guest's VMM out for as long as they stay open.
 pub const MAX_CLIENTS: usize = 8;
 /// How often a waiting client looks whether the daemon is stopping.
 const STOP_CHECK: Duration = Duration::from_millis(500);
@@ -78,9 +83,9 @@ pub struct Protocol {
     pub name: &'static str,
     /// Makes a session for a new client.
     pub new_session: fn(GuestReader) -> Box<dyn Session>,
-    /// Sent to a client refused because its guest has [`MAX_CLIENTS`]
-    /// already, before it is closed (empty where the protocol has no way
-    /// to say so).
+    /// Sent to a refused client (its guest is being removed, or its socket
+    /// could not be kept) before it is closed; empty where the protocol has
+    /// no way to say so.
     pub busy_reply: &'static [u8],
 }
 
@@ -88,12 +93,56 @@ pub struct Protocol {
 pub struct Clients {
     guest: Arc<Guest>,
     stopping: Arc<AtomicBool>,
-    /// Open clients by id, so [`Clients::close_all`] can shut them down.
-    open: Mutex<HashMap<u64, OwnedFd>>,
+    /// Open clients by id, so [`Clients::close_all`] can shut them down
+    /// and a newcomer can close the idlest. Ids only grow, so the lowest is
+    /// the client connected longest.
+    open: Mutex<HashMap<u64, OpenClient>>,
     /// The guest's one pool stream, shared by its clients; made with the
     /// first client.
     stream: Mutex<Option<Arc<SharedStream>>>,
     refusals: RateLimitedLog,
+    evictions: RateLimitedLog,
+}
+
+/// An open client as its guest's table holds it.
+struct OpenClient {
+    /// A duplicate of the client's socket: shutting it down wakes the
+    /// thread serving the client, wherever it waits on the socket.
+    socket: OwnedFd,
+    /// "on PATH", "from ADDR", for the log line if it is closed.
+    peer: String,
+    activity: Arc<ClientActivity>,
+}
+
+/// What a client's session and its guest's table share about it: when it
+/// last completed a command, and whether it was closed to make room.
+#[derive(Debug)]
+struct ClientActivity {
+    last_command: Mutex<Instant>,
+    evicted: AtomicBool,
+}
+
+impl ClientActivity {
+    fn new(connected: Instant) -> Self {
+        ClientActivity {
+            last_command: Mutex::new(connected),
+            evicted: AtomicBool::new(false),
+        }
+    }
+
+    /// When the client last completed a command, or connected if it never
+    /// did.
+    fn last_command(&self) -> Instant {
+        *self.last_command.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn command_done(&self, now: Instant) {
+        *self.last_command.lock().unwrap_or_else(|e| e.into_inner()) = now;
+    }
+
+    fn is_evicted(&self) -> bool {
+        self.evicted.load(Ordering::SeqCst)
+    }
 }
 
 /// A guest's pool stream (in `drbg` mode its DRBG) and the wake-up its
@@ -114,6 +163,7 @@ impl Clients {
             open: Mutex::new(HashMap::new()),
             stream: Mutex::new(None),
             refusals: RateLimitedLog::per_minute(4),
+            evictions: RateLimitedLog::per_minute(4),
         })
     }
 
@@ -141,7 +191,7 @@ impl Clients {
         &self.guest
     }
 
-    fn lock(&self) -> MutexGuard<'_, HashMap<u64, OwnedFd>> {
+    fn lock(&self) -> MutexGuard<'_, HashMap<u64, OpenClient>> {
         self.open.lock().unwrap_or_else(|e| e.into_inner())
     }
 
@@ -150,84 +200,132 @@ impl Clients {
         !self.lock().is_empty()
     }
 
-    pub fn is_full(&self) -> bool {
-        self.lock().len() >= MAX_CLIENTS
-    }
-
     pub fn is_stopping(&self) -> bool {
         self.stopping.load(Ordering::SeqCst)
     }
 
     /// Serves `client`, which came in `peer` ("on PATH", "from ADDR"), on
-    /// the calling thread until it ends; refuses it if the guest has
-    /// [`MAX_CLIENTS`] already or is stopping.
-    pub fn serve(&self, protocol: &Protocol, peer: &str, client: &mut dyn ClientStream) {
-        let name = self.guest.name();
-        let _slot = match self.admit(client) {
-            Ok(slot) => slot,
-            Err(refusal) => {
-                // Whatever the reason, "busy" is what the client should
-                // hear: trying again later may well succeed.
-                refuse(client, protocol.busy_reply);
-                if let Refusal::Full = refusal {
-                    let stats = &self.guest.stats;
-                    stats.refused_connections.fetch_add(1, Ordering::Relaxed);
-                }
-                if let Some(suppressed) = self.refusals.permit() {
-                    // A guest on its way out refusing clients is expected.
-                    let level = match refusal {
-                        Refusal::Stopping => log::Level::Info,
-                        Refusal::Full | Refusal::Io(_) => log::Level::Warn,
-                    };
-                    log::log!(
-                        level,
-                        "guest {name}: {} client {peer} refused: {refusal} ({suppressed} \
-                         similar messages suppressed)",
-                        protocol.name
-                    );
-                }
-                return;
-            }
-        };
-        info!("guest {name}: {} client connected {peer}", protocol.name);
-        let result = self
-            .shared_stream()
-            .map(|shared| GuestReader {
-                guest: Arc::clone(&self.guest),
-                shared,
-                stopping: Arc::clone(&self.stopping),
-            })
-            .and_then(|reader| (protocol.new_session)(reader).serve(client));
-        match result {
-            Ok(()) => info!("guest {name}: {} client disconnected", protocol.name),
-            Err(e) => info!("guest {name}: {} client closed: {e}", protocol.name),
+    /// the calling thread until it ends; refuses it if the guest is
+    /// stopping. If the guest has [`MAX_CLIENTS`] already, one of them is
+    /// closed to make room (see [`Clients::admit`]).
+    pub fn serve(self: &Arc<Self>, protocol: &Protocol, peer: &str, client: &mut dyn ClientStream) {
+        if let Some(slot) = self.admit_or_refuse(protocol, peer, client) {
+            slot.serve(protocol, peer, client);
         }
-        // Closed here, not only when the caller drops the stream.
-        let _ = shutdown(client.socket().as_raw_fd(), Shutdown::Both);
     }
 
-    fn admit(&self, client: &dyn ClientStream) -> Result<ClientSlot<'_>, Refusal> {
+    /// [`Clients::admit`], and on refusal tells the client and logs why.
+    fn admit_or_refuse(
+        self: &Arc<Self>,
+        protocol: &Protocol,
+        peer: &str,
+        client: &mut dyn ClientStream,
+    ) -> Option<ClientSlot> {
+        let refusal = match self.admit(protocol, peer, client) {
+            Ok(slot) => return Some(slot),
+            Err(refusal) => refusal,
+        };
+        // Whatever the reason, "busy" is what the client should hear:
+        // trying again later may well succeed.
+        refuse(client, protocol.busy_reply);
+        if let Refusal::Full = refusal {
+            let stats = &self.guest.stats;
+            stats.refused_connections.fetch_add(1, Ordering::Relaxed);
+        }
+        if let Some(suppressed) = self.refusals.permit() {
+            // A guest on its way out refusing clients is expected.
+            let level = match refusal {
+                Refusal::Stopping => log::Level::Info,
+                Refusal::Full | Refusal::Io(_) => log::Level::Warn,
+            };
+            log::log!(
+                level,
+                "guest {}: {} client {peer} refused: {refusal} ({suppressed} similar \
+                 messages suppressed)",
+                self.guest.name(),
+                protocol.name
+            );
+        }
+        None
+    }
+
+    /// Gives `client` a place among the guest's clients. When all
+    /// [`MAX_CLIENTS`] are taken, the client idle longest (since its last
+    /// completed command, or since it connected if it completed none) is
+    /// closed to make room, leaving out the one connected longest: that is
+    /// normally the VMM, which connects when the VM starts and may then stay
+    /// quiet for as long as the guest reads nothing. Idle clients cannot
+    /// lock it out, nor lock out the newcomers.
+    fn admit(
+        self: &Arc<Self>,
+        protocol: &Protocol,
+        peer: &str,
+        client: &dyn ClientStream,
+    ) -> Result<ClientSlot, Refusal> {
         static NEXT_CLIENT: AtomicU64 = AtomicU64::new(0);
-        let handle = client.socket().try_clone_to_owned().map_err(Refusal::Io)?;
+        let socket = client.socket().try_clone_to_owned().map_err(Refusal::Io)?;
         let mut open = self.lock();
         if self.is_stopping() {
             return Err(Refusal::Stopping);
         }
-        if open.len() >= MAX_CLIENTS {
-            return Err(Refusal::Full);
-        }
+        let now = Instant::now();
+        let evicted = if open.len() >= MAX_CLIENTS {
+            let id = idlest_but_first(&open).ok_or(Refusal::Full)?;
+            open.remove(&id)
+        } else {
+            None
+        };
         let id = NEXT_CLIENT.fetch_add(1, Ordering::Relaxed);
-        open.insert(id, handle);
+        let activity = Arc::new(ClientActivity::new(now));
+        open.insert(
+            id,
+            OpenClient {
+                socket,
+                peer: peer.to_owned(),
+                activity: Arc::clone(&activity),
+            },
+        );
         self.guest.stats.connections.fetch_add(1, Ordering::Relaxed);
         self.guest.stats.connected.store(true, Ordering::Relaxed);
-        Ok(ClientSlot { clients: self, id })
+        drop(open);
+        if let Some(evicted) = evicted {
+            self.evict(protocol, evicted, now);
+        }
+        Ok(ClientSlot {
+            clients: Arc::clone(self),
+            id,
+            activity,
+        })
+    }
+
+    /// Closes a client taken out of the table to make room: its thread,
+    /// woken by the shutdown (or, in a read waiting for the pool, by the
+    /// flag), ends its session and gives its thread back.
+    fn evict(&self, protocol: &Protocol, client: OpenClient, now: Instant) {
+        client.activity.evicted.store(true, Ordering::SeqCst);
+        let _ = shutdown(client.socket.as_raw_fd(), Shutdown::Both);
+        let stats = &self.guest.stats;
+        stats.evicted_connections.fetch_add(1, Ordering::Relaxed);
+        if let Some(suppressed) = self.evictions.permit() {
+            let idle = now.saturating_duration_since(client.activity.last_command());
+            info!(
+                "guest {}: {} client {} closed to make room for a new one: the guest had \
+                 {MAX_CLIENTS} clients and this one had been idle longest ({:.1} s; the \
+                 client connected longest is never closed this way) ({suppressed} similar \
+                 messages suppressed)",
+                self.guest.name(),
+                protocol.name,
+                client.peer,
+                idle.as_secs_f64()
+            );
+        }
     }
 
     /// Shuts every client down; clients that come later are refused.
     pub fn close_all(&self) {
         self.stopping.store(true, Ordering::SeqCst);
         for (_, client) in self.lock().drain() {
-            let _ = shutdown(client.as_raw_fd(), Shutdown::Both);
+            let _ = shutdown(client.socket.as_raw_fd(), Shutdown::Both);
         }
     }
 }
@@ -293,11 +391,23 @@ impl Drop for Place {
     }
 }
 
+/// The client to close when a guest's clients are all taken: the one
+/// idle longest (the lower id, the older, on a tie), leaving out the one
+/// connected longest. `None` only when there is no other to choose.
+fn idlest_but_first(open: &HashMap<u64, OpenClient>) -> Option<u64> {
+    let first = open.keys().min()?;
+    open.iter()
+        .filter(|(id, _)| *id != first)
+        .min_by_key(|(id, client)| (client.activity.last_command(), **id))
+        .map(|(id, _)| *id)
+}
+
 /// Why a client of a guest is not served.
 #[derive(Debug, thiserror::Error)]
 enum Refusal {
     /// The one counted in the guest's `refused_connections`: the others
-    /// are not the guest's doing.
+    /// are not the guest's doing. Only when no client can make room, which
+    /// with more than one place per guest never happens.
     #[error("the guest has {MAX_CLIENTS} clients already")]
     Full,
     #[error("the guest is being removed or replaced, or the daemon is stopping")]
@@ -309,14 +419,45 @@ enum Refusal {
 }
 
 /// A client's place among its guest's clients, given back when it ends.
-struct ClientSlot<'a> {
-    clients: &'a Clients,
+struct ClientSlot {
+    clients: Arc<Clients>,
     id: u64,
+    activity: Arc<ClientActivity>,
 }
 
-impl Drop for ClientSlot<'_> {
+impl ClientSlot {
+    /// Serves the client on the calling thread until it ends or is closed.
+    fn serve(self, protocol: &Protocol, peer: &str, client: &mut dyn ClientStream) {
+        let clients = &self.clients;
+        let name = clients.guest.name();
+        info!("guest {name}: {} client connected {peer}", protocol.name);
+        let result = clients
+            .shared_stream()
+            .map(|shared| GuestReader {
+                guest: Arc::clone(&clients.guest),
+                shared,
+                stopping: Arc::clone(&clients.stopping),
+                activity: Arc::clone(&self.activity),
+            })
+            .and_then(|reader| (protocol.new_session)(reader).serve(client));
+        match result {
+            // Logged (rate-limited) by the newcomer's admission already.
+            _ if self.activity.is_evicted() => debug!(
+                "guest {name}: {} client {peer} closed to make room for a new one",
+                protocol.name
+            ),
+            Ok(()) => info!("guest {name}: {} client disconnected", protocol.name),
+            Err(e) => info!("guest {name}: {} client closed: {e}", protocol.name),
+        }
+        // Closed here, not only when the caller drops the stream.
+        let _ = shutdown(client.socket().as_raw_fd(), Shutdown::Both);
+    }
+}
+
+impl Drop for ClientSlot {
     fn drop(&mut self) {
         let mut open = self.clients.lock();
+        // A client closed to make room has left the table already.
         open.remove(&self.id);
         if open.is_empty() {
             let stats = &self.clients.guest.stats;
@@ -384,22 +525,22 @@ impl StreamServer {
     }
 }
 
-/// Serves `stream` on a thread of its own, unless the guest is full (then
-/// it is refused on this thread, without spawning one).
+/// Serves `stream` on a thread of its own. It is admitted on this thread
+/// (closing an idle client to make room if need be), so a refused client
+/// costs no thread, and a thread is started only for a client that has a
+/// place.
 pub fn spawn_client<S: ClientStream + 'static>(
     clients: &Arc<Clients>,
     protocol: Protocol,
     peer: String,
     mut stream: S,
 ) {
-    if clients.is_full() {
-        clients.serve(&protocol, &peer, &mut stream);
+    let Some(slot) = clients.admit_or_refuse(&protocol, &peer, &mut stream) else {
         return;
-    }
-    let serving = Arc::clone(clients);
+    };
     let spawned = thread::Builder::new()
         .name(format!("{}-{}-client", protocol.name, clients.guest.name()))
-        .spawn(move || serving.serve(&protocol, &peer, &mut stream));
+        .spawn(move || slot.serve(&protocol, &peer, &mut stream));
     if let Err(e) = spawned {
         warn!(
             "guest {}: cannot start a {} client thread: {e}",
@@ -493,6 +634,8 @@ pub struct GuestReader {
     guest: Arc<Guest>,
     shared: Arc<SharedStream>,
     stopping: Arc<AtomicBool>,
+    /// This client's: a read waiting for the pool ends when it is closed.
+    activity: Arc<ClientActivity>,
 }
 
 impl GuestReader {
@@ -503,6 +646,12 @@ impl GuestReader {
 
     pub fn guest(&self) -> &Guest {
         &self.guest
+    }
+
+    /// Marks a command of the client's as answered: how long it has been
+    /// idle is counted from now when a newcomer needs its place.
+    pub fn command_done(&self) {
+        self.activity.command_done(Instant::now());
     }
 
     /// One attempt: up to `buf.len()` bytes now, or 0.
@@ -539,6 +688,11 @@ impl GuestReader {
             }
             if self.stopping.load(Ordering::SeqCst) {
                 return Err(io::Error::other("the daemon is stopping"));
+            }
+            // Its socket is shut down, but a read waiting for the pool
+            // would not look at it until it had the bytes.
+            if self.activity.is_evicted() {
+                return Err(io::Error::other("closed to make room for a new client"));
             }
             match self.supply(&mut buf[filled..], now) {
                 Supplied::Bytes(n) => {
@@ -599,7 +753,7 @@ mod tests {
     }
 
     /// Serves one client on this thread; returns what it was told.
-    fn serve_one(clients: &Clients) -> Vec<u8> {
+    fn serve_one(clients: &Arc<Clients>) -> Vec<u8> {
         let (mut ours, mut theirs) = UnixStream::pair().unwrap();
         ours.set_read_timeout(Some(Duration::from_secs(10)))
             .unwrap();
@@ -608,6 +762,40 @@ mod tests {
         let mut told = Vec::new();
         ours.read_to_end(&mut told).unwrap();
         told
+    }
+
+    #[test]
+    fn the_client_to_close_is_the_idlest_but_never_the_first() {
+        let t0 = Instant::now();
+        let at = |secs: u64| t0 + Duration::from_secs(secs);
+        let table = |clients: &[(u64, Instant)]| -> HashMap<u64, OpenClient> {
+            clients
+                .iter()
+                .map(|&(id, last_command)| {
+                    let (socket, _) = UnixStream::pair().unwrap();
+                    let client = OpenClient {
+                        socket: socket.into(),
+                        peer: format!("client {id}"),
+                        activity: Arc::new(ClientActivity::new(last_command)),
+                    };
+                    (id, client)
+                })
+                .collect()
+        };
+        // The first (lowest id) is idle longest, yet kept; of the others,
+        // the one whose last command is oldest goes, however recently it
+        // connected.
+        let open = table(&[(4, at(0)), (5, at(9)), (6, at(3)), (9, at(1)), (7, at(5))]);
+        assert_eq!(idlest_but_first(&open), Some(9));
+        // A command done makes a client the least idle.
+        open[&9].activity.command_done(at(10));
+        assert_eq!(idlest_but_first(&open), Some(6));
+        // Equally idle: the older goes.
+        let open = table(&[(1, at(0)), (3, at(2)), (2, at(2))]);
+        assert_eq!(idlest_but_first(&open), Some(2));
+        // Nothing to close but the first, or nothing at all.
+        assert_eq!(idlest_but_first(&table(&[(1, at(0))])), None);
+        assert_eq!(idlest_but_first(&table(&[])), None);
     }
 
     #[test]
