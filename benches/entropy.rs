@@ -21,10 +21,10 @@
 use std::hint::black_box;
 use std::time::{Duration, Instant};
 
-use vhost_rng::conditioner::Conditioner;
-use vhost_rng::drbg::{Drbg, ReseedPolicy};
-use vhost_rng::health::{HealthConfig, HealthTests};
-use vhost_rng::source::{RawSource, SourceSpec};
+use vhost_rng::entropy::conditioner::Conditioner;
+use vhost_rng::entropy::drbg::{Drbg, ReseedPolicy};
+use vhost_rng::entropy::health::{HealthConfig, HealthTests};
+use vhost_rng::entropy::source::{RawSource, SourceSpec};
 
 /// Deterministic uniform bytes (splitmix64), so the health tests see data
 /// that passes them.

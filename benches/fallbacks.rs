@@ -3,7 +3,7 @@
 //! client at a time:
 //!
 //! - **agent over hybrid vsock**: the agent channel protocol
-//!   (`vhost_rng::protocol`) on the Unix socket a hybrid-vsock VMM
+//!   (`vhost_rng_protocol::wire`) on the Unix socket a hybrid-vsock VMM
 //!   (Firecracker, Cloud Hypervisor) forwards port 5564 to
 //!   (`--guest name=uds,vsock-uds=DIR/vm.vsock`, clients connect to
 //!   `DIR/vm.vsock_5564`);
@@ -58,8 +58,8 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use support::{Process, Result, cpu_seconds, machine_busy_seconds, median};
-use vhost_rng::noise::{self, Psk};
-use vhost_rng::protocol;
+use vhost_rng_protocol::noise::{self, Psk};
+use vhost_rng_protocol::wire;
 
 /// Untimed running before each measurement.
 const WARM_UP: Duration = Duration::from_millis(200);
@@ -70,7 +70,7 @@ const START_STOP: Duration = Duration::from_secs(10);
 
 const SMALL_LEN: u32 = 64;
 /// The agent protocol's largest request.
-const BULK_LEN: u32 = protocol::MAX_REQUEST;
+const BULK_LEN: u32 = wire::MAX_REQUEST;
 /// EGD's largest read: its length field is one byte.
 const EGD_BULK_LEN: u8 = 255;
 /// EGD's blocking read command.
@@ -194,7 +194,7 @@ impl Daemon {
     /// guests, ready once it logged that it serves each and the TCP address.
     fn start(dir: &Path) -> Result<Self> {
         let vsock_uds = dir.join("vm.vsock");
-        let vsock_port = dir.join(format!("vm.vsock_{}", protocol::DEFAULT_PORT));
+        let vsock_port = dir.join(format!("vm.vsock_{}", wire::DEFAULT_PORT));
         let egd_socket = dir.join("egd.sock");
         let psk_path = dir.join("tcp.psk");
         let psk = noise::write_new_psk(&psk_path)
@@ -411,7 +411,7 @@ struct AgentClient<S> {
 impl<S: Read + Write> Client for AgentClient<S> {
     fn once(&mut self) -> Result<u64> {
         self.out.clear();
-        let n = protocol::fetch(&mut self.stream, self.len, &mut self.out)
+        let n = wire::fetch(&mut self.stream, self.len, &mut self.out)
             .map_err(|e| format!("{}-byte request: {e}", self.len))?;
         if n != self.len as usize {
             return Err(format!(
@@ -456,7 +456,7 @@ impl Client for HandshakeClient<'_> {
     fn once(&mut self) -> Result<u64> {
         let mut stream = self.daemon.connect_tcp()?;
         self.out.clear();
-        let n = protocol::fetch(&mut stream, SMALL_LEN, &mut self.out)
+        let n = wire::fetch(&mut stream, SMALL_LEN, &mut self.out)
             .map_err(|e| format!("request after the handshake: {e}"))?;
         if n != SMALL_LEN as usize {
             return Err(format!(

@@ -3,7 +3,7 @@
 //! For each case a fresh `vhost-rng serve` runs with one guest,
 //! `--guest name=rl,socket=DIR/rl.sock,rate-bytes=N[,rate-period=MS]`, and
 //! `--source os`. As soon as the daemon logs that it serves the guest, the
-//! in-tree test VMM (`vhost_rng::testing::TestVmm`, QEMU profile) connects
+//! in-tree test VMM (`vhost_rng_testing::TestVmm`, QEMU profile) connects
 //! and behaves like a guest that always wants more: it keeps 8 requests of
 //! 64 bytes (the Linux virtio-rng driver's size) in flight, re-posting each
 //! one as soon as it completes and kicking when the device asks for it, for
@@ -40,7 +40,7 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use support::{Process, Result};
-use vhost_rng::testing::{Buffer, Error as VmmError, TestVmm, TestVmmConfig, UsedElem};
+use vhost_rng_testing::{Buffer, Error as VmmError, TestVmm, TestVmmConfig, UsedElem};
 
 /// Requests the greedy guest keeps posted.
 const IN_FLIGHT: usize = 8;

@@ -8,7 +8,7 @@
 //!
 //! 1. Idle, nothing connected: the process is measured over `--idle-secs`
 //!    (default 5) after a 1 s settle.
-//! 2. One in-tree test VMM (`vhost_rng::testing::TestVmm`, QEMU profile,
+//! 2. One in-tree test VMM (`vhost_rng_testing::TestVmm`, QEMU profile,
 //!    256 KiB of guest memory, 16-entry queue) connects to every socket, one
 //!    after the other (timed: "connect all"). Each posts one 64-byte request,
 //!    all are kicked, and every one must come back with 64 bytes that are not
@@ -62,7 +62,7 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use support::{Process, Result, peer_version, ticks_per_second};
-use vhost_rng::testing::{Buffer, TestVmm, TestVmmConfig, raise_fd_limit};
+use vhost_rng_testing::{Buffer, TestVmm, TestVmmConfig, raise_fd_limit};
 
 /// Guest RAM per test VMM: small, so hundreds fit in this process.
 const GUEST_MEMORY: usize = 256 << 10;

@@ -2,7 +2,7 @@
 //! vhost-user RNG backend, `vhost-device-rng` (rust-vmm), side by side.
 //!
 //! Each backend runs as its own process on a Unix socket in a temporary
-//! directory; the in-tree test VMM (`vhost_rng::testing::TestVmm`, QEMU
+//! directory; the in-tree test VMM (`vhost_rng_testing::TestVmm`, QEMU
 //! profile, 256-entry queue, EVENT_IDX) plays the guest driver in this
 //! process and keeps the queue full: 128 requests posted, every completed
 //! request checked (used length = buffer length, or the run aborts), and
@@ -25,7 +25,7 @@
 //! produced at all with the same buffer sizes: `getrandom::fill` (the kernel
 //! CSPRNG, vhost-rng's `os` source), `read(2)` of `/dev/urandom` (the
 //! peer's default source) and vhost-rng's per-guest DRBG
-//! (`vhost_rng::drbg::Drbg`, which answers each request in the default
+//! (`vhost_rng::entropy::drbg::Drbg`, which answers each request in the default
 //! `drbg` mode).
 //!
 //! Every figure is the median of `--runs` runs; the runs of the backends are
@@ -65,8 +65,8 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use support::{Process, Result, cpu_seconds, machine_busy_seconds, median, peer_version};
-use vhost_rng::drbg::{Drbg, ReseedPolicy, SEED_BYTES};
-use vhost_rng::testing::{Buffer, TestVmm, TestVmmConfig, UsedElem};
+use vhost_rng::entropy::drbg::{Drbg, ReseedPolicy, SEED_BYTES};
+use vhost_rng_testing::{Buffer, TestVmm, TestVmmConfig, UsedElem};
 
 /// Descriptors in the request queue.
 const QUEUE_SIZE: u16 = 256;
@@ -369,7 +369,7 @@ fn connect(backend: &Backend) -> Result<TestVmm> {
             .process
             .failure(&format!("refused the test VMM: {e}"))
     })?;
-    let fail = |e: vhost_rng::testing::Error| format!("{}: {e}", backend.name);
+    let fail = |e: vhost_rng_testing::Error| format!("{}: {e}", backend.name);
     for len in [BULK_LEN, SMALL_LEN] {
         for _ in 0..8 {
             vmm.post(&[Buffer::writable(len)]).map_err(fail)?;
@@ -459,7 +459,7 @@ struct Snapshot {
 }
 
 impl Snapshot {
-    fn take(vmm: &mut TestVmm, pid: u32) -> vhost_rng::testing::Result<Self> {
+    fn take(vmm: &mut TestVmm, pid: u32) -> vhost_rng_testing::Result<Self> {
         Ok(Snapshot {
             at: Instant::now(),
             kicks: vmm.kicks(),
@@ -482,7 +482,7 @@ fn pipeline(
 ) -> Result<Rate> {
     let pid = backend.process.pid();
     let backend = backend.name;
-    let fail = |e: vhost_rng::testing::Error| format!("{backend}: {len}-byte requests: {e}");
+    let fail = |e: vhost_rng_testing::Error| format!("{backend}: {len}-byte requests: {e}");
     let request = [Buffer::writable(len)];
     let mut used = Vec::with_capacity(usize::from(QUEUE_SIZE));
 

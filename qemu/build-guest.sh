@@ -32,8 +32,8 @@ Does nothing if they are newer than this script, guest-init.sh and the
 
   --out DIR     output directory (default: \$VHOST_RNG_GUEST_DIR, else
                 <repo>/target/qemu-guest)
-  --agent PATH  also install PATH, a statically linked vhost-rng, as
-                /bin/vhost-rng (for vrng.mode=agent and agent-tcp; default:
+  --agent PATH  also install PATH, a statically linked vhost-rng-agent, as
+                /bin/vhost-rng-agent (for vrng.mode=agent and agent-tcp; default:
                 \$VHOST_RNG_AGENT, else none)
   --force       rebuild even if up to date
 EOF
@@ -132,7 +132,7 @@ for a in "${applets[@]}"; do
 	ln -s busybox "$root/bin/$a"
 done
 install -m 0755 "$init_src" "$root/init"
-[ -z "$agent" ] || install -m 0755 "$agent" "$root/bin/vhost-rng"
+[ -z "$agent" ] || install -m 0755 "$agent" "$root/bin/vhost-rng-agent"
 # Without it the kernel starts /init with no stdin/stdout (mknod needs root;
 # the init script reopens the console from devtmpfs as well).
 [ "$(id -u)" = 0 ] && mknod "$root/dev/console" c 5 1

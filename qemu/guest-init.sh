@@ -92,7 +92,7 @@ esac
 # Runs the agent once with "$@" (--connect and what goes with it), reports
 # its line and powers off.
 run_agent() {
-	[ -x /bin/vhost-rng ] || fail "no_agent_in_initramfs"
+	[ -x /bin/vhost-rng-agent ] || fail "no_agent_in_initramfs"
 	mkdir -p /tmp
 	# Whether the kernel CRNG was seeded before the agent started: over TCP
 	# the agent needs random bytes for its Noise handshake.
@@ -101,7 +101,7 @@ run_agent() {
 	say "crng_before_agent=$crng"
 	# The agent prints one "VRNG-AGENT ok|error ..." line on stdout and
 	# explains failures on stderr.
-	timeout "$timeout" /bin/vhost-rng agent "$@" --once \
+	timeout "$timeout" /bin/vhost-rng-agent "$@" --once \
 		--bytes "$bytes" --credit-bits-per-byte 4 >/tmp/agent.out 2>/tmp/agent.err
 	rc=$?
 	sed 's/^/VRNG agent-log: /' /tmp/agent.err

@@ -9,10 +9,10 @@ use clap::{Args, Parser, Subcommand};
 use nix::unistd::{Gid, Group};
 
 use crate::config::{self, GuestEndpoint, GuestSpec};
-use crate::control::DEFAULT_CONTROL_PATH;
-use crate::daemon::Settings;
-use crate::pool::Mode;
-use crate::source::{self, SourceSpec};
+use crate::entropy::pool::Mode;
+use crate::entropy::source::{self, SourceSpec};
+use crate::service::control::DEFAULT_CONTROL_PATH;
+use crate::service::daemon::Settings;
 
 #[derive(Debug, Parser)]
 #[command(
@@ -45,7 +45,7 @@ pub enum Command {
     /// Show a running daemon's guests, sources and pool.
     Status(StatusArgs),
     /// Run inside a guest: feed the guest kernel's RNG from the host daemon.
-    Agent(crate::agent::AgentArgs),
+    Agent(vhost_rng_agent::AgentArgs),
     /// Manage the pre-shared keys of guests served over TCP (tcp-psk=).
     #[command(subcommand)]
     Psk(PskCommand),

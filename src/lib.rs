@@ -1,36 +1,26 @@
 //! vhost-rng: a host entropy service for virtual machines.
 //!
-//! Data path, one module per stage:
+//! The folders follow the data path, then what runs it:
 //!
 //! ```text
-//! source (OS CSPRNG today; hardware sources next)   -> src/source/
-//!   -> pool: what every guest draws from            -> src/pool.rs
-//!     -> guest frontends: vhost-user virtio-rng     -> src/frontend/vhost_user/
+//! entropy/   sources -> health tests -> conditioner -> pool -> per-guest DRBG
+//! guest/     each guest: its token bucket, its counters, what it may draw
+//! frontend/  how guests are reached: vhost-user, EGD, the agent's channel
+//!            over Unix sockets, vsock and TCP, and the socket files
+//! service/   the daemon: the running guests, control socket, status, check
+//! config/    the configuration file and --guest specs
+//! metrics/   the Prometheus endpoint
 //! ```
 //!
-//! [`daemon`] wires the stages together for `vhost-rng serve`; [`testing`]
-//! holds a minimal VMM side of vhost-user used by the integration tests and
-//! benchmarks.
+//! What the daemon shares with its in-guest agent (the channel's wire
+//! format, Noise, vsock streams, deadline I/O) is the `vhost-rng-protocol`
+//! crate; the agent is `vhost-rng-agent`; the test VMM is
+//! `vhost-rng-testing`. See docs/architecture.md.
 
-pub mod agent;
-pub mod check;
 pub mod cli;
-pub mod conditioner;
 pub mod config;
-pub mod control;
-pub mod daemon;
-pub mod drbg;
+pub mod entropy;
 pub mod frontend;
 pub mod guest;
-pub mod health;
-pub mod limiter;
-pub mod log_limit;
 pub mod metrics;
-pub mod noise;
-pub mod pool;
-pub mod protocol;
-pub mod registry;
-pub mod source;
-pub mod status;
-pub mod testing;
-pub mod vsock_stream;
+pub mod service;

@@ -5,11 +5,11 @@ use std::process::ExitCode;
 
 use clap::{CommandFactory, Parser};
 use log::error;
-use vhost_rng::check;
 use vhost_rng::cli::{Cli, Command, ControlArgs, GuestCommand, PskCommand};
-use vhost_rng::control::{self, Request, Response};
-use vhost_rng::daemon::{self, ServeConfig, Settings};
-use vhost_rng::status;
+use vhost_rng::service::check;
+use vhost_rng::service::control::{self, Request, Response};
+use vhost_rng::service::daemon::{self, ServeConfig, Settings};
+use vhost_rng::service::status;
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
@@ -50,17 +50,19 @@ fn main() -> ExitCode {
             ask(&control, Request::GuestList, json)
         }
         Command::Status(args) => ask(&args.control, Request::Status, args.json),
-        Command::Agent(args) => vhost_rng::agent::run_command(&args),
-        Command::Psk(PskCommand::New { path }) => match vhost_rng::noise::write_new_psk(&path) {
-            Ok(_) => {
-                println!("wrote a new pre-shared key to {}", path.display());
-                ExitCode::SUCCESS
+        Command::Agent(args) => vhost_rng_agent::run_command(&args),
+        Command::Psk(PskCommand::New { path }) => {
+            match vhost_rng_protocol::noise::write_new_psk(&path) {
+                Ok(_) => {
+                    println!("wrote a new pre-shared key to {}", path.display());
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("vhost-rng: {e}");
+                    ExitCode::FAILURE
+                }
             }
-            Err(e) => {
-                eprintln!("vhost-rng: {e}");
-                ExitCode::FAILURE
-            }
-        },
+        }
     }
 }
 

@@ -65,7 +65,7 @@ fn bad_channel_clients_do_not_disturb_a_good_one() {
     garbage.write_all(b"GET / HTTP/1.1\r\n\r\n").unwrap();
     let mut oversize = UnixStream::connect(&channel).unwrap();
     let mut request =
-        vhost_rng::protocol::encode_request(&vhost_rng::protocol::Request { length: 1 });
+        vhost_rng_protocol::wire::encode_request(&vhost_rng_protocol::wire::Request { length: 1 });
     request[8..12].copy_from_slice(&u32::MAX.to_be_bytes());
     oversize.write_all(&request).unwrap();
     let mut half_open = UnixStream::connect(&channel).unwrap();
@@ -74,14 +74,14 @@ fn bad_channel_clients_do_not_disturb_a_good_one() {
     for bad in [&mut garbage, &mut oversize] {
         let mut answer = [0u8; 12];
         bad.read_exact(&mut answer).unwrap();
-        let header = vhost_rng::protocol::decode_response_header(&answer).unwrap();
-        assert_eq!(header.status, vhost_rng::protocol::Status::BadRequest);
+        let header = vhost_rng_protocol::wire::decode_response_header(&answer).unwrap();
+        assert_eq!(header.status, vhost_rng_protocol::wire::Status::BadRequest);
     }
 
     let mut good = UnixStream::connect(&channel).unwrap();
     let mut bytes = Vec::new();
     assert_eq!(
-        vhost_rng::protocol::fetch(&mut good, 1024, &mut bytes).unwrap(),
+        vhost_rng_protocol::wire::fetch(&mut good, 1024, &mut bytes).unwrap(),
         1024
     );
     drop(half_open);

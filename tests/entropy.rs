@@ -11,8 +11,8 @@ use std::thread;
 use std::time::Duration;
 
 use common::Daemon;
-use vhost_rng::conditioner::{BITS_PER_BLOCK, BLOCK_BYTES};
-use vhost_rng::testing::{Buffer, TestVmm, TestVmmConfig};
+use vhost_rng::entropy::conditioner::{BITS_PER_BLOCK, BLOCK_BYTES};
+use vhost_rng_testing::{Buffer, TestVmm, TestVmmConfig};
 
 const SERVED: Duration = Duration::from_secs(20);
 /// How long a request is watched to show it is not answered.
@@ -216,7 +216,7 @@ fn default_sources_or_a_clear_error() {
     let dir = tempfile::tempdir().unwrap();
     let socket = dir.path().join("d.sock");
     let mut daemon = Daemon::start(["serve", "--socket", socket.to_str().unwrap()]);
-    if vhost_rng::source::default_sources().is_empty() {
+    if vhost_rng::entropy::source::default_sources().is_empty() {
         let (status, log) = daemon.wait_exit();
         assert_eq!(status.code(), Some(1));
         assert!(log.contains("--source os"), "{log}");

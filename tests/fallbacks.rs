@@ -14,9 +14,9 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use common::{Daemon, new_psk, run_cli, wait_until};
-use vhost_rng::noise::{self, Psk};
-use vhost_rng::protocol::{self, Request, Status};
-use vhost_rng::testing::connect_from;
+use vhost_rng_protocol::noise::{self, Psk};
+use vhost_rng_protocol::wire::{self, Request, Status};
+use vhost_rng_testing::connect_from;
 
 struct TcpSetup {
     daemon: Daemon,
@@ -181,18 +181,15 @@ fn tcp_traffic_is_encrypted_and_clients_cannot_push() {
         .unwrap();
     let mut secure = noise::connect_handshake(stream, "xen1", &key).unwrap();
     let mut entropy = Vec::new();
-    assert_eq!(
-        protocol::fetch(&mut secure, 4096, &mut entropy).unwrap(),
-        4096
-    );
+    assert_eq!(wire::fetch(&mut secure, 4096, &mut entropy).unwrap(), 4096);
 
     // A push: any request type but "get" is refused, and nothing is taken.
-    let mut push = protocol::encode_request(&Request { length: 64 });
+    let mut push = wire::encode_request(&Request { length: 64 });
     push[5] = 2;
     secure.write_all(&push).unwrap();
-    let mut answer = [0u8; protocol::RESPONSE_HEADER_LEN];
+    let mut answer = [0u8; wire::RESPONSE_HEADER_LEN];
     secure.read_exact(&mut answer).unwrap();
-    let header = protocol::decode_response_header(&answer).unwrap();
+    let header = wire::decode_response_header(&answer).unwrap();
     assert_eq!(header.status, Status::BadRequest);
     assert_eq!(secure.read(&mut [0u8; 1]).unwrap_or(0), 0, "closed");
     drop(secure);
@@ -206,11 +203,8 @@ fn tcp_traffic_is_encrypted_and_clients_cannot_push() {
     assert!(down.len() > 4096, "the entropy went through the proxy");
     // What was plaintext on either end never appears on the wire: not the
     // protocol's headers, not any 16 bytes of the entropy.
-    assert!(!contains(&up, &protocol::MAGIC), "request header in clear");
-    assert!(
-        !contains(&down, &protocol::MAGIC),
-        "response header in clear"
-    );
+    assert!(!contains(&up, &wire::MAGIC), "request header in clear");
+    assert!(!contains(&down, &wire::MAGIC), "response header in clear");
     for chunk in entropy.chunks(16) {
         assert!(!contains(&down, chunk), "entropy in clear");
     }
@@ -227,7 +221,7 @@ fn a_plaintext_client_gets_nothing_over_tcp() {
         .set_read_timeout(Some(Duration::from_secs(10)))
         .unwrap();
     plain
-        .write_all(&protocol::encode_request(&Request { length: 64 }))
+        .write_all(&wire::encode_request(&Request { length: 64 }))
         .unwrap();
     let mut got = Vec::new();
     let _ = plain.read_to_end(&mut got);
@@ -262,7 +256,8 @@ fn two_hundred_idle_tcp_connections_do_not_lock_out_a_guest() {
         "--control".as_ref(),
         setup.daemon.control().as_os_str(),
     ]);
-    let status: vhost_rng::status::DaemonStatus = serde_json::from_slice(&status.stdout).unwrap();
+    let status: vhost_rng::service::status::DaemonStatus =
+        serde_json::from_slice(&status.stdout).unwrap();
     let refused = &status.listeners[0].refused;
     assert!(
         refused["too_many_handshakes"] >= 190,
@@ -306,7 +301,8 @@ fn the_vsock_listener_starts_reports_itself_and_its_port_cannot_be_taken_twice()
         first_control.as_os_str(),
     ]);
     assert!(status.status.success(), "{status:?}");
-    let status: vhost_rng::status::DaemonStatus = serde_json::from_slice(&status.stdout).unwrap();
+    let status: vhost_rng::service::status::DaemonStatus =
+        serde_json::from_slice(&status.stdout).unwrap();
     assert_eq!(status.listeners.len(), 1, "{:?}", status.listeners);
     assert_eq!(status.listeners[0].kind, "vsock");
     assert_eq!(status.listeners[0].address, port.to_string());
@@ -411,12 +407,11 @@ fn two_hundred_concurrent_clients_of_one_guest_leave_others_served() {
                 stream
                     .set_read_timeout(Some(Duration::from_secs(30)))
                     .unwrap();
-                match protocol::fetch(&mut stream, 65536, &mut Vec::new()) {
+                match wire::fetch(&mut stream, 65536, &mut Vec::new()) {
                     Ok(n) => Ok(n),
-                    Err(
-                        e
-                        @ (protocol::ProtocolError::TimedOut | protocol::ProtocolError::Server(_)),
-                    ) => panic!("neither served nor closed: {e}"),
+                    Err(e @ (wire::ProtocolError::TimedOut | wire::ProtocolError::Server(_))) => {
+                        panic!("neither served nor closed: {e}")
+                    }
                     // Closed before or during its answer, or while sending.
                     Err(e) => Err(e.to_string()),
                 }
@@ -428,7 +423,7 @@ fn two_hundred_concurrent_clients_of_one_guest_leave_others_served() {
     let mut calm_stream = UnixStream::connect(&calm_channel).unwrap();
     for _ in 0..10 {
         assert_eq!(
-            protocol::fetch(&mut calm_stream, 4096, &mut Vec::new()).unwrap(),
+            wire::fetch(&mut calm_stream, 4096, &mut Vec::new()).unwrap(),
             4096
         );
     }
@@ -455,9 +450,6 @@ fn two_hundred_concurrent_clients_of_one_guest_leave_others_served() {
 
     // And the busy guest serves again once the storm is over.
     let mut after = UnixStream::connect(&busy_channel).unwrap();
-    assert_eq!(
-        protocol::fetch(&mut after, 64, &mut Vec::new()).unwrap(),
-        64
-    );
+    assert_eq!(wire::fetch(&mut after, 64, &mut Vec::new()).unwrap(), 64);
     assert!(daemon.is_running());
 }

@@ -10,8 +10,8 @@ use std::time::{Duration, Instant};
 
 use common::{Daemon, run_cli, wait_until};
 use nix::sys::signal::{self, Signal};
-use vhost_rng::status::DaemonStatus;
-use vhost_rng::testing::{Buffer, TestVmm, TestVmmConfig};
+use vhost_rng::service::status::DaemonStatus;
+use vhost_rng_testing::{Buffer, TestVmm, TestVmmConfig};
 
 const TIMEOUT: Duration = Duration::from_secs(20);
 

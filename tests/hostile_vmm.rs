@@ -19,7 +19,7 @@ use std::time::{Duration, Instant};
 
 use common::{Daemon, wait_until};
 use nix::sys::socket::{ControlMessage, MsgFlags, sendmsg};
-use vhost_rng::testing::{Buffer, TestVmm, TestVmmConfig};
+use vhost_rng_testing::{Buffer, TestVmm, TestVmmConfig};
 
 // vhost-user request codes (QEMU docs/interop/vhost-user.rst).
 const GET_FEATURES: u32 = 1;

@@ -10,7 +10,9 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use vhost_rng::metrics::{CONTENT_TYPE, MetricsServer, SnapshotFn, encode};
-use vhost_rng::status::{DaemonStatus, GuestStatus, ListenerStatus, PoolStatus, SourceStatus};
+use vhost_rng::service::status::{
+    DaemonStatus, GuestStatus, ListenerStatus, PoolStatus, SourceStatus,
+};
 
 fn status(bytes: u64) -> DaemonStatus {
     DaemonStatus {

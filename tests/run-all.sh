@@ -15,10 +15,10 @@ if ! command -v vhost-device-vsock >/dev/null &&
 	cargo install --locked vhost-device-vsock
 fi
 # ...and the agent, linked statically to run in the busybox guest.
-agent=target/x86_64-unknown-linux-gnu/release/vhost-rng
+agent=target/x86_64-unknown-linux-gnu/release/vhost-rng-agent
 RUSTFLAGS='-C target-feature=+crt-static' \
-	cargo build --locked --release --target x86_64-unknown-linux-gnu
+	cargo build --locked --release --target x86_64-unknown-linux-gnu -p vhost-rng-agent
 qemu/build-guest.sh --out target/qemu-guest-agent --agent "$agent"
 
 unset VHOST_RNG_SKIP_QEMU
-cargo test --locked "$@"
+cargo test --locked --workspace "$@"

@@ -1,5 +1,5 @@
 //! The daemon over real vhost-user sockets and real shared memory, driven by
-//! the in-tree test VMM (`vhost_rng::testing`) the way QEMU and
+//! the in-tree test VMM (`vhost_rng_testing`) the way QEMU and
 //! cloud-hypervisor drive it.
 
 mod common;
@@ -11,7 +11,7 @@ use std::time::Duration;
 use common::Daemon;
 use vhost::vhost_user::VhostUserProtocolFeatures;
 use vhost::vhost_user::message::FrontendReq;
-use vhost_rng::testing::{Buffer, MemoryRegistration, TestVmm, TestVmmConfig, UsedElem};
+use vhost_rng_testing::{Buffer, MemoryRegistration, TestVmm, TestVmmConfig, UsedElem};
 
 const TIMEOUT: Duration = Duration::from_secs(10);
 const VIRTIO_F_VERSION_1: u64 = 1 << 32;

@@ -1,5 +1,5 @@
 //! The vhost-rng channel: our own read-only request/response protocol
-//! (`docs/protocol.md`, [`crate::protocol`]) for the in-guest agent, served
+//! (`docs/protocol.md`, [`vhost_rng_protocol::wire`]) for the in-guest agent, served
 //! on a Unix socket in the hybrid-vsock convention: the guest connects to
 //! host port P, and the VMM (Firecracker, cloud-hypervisor,
 //! vhost-device-vsock) connects to `PATH_P` on the host.
@@ -15,12 +15,14 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Instant;
 
+use super::socket_file::GuestSocket;
 use super::stream::{
     ClientStream, GuestReader, Protocol, Session, StreamServer, Waited, read_exact_by,
 };
-use super::vhost_user::GuestSocket;
 use crate::guest::Guest;
-use crate::protocol::{self, IDLE_TIMEOUT, REQUEST_LEN, REQUEST_TIMEOUT, ResponseHeader, Status};
+use vhost_rng_protocol::wire::{
+    self, IDLE_TIMEOUT, REQUEST_LEN, REQUEST_TIMEOUT, ResponseHeader, Status,
+};
 
 /// The socket a hybrid-vsock VMM connects to for host port `port`.
 pub fn uds_path(base: &Path, port: u32) -> PathBuf {
@@ -30,8 +32,8 @@ pub fn uds_path(base: &Path, port: u32) -> PathBuf {
 }
 
 /// What a client refused because its guest has too many clients is told.
-const BUSY_REPLY: [u8; protocol::RESPONSE_HEADER_LEN] =
-    protocol::encode_response_header(&ResponseHeader::error(Status::Refused));
+const BUSY_REPLY: [u8; wire::RESPONSE_HEADER_LEN] =
+    wire::encode_response_header(&ResponseHeader::error(Status::Refused));
 
 /// The channel protocol, for any stream socket.
 pub const PROTOCOL: Protocol = Protocol {
@@ -65,14 +67,14 @@ impl Session for ChannelSession {
                 Err(e) => return Err(e),
             }
             read_exact_by(client, &mut header[1..], Instant::now() + REQUEST_TIMEOUT)?;
-            let request = match protocol::decode_request(&header) {
+            let request = match wire::decode_request(&header) {
                 Ok(request) => request,
                 Err(e) => {
                     let stats = &self.reader.guest().stats;
                     stats.defective_requests.fetch_add(1, Ordering::Relaxed);
                     let answer = ResponseHeader::error(Status::BadRequest);
                     let _ = client
-                        .write_all(&protocol::encode_response_header(&answer))
+                        .write_all(&wire::encode_response_header(&answer))
                         .and_then(|()| client.flush());
                     return Err(io::Error::new(io::ErrorKind::InvalidData, e.to_string()));
                 }
@@ -87,7 +89,7 @@ impl Session for ChannelSession {
                     Waited::ForEntropy | Waited::Nothing => Status::Unavailable,
                 };
                 let answer = ResponseHeader::error(status);
-                client.write_all(&protocol::encode_response_header(&answer))?;
+                client.write_all(&wire::encode_response_header(&answer))?;
                 client.flush()?;
                 return Ok(());
             }
@@ -96,7 +98,7 @@ impl Session for ChannelSession {
             // answer is sure to be marked.
             self.reader.command_done();
             let answer = ResponseHeader::ok(n as u32);
-            client.write_all(&protocol::encode_response_header(&answer))?;
+            client.write_all(&wire::encode_response_header(&answer))?;
             client.write_all(&bytes[..n])?;
             // An encrypting stream may hold the tail back until flushed.
             client.flush()?;
@@ -107,11 +109,11 @@ impl Session for ChannelSession {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::frontend::vhost_user::SocketAccess;
+    use crate::frontend::socket_file::SocketAccess;
     use crate::guest::{GuestLimits, SharedBucket};
-    use crate::protocol::{Request, encode_request};
     use std::io::{Read, Write};
     use std::os::unix::net::UnixStream;
+    use vhost_rng_protocol::wire::{Request, encode_request};
 
     fn server() -> (Arc<StreamServer>, PathBuf, tempfile::TempDir) {
         server_with("vm", GuestLimits::default())
@@ -122,9 +124,9 @@ mod tests {
         limits: GuestLimits,
     ) -> (Arc<StreamServer>, PathBuf, tempfile::TempDir) {
         let dir = tempfile::tempdir().unwrap();
-        let path = uds_path(&dir.path().join("vm.vsock"), protocol::DEFAULT_PORT);
+        let path = uds_path(&dir.path().join("vm.vsock"), wire::DEFAULT_PORT);
         let socket = GuestSocket::bind(&path, SocketAccess::default()).unwrap();
-        let pool = crate::pool::os_pool();
+        let pool = crate::entropy::pool::os_pool();
         let guest = Guest::with_limits(name, pool, limits, SharedBucket::default());
         (spawn(guest, socket).unwrap(), path, dir)
     }
@@ -151,16 +153,16 @@ mod tests {
         // One byte a minute, from an empty bucket: nothing within the
         // request timeout.
         let limits = GuestLimits {
-            rate: Some(crate::limiter::RateLimit::new(1, 60_000, 1).unwrap()),
+            rate: Some(crate::guest::limiter::RateLimit::new(1, 60_000, 1).unwrap()),
             weight: 1,
         };
         let (_server, path, _dir) = server_with("slow", limits);
         let mut client = connect(&path);
-        let answer = protocol::fetch(&mut client, 32, &mut Vec::new());
+        let answer = wire::fetch(&mut client, 32, &mut Vec::new());
         assert!(
             matches!(
                 answer,
-                Err(protocol::ProtocolError::Server(Status::RateLimited))
+                Err(wire::ProtocolError::Server(Status::RateLimited))
             ),
             "{answer:?}"
         );
@@ -224,11 +226,8 @@ mod tests {
         let mut client = UnixStream::connect(&path).unwrap();
         let mut first = Vec::new();
         let mut second = Vec::new();
-        assert_eq!(protocol::fetch(&mut client, 64, &mut first).unwrap(), 64);
-        assert_eq!(
-            protocol::fetch(&mut client, 4096, &mut second).unwrap(),
-            4096
-        );
+        assert_eq!(wire::fetch(&mut client, 64, &mut first).unwrap(), 64);
+        assert_eq!(wire::fetch(&mut client, 4096, &mut second).unwrap(), 4096);
         assert_ne!(first[..], second[..64]);
         assert!(server.guest().stats.snapshot().bytes >= 4160);
     }
@@ -242,7 +241,7 @@ mod tests {
         client.write_all(&bad).unwrap();
         let mut answer = [0u8; 12];
         client.read_exact(&mut answer).unwrap();
-        let header = protocol::decode_response_header(&answer).unwrap();
+        let header = wire::decode_response_header(&answer).unwrap();
         assert_eq!(header.status, Status::BadRequest);
         assert_eq!(
             client.read(&mut [0u8; 1]).unwrap(),
@@ -253,15 +252,15 @@ mod tests {
         // An oversized request is refused the same way; others go on.
         let mut client = UnixStream::connect(&path).unwrap();
         let mut too_big = encode_request(&Request { length: 64 });
-        too_big[8..12].copy_from_slice(&(protocol::MAX_REQUEST + 1).to_be_bytes());
+        too_big[8..12].copy_from_slice(&(wire::MAX_REQUEST + 1).to_be_bytes());
         client.write_all(&too_big).unwrap();
         client.read_exact(&mut answer).unwrap();
         assert_eq!(
-            protocol::decode_response_header(&answer).unwrap().status,
+            wire::decode_response_header(&answer).unwrap().status,
             Status::BadRequest
         );
         let mut ok = UnixStream::connect(&path).unwrap();
-        assert_eq!(protocol::fetch(&mut ok, 32, &mut Vec::new()).unwrap(), 32);
+        assert_eq!(wire::fetch(&mut ok, 32, &mut Vec::new()).unwrap(), 32);
         assert_eq!(server.guest().stats.snapshot().defective_requests, 2);
     }
 }

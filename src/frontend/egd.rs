@@ -26,10 +26,10 @@ use std::time::{Duration, Instant};
 
 use log::warn;
 
+use super::socket_file::GuestSocket;
 use super::stream::{ClientStream, GuestReader, Protocol, Session, StreamServer, read_exact_by};
-use super::vhost_user::GuestSocket;
+use crate::entropy::pool::Mode;
 use crate::guest::Guest;
-use crate::pool::Mode;
 
 const GET_ENTROPY_LEVEL: u8 = 0x00;
 const READ_NONBLOCKING: u8 = 0x01;
@@ -158,17 +158,17 @@ fn read_u8(stream: &mut dyn ClientStream, deadline: Instant) -> io::Result<u8> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::entropy::pool::Pool;
+    use crate::frontend::socket_file::SocketAccess;
     use crate::frontend::stream::MAX_CLIENTS;
-    use crate::frontend::vhost_user::SocketAccess;
+    use crate::guest::limiter::RateLimit;
     use crate::guest::{GuestLimits, SharedBucket};
-    use crate::limiter::RateLimit;
-    use crate::pool::Pool;
     use std::io::{Read, Write};
     use std::os::unix::net::UnixStream;
     use std::time::{Duration, Instant};
 
     fn pool() -> Arc<Pool> {
-        crate::pool::os_pool()
+        crate::entropy::pool::os_pool()
     }
 
     fn server(limits: GuestLimits) -> (Arc<StreamServer>, tempfile::TempDir) {

@@ -8,10 +8,13 @@
 //!   over hybrid vsock, [`vsock`] (AF_VSOCK) or [`tcp`] (Noise over TCP).
 //! - [`stream`]: what the stream-socket frontends share; [`shared`]: what
 //!   the listeners shared by many guests (vsock, TCP) share.
+//! - [`socket_file`]: the socket files every frontend listens on
+//!   (permissions, stale files, no symlink games).
 
 pub mod channel;
 pub mod egd;
 pub mod shared;
+pub mod socket_file;
 pub mod stream;
 pub mod tcp;
 pub mod vhost_user;

@@ -199,7 +199,7 @@ mod tests {
     use crate::guest::{GuestLimits, SharedBucket};
 
     fn clients(name: &str) -> Arc<Clients> {
-        let pool = crate::pool::os_pool();
+        let pool = crate::entropy::pool::os_pool();
         Clients::new(Guest::with_limits(
             name,
             pool,

@@ -4,7 +4,7 @@
 //! client's own thread, so one waiting client never holds up another.
 
 use std::collections::HashMap;
-use std::io::{self, Read, Write};
+use std::io;
 use std::net::TcpStream;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
 use std::os::unix::net::UnixStream;
@@ -19,11 +19,14 @@ use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
 use nix::sys::socket::{Shutdown, shutdown};
 use vmm_sys_util::event::{EventConsumer, EventFlag, new_event_consumer_and_notifier};
 
+use vhost_rng_protocol::deadline::TimedStream;
+pub use vhost_rng_protocol::deadline::{read_by, read_exact_by, write_all_by};
+
 use super::shared::{ACCEPT_ERROR_PAUSE, StopSignal};
-use super::vhost_user::GuestSocket;
+use super::socket_file::GuestSocket;
+use crate::entropy::pool::EntropyStream;
 use crate::guest::{Guest, Supplied};
-use crate::log_limit::RateLimitedLog;
-use crate::pool::EntropyStream;
+use vhost_rng_protocol::log_limit::RateLimitedLog;
 
 /// Clients served at once per guest, so a misbehaving client cannot make
 /// the daemon spawn threads without bound. A VMM holds one connection per
@@ -39,33 +42,19 @@ pub const MAX_CLIENTS: usize = 8;
 const STOP_CHECK: Duration = Duration::from_millis(500);
 
 /// A connected client socket a session runs over.
-pub trait ClientStream: Read + Write + Send {
-    fn set_read_timeout(&self, timeout: Option<Duration>) -> io::Result<()>;
-    fn set_write_timeout(&self, timeout: Option<Duration>) -> io::Result<()>;
+pub trait ClientStream: TimedStream + Send {
     /// The socket, so that stopping the guest can shut it down from
     /// another thread.
     fn socket(&self) -> BorrowedFd<'_>;
 }
 
 impl ClientStream for UnixStream {
-    fn set_read_timeout(&self, timeout: Option<Duration>) -> io::Result<()> {
-        UnixStream::set_read_timeout(self, timeout)
-    }
-    fn set_write_timeout(&self, timeout: Option<Duration>) -> io::Result<()> {
-        UnixStream::set_write_timeout(self, timeout)
-    }
     fn socket(&self) -> BorrowedFd<'_> {
         self.as_fd()
     }
 }
 
 impl ClientStream for TcpStream {
-    fn set_read_timeout(&self, timeout: Option<Duration>) -> io::Result<()> {
-        TcpStream::set_read_timeout(self, timeout)
-    }
-    fn set_write_timeout(&self, timeout: Option<Duration>) -> io::Result<()> {
-        TcpStream::set_write_timeout(self, timeout)
-    }
     fn socket(&self) -> BorrowedFd<'_> {
         self.as_fd()
     }
@@ -550,74 +539,6 @@ pub fn spawn_client<S: ClientStream + 'static>(
     }
 }
 
-/// One read from `client` into `buf` (its byte count, 0 at the end of the
-/// stream), giving up at `deadline`. The building block of every exchange
-/// that must be over by a deadline: a socket timeout alone bounds each
-/// read, not their sum, so a peer sending a byte at a time would get as
-/// long as it liked.
-pub fn read_by(
-    client: &mut dyn ClientStream,
-    buf: &mut [u8],
-    deadline: Instant,
-) -> io::Result<usize> {
-    loop {
-        let left = deadline.saturating_duration_since(Instant::now());
-        if left.is_zero() {
-            return Err(io::Error::new(
-                io::ErrorKind::TimedOut,
-                "the request did not arrive in time",
-            ));
-        }
-        client.set_read_timeout(Some(left))?;
-        match client.read(buf) {
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-            result => return result,
-        }
-    }
-}
-
-/// Fills `buf` from `client`, giving up at `deadline`.
-pub fn read_exact_by(
-    client: &mut dyn ClientStream,
-    buf: &mut [u8],
-    deadline: Instant,
-) -> io::Result<()> {
-    let mut got = 0;
-    while got < buf.len() {
-        match read_by(client, &mut buf[got..], deadline)? {
-            0 => return Err(io::ErrorKind::UnexpectedEof.into()),
-            n => got += n,
-        }
-    }
-    Ok(())
-}
-
-/// Writes all of `data` to `client`, giving up at `deadline` however the
-/// client paces its reads.
-pub fn write_all_by(
-    client: &mut dyn ClientStream,
-    mut data: &[u8],
-    deadline: Instant,
-) -> io::Result<()> {
-    while !data.is_empty() {
-        let left = deadline.saturating_duration_since(Instant::now());
-        if left.is_zero() {
-            return Err(io::Error::new(
-                io::ErrorKind::TimedOut,
-                "the client is too slow to take the answer",
-            ));
-        }
-        client.set_write_timeout(Some(left))?;
-        match client.write(data) {
-            Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
-            Ok(n) => data = &data[n..],
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-            Err(e) => return Err(e),
-        }
-    }
-    Ok(())
-}
-
 /// What a read last waited for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Waited {
@@ -745,9 +666,10 @@ mod tests {
     use super::*;
     use crate::frontend::channel;
     use crate::guest::{GuestLimits, SharedBucket};
+    use std::io::Read;
 
     fn clients() -> Arc<Clients> {
-        let pool = crate::pool::os_pool();
+        let pool = crate::entropy::pool::os_pool();
         let guest = Guest::with_limits("vm", pool, GuestLimits::default(), SharedBucket::default());
         Clients::new(guest)
     }
@@ -809,7 +731,7 @@ mod tests {
 
     #[test]
     fn a_guests_clients_share_one_stream_so_reconnecting_draws_no_new_seeds() {
-        use crate::pool::{Pool, PoolConfig};
+        use crate::entropy::pool::{Pool, PoolConfig};
         use std::io::Write as _;
         use std::time::Duration;
 
@@ -869,7 +791,7 @@ mod tests {
             let server =
                 thread::spawn(move || serving.serve(&channel::PROTOCOL, "test", &mut theirs));
             assert_eq!(
-                crate::protocol::fetch(&mut ours, 16, &mut Vec::new()).unwrap(),
+                vhost_rng_protocol::wire::fetch(&mut ours, 16, &mut Vec::new()).unwrap(),
                 16
             );
             drop(ours);

@@ -1,6 +1,6 @@
 //! The TCP listener (`--listen-tcp ADDR`) for guests with no vsock (Xen):
 //! every connection must complete a Noise handshake with its guest's
-//! pre-shared key ([`crate::noise`]) before it is served; there is no
+//! pre-shared key ([`vhost_rng_protocol::noise`]) before it is served; there is no
 //! plaintext mode. The name the guest gives in its hello selects the key
 //! (`tcp-psk=PATH`), the key proves the name, and the guest is served the
 //! channel protocol over the encrypted stream with that guest's limits.
@@ -30,9 +30,10 @@ use nix::sys::socket::{setsockopt, sockopt};
 use super::channel;
 use super::shared::{ACCEPT_ERROR_PAUSE, Directory, Member, StopSignal};
 use super::stream::ClientStream;
-use crate::log_limit::RateLimitedLog;
-use crate::noise::{self, HandshakeError, Psk, SecureStream};
-use crate::status::ListenerStatus;
+use crate::service::status::ListenerStatus;
+use vhost_rng_protocol::deadline::TimedStream;
+use vhost_rng_protocol::log_limit::RateLimitedLog;
+use vhost_rng_protocol::noise::{self, HandshakeError, Psk, SecureStream};
 
 /// Connections allowed to be in their handshake at once; more are closed
 /// at once, so unauthenticated peers cannot make the daemon start threads
@@ -396,15 +397,17 @@ impl Write for Connection {
     }
 }
 
-impl ClientStream for SecureStream<Connection> {
+impl TimedStream for Connection {
     fn set_read_timeout(&self, timeout: Option<Duration>) -> io::Result<()> {
-        self.get_ref().stream.set_read_timeout(timeout)
+        self.stream.set_read_timeout(timeout)
     }
 
     fn set_write_timeout(&self, timeout: Option<Duration>) -> io::Result<()> {
-        self.get_ref().stream.set_write_timeout(timeout)
+        self.stream.set_write_timeout(timeout)
     }
+}
 
+impl ClientStream for SecureStream<Connection> {
     fn socket(&self) -> BorrowedFd<'_> {
         self.get_ref().stream.as_fd()
     }
@@ -419,7 +422,7 @@ mod tests {
     use std::time::Instant;
 
     fn guest(name: &str) -> Arc<Guest> {
-        let pool = crate::pool::os_pool();
+        let pool = crate::entropy::pool::os_pool();
         Guest::with_limits(name, pool, GuestLimits::default(), SharedBucket::default())
     }
 
@@ -428,7 +431,7 @@ mod tests {
     }
 
     fn connect_from(source: [u8; 4], listener: &TcpListener) -> TcpStream {
-        let stream = crate::testing::connect_from(source, listener.local_addr()).unwrap();
+        let stream = vhost_rng_testing::connect_from(source, listener.local_addr()).unwrap();
         stream
             .set_read_timeout(Some(Duration::from_secs(10)))
             .unwrap();
@@ -505,7 +508,7 @@ mod tests {
         let mut served = noise::connect_handshake(connect(&listener), "xen1", &key).unwrap();
         let mut bytes = Vec::new();
         assert_eq!(
-            crate::protocol::fetch(&mut served, 16, &mut bytes).unwrap(),
+            vhost_rng_protocol::wire::fetch(&mut served, 16, &mut bytes).unwrap(),
             16
         );
 
@@ -607,5 +610,128 @@ mod tests {
             "{cut_off:?}"
         );
         listener.stop();
+    }
+
+    #[test]
+    fn a_daemon_over_its_handshake_limit_is_busy_not_a_wrong_key() {
+        use vhost_rng_agent::{AgentError, DEFAULT_BYTES, run};
+        type Daemon = TcpListener;
+        const GUEST: &str = "vm1";
+        let psk = |byte: u8| Psk::from_hex(&format!("{byte:02x}").repeat(32)).unwrap();
+
+        let daemon = Daemon::start("127.0.0.1:0".parse().unwrap()).unwrap();
+        let guest = Guest::with_limits(
+            GUEST,
+            crate::entropy::pool::os_pool(),
+            GuestLimits::default(),
+            SharedBucket::default(),
+        );
+        let _member = daemon
+            .directory()
+            .join(GUEST.to_owned(), Clients::new(guest), psk(7));
+        let port = daemon.local_addr().port();
+        let refused = |reason: &str| daemon.status().refused[reason];
+        let wait_for = |what: &str, done: &dyn Fn() -> bool| {
+            let deadline = std::time::Instant::now() + Duration::from_secs(10);
+            while !done() {
+                assert!(std::time::Instant::now() < deadline, "never: {what}");
+                thread::sleep(Duration::from_millis(10));
+            }
+        };
+
+        // A flood from the agent's own address: silent connections holding
+        // every handshake place that address has.
+        let flood: Vec<TcpStream> = (0..MAX_HANDSHAKES_PER_PEER)
+            .map(|_| TcpStream::connect(("127.0.0.1", port)).unwrap())
+            .collect();
+        wait_for("the flood to be accepted", &|| {
+            daemon.status().connections == MAX_HANDSHAKES_PER_PEER as u64
+        });
+        let mut kernel = agent_support::FakeKernel::default();
+        let err = run(&agent_support::tcp_config(GUEST, port, psk(7)), &mut kernel).unwrap_err();
+
+        assert_eq!(refused("too_many_handshakes"), 1);
+        assert!(
+            matches!(
+                err,
+                AgentError::Handshake {
+                    error: HandshakeError::Dropped,
+                    ..
+                }
+            ),
+            "{err}"
+        );
+        assert!(!err.is_fatal(), "retried with the usual backoff");
+        assert_eq!(
+            err.report_line(),
+            "VRNG-AGENT error reason=connection-closed"
+        );
+        let message = err.to_string();
+        assert!(message.contains("may be busy"), "{message}");
+        assert!(!message.contains("credentials"), "{message}");
+        assert!(kernel.added.is_empty());
+
+        // Once the flood is over the same key is served; a wrong one is
+        // still refused as credentials, by the same daemon.
+        drop(flood);
+        wait_for("the flood's places to be given back", &|| {
+            refused("handshake_incomplete") == MAX_HANDSHAKES_PER_PEER as u64
+        });
+        let report = run(&agent_support::tcp_config(GUEST, port, psk(7)), &mut kernel).unwrap();
+        assert_eq!(report.bytes, DEFAULT_BYTES as usize);
+        let err = run(&agent_support::tcp_config(GUEST, port, psk(8)), &mut kernel).unwrap_err();
+        assert!(
+            matches!(&err, AgentError::CredentialsRefused { name, .. } if name == GUEST),
+            "{err}"
+        );
+        wait_for("the wrong key to be counted", &|| refused("wrong_key") == 1);
+        daemon.stop();
+    }
+
+    /// The in-guest agent against this listener: a kernel that only records,
+    /// and the agent's TCP configuration.
+    mod agent_support {
+        use std::path::PathBuf;
+        use std::time::Duration;
+
+        use vhost_rng_agent::{
+            AgentConfig, AgentError, Credentials, DEFAULT_BYTES, DEFAULT_CREDIT_BITS_PER_BYTE,
+            Endpoint, KernelEntropy,
+        };
+        use vhost_rng_protocol::noise::Psk;
+
+        #[derive(Default)]
+        pub struct FakeKernel {
+            pub added: Vec<Vec<u8>>,
+        }
+
+        impl KernelEntropy for FakeKernel {
+            fn add_entropy(&mut self, bytes: &[u8], _credit_bits: u32) -> Result<(), AgentError> {
+                self.added.push(bytes.to_vec());
+                Ok(())
+            }
+
+            fn reseed(&mut self) -> Result<(), AgentError> {
+                Ok(())
+            }
+        }
+
+        pub fn tcp_config(guest: &str, port: u16, psk: Psk) -> AgentConfig {
+            AgentConfig {
+                endpoint: Endpoint::Tcp {
+                    host: "127.0.0.1".to_owned(),
+                    port,
+                },
+                bytes: DEFAULT_BYTES,
+                interval: Duration::from_secs(60),
+                credit_bits_per_byte: DEFAULT_CREDIT_BITS_PER_BYTE,
+                once: true,
+                credentials: Some(Credentials {
+                    name: guest.to_owned(),
+                    psk,
+                    path: PathBuf::from("/nonexistent/vhost-rng-test/vm1.key"),
+                }),
+            }
+        }
     }
 }

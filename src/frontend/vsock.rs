@@ -14,7 +14,6 @@ use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::thread;
-use std::time::Duration;
 
 use log::{info, warn};
 use nix::sys::socket::{self, AddressFamily, Backlog, SockFlag, SockType, VsockAddr};
@@ -23,13 +22,13 @@ use super::channel;
 use super::shared::{ACCEPT_ERROR_PAUSE, Directory, Member, StopSignal};
 use super::stream::{ClientStream, Clients, refuse, spawn_client};
 use crate::config::VSOCK_CID_ANY;
+use crate::entropy::pool::Pool;
+use crate::guest::limiter::RateLimit;
 use crate::guest::{Guest, GuestLimits, SharedBucket};
-use crate::limiter::RateLimit;
-use crate::log_limit::RateLimitedLog;
-use crate::pool::Pool;
-use crate::protocol::{self, ResponseHeader, Status};
-use crate::status::ListenerStatus;
-use crate::vsock_stream::VsockStream;
+use crate::service::status::ListenerStatus;
+use vhost_rng_protocol::log_limit::RateLimitedLog;
+use vhost_rng_protocol::vsock::VsockStream;
+use vhost_rng_protocol::wire::{self, ResponseHeader, Status};
 
 /// The guests of the vsock listener, by CID.
 pub type VsockDirectory = Directory<u32, ()>;
@@ -46,7 +45,7 @@ pub enum VsockError {
         error: nix::Error,
     },
     #[error("--vsock-default-rate: {0}")]
-    DefaultRate(#[source] crate::limiter::RateLimitError),
+    DefaultRate(#[source] crate::guest::limiter::RateLimitError),
     #[error("cannot start the vsock listener: {0}")]
     Spawn(#[source] io::Error),
 }
@@ -212,8 +211,7 @@ impl VsockListener {
                          ({suppressed} similar messages suppressed)"
                     );
                 }
-                let refusal =
-                    protocol::encode_response_header(&ResponseHeader::error(Status::Refused));
+                let refusal = wire::encode_response_header(&ResponseHeader::error(Status::Refused));
                 refuse(&mut stream, &refusal);
             }
         }
@@ -252,14 +250,6 @@ impl VsockListener {
 }
 
 impl ClientStream for VsockStream {
-    fn set_read_timeout(&self, timeout: Option<Duration>) -> io::Result<()> {
-        VsockStream::set_read_timeout(self, timeout)
-    }
-
-    fn set_write_timeout(&self, timeout: Option<Duration>) -> io::Result<()> {
-        VsockStream::set_write_timeout(self, timeout)
-    }
-
     fn socket(&self) -> BorrowedFd<'_> {
         self.as_fd()
     }
@@ -271,9 +261,10 @@ mod tests {
     use crate::frontend::GuestFrontend;
     use std::io::Read;
     use std::os::unix::net::UnixStream;
+    use std::time::Duration;
 
     fn pool() -> Arc<Pool> {
-        crate::pool::os_pool()
+        crate::entropy::pool::os_pool()
     }
 
     fn listener(default_rate: Option<u64>) -> Arc<VsockListener> {
@@ -290,9 +281,9 @@ mod tests {
     }
 
     fn status_of(stream: &mut UnixStream) -> Status {
-        let mut header = [0u8; protocol::RESPONSE_HEADER_LEN];
+        let mut header = [0u8; wire::RESPONSE_HEADER_LEN];
         stream.read_exact(&mut header).unwrap();
-        protocol::decode_response_header(&header).unwrap().status
+        wire::decode_response_header(&header).unwrap().status
     }
 
     #[test]
@@ -302,7 +293,7 @@ mod tests {
         let member = listener.directory().join(3, Clients::new(guest), ());
         let mut stream = connect(&listener, 3);
         let mut bytes = Vec::new();
-        assert_eq!(protocol::fetch(&mut stream, 64, &mut bytes).unwrap(), 64);
+        assert_eq!(wire::fetch(&mut stream, 64, &mut bytes).unwrap(), 64);
         assert_eq!(member.guest().stats.snapshot().bytes, 64);
 
         member.stop();
@@ -341,7 +332,7 @@ mod tests {
         let guest = Guest::with_limits("vm3", pool(), GuestLimits::default(), Default::default());
         let _member = listener.directory().join(3, Clients::new(guest), ());
         let mut served = connect(&listener, 3);
-        assert_eq!(protocol::fetch(&mut served, 8, &mut Vec::new()).unwrap(), 8);
+        assert_eq!(wire::fetch(&mut served, 8, &mut Vec::new()).unwrap(), 8);
 
         let status = listener.status();
         assert_eq!(status.connections, 3);
@@ -352,7 +343,7 @@ mod tests {
     fn unknown_cids_let_in_by_the_default_rate_are_not_refusals() {
         let listener = listener(Some(1_000_000));
         let mut stream = connect(&listener, 9);
-        assert_eq!(protocol::fetch(&mut stream, 8, &mut Vec::new()).unwrap(), 8);
+        assert_eq!(wire::fetch(&mut stream, 8, &mut Vec::new()).unwrap(), 8);
         let status = listener.status();
         assert_eq!((status.connections, status.refused["unknown_cid"]), (1, 0));
     }
@@ -363,7 +354,7 @@ mod tests {
         let mut first = connect(&listener, 7);
         let mut bytes = Vec::new();
         // The bucket starts empty: 500 bytes at 1000 B/s take about 0.5 s.
-        assert_eq!(protocol::fetch(&mut first, 500, &mut bytes).unwrap(), 500);
+        assert_eq!(wire::fetch(&mut first, 500, &mut bytes).unwrap(), 500);
         let automatic = listener.directory().automatic();
         assert_eq!(automatic.len(), 1);
         let (cid, guest) = &automatic[0];
@@ -372,7 +363,7 @@ mod tests {
 
         // A second connection from the same CID is the same guest.
         let mut second = connect(&listener, 7);
-        assert_eq!(protocol::fetch(&mut second, 10, &mut bytes).unwrap(), 10);
+        assert_eq!(wire::fetch(&mut second, 10, &mut bytes).unwrap(), 10);
         assert_eq!(listener.directory().automatic().len(), 1);
         assert_eq!(guest.stats.snapshot().bytes, 510);
     }
@@ -381,7 +372,7 @@ mod tests {
     fn guests_let_in_by_the_default_rate_are_forgotten_once_idle() {
         let listener = listener(Some(1_000_000));
         let mut first = connect(&listener, 7);
-        assert_eq!(protocol::fetch(&mut first, 8, &mut Vec::new()).unwrap(), 8);
+        assert_eq!(wire::fetch(&mut first, 8, &mut Vec::new()).unwrap(), 8);
         drop(first);
         let seven = listener.directory().get(&7).unwrap();
         let deadline = std::time::Instant::now() + Duration::from_secs(10);
@@ -395,7 +386,7 @@ mod tests {
         // Still listed until another unknown CID comes...
         assert_eq!(listener.directory().automatic().len(), 1);
         let mut second = connect(&listener, 8);
-        assert_eq!(protocol::fetch(&mut second, 8, &mut Vec::new()).unwrap(), 8);
+        assert_eq!(wire::fetch(&mut second, 8, &mut Vec::new()).unwrap(), 8);
         // ...which takes the idle one's place; a connected one stays.
         let cids: Vec<u32> = listener
             .directory()
@@ -405,7 +396,7 @@ mod tests {
             .collect();
         assert_eq!(cids, [8]);
         let mut third = connect(&listener, 9);
-        assert_eq!(protocol::fetch(&mut third, 8, &mut Vec::new()).unwrap(), 8);
+        assert_eq!(wire::fetch(&mut third, 8, &mut Vec::new()).unwrap(), 8);
         let mut cids: Vec<u32> = listener
             .directory()
             .automatic()
@@ -427,18 +418,15 @@ mod tests {
             .map(|_| connect(&listener, 3))
             .collect();
         for stream in &mut open {
-            assert_eq!(protocol::fetch(stream, 8, &mut Vec::new()).unwrap(), 8);
+            assert_eq!(wire::fetch(stream, 8, &mut Vec::new()).unwrap(), 8);
         }
         // Admitted as it connects: by now the second client (the first to
         // fetch after the one connected longest, so the idlest but it) has
         // been closed.
         let mut ninth = connect(&listener, 3);
-        assert_eq!(protocol::fetch(&mut ninth, 8, &mut Vec::new()).unwrap(), 8);
+        assert_eq!(wire::fetch(&mut ninth, 8, &mut Vec::new()).unwrap(), 8);
         assert_eq!(open[1].read(&mut [0u8; 1]).unwrap(), 0, "closed");
-        assert_eq!(
-            protocol::fetch(&mut open[0], 8, &mut Vec::new()).unwrap(),
-            8
-        );
+        assert_eq!(wire::fetch(&mut open[0], 8, &mut Vec::new()).unwrap(), 8);
         let stats = guest.stats.snapshot();
         assert_eq!(
             (stats.evicted_connections, stats.refused_connections),

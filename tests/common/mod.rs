@@ -80,7 +80,7 @@ impl Daemon {
     }
 
     /// `vhost-rng guest list --json` on this daemon's control socket.
-    pub fn guests(&self) -> Vec<vhost_rng::status::GuestStatus> {
+    pub fn guests(&self) -> Vec<vhost_rng::service::status::GuestStatus> {
         let output = run_cli([
             "guest".as_ref(),
             "list".as_ref(),
@@ -93,7 +93,7 @@ impl Daemon {
     }
 
     /// The listed guest named `name`.
-    pub fn guest(&self, name: &str) -> vhost_rng::status::GuestStatus {
+    pub fn guest(&self, name: &str) -> vhost_rng::service::status::GuestStatus {
         self.guests()
             .into_iter()
             .find(|g| g.name == name)
@@ -363,7 +363,7 @@ pub fn sha256_prefix(path: &Path, len: usize) -> String {
 }
 
 /// Where tests/run-all.sh builds the statically linked agent.
-pub const STATIC_AGENT: &str = "target/x86_64-unknown-linux-gnu/release/vhost-rng";
+pub const STATIC_AGENT: &str = "target/x86_64-unknown-linux-gnu/release/vhost-rng-agent";
 /// The guest built with that agent inside (qemu/build-guest.sh --agent).
 pub const AGENT_GUEST: &str = "target/qemu-guest-agent";
 

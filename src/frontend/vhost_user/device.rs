@@ -25,8 +25,8 @@ use vmm_sys_util::event::{
 use vmm_sys_util::timerfd::TimerFd;
 
 use super::request::{RequestProcessor, Supplied, Supply};
+use crate::entropy::pool::EntropyStream;
 use crate::guest::Guest;
-use crate::pool::EntropyStream;
 
 /// virtio device id of an entropy device.
 pub const VIRTIO_ID_RNG: u32 = 4;

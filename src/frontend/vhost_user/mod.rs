@@ -2,7 +2,6 @@
 //! QEMU (`-device vhost-user-rng-pci`) and cloud-hypervisor
 //! (`--generic-vhost-user`).
 //!
-//! - [`socket`]: the guest's socket file (permissions, stale files).
 //! - [`server`]: one guest's connections, one after another, on one thread.
 //! - [`handler`]: the vhost-user messages of a connection, checked.
 //! - [`memory`]: the guest memory a VMM shares, checked and mapped.
@@ -16,8 +15,6 @@ pub mod handler;
 pub mod memory;
 pub mod request;
 pub mod server;
-pub mod socket;
 
 pub use memory::MemoryLimits;
 pub use server::{Endpoint, GuestServer, VhostUserLimits};
-pub use socket::{GuestSocket, SocketAccess, SocketError};

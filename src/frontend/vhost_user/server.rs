@@ -29,7 +29,7 @@ use vmm_sys_util::eventfd::EventFd;
 use super::fault_guard;
 use super::handler::Handler;
 use super::memory::MemoryLimits;
-use super::socket::GuestSocket;
+use crate::frontend::socket_file::GuestSocket;
 use crate::guest::Guest;
 /// How a guest's VMM reaches the daemon.
 #[derive(Debug)]

@@ -6,9 +6,9 @@
 //!
 //! ```no_run
 //! use std::time::Duration;
-//! use vhost_rng::testing::{Buffer, TestVmm, TestVmmConfig};
+//! use vhost_rng_testing::{Buffer, TestVmm, TestVmmConfig};
 //!
-//! # fn main() -> vhost_rng::testing::Result<()> {
+//! # fn main() -> vhost_rng_testing::Result<()> {
 //! # let socket = std::path::Path::new("/tmp/vhost-rng.sock");
 //! let mut vmm = TestVmm::connect(socket, TestVmmConfig::qemu())?;
 //! let head = vmm.post(&[Buffer::writable(64)])?;

@@ -1,7 +1,7 @@
 //! The encrypted TCP transport of the entropy protocol, for guests that
 //! have no vsock (Xen guests above all): a Noise `NNpsk0` handshake keyed by
 //! a per-guest pre-shared key, then an encrypted byte stream on which the
-//! ordinary 12-byte-header protocol of [`crate::protocol`] runs unchanged.
+//! ordinary 12-byte-header protocol of [`crate::wire`] runs unchanged.
 //!
 //! Over vsock or a Unix socket the transport itself tells the daemon which
 //! guest is at the other end. Over TCP anyone on the network can connect,
@@ -505,6 +505,15 @@ impl<S> Drop for SecureStream<S> {
     }
 }
 
+impl<S: crate::deadline::TimedStream> crate::deadline::TimedStream for SecureStream<S> {
+    fn set_read_timeout(&self, timeout: Option<std::time::Duration>) -> io::Result<()> {
+        self.get_ref().set_read_timeout(timeout)
+    }
+    fn set_write_timeout(&self, timeout: Option<std::time::Duration>) -> io::Result<()> {
+        self.get_ref().set_write_timeout(timeout)
+    }
+}
+
 impl<S: fmt::Debug> fmt::Debug for SecureStream<S> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("SecureStream")
@@ -805,7 +814,7 @@ fn wipe(bytes: &mut [u8]) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::protocol::{REQUEST_LEN, Request, encode_request};
+    use crate::wire::{REQUEST_LEN, Request, encode_request};
     use std::collections::HashSet;
     use std::fs;
     use std::net::Shutdown;

@@ -16,8 +16,8 @@ use std::time::{Duration, Instant};
 use log::{error, info, warn};
 
 use super::{RawSource, SourceError};
-use crate::health::{HealthConfig, HealthFailure, HealthTests};
-use crate::log_limit::RateLimitedLog;
+use crate::entropy::health::{HealthConfig, HealthFailure, HealthTests};
+use vhost_rng_protocol::log_limit::RateLimitedLog;
 
 /// Bytes asked of a source per read.
 const READ_CHUNK: usize = 512;

@@ -91,7 +91,7 @@ impl SeedInstruction for HwRdseed {
     fn step(&mut self) -> Option<u64> {
         // SAFETY: `rdseed64` requires a CPU that implements RDSEED, else it
         // executes an invalid opcode. `self` can only have been built by
-        // `HwRdseed::new`, which checked CPUID leaf 7 EBX bit 18 first.
+        // `HwRdseed::new`, which checked that the CPU reports RDSEED first.
         unsafe { rdseed64() }
     }
 
@@ -107,13 +107,8 @@ impl SeedInstruction for HwRdseed {
         // PAUSE between retries, as Intel recommends: it spaces the tries out
         // (giving the conditioner time to refill) and yields execution
         // resources to a sibling hyperthread instead of spinning flat out.
-        // `_mm_pause` is safe on current toolchains but was `unsafe` on some
-        // within our `rust-version`; SSE2 (which it needs) is part of the
-        // x86_64 baseline, so it is sound either way.
-        #[allow(unused_unsafe)]
-        unsafe {
-            core::arch::x86_64::_mm_pause()
-        }
+        // spin_loop is PAUSE on x86_64.
+        std::hint::spin_loop();
     }
 }
 
@@ -130,6 +125,8 @@ unsafe fn rdseed64() -> Option<u64> {
     // safe on current toolchains; older ones within our `rust-version` still
     // declare it `unsafe`. Its only requirement is the caller's contract.
     #[allow(unused_unsafe)]
+    // SAFETY: the caller guarantees the CPU has RDSEED; the intrinsic only
+    // writes `value`, which lives for the call.
     let carry = unsafe { core::arch::x86_64::_rdseed64_step(&mut value) };
     // The 64-bit form on purpose: it needs half the executions of the 32-bit
     // one, and AMD's 2025 Zen 5 advisory (zero returned with CF=1) concerned
@@ -141,19 +138,7 @@ unsafe fn rdseed64() -> Option<u64> {
 pub fn rdseed_supported() -> bool {
     #[cfg(target_arch = "x86_64")]
     {
-        use core::arch::x86_64::__cpuid_count;
-        // CPUID itself is safe to execute on every x86_64 CPU; the intrinsics
-        // are `unsafe` only on older toolchains within our `rust-version`.
-        #[allow(unused_unsafe)]
-        let max_leaf = unsafe { __cpuid_count(0, 0) }.eax;
-        // Reading a leaf above the maximum returns data of the highest basic
-        // leaf on Intel, which could carry a stray bit 18.
-        if max_leaf < 7 {
-            return false;
-        }
-        #[allow(unused_unsafe)]
-        let leaf7 = unsafe { __cpuid_count(7, 0) };
-        leaf7.ebx & (1 << 18) != 0
+        std::arch::is_x86_feature_detected!("rdseed")
     }
     #[cfg(not(target_arch = "x86_64"))]
     {

@@ -4,7 +4,7 @@
 //!
 //! Each round the agent asks the host daemon for a few bytes over vsock (a
 //! Unix socket, or TCP encrypted with the guest's pre-shared key, see
-//! [`crate::noise`]), mixes them into the guest kernel's pool with
+//! [`vhost_rng_protocol::noise`]), mixes them into the guest kernel's pool with
 //! RNDADDENTROPY, crediting them conservatively, and has the kernel CRNG
 //! reseed at once with RNDRESEEDCRNG. Then it sleeps and does it again,
 //! reconnecting with exponential backoff whenever the host cannot be
@@ -22,13 +22,13 @@ use std::time::Duration;
 
 use log::{error, info, warn};
 
-use crate::log_limit::RateLimitedLog;
-use crate::noise::{self, HandshakeError, MAX_IDENTITY, Psk, PskError};
-use crate::protocol::{self, IDLE_TIMEOUT, MAX_REQUEST, ProtocolError, Status};
+use vhost_rng_protocol::log_limit::RateLimitedLog;
+use vhost_rng_protocol::noise::{self, HandshakeError, MAX_IDENTITY, Psk, PskError};
+use vhost_rng_protocol::wire::{self, IDLE_TIMEOUT, MAX_REQUEST, ProtocolError, Status};
 
-pub use crate::vsock_stream::VsockStream;
 pub use endpoint::{Connection, Endpoint, EndpointError, HOST_CID, connect_tcp};
 pub use kernel::{DEV_RANDOM, DevRandom, KernelEntropy, RNDADDENTROPY, RNDRESEEDCRNG};
+pub use vhost_rng_protocol::vsock::VsockStream;
 
 /// Bytes asked for each round: twice the 32-byte seed of the kernel CRNG,
 /// so that even a conservative credit fully seeds it.
@@ -320,7 +320,7 @@ pub fn fetch_and_inject(
         )));
     }
     let mut entropy = Vec::with_capacity(config.bytes as usize);
-    protocol::fetch(stream, config.bytes, &mut entropy).map_err(|error| AgentError::Protocol {
+    wire::fetch(stream, config.bytes, &mut entropy).map_err(|error| AgentError::Protocol {
         endpoint: config.endpoint.clone(),
         error,
     })?;

@@ -26,11 +26,11 @@ use serde::{Deserialize, Serialize};
 
 use crate::config::GuestSpec;
 use crate::frontend::shared::ACCEPT_ERROR_PAUSE;
+use crate::frontend::socket_file::{GuestSocket, SocketAccess, SocketError};
 use crate::frontend::stream::{Places, read_by, refuse, write_all_by};
-use crate::frontend::vhost_user::{GuestSocket, SocketAccess, SocketError};
-use crate::log_limit::RateLimitedLog;
-use crate::registry::Registry;
-use crate::status::{DaemonStatus, GuestStatus};
+use crate::service::registry::Registry;
+use crate::service::status::{DaemonStatus, GuestStatus};
+use vhost_rng_protocol::log_limit::RateLimitedLog;
 
 /// Where the control socket is when the daemon runs as root.
 pub const DEFAULT_CONTROL_PATH: &str = "/run/vhost-rng/control.sock";
@@ -303,8 +303,8 @@ mod tests {
     fn server(dir: &Path, timeout: Duration) -> (ControlServer, PathBuf) {
         let path = dir.join("control.sock");
         let registry = Registry::new(
-            crate::pool::os_pool(),
-            crate::frontend::vhost_user::SocketAccess::default(),
+            crate::entropy::pool::os_pool(),
+            crate::frontend::socket_file::SocketAccess::default(),
             crate::frontend::vhost_user::VhostUserLimits::default(),
         );
         let server = ControlServer::start_with_timeout(&path, registry, timeout).unwrap();
@@ -312,7 +312,7 @@ mod tests {
     }
 
     fn client_threads() -> usize {
-        crate::testing::threads_named("control-client").unwrap()
+        vhost_rng_testing::threads_named("control-client").unwrap()
     }
 
     /// Held by the tests that hold clients open, so that they do not count

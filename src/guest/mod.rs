@@ -6,9 +6,11 @@ use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
-use crate::limiter::{Grant, RateLimit, TokenBucket, retarget};
-use crate::log_limit::RateLimitedLog;
-use crate::pool::{EntropyStream, Pool};
+pub mod limiter;
+
+use crate::entropy::pool::{EntropyStream, Pool};
+use limiter::{Grant, RateLimit, TokenBucket, retarget};
+use vhost_rng_protocol::log_limit::RateLimitedLog;
 
 /// Counters for one guest, updated by its frontend, read by status reporting.
 #[derive(Debug, Default)]
@@ -352,7 +354,7 @@ mod tests {
     use super::*;
 
     fn pool() -> Arc<Pool> {
-        crate::pool::os_pool()
+        crate::entropy::pool::os_pool()
     }
 
     fn limited(bytes: u64) -> GuestLimits {

@@ -103,7 +103,7 @@ pub struct DaemonStatus {
 }
 
 impl SourceStatus {
-    pub fn from_snapshot(s: &crate::source::SourceStatsSnapshot) -> Self {
+    pub fn from_snapshot(s: &crate::entropy::source::SourceStatsSnapshot) -> Self {
         SourceStatus {
             name: s.name.clone(),
             hardware: s.hardware,

@@ -16,16 +16,17 @@ use nix::sys::signal::{SigSet, Signal};
 use nix::unistd::Gid;
 
 use crate::config::{self, ConfigError, ConfigFile, GuestSpec};
-use crate::control::{ControlServer, DEFAULT_CONTROL_PATH};
-use crate::drbg::ReseedPolicy;
+use crate::entropy::drbg::ReseedPolicy;
+use crate::entropy::pool::{Mode, Pool, PoolConfig, PoolError};
+use crate::entropy::source::{self, SourceSpec};
+use crate::frontend::socket_file::{SocketAccess, SocketError};
 use crate::frontend::tcp::{TcpError, TcpListener};
-use crate::frontend::vhost_user::{MemoryLimits, SocketAccess, SocketError, VhostUserLimits};
+use crate::frontend::vhost_user::{MemoryLimits, VhostUserLimits};
 use crate::frontend::vsock::{VsockError, VsockListener};
-use crate::limiter::RateLimit;
+use crate::guest::limiter::RateLimit;
 use crate::metrics::MetricsServer;
-use crate::pool::{Mode, Pool, PoolConfig, PoolError};
-use crate::registry::{Listeners, Registry, RegistryError};
-use crate::source::{self, SourceSpec};
+use crate::service::control::{ControlServer, DEFAULT_CONTROL_PATH};
+use crate::service::registry::{Listeners, Registry, RegistryError};
 
 /// Settings that may come from the command line or the config file; the
 /// command line wins.

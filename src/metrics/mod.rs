@@ -32,8 +32,8 @@ use prometheus_client::metrics::gauge::ConstGauge;
 use prometheus_client::registry::Registry;
 
 use crate::frontend::stream::{Places, read_by, write_all_by};
-use crate::log_limit::RateLimitedLog;
-use crate::status::{DaemonStatus, GuestStatus, ListenerStatus, SourceStatus};
+use crate::service::status::{DaemonStatus, GuestStatus, ListenerStatus, SourceStatus};
+use vhost_rng_protocol::log_limit::RateLimitedLog;
 
 /// The content type of what [`encode`] produces.
 pub const CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
@@ -779,7 +779,7 @@ fn linger(stream: &mut TcpStream) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::status::PoolStatus;
+    use crate::service::status::PoolStatus;
     use std::collections::HashMap;
     use std::io::Write;
     use std::sync::atomic::AtomicUsize;
@@ -1573,7 +1573,7 @@ mod tests {
     }
 
     fn client_threads() -> usize {
-        crate::testing::threads_named("metrics-client").unwrap()
+        vhost_rng_testing::threads_named("metrics-client").unwrap()
     }
 
     /// Held by the tests that count client threads, so that they do not

@@ -26,9 +26,9 @@ use nix::unistd::{Gid, Group};
 use toml::Spanned;
 use toml::de::{DeString, DeTable, DeValue};
 
-use crate::limiter::{self, MAX_BURST, MAX_BYTES, MAX_PERIOD_MS};
-use crate::pool::Mode;
-use crate::source::SourceSpec;
+use crate::entropy::pool::Mode;
+use crate::entropy::source::SourceSpec;
+use crate::guest::limiter::{self, MAX_BURST, MAX_BYTES, MAX_PERIOD_MS};
 
 /// A complete configuration file, with every key explained.
 pub const EXAMPLE: &str = r#"# all top-level keys optional

@@ -11,9 +11,9 @@ use std::time::Duration;
 
 use nix::errno::Errno;
 
-use crate::noise::SecureStream;
-use crate::protocol::DEFAULT_PORT;
-use crate::vsock_stream::{MAX_IO_TIMEOUT, VsockStream};
+use vhost_rng_protocol::noise::SecureStream;
+use vhost_rng_protocol::vsock::{MAX_IO_TIMEOUT, VsockStream};
+use vhost_rng_protocol::wire::DEFAULT_PORT;
 
 /// The CID a guest reaches its host at.
 pub const HOST_CID: u32 = 2;
@@ -33,7 +33,7 @@ pub enum Endpoint {
     /// TCP, for guests without vsock: `tcp:HOST:PORT`, HOST a name, an IPv4
     /// address or an IPv6 address in brackets (kept here without them).
     /// Always encrypted and authenticated with the guest's pre-shared key
-    /// (see [`crate::noise`]).
+    /// (see [`vhost_rng_protocol::noise`]).
     Tcp { host: String, port: u16 },
 }
 
@@ -161,7 +161,7 @@ impl Endpoint {
     /// Opens a connection whose reads and writes each give up after
     /// `io_timeout`. Not for `tcp:` endpoints, which need the guest's name
     /// and key for the handshake: the agent opens those with
-    /// [`connect_tcp`] and [`crate::noise::connect_handshake`].
+    /// [`connect_tcp`] and [`vhost_rng_protocol::noise::connect_handshake`].
     pub fn connect(&self, io_timeout: Duration) -> io::Result<Connection> {
         match self {
             Endpoint::Tcp { .. } => Err(io::Error::new(

@@ -22,11 +22,11 @@ use std::time::{Duration, Instant};
 
 use log::{info, warn};
 
-use crate::conditioner::{BLOCK_BYTES, Conditioner};
-use crate::drbg::{Drbg, ReseedPolicy, SEED_BYTES};
-use crate::health::HealthConfig;
-use crate::source::runner::{self, Contribution, SourceBoard, SourceStats};
-use crate::source::{SourceError, SourceSpec};
+use crate::entropy::conditioner::{BLOCK_BYTES, Conditioner};
+use crate::entropy::drbg::{Drbg, ReseedPolicy, SEED_BYTES};
+use crate::entropy::health::HealthConfig;
+use crate::entropy::source::runner::{self, Contribution, SourceBoard, SourceStats};
+use crate::entropy::source::{SourceError, SourceSpec};
 
 /// How guests are served.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
@@ -476,7 +476,7 @@ pub(crate) fn os_pool() -> Arc<Pool> {
     Pool::start(PoolConfig {
         sources: vec!["os".parse().expect("os is a source")],
         mode: Mode::default(),
-        reseed: crate::drbg::ReseedPolicy::default(),
+        reseed: crate::entropy::drbg::ReseedPolicy::default(),
     })
     .expect("the OS generator is always there")
 }

@@ -1,7 +1,7 @@
 //! The agent against a fake daemon and a fake kernel.
 
 use std::io::{Read, Write};
-use std::net::{TcpListener, TcpStream};
+use std::net::TcpListener;
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::Path;
@@ -10,8 +10,8 @@ use std::thread::{self, JoinHandle};
 use clap::Parser;
 
 use super::*;
-use crate::noise::{SecureStream, accept_handshake};
-use crate::protocol::{
+use vhost_rng_protocol::noise::{SecureStream, accept_handshake};
+use vhost_rng_protocol::wire::{
     REQUEST_LEN, Request, ResponseHeader, decode_request, encode_response_header,
 };
 
@@ -750,81 +750,6 @@ fn a_wrong_key_over_tcp_is_refused_credentials_and_retried() {
         matches!(&connections[..], [Err(noise::HandshakeError::WrongCredential(name))] if name == GUEST),
         "{connections:?}"
     );
-}
-
-#[test]
-fn a_daemon_over_its_handshake_limit_is_busy_not_a_wrong_key() {
-    use crate::frontend::stream::Clients;
-    use crate::frontend::tcp::{MAX_HANDSHAKES_PER_PEER, TcpListener as Daemon};
-    use crate::guest::{Guest, GuestLimits, SharedBucket};
-
-    let daemon = Daemon::start("127.0.0.1:0".parse().unwrap()).unwrap();
-    let guest = Guest::with_limits(
-        GUEST,
-        crate::pool::os_pool(),
-        GuestLimits::default(),
-        SharedBucket::default(),
-    );
-    let _member = daemon
-        .directory()
-        .join(GUEST.to_owned(), Clients::new(guest), psk(7));
-    let port = daemon.local_addr().port();
-    let refused = |reason: &str| daemon.status().refused[reason];
-    let wait_for = |what: &str, done: &dyn Fn() -> bool| {
-        let deadline = std::time::Instant::now() + Duration::from_secs(10);
-        while !done() {
-            assert!(std::time::Instant::now() < deadline, "never: {what}");
-            thread::sleep(Duration::from_millis(10));
-        }
-    };
-
-    // A flood from the agent's own address: silent connections holding
-    // every handshake place that address has.
-    let flood: Vec<TcpStream> = (0..MAX_HANDSHAKES_PER_PEER)
-        .map(|_| TcpStream::connect(("127.0.0.1", port)).unwrap())
-        .collect();
-    wait_for("the flood to be accepted", &|| {
-        daemon.status().connections == MAX_HANDSHAKES_PER_PEER as u64
-    });
-    let mut kernel = FakeKernel::default();
-    let err = run(&tcp_config(port, psk(7)), &mut kernel).unwrap_err();
-
-    assert_eq!(refused("too_many_handshakes"), 1);
-    assert!(
-        matches!(
-            err,
-            AgentError::Handshake {
-                error: noise::HandshakeError::Dropped,
-                ..
-            }
-        ),
-        "{err}"
-    );
-    assert!(!err.is_fatal(), "retried with the usual backoff");
-    assert_eq!(
-        err.report_line(),
-        "VRNG-AGENT error reason=connection-closed"
-    );
-    let message = err.to_string();
-    assert!(message.contains("may be busy"), "{message}");
-    assert!(!message.contains("credentials"), "{message}");
-    assert!(kernel.calls.is_empty());
-
-    // Once the flood is over the same key is served; a wrong one is
-    // still refused as credentials, by the same daemon.
-    drop(flood);
-    wait_for("the flood's places to be given back", &|| {
-        refused("handshake_incomplete") == MAX_HANDSHAKES_PER_PEER as u64
-    });
-    let report = run(&tcp_config(port, psk(7)), &mut kernel).unwrap();
-    assert_eq!(report.bytes, DEFAULT_BYTES as usize);
-    let err = run(&tcp_config(port, psk(8)), &mut kernel).unwrap_err();
-    assert!(
-        matches!(&err, AgentError::CredentialsRefused { name, .. } if name == GUEST),
-        "{err}"
-    );
-    wait_for("the wrong key to be counted", &|| refused("wrong_key") == 1);
-    daemon.stop();
 }
 
 #[test]

@@ -110,6 +110,15 @@ impl Write for VsockStream {
     }
 }
 
+impl crate::deadline::TimedStream for VsockStream {
+    fn set_read_timeout(&self, timeout: Option<Duration>) -> io::Result<()> {
+        VsockStream::set_read_timeout(self, timeout)
+    }
+    fn set_write_timeout(&self, timeout: Option<Duration>) -> io::Result<()> {
+        VsockStream::set_write_timeout(self, timeout)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -9,8 +9,8 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use crate::cli::CheckArgs;
-use crate::health::{HealthConfig, HealthFailure, HealthTests};
-use crate::source::{RawSource, SourceSpec};
+use crate::entropy::health::{HealthConfig, HealthFailure, HealthTests};
+use crate::entropy::source::{RawSource, SourceSpec};
 
 /// What one source did during the check.
 #[derive(Debug, Clone, Default, PartialEq)]

@@ -25,7 +25,7 @@
 //! afterwards:
 //!
 //! ```
-//! use vhost_rng::health::{HealthConfig, HealthTests};
+//! use vhost_rng::entropy::health::{HealthConfig, HealthTests};
 //!
 //! let mut tests = HealthTests::new(HealthConfig::new(1.0)).unwrap();
 //! let mut unapproved = Vec::new();

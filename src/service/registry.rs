@@ -12,20 +12,19 @@ use std::time::Instant;
 use log::info;
 
 use crate::config::{GuestEndpoint, GuestSpec};
+use crate::entropy::pool::Pool;
 use crate::frontend::GuestFrontend;
+use crate::frontend::socket_file::{GuestSocket, SocketAccess, SocketError};
 use crate::frontend::stream::Clients;
 use crate::frontend::tcp::TcpListener;
-use crate::frontend::vhost_user::{
-    Endpoint, GuestServer, GuestSocket, SocketAccess, SocketError, VhostUserLimits,
-};
+use crate::frontend::vhost_user::{Endpoint, GuestServer, VhostUserLimits};
 use crate::frontend::vsock::VsockListener;
 use crate::frontend::{channel, egd};
+use crate::guest::limiter::{RateLimit, RateLimitError};
 use crate::guest::{Guest, GuestLimits, SharedBucket};
-use crate::limiter::{RateLimit, RateLimitError};
-use crate::noise::{Psk, PskError};
-use crate::pool::Pool;
-use crate::protocol;
-use crate::status::{DaemonStatus, GuestStatus, ListenerStatus, PoolStatus, SourceStatus};
+use crate::service::status::{DaemonStatus, GuestStatus, ListenerStatus, PoolStatus, SourceStatus};
+use vhost_rng_protocol::noise::{Psk, PskError};
+use vhost_rng_protocol::wire;
 
 #[derive(Debug, thiserror::Error)]
 pub enum RegistryError {
@@ -425,7 +424,7 @@ impl Registry {
             GuestEndpoint::Connect(path) => Opened::VhostUser(Endpoint::Connect(path.clone())),
             GuestEndpoint::Egd(path) => Opened::Egd(bind(path)?),
             GuestEndpoint::VsockUds(path) => {
-                Opened::Channel(bind(&channel::uds_path(path, protocol::DEFAULT_PORT))?)
+                Opened::Channel(bind(&channel::uds_path(path, wire::DEFAULT_PORT))?)
             }
             GuestEndpoint::Cid(cid) => {
                 let listener = self
@@ -703,7 +702,7 @@ mod tests {
     use super::*;
 
     fn registry() -> Arc<Registry> {
-        let pool = crate::pool::os_pool();
+        let pool = crate::entropy::pool::os_pool();
         Registry::new(pool, SocketAccess::default(), VhostUserLimits::default())
     }
 
@@ -791,8 +790,8 @@ mod tests {
 
     #[test]
     fn a_reload_picks_up_a_new_key_in_a_tcp_guests_key_file() {
-        use crate::noise;
         use std::os::unix::fs::PermissionsExt;
+        use vhost_rng_protocol::noise;
 
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("xen1.psk");
