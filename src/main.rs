@@ -35,7 +35,11 @@ fn main() -> ExitCode {
                 }
             }
         }
-        Command::Check(args) => check::run(&args),
+        Command::Check(args) => check::run(
+            &args.entropy.sources_or_defaults(),
+            args.bytes,
+            std::time::Duration::from_secs(args.timeout),
+        ),
         Command::Guest(GuestCommand::Add { spec, control }) => ask(
             &control,
             Request::GuestAdd {

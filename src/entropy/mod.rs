@@ -6,6 +6,7 @@
 
 pub mod conditioner;
 pub mod drbg;
+pub mod fairness;
 pub mod health;
 pub mod pool;
 pub mod source;

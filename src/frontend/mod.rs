@@ -8,9 +8,11 @@
 //!   over hybrid vsock, [`vsock`] (AF_VSOCK) or [`tcp`] (Noise over TCP).
 //! - [`stream`]: what the stream-socket frontends share; [`shared`]: what
 //!   the listeners shared by many guests (vsock, TCP) share.
+//! - [`accept`]: what every accept loop shares.
 //! - [`socket_file`]: the socket files every frontend listens on
 //!   (permissions, stale files, no symlink games).
 
+pub mod accept;
 pub mod channel;
 pub mod egd;
 pub mod shared;

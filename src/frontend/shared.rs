@@ -3,20 +3,33 @@
 //! its key) in a [`Directory`] that the registry fills as guests come and
 //! go.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::fmt;
 use std::hash::Hash;
-use std::io;
-use std::os::fd::{AsFd, AsRawFd, BorrowedFd};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use log::info;
-use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
-use vmm_sys_util::eventfd::{EFD_CLOEXEC, EFD_NONBLOCK, EventFd};
+use serde::{Deserialize, Serialize};
 
 use super::GuestFrontend;
 use super::stream::Clients;
 use crate::guest::Guest;
+
+/// A listener shared by many guests (`--vsock`, `--listen-tcp`) at one
+/// moment.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ListenerStatus {
+    /// `vsock` or `tcp`.
+    pub kind: String,
+    /// The port for vsock, IP:PORT for TCP.
+    pub address: String,
+    /// Connections accepted, refused ones included.
+    pub connections: u64,
+    /// Connections refused before they reached a guest, by reason. Every
+    /// reason of the listener's kind is present, at 0 until it happens, so
+    /// that rates over them start from the first refusal.
+    pub refused: BTreeMap<String, u64>,
+}
 
 /// A guest reachable through a shared listener.
 pub struct Member<C> {
@@ -150,49 +163,6 @@ where
     }
 }
 
-/// How long a listener pauses after a failed accept. The usual cause (no
-/// descriptors left) leaves the connection queued, so an immediate retry
-/// would fail the same way, over and over, at full speed.
-pub const ACCEPT_ERROR_PAUSE: std::time::Duration = std::time::Duration::from_millis(100);
-
-/// Wakes a shared listener's accept loop so that it ends.
-pub struct StopSignal {
-    event: EventFd,
-}
-
-impl StopSignal {
-    pub fn new() -> io::Result<Self> {
-        Ok(StopSignal {
-            event: EventFd::new(EFD_NONBLOCK | EFD_CLOEXEC)?,
-        })
-    }
-
-    pub fn raise(&self) {
-        let _ = self.event.write(1);
-    }
-
-    /// Waits until `listener` has a connection to accept (true) or the
-    /// signal is raised (false), without waking up in between.
-    pub fn wait_for_connection(&self, listener: BorrowedFd<'_>) -> bool {
-        // SAFETY: the eventfd is owned by `self` and outlives the poll call.
-        let stop = unsafe { BorrowedFd::borrow_raw(self.event.as_raw_fd()) };
-        loop {
-            let mut fds = [
-                PollFd::new(listener.as_fd(), PollFlags::POLLIN),
-                PollFd::new(stop, PollFlags::POLLIN),
-            ];
-            match poll(&mut fds, PollTimeout::NONE) {
-                Ok(_) => {
-                    let stopped = fds[1].revents().is_some_and(|r| !r.is_empty());
-                    return !stopped;
-                }
-                Err(nix::errno::Errno::EINTR) => continue,
-                Err(_) => return false,
-            }
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -249,25 +219,6 @@ mod tests {
             directory
                 .get(&"vm".to_owned())
                 .is_some_and(|m| Arc::ptr_eq(&m, &second.member))
-        );
-    }
-
-    #[test]
-    fn the_stop_signal_ends_a_wait() {
-        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        let signal = Arc::new(StopSignal::new().unwrap());
-        let raised = Arc::clone(&signal);
-        let waiter = std::thread::spawn(move || raised.wait_for_connection(listener.as_fd()));
-        std::thread::sleep(std::time::Duration::from_millis(50));
-        signal.raise();
-        assert!(!waiter.join().unwrap());
-
-        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        let _client = std::net::TcpStream::connect(listener.local_addr().unwrap()).unwrap();
-        assert!(
-            StopSignal::new()
-                .unwrap()
-                .wait_for_connection(listener.as_fd())
         );
     }
 }

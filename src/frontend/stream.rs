@@ -22,7 +22,7 @@ use vmm_sys_util::event::{EventConsumer, EventFlag, new_event_consumer_and_notif
 use vhost_rng_protocol::deadline::TimedStream;
 pub use vhost_rng_protocol::deadline::{read_by, read_exact_by, write_all_by};
 
-use super::shared::{ACCEPT_ERROR_PAUSE, StopSignal};
+use super::accept::{ACCEPT_ERROR_PAUSE, StopSignal};
 use super::socket_file::GuestSocket;
 use crate::entropy::pool::EntropyStream;
 use crate::guest::{Guest, Supplied};

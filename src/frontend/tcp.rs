@@ -27,10 +27,10 @@ use std::time::{Duration, Instant};
 use log::{debug, info, warn};
 use nix::sys::socket::{setsockopt, sockopt};
 
+use super::accept::{ACCEPT_ERROR_PAUSE, StopSignal};
 use super::channel;
-use super::shared::{ACCEPT_ERROR_PAUSE, Directory, Member, StopSignal};
+use super::shared::{Directory, ListenerStatus, Member};
 use super::stream::ClientStream;
-use crate::service::status::ListenerStatus;
 use vhost_rng_protocol::deadline::TimedStream;
 use vhost_rng_protocol::log_limit::RateLimitedLog;
 use vhost_rng_protocol::noise::{self, HandshakeError, Psk, SecureStream};

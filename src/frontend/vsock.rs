@@ -18,14 +18,14 @@ use std::thread;
 use log::{info, warn};
 use nix::sys::socket::{self, AddressFamily, Backlog, SockFlag, SockType, VsockAddr};
 
+use super::accept::{ACCEPT_ERROR_PAUSE, StopSignal};
 use super::channel;
-use super::shared::{ACCEPT_ERROR_PAUSE, Directory, Member, StopSignal};
+use super::shared::{Directory, ListenerStatus, Member};
 use super::stream::{ClientStream, Clients, refuse, spawn_client};
 use crate::config::VSOCK_CID_ANY;
 use crate::entropy::pool::Pool;
 use crate::guest::limiter::RateLimit;
 use crate::guest::{Guest, GuestLimits, SharedBucket};
-use crate::service::status::ListenerStatus;
 use vhost_rng_protocol::log_limit::RateLimitedLog;
 use vhost_rng_protocol::vsock::VsockStream;
 use vhost_rng_protocol::wire::{self, ResponseHeader, Status};

@@ -8,7 +8,6 @@ use std::sync::mpsc;
 use std::thread;
 use std::time::{Duration, Instant};
 
-use crate::cli::CheckArgs;
 use crate::entropy::health::{HealthConfig, HealthFailure, HealthTests};
 use crate::entropy::source::{RawSource, SourceSpec};
 
@@ -60,9 +59,9 @@ impl CheckReport {
     }
 }
 
-/// Runs the check and prints the report; the process's exit status.
-pub fn run(args: &CheckArgs) -> ExitCode {
-    let specs = args.entropy.sources_or_defaults();
+/// Runs the check on `specs`, reading `bytes` from each within `timeout`,
+/// and prints the report; the process's exit status.
+pub fn run(specs: &[SourceSpec], bytes: u64, timeout: Duration) -> ExitCode {
     if specs.is_empty() {
         eprintln!(
             "vhost-rng check: no hardware entropy source works on this host (no readable \
@@ -70,7 +69,7 @@ pub fn run(args: &CheckArgs) -> ExitCode {
         );
         return ExitCode::FAILURE;
     }
-    let reports = check_sources(&specs, args.bytes, Duration::from_secs(args.timeout));
+    let reports = check_sources(specs, bytes, timeout);
     let mut out = std::io::stdout().lock();
     let _ = write_table(&mut out, &reports);
     if reports.iter().all(CheckReport::healthy) {

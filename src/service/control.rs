@@ -25,7 +25,7 @@ use log::{info, warn};
 use serde::{Deserialize, Serialize};
 
 use crate::config::GuestSpec;
-use crate::frontend::shared::ACCEPT_ERROR_PAUSE;
+use crate::frontend::accept::ACCEPT_ERROR_PAUSE;
 use crate::frontend::socket_file::{GuestSocket, SocketAccess, SocketError};
 use crate::frontend::stream::{Places, read_by, refuse, write_all_by};
 use crate::service::registry::Registry;

@@ -2,8 +2,6 @@
 //! listener, and the pool. One snapshot type feeds `vhost-rng status`,
 //! `guest list` and the Prometheus metrics, so they never disagree.
 
-use std::collections::BTreeMap;
-
 use serde::{Deserialize, Serialize};
 
 /// One guest at one moment.
@@ -41,21 +39,7 @@ pub struct GuestStatus {
     pub wrong_key_connections: u64,
 }
 
-/// A listener shared by many guests (`--vsock`, `--listen-tcp`) at one
-/// moment.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct ListenerStatus {
-    /// `vsock` or `tcp`.
-    pub kind: String,
-    /// The port for vsock, IP:PORT for TCP.
-    pub address: String,
-    /// Connections accepted, refused ones included.
-    pub connections: u64,
-    /// Connections refused before they reached a guest, by reason. Every
-    /// reason of the listener's kind is present, at 0 until it happens, so
-    /// that rates over them start from the first refusal.
-    pub refused: BTreeMap<String, u64>,
-}
+pub use crate::frontend::shared::ListenerStatus;
 
 /// One entropy source at one moment.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
