@@ -1,8 +1,8 @@
 //! The vhost-user protocol of one VMM connection: what each message does to
 //! the device, checked as input from a VMM that may be hostile.
 //!
-//! The vhost crate reads and frames the messages; this is the state they
-//! change: ownership, features, the memory table ([`super::memory`]) and the
+//! [`super::dispatch`] turns each message into a call here; this is the
+//! state they change: ownership, features, the memory table ([`super::memory`]) and the
 //! request ring. Rules beyond what the crate checks:
 //! - nothing but feature queries before SET_OWNER;
 //! - kick, call and error fds must be eventfds, and are made non-blocking, so
@@ -44,6 +44,8 @@ pub enum Refusal {
     OwnerTwice,
     #[error("features {0:#x} that were not offered")]
     UnofferedFeatures(u64),
+    #[error("protocol features {0:#x} that were not offered")]
+    UnofferedProtocolFeatures(u64),
     #[error("queue index {0}; virtio-rng has one queue")]
     NoSuchQueue(u64),
     #[error("queue size {0} (must be a power of two from 1 to {MAX_QUEUE_SIZE})")]
@@ -99,6 +101,7 @@ pub struct Handler {
     device: RngDevice,
     owner: bool,
     acked_features: u64,
+    acked_protocol_features: u64,
     memory: MemoryTable,
     ring: Ring,
     fatal: Option<Refusal>,
@@ -110,6 +113,7 @@ impl Handler {
             device: RngDevice::new(guest)?,
             owner: false,
             acked_features: 0,
+            acked_protocol_features: 0,
             memory: MemoryTable::new(limits),
             ring: Ring::new(),
             fatal: None,
@@ -119,6 +123,16 @@ impl Handler {
     /// Whether the VMM has claimed the device (SET_OWNER).
     pub fn owned(&self) -> bool {
         self.owner
+    }
+
+    /// Whether the VMM acknowledged protocol feature `feature`.
+    pub fn acked_protocol(&self, feature: VhostUserProtocolFeatures) -> bool {
+        self.acked_protocol_features & feature.bits() != 0
+    }
+
+    /// Whether requests that ask for an acknowledgement get one.
+    pub fn reply_ack(&self) -> bool {
+        self.acked_protocol(VhostUserProtocolFeatures::REPLY_ACK)
     }
 
     /// The reason to close the connection, once a message was refused.
@@ -254,6 +268,7 @@ impl VhostUserBackendReqHandlerMut for Handler {
         self.stop_ring();
         self.owner = false;
         self.acked_features = 0;
+        self.acked_protocol_features = 0;
         Ok(())
     }
 
@@ -392,9 +407,13 @@ impl VhostUserBackendReqHandlerMut for Handler {
         Ok(protocol_features())
     }
 
-    fn set_protocol_features(&mut self, _features: u64) -> VhostUserResult<()> {
-        // The vhost crate keeps the acked set and checks it per message;
+    fn set_protocol_features(&mut self, features: u64) -> VhostUserResult<()> {
         // QEMU sends this before SET_OWNER.
+        let offered = protocol_features().bits();
+        self.check(features & !offered == 0, || {
+            Refusal::UnofferedProtocolFeatures(features & !offered)
+        })?;
+        self.acked_protocol_features = features;
         Ok(())
     }
 

@@ -3,13 +3,17 @@
 //! (`--generic-vhost-user`).
 //!
 //! - [`server`]: one guest's connections, one after another, on one thread.
-//! - [`handler`]: the vhost-user messages of a connection, checked.
+//! - [`connection`]: vhost-user framing: whole messages in, replies out.
+//! - [`dispatch`]: each message to the handler, sizes and fds checked.
+//! - [`handler`]: the device state the messages change, checked.
 //! - [`memory`]: the guest memory a VMM shares, checked and mapped.
 //! - [`fault_guard`]: surviving a guest memory file that shrinks.
 //! - [`device`]: the virtio-rng device offered over each connection.
 //! - [`request`]: answering the requests on its queue.
 
+pub mod connection;
 pub mod device;
+pub mod dispatch;
 pub mod fault_guard;
 pub mod handler;
 pub mod memory;

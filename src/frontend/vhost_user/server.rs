@@ -21,14 +21,12 @@ use std::time::{Duration, Instant};
 
 use log::{debug, info, warn};
 use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
-use nix::sys::socket::MsgFlags;
-use vhost::vhost_user::message::MAX_MSG_SIZE;
-use vhost::vhost_user::{BackendReqHandler, Error as VhostUserError};
 use vmm_sys_util::eventfd::EventFd;
 
-use super::fault_guard;
+use super::connection::{self, Arrival};
 use super::handler::Handler;
 use super::memory::MemoryLimits;
+use super::{dispatch, fault_guard};
 use crate::frontend::socket_file::GuestSocket;
 use crate::guest::Guest;
 /// How a guest's VMM reaches the daemon.
@@ -226,13 +224,12 @@ impl GuestServer {
         let name = self.guest.name();
         let path = self.path().display();
         let prepared = (|| {
-            stream.set_read_timeout(Some(self.limits.timeout))?;
             stream.set_write_timeout(Some(self.limits.timeout))?;
             let handle = stream.try_clone()?;
             let handler = Handler::new(Arc::clone(&self.guest), self.limits.memory)?;
-            Ok::<_, io::Error>((handle, Arc::new(Mutex::new(handler))))
+            Ok::<_, io::Error>((handle, handler))
         })();
-        let (handle, handler) = match prepared {
+        let (handle, mut handler) = match prepared {
             Ok(prepared) => prepared,
             Err(e) => {
                 warn!("guest {name}: cannot set up a connection on {path}: {e}");
@@ -240,7 +237,7 @@ impl GuestServer {
                 return;
             }
         };
-        *self.lock_active() = handle.try_clone().ok();
+        *self.lock_active() = Some(handle);
         if self.is_stopping() {
             // stop() ran between accept and registering the connection.
             return;
@@ -248,8 +245,7 @@ impl GuestServer {
         self.guest.stats.connections.fetch_add(1, Ordering::Relaxed);
         self.guest.stats.connected.store(true, Ordering::Relaxed);
         info!("guest {name}: VMM connected on {path}");
-        let mut requests = BackendReqHandler::from_stream(stream, Arc::clone(&handler));
-        let ended = self.run_connection(&handle, &mut requests, &handler);
+        let ended = self.run_connection(&stream, &mut handler);
         self.lock_active().take();
         self.guest.stats.connected.store(false, Ordering::Relaxed);
         match ended {
@@ -269,21 +265,13 @@ impl GuestServer {
     }
 
     /// Serves one connection until it ends.
-    fn run_connection(
-        &self,
-        connection: &UnixStream,
-        requests: &mut BackendReqHandler<Mutex<Handler>>,
-        handler: &Mutex<Handler>,
-    ) -> Ended {
-        let lock = || handler.lock().unwrap_or_else(|e| e.into_inner());
+    fn run_connection(&self, connection: &UnixStream, handler: &mut Handler) -> Ended {
         let setup_deadline = Instant::now() + self.limits.timeout;
         // Set when part of a message has arrived: the rest must follow by
-        // then. The vhost crate's reader retries a timed-out read forever,
-        // so a message is only handed to it once it is all there.
+        // then.
         let mut message_deadline: Option<Instant> = None;
         loop {
-            let mut state = lock();
-            let deadline = match (state.owned(), message_deadline) {
+            let deadline = match (handler.owned(), message_deadline) {
                 (_, Some(deadline)) => Some((deadline, "to finish a message")),
                 (false, None) => Some((setup_deadline, "to claim the device (SET_OWNER)")),
                 (true, None) => None,
@@ -300,9 +288,7 @@ impl GuestServer {
                     }
                 },
             };
-            let (kick, wake, timer) = state.wait_fds();
-            // While a message is incomplete the connection is polled for
-            // its rest with the deadline above, not spun on.
+            let (kick, wake, timer) = handler.wait_fds();
             let mut fds = vec![
                 PollFd::new(connection.as_fd(), PollFlags::POLLIN),
                 PollFd::new(self.stop_fd(), PollFlags::POLLIN),
@@ -325,58 +311,47 @@ impl GuestServer {
                 return Ended::Stopped;
             }
             if ready.get(4) == Some(&true) {
-                state.on_kick();
+                handler.on_kick();
             }
             if ready[2] {
-                state.on_wake();
+                handler.on_wake();
             }
             if ready[3] {
-                state.on_timer();
+                handler.on_timer();
             }
-            if let Some(refusal) = state.take_fatal() {
+            if let Some(refusal) = handler.take_fatal() {
                 return Ended::Closed(format!("the VMM's guest memory is unusable: {refusal}"));
             }
-            drop(state);
             if !ready[0] {
                 continue;
             }
-            match message_arrived(connection) {
-                Arrival::Whole => message_deadline = None,
-                Arrival::Partial => {
+            let message = match connection::take_message(connection) {
+                Ok(Arrival::Message(message)) => message,
+                Ok(Arrival::Closed) => return Ended::Disconnected,
+                Ok(Arrival::Partial) => {
                     message_deadline.get_or_insert(Instant::now() + self.limits.timeout);
-                    // Poll again for the rest; the stream stays readable
-                    // while the part waits, so pause instead of spinning.
+                    // The stream stays readable while the part waits: pause
+                    // instead of spinning, then look again.
                     let _ = wait_readable(&[self.stop_fd()], timeout_of(PARTIAL_MESSAGE_POLL));
                     continue;
                 }
-            }
+                Err(e) => return Ended::Closed(format!("bad message from the VMM: {e}")),
+            };
+            message_deadline = None;
             // Guest memory is touched by some messages too (a kick fd set on
             // a ring with requests waiting).
-            let (result, faults) = fault_guard::guarded(|| requests.handle_request());
+            let (result, faults) =
+                fault_guard::guarded(|| dispatch::dispatch(handler, connection, message));
             if faults > 0 {
                 return Ended::Closed(format!(
                     "its guest memory file shrank under the daemon ({faults} fault(s))"
                 ));
             }
-            match result {
-                Ok(()) => {}
-                Err(VhostUserError::Disconnected | VhostUserError::PartialMessage) => {
-                    return Ended::Disconnected;
-                }
-                Err(e) => {
-                    let refusal = lock().take_fatal();
-                    return Ended::Closed(match refusal {
-                        Some(refusal) => format!("the VMM sent {refusal}"),
-                        None => format!("bad message from the VMM: {e}"),
-                    });
-                }
+            if let Err(reason) = result {
+                return Ended::Closed(reason);
             }
-            if let Some(refusal) = lock().take_fatal() {
-                return Ended::Closed(format!("the VMM sent {refusal}"));
-            }
-            // The vhost crate's writer also retries a full socket forever:
-            // a VMM that sends without reading the replies is closed long
-            // before its socket fills.
+            // A VMM that sends without reading the replies is closed long
+            // before its socket fills and a reply would wait on it.
             if let Some(unread) = unread_replies(connection)
                 && unread > MAX_UNREAD_REPLIES
             {
@@ -402,41 +377,6 @@ fn unread_replies(connection: &UnixStream) -> Option<usize> {
 
 /// How often an incomplete message is looked at again.
 const PARTIAL_MESSAGE_POLL: Duration = Duration::from_millis(10);
-
-/// vhost-user message header: request, flags, payload size (u32 each).
-const HEADER_LEN: usize = 12;
-
-enum Arrival {
-    /// A whole message is waiting, or the end of the stream or an error,
-    /// which the vhost crate's reader reports at once.
-    Whole,
-    /// Only part of a message has arrived.
-    Partial,
-}
-
-/// Looks, without taking anything, whether a whole message is waiting.
-fn message_arrived(connection: &UnixStream) -> Arrival {
-    let mut buf = [0u8; HEADER_LEN + MAX_MSG_SIZE];
-    let peek = |buf: &mut [u8]| {
-        nix::sys::socket::recv(
-            connection.as_raw_fd(),
-            buf,
-            MsgFlags::MSG_PEEK | MsgFlags::MSG_DONTWAIT,
-        )
-    };
-    match peek(&mut buf[..HEADER_LEN]) {
-        Ok(n) if n >= HEADER_LEN => {}
-        Ok(0) | Err(_) => return Arrival::Whole,
-        Ok(_) => return Arrival::Partial,
-    }
-    let size = u32::from_le_bytes([buf[8], buf[9], buf[10], buf[11]]) as usize;
-    // An oversized message is refused from its header alone.
-    let whole = HEADER_LEN + size.min(MAX_MSG_SIZE);
-    match peek(&mut buf[..whole]) {
-        Ok(n) if n < whole => Arrival::Partial,
-        _ => Arrival::Whole,
-    }
-}
 
 /// How a connection ended.
 enum Ended {

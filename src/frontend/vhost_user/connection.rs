@@ -1,0 +1,256 @@
+//! vhost-user framing on one VMM connection: whole messages in, with their
+//! file descriptors, and replies out, without ever blocking the guest's
+//! thread for longer than its timeout.
+//!
+//! The daemon reads the messages itself rather than through the vhost
+//! crate's request handler: that reader retries a timed-out read or write
+//! forever, and keeps the negotiated protocol features where the daemon
+//! cannot see them. Here a message is only taken once it has arrived whole
+//! (a peek says so), a reply that cannot be written within the timeout
+//! ends the connection, and everything negotiated is in [`Negotiated`].
+//! The payload layouts are the vhost-user specification's (QEMU
+//! docs/interop/vhost-user.rst), little-endian.
+
+use std::io::{self, IoSliceMut, Write};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::unix::net::UnixStream;
+
+use nix::sys::socket::{ControlMessageOwned, MsgFlags, recv, recvmsg};
+use vhost::vhost_user::message::MAX_MSG_SIZE;
+
+/// Header: request code, flags, payload size; u32 each.
+pub const HEADER_LEN: usize = 12;
+/// Version 1 in the flags' low two bits; the only one there is.
+const VERSION_1: u32 = 0x1;
+const VERSION_MASK: u32 = 0x3;
+/// Set on replies.
+const REPLY: u32 = 0x4;
+/// The frontend wants an acknowledgement (with REPLY_ACK negotiated).
+pub const NEED_REPLY: u32 = 0x8;
+/// Most file descriptors one message may carry (a memory table of 8
+/// regions is QEMU's most; the vhost crate allows 32).
+const MAX_FDS: usize = 32;
+
+/// One message from the VMM.
+#[derive(Debug)]
+pub struct Message {
+    pub code: u32,
+    pub flags: u32,
+    pub payload: Vec<u8>,
+    pub fds: Vec<OwnedFd>,
+}
+
+/// What a look at the connection found.
+#[derive(Debug)]
+pub enum Arrival {
+    /// A whole message, taken off the socket.
+    Message(Message),
+    /// Only part of a message has arrived; nothing was taken.
+    Partial,
+    /// The VMM closed the connection.
+    Closed,
+}
+
+/// Why a message could not be read.
+#[derive(Debug, thiserror::Error)]
+pub enum FramingError {
+    #[error("a message header with version {0} (only 1 exists)")]
+    Version(u32),
+    #[error("a reply where a request belongs")]
+    UnexpectedReply,
+    #[error("a {size}-byte payload (at most {MAX_MSG_SIZE})")]
+    TooLarge { size: usize },
+    #[error("more file descriptors than a message may carry ({MAX_FDS})")]
+    TooManyFds,
+    #[error("reading from the VMM: {0}")]
+    Io(#[from] io::Error),
+}
+
+/// Looks whether a whole message is waiting and takes it if so. The
+/// connection must be readable (poll said so), or this reports `Partial`.
+pub fn take_message(stream: &UnixStream) -> Result<Arrival, FramingError> {
+    let mut peeked = [0u8; HEADER_LEN + MAX_MSG_SIZE];
+    let peek = |buf: &mut [u8]| {
+        recv(
+            stream.as_raw_fd(),
+            buf,
+            MsgFlags::MSG_PEEK | MsgFlags::MSG_DONTWAIT,
+        )
+    };
+    match peek(&mut peeked[..HEADER_LEN]) {
+        Ok(0) => return Ok(Arrival::Closed),
+        Ok(n) if n < HEADER_LEN => return Ok(Arrival::Partial),
+        Ok(_) => {}
+        Err(nix::errno::Errno::EAGAIN | nix::errno::Errno::EINTR) => return Ok(Arrival::Partial),
+        Err(e) => return Err(FramingError::Io(e.into())),
+    }
+    let flags = u32_at(&peeked, 4);
+    if flags & VERSION_MASK != VERSION_1 {
+        return Err(FramingError::Version(flags & VERSION_MASK));
+    }
+    if flags & REPLY != 0 {
+        return Err(FramingError::UnexpectedReply);
+    }
+    let size = u32_at(&peeked, 8) as usize;
+    if size > MAX_MSG_SIZE {
+        return Err(FramingError::TooLarge { size });
+    }
+    let whole = HEADER_LEN + size;
+    match peek(&mut peeked[..whole]) {
+        Ok(n) if n == whole => {}
+        Ok(_) | Err(nix::errno::Errno::EAGAIN | nix::errno::Errno::EINTR) => {
+            return Ok(Arrival::Partial);
+        }
+        Err(e) => return Err(FramingError::Io(e.into())),
+    }
+
+    let mut buf = vec![0u8; whole];
+    let mut cmsg = nix::cmsg_space!([RawFd; MAX_FDS]);
+    let mut iov = [IoSliceMut::new(&mut buf)];
+    let received = recvmsg::<()>(
+        stream.as_raw_fd(),
+        &mut iov,
+        Some(&mut cmsg),
+        MsgFlags::MSG_DONTWAIT | MsgFlags::MSG_CMSG_CLOEXEC,
+    )
+    .map_err(io::Error::from)?;
+    let mut fds = Vec::new();
+    for message in received.cmsgs().map_err(io::Error::from)? {
+        if let ControlMessageOwned::ScmRights(raw) = message {
+            // SAFETY: the kernel just installed these descriptors in this
+            // process for us; nothing else owns them.
+            fds.extend(
+                raw.into_iter()
+                    .map(|fd| unsafe { OwnedFd::from_raw_fd(fd) }),
+            );
+        }
+    }
+    let truncated = received.flags.contains(MsgFlags::MSG_CTRUNC);
+    let got = received.bytes;
+    if truncated {
+        return Err(FramingError::TooManyFds);
+    }
+    if got != whole {
+        // Peeked whole, so only a concurrent reader could take part of it;
+        // there is none.
+        return Err(FramingError::Io(io::ErrorKind::UnexpectedEof.into()));
+    }
+    Ok(Arrival::Message(Message {
+        code: u32_at(&buf, 0),
+        flags: u32_at(&buf, 4),
+        payload: buf.split_off(HEADER_LEN),
+        fds,
+    }))
+}
+
+/// Writes a reply to `request` with `payload`. The socket's write timeout
+/// bounds how long a VMM that does not read can hold the thread.
+pub fn send_reply(mut stream: &UnixStream, request: u32, payload: &[u8]) -> io::Result<()> {
+    let mut reply = Vec::with_capacity(HEADER_LEN + payload.len());
+    reply.extend_from_slice(&request.to_le_bytes());
+    reply.extend_from_slice(&(VERSION_1 | REPLY).to_le_bytes());
+    // Payloads are built here, a few dozen bytes at most.
+    reply.extend_from_slice(&(payload.len() as u32).to_le_bytes());
+    reply.extend_from_slice(payload);
+    stream.write_all(&reply)
+}
+
+/// Reads the little-endian u32 at `offset` of `bytes` (which holds it).
+fn u32_at(bytes: &[u8], offset: usize) -> u32 {
+    let mut word = [0u8; 4];
+    word.copy_from_slice(&bytes[offset..offset + 4]);
+    u32::from_le_bytes(word)
+}
+
+/// A payload read field by field, little-endian; too short is an error.
+pub struct Payload<'a> {
+    bytes: &'a [u8],
+}
+
+/// A payload shorter or longer than its message's layout.
+#[derive(Debug, thiserror::Error)]
+#[error("a payload of {got} bytes where {expected} belong")]
+pub struct PayloadSize {
+    pub got: usize,
+    pub expected: usize,
+}
+
+impl<'a> Payload<'a> {
+    /// The payload, checked to be exactly `expected` bytes long.
+    pub fn exact(bytes: &'a [u8], expected: usize) -> Result<Self, PayloadSize> {
+        if bytes.len() == expected {
+            Ok(Payload { bytes })
+        } else {
+            Err(PayloadSize {
+                got: bytes.len(),
+                expected,
+            })
+        }
+    }
+
+    pub fn u32(&mut self) -> u32 {
+        let (word, rest) = self.bytes.split_at(4);
+        self.bytes = rest;
+        let mut array = [0u8; 4];
+        array.copy_from_slice(word);
+        u32::from_le_bytes(array)
+    }
+
+    pub fn u64(&mut self) -> u64 {
+        let (word, rest) = self.bytes.split_at(8);
+        self.bytes = rest;
+        let mut array = [0u8; 8];
+        array.copy_from_slice(word);
+        u64::from_le_bytes(array)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn header(code: u32, flags: u32, size: u32) -> Vec<u8> {
+        [code, flags, size]
+            .iter()
+            .flat_map(|w| w.to_le_bytes())
+            .collect()
+    }
+
+    #[test]
+    fn a_message_is_taken_only_once_whole() {
+        let (ours, mut theirs) = UnixStream::pair().unwrap();
+        let mut message = header(2, VERSION_1, 8);
+        message.extend_from_slice(&7u64.to_le_bytes());
+        theirs.write_all(&message[..5]).unwrap();
+        assert!(matches!(take_message(&ours), Ok(Arrival::Partial)));
+        theirs.write_all(&message[5..14]).unwrap();
+        assert!(matches!(take_message(&ours), Ok(Arrival::Partial)));
+        theirs.write_all(&message[14..]).unwrap();
+        let Ok(Arrival::Message(taken)) = take_message(&ours) else {
+            panic!("the whole message was there");
+        };
+        assert_eq!((taken.code, taken.payload.len()), (2, 8));
+        let mut payload = Payload::exact(&taken.payload, 8).unwrap();
+        assert_eq!(payload.u64(), 7);
+        drop(theirs);
+        assert!(matches!(take_message(&ours), Ok(Arrival::Closed)));
+    }
+
+    #[test]
+    fn bad_headers_are_refused_before_their_payload() {
+        for (flags, size) in [(2, 0), (VERSION_1 | REPLY, 0), (VERSION_1, 4097)] {
+            let (ours, mut theirs) = UnixStream::pair().unwrap();
+            theirs.write_all(&header(1, flags, size)).unwrap();
+            assert!(take_message(&ours).is_err(), "{flags} {size}");
+        }
+    }
+
+    #[test]
+    fn payload_sizes_are_exact() {
+        assert!(Payload::exact(&[0; 7], 8).is_err());
+        assert!(Payload::exact(&[0; 9], 8).is_err());
+        let bytes = [1, 0, 0, 0, 2, 0, 0, 0, 3, 0, 0, 0, 0, 0, 0, 0];
+        let mut payload = Payload::exact(&bytes, 16).unwrap();
+        assert_eq!((payload.u32(), payload.u32(), payload.u64()), (1, 2, 3));
+    }
+}
