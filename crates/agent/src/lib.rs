@@ -20,9 +20,10 @@ use std::process::ExitCode;
 use std::thread;
 use std::time::Duration;
 
-use log::{error, info, warn};
+use log::{Level, error, info};
 
 use vhost_rng_protocol::log_limit::RateLimitedLog;
+use vhost_rng_protocol::log_limited;
 use vhost_rng_protocol::noise::{self, HandshakeError, MAX_IDENTITY, Psk, PskError};
 use vhost_rng_protocol::wire::{self, IDLE_TIMEOUT, MAX_REQUEST, ProtocolError, Status};
 
@@ -374,12 +375,12 @@ pub fn run_forever(config: &AgentConfig, kernel: &mut dyn KernelEntropy) -> Agen
             Err(e) if e.is_fatal() => return e,
             Err(e) => {
                 let delay = backoff.next_delay();
-                if let Some(suppressed) = failures.permit() {
-                    warn!(
-                        "{e}; trying again in {} s ({suppressed} similar messages suppressed)",
-                        delay.as_secs()
-                    );
-                }
+                log_limited!(
+                    failures,
+                    Level::Warn,
+                    "{e}; trying again in {} s",
+                    delay.as_secs()
+                );
                 delay
             }
         };
@@ -571,11 +572,11 @@ impl<'a> Session<'a> {
                 credentials.psk = psk;
             }
             Err(e) => {
-                if let Some(suppressed) = self.key_failures.permit() {
-                    warn!(
-                        "{e}; keeping the key read before ({suppressed} similar messages suppressed)"
-                    );
-                }
+                log_limited!(
+                    self.key_failures,
+                    Level::Warn,
+                    "{e}; keeping the key read before"
+                );
             }
         }
     }
