@@ -7,6 +7,7 @@ use std::io;
 use std::os::fd::AsRawFd;
 
 use nix::errno::Errno;
+use zeroize::Zeroizing;
 
 use super::AgentError;
 
@@ -79,8 +80,12 @@ impl KernelEntropy for DevRandom {
         let buf_size = libc::c_int::try_from(bytes.len())
             .map_err(|_| invalid("too many bytes for one call"))?;
         // struct rand_pool_info, built byte by byte: the kernel reads the two
-        // ints and then buf_size bytes, with no alignment requirement.
-        let mut info = Vec::with_capacity(2 * size_of::<libc::c_int>() + bytes.len());
+        // ints and then buf_size bytes, with no alignment requirement. It
+        // holds what is about to seed the guest's CRNG, so it is wiped when
+        // dropped rather than left behind in freed memory.
+        let mut info = Zeroizing::new(Vec::with_capacity(
+            2 * size_of::<libc::c_int>() + bytes.len(),
+        ));
         info.extend_from_slice(&entropy_count.to_ne_bytes());
         info.extend_from_slice(&buf_size.to_ne_bytes());
         info.extend_from_slice(bytes);
@@ -88,10 +93,6 @@ impl KernelEntropy for DevRandom {
         // complete rand_pool_info of buf_size bytes, which the kernel only
         // reads, and outlives the call.
         let result = unsafe { ioctl::rnd_add_entropy(self.file.as_raw_fd(), info.as_ptr()) };
-        // The buffer held what is about to seed the guest's CRNG; do not
-        // leave a copy of it behind in freed memory.
-        info.fill(0);
-        std::hint::black_box(&info);
         match result {
             Ok(_) => Ok(()),
             Err(Errno::EPERM) => Err(AgentError::NotPermitted),
