@@ -15,6 +15,7 @@ use std::time::{Duration, Instant};
 
 use chacha20::ChaCha20Rng;
 use rand_core::{Rng, SeedableRng};
+use zeroize::Zeroizing;
 
 /// Size of a seed: one ChaCha20 key.
 pub const SEED_BYTES: usize = 32;
@@ -86,16 +87,18 @@ impl Drbg {
     /// Mixes a fresh full-entropy seed in. The new key depends on both the
     /// seed and the current state, so a reseed never weakens the generator.
     pub fn reseed(&mut self, seed: &[u8; SEED_BYTES], now: Instant) {
-        let mut key = *seed;
+        // The key and what it is made of are wiped once the generator has
+        // it; the old generator (and its key) is wiped as it is replaced.
+        let mut key = Zeroizing::new(*seed);
         if let Some(seeded) = &mut self.state {
-            let mut carried = [0u8; SEED_BYTES];
-            seeded.rng.fill_bytes(&mut carried);
-            for (k, c) in key.iter_mut().zip(carried) {
+            let mut carried = Zeroizing::new([0u8; SEED_BYTES]);
+            seeded.rng.fill_bytes(carried.as_mut());
+            for (k, c) in key.iter_mut().zip(carried.iter()) {
                 *k ^= c;
             }
         }
         self.state = Some(Seeded {
-            rng: ChaCha20Rng::from_seed(key),
+            rng: ChaCha20Rng::from_seed(*key),
             seeded_at: now,
             bytes_since_seed: 0,
         });
@@ -115,10 +118,12 @@ impl Drbg {
         seeded.rng.fill_bytes(&mut buf[..n]);
         seeded.bytes_since_seed += n as u64;
 
-        // Fast key erasure: the key that produced `buf` is gone.
-        let mut next_key = [0u8; SEED_BYTES];
-        seeded.rng.fill_bytes(&mut next_key);
-        seeded.rng = ChaCha20Rng::from_seed(next_key);
+        // Fast key erasure: the key that produced `buf` is gone (the old
+        // generator is wiped as it is dropped), and so is this copy of the
+        // next one.
+        let mut next_key = Zeroizing::new([0u8; SEED_BYTES]);
+        seeded.rng.fill_bytes(next_key.as_mut());
+        seeded.rng = ChaCha20Rng::from_seed(*next_key);
         n
     }
 }

@@ -21,6 +21,7 @@ use std::thread;
 use std::time::Instant;
 
 use log::{info, warn};
+use zeroize::{Zeroize, Zeroizing};
 
 use crate::entropy::conditioner::{BLOCK_BYTES, Conditioner};
 use crate::entropy::drbg::{Drbg, ReseedPolicy, SEED_BYTES};
@@ -113,6 +114,22 @@ struct Reservoir {
 }
 
 impl Reservoir {
+    /// Moves the oldest `dst.len()` bytes (at most all there are) into
+    /// `dst`. They are wiped where they were: a guest's seed or its raw
+    /// output must not stay behind in the buffer, which is only overwritten
+    /// when the conditioner gets round to it.
+    fn move_out(&mut self, dst: &mut [u8]) {
+        let n = dst.len().min(self.bytes.len());
+        let (front, back) = self.bytes.as_mut_slices();
+        let from_front = n.min(front.len());
+        let from_back = n - from_front;
+        dst[..from_front].copy_from_slice(&front[..from_front]);
+        dst[from_front..n].copy_from_slice(&back[..from_back]);
+        front[..from_front].zeroize();
+        back[..from_back].zeroize();
+        self.bytes.drain(..n);
+    }
+
     fn enqueue(&mut self, slot: Option<&WaitSlot>) {
         if let Some(slot) = slot
             && !slot.registered.swap(true, Ordering::AcqRel)
@@ -279,9 +296,7 @@ impl Pool {
         slot: Option<&WaitSlot>,
     ) -> usize {
         let n = buf.len().min(reservoir.bytes.len());
-        for (dst, src) in buf.iter_mut().zip(reservoir.bytes.drain(..n)) {
-            *dst = src;
-        }
+        reservoir.move_out(&mut buf[..n]);
         if n == 0 {
             reservoir.enqueue(slot);
         } else {
@@ -290,17 +305,16 @@ impl Pool {
         n
     }
 
-    /// Takes one whole DRBG seed, or nothing.
-    fn take_seed(&self, slot: Option<&WaitSlot>) -> Option<[u8; SEED_BYTES]> {
+    /// Takes one whole DRBG seed, or nothing. The seed is wiped when the
+    /// caller drops it.
+    fn take_seed(&self, slot: Option<&WaitSlot>) -> Option<Zeroizing<[u8; SEED_BYTES]>> {
         let mut reservoir = self.lock();
         if reservoir.bytes.len() < SEED_BYTES {
             reservoir.enqueue(slot);
             return None;
         }
-        let mut seed = [0u8; SEED_BYTES];
-        for (dst, src) in seed.iter_mut().zip(reservoir.bytes.drain(..SEED_BYTES)) {
-            *dst = src;
-        }
+        let mut seed = Zeroizing::new([0u8; SEED_BYTES]);
+        reservoir.move_out(seed.as_mut());
         self.space.notify_one();
         Some(seed)
     }
@@ -317,9 +331,13 @@ impl Pool {
         let mut blocks: Vec<[u8; BLOCK_BYTES]> = Vec::new();
         while let Ok(contribution) = contributions.recv() {
             conditioner.absorb(&contribution.bytes, contribution.min_entropy, &mut blocks);
-            for block in blocks.drain(..) {
-                self.store(&block);
+            for block in &blocks {
+                self.store(block);
             }
+            // Empties it, wiping its buffer too: the blocks are what guests
+            // are seeded with or receive, and no copy of them should stay
+            // behind there until the next ones overwrite it.
+            blocks.zeroize();
         }
     }
 
@@ -420,4 +438,34 @@ pub(crate) fn os_pool() -> Arc<Pool> {
         reseed: crate::entropy::drbg::ReseedPolicy::default(),
     })
     .expect("the OS generator is always there")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bytes_move_out_in_order_across_the_ring_boundary() {
+        let mut reservoir = Reservoir {
+            bytes: VecDeque::with_capacity(8),
+            capacity: 8,
+            waiters: Vec::new(),
+            fairness: Fairness::default(),
+        };
+        // Wrap the ring around, so that the bytes sit in two slices.
+        // (Emptied, a deque may start over at the front; it is not here.)
+        reservoir.bytes.extend([0xee; 6]);
+        reservoir.bytes.drain(..5);
+        reservoir.bytes.extend(1..=7);
+        assert!(!reservoir.bytes.as_slices().1.is_empty());
+        let mut out = [0; 6];
+        reservoir.move_out(&mut out);
+        assert_eq!(out, [0xee, 1, 2, 3, 4, 5]);
+        assert_eq!(reservoir.bytes, [6, 7]);
+        reservoir.bytes.push_back(8);
+        let mut out = [0; 4];
+        reservoir.move_out(&mut out[..3]);
+        assert_eq!(out, [6, 7, 8, 0]);
+        assert!(reservoir.bytes.is_empty());
+    }
 }

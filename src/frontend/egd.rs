@@ -24,7 +24,8 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
-use log::warn;
+use log::Level;
+use vhost_rng_protocol::log_limited;
 
 use super::socket_file::GuestSocket;
 use super::stream::{ClientStream, GuestReader, Protocol, Session, StreamServer, read_exact_by};
@@ -138,13 +139,13 @@ impl EgdSession {
         let mut discard = vec![0u8; header[2] as usize];
         read_exact_by(client, &mut discard, deadline)?;
         let guest = self.reader.guest();
-        if let Some(suppressed) = guest.defect_log.permit() {
-            warn!(
-                "guest {}: EGD client tried to write entropy; refused, clients never feed \
-                 the pool ({suppressed} similar messages suppressed)",
-                guest.name()
-            );
-        }
+        log_limited!(
+            guest.defect_log,
+            Level::Warn,
+            "guest {}: EGD client tried to write entropy; refused, clients never feed \
+             the pool",
+            guest.name()
+        );
         Ok(())
     }
 }

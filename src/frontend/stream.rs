@@ -13,7 +13,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::thread;
 use std::time::{Duration, Instant};
 
-use log::{debug, info, warn};
+use log::{Level, debug, info, warn};
 use nix::fcntl::{FcntlArg, OFlag, fcntl};
 use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
 use nix::sys::socket::{Shutdown, shutdown};
@@ -27,6 +27,7 @@ use super::socket_file::GuestSocket;
 use crate::entropy::pool::EntropyStream;
 use crate::guest::{Guest, Supplied};
 use vhost_rng_protocol::log_limit::RateLimitedLog;
+use vhost_rng_protocol::log_limited;
 
 /// Clients served at once per guest, so a misbehaving client cannot make
 /// the daemon spawn threads without bound. A VMM holds one connection per
@@ -221,20 +222,18 @@ impl Clients {
             let stats = &self.guest.stats;
             stats.refused_connections.fetch_add(1, Ordering::Relaxed);
         }
-        if let Some(suppressed) = self.refusals.permit() {
-            // A guest on its way out refusing clients is expected.
-            let level = match refusal {
-                Refusal::Stopping => log::Level::Info,
-                Refusal::Full | Refusal::Io(_) => log::Level::Warn,
-            };
-            log::log!(
-                level,
-                "guest {}: {} client {peer} refused: {refusal} ({suppressed} similar \
-                 messages suppressed)",
-                self.guest.name(),
-                protocol.name
-            );
-        }
+        // A guest on its way out refusing clients is expected.
+        let level = match refusal {
+            Refusal::Stopping => Level::Info,
+            Refusal::Full | Refusal::Io(_) => Level::Warn,
+        };
+        log_limited!(
+            self.refusals,
+            level,
+            "guest {}: {} client {peer} refused: {refusal}",
+            self.guest.name(),
+            protocol.name
+        );
         None
     }
 
@@ -295,19 +294,18 @@ impl Clients {
         let _ = shutdown(client.socket.as_raw_fd(), Shutdown::Both);
         let stats = &self.guest.stats;
         stats.evicted_connections.fetch_add(1, Ordering::Relaxed);
-        if let Some(suppressed) = self.evictions.permit() {
-            let idle = now.saturating_duration_since(client.activity.last_command());
-            info!(
-                "guest {}: {} client {} closed to make room for a new one: the guest had \
-                 {MAX_CLIENTS} clients and this one had been idle longest ({:.1} s; the \
-                 client connected longest is never closed this way) ({suppressed} similar \
-                 messages suppressed)",
-                self.guest.name(),
-                protocol.name,
-                client.peer,
-                idle.as_secs_f64()
-            );
-        }
+        log_limited!(
+            self.evictions,
+            Level::Info,
+            "guest {}: {} client {} closed to make room for a new one: the guest had \
+             {MAX_CLIENTS} clients and this one had been idle longest ({:.1} s; the \
+             client connected longest is never closed this way)",
+            self.guest.name(),
+            protocol.name,
+            client.peer,
+            now.saturating_duration_since(client.activity.last_command())
+                .as_secs_f64()
+        );
     }
 
     /// Shuts every client down; clients that come later are refused.

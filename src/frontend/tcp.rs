@@ -24,7 +24,7 @@ use std::sync::{Arc, Mutex};
 use std::thread;
 use std::time::{Duration, Instant};
 
-use log::{debug, info, warn};
+use log::{Level, debug, info};
 use nix::sys::socket::{setsockopt, sockopt};
 
 use super::accept::{ACCEPT_ERROR_PAUSE, StopSignal};
@@ -33,6 +33,7 @@ use super::shared::{Directory, ListenerStatus, Member};
 use super::stream::ClientStream;
 use vhost_rng_protocol::deadline::TimedStream;
 use vhost_rng_protocol::log_limit::RateLimitedLog;
+use vhost_rng_protocol::log_limited;
 use vhost_rng_protocol::noise::{self, HandshakeError, Psk, SecureStream};
 
 /// Connections allowed to be in their handshake at once; more are closed
@@ -327,9 +328,7 @@ impl TcpListener {
     }
 
     fn log_refusal(&self, message: std::fmt::Arguments<'_>) {
-        if let Some(suppressed) = self.refusals.permit() {
-            warn!("{message} ({suppressed} similar messages suppressed)");
-        }
+        log_limited!(self.refusals, Level::Warn, "{message}");
     }
 }
 

@@ -15,7 +15,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::thread;
 
-use log::{info, warn};
+use log::{Level, info};
 use nix::sys::socket::{self, AddressFamily, Backlog, SockFlag, SockType, VsockAddr};
 
 use super::accept::{ACCEPT_ERROR_PAUSE, StopSignal};
@@ -27,6 +27,7 @@ use crate::entropy::pool::Pool;
 use crate::guest::limiter::RateLimit;
 use crate::guest::{Guest, GuestLimits, SharedBucket};
 use vhost_rng_protocol::log_limit::RateLimitedLog;
+use vhost_rng_protocol::log_limited;
 use vhost_rng_protocol::vsock::VsockStream;
 use vhost_rng_protocol::wire::{self, ResponseHeader, Status};
 
@@ -187,9 +188,7 @@ impl VsockListener {
             match accepted {
                 Ok((fd, cid)) => self.admit(VsockStream::accepted(fd), cid),
                 Err(e) => {
-                    if let Some(suppressed) = self.refusals.permit() {
-                        warn!("vsock accept: {e} ({suppressed} similar messages suppressed)");
-                    }
+                    log_limited!(self.refusals, Level::Warn, "vsock accept: {e}");
                     thread::sleep(ACCEPT_ERROR_PAUSE);
                 }
             }
@@ -204,13 +203,12 @@ impl VsockListener {
             Some(member) => spawn_client(&member.clients, channel::PROTOCOL, peer, stream),
             None => {
                 self.counters.unknown_cid.fetch_add(1, Ordering::Relaxed);
-                if let Some(suppressed) = self.refusals.permit() {
-                    warn!(
-                        "vsock: connection from CID {cid} refused: no guest has cid={cid} \
-                         (add one, or serve unknown CIDs with --vsock-default-rate) \
-                         ({suppressed} similar messages suppressed)"
-                    );
-                }
+                log_limited!(
+                    self.refusals,
+                    Level::Warn,
+                    "vsock: connection from CID {cid} refused: no guest has cid={cid} \
+                     (add one, or serve unknown CIDs with --vsock-default-rate)"
+                );
                 let refusal = wire::encode_response_header(&ResponseHeader::error(Status::Refused));
                 refuse(&mut stream, &refusal);
             }

@@ -23,7 +23,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
 
-use log::{debug, warn};
+use log::{Level, debug, warn};
 use prometheus_client::collector::Collector;
 use prometheus_client::encoding::{DescriptorEncoder, EncodeLabelSet, EncodeMetric};
 use prometheus_client::metrics::TypedMetric;
@@ -34,6 +34,7 @@ use prometheus_client::registry::Registry;
 use crate::frontend::stream::{Places, read_by, write_all_by};
 use crate::service::status::{DaemonStatus, GuestStatus, ListenerStatus, SourceStatus};
 use vhost_rng_protocol::log_limit::RateLimitedLog;
+use vhost_rng_protocol::log_limited;
 
 /// The content type of what [`encode`] produces.
 pub const CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
@@ -465,12 +466,11 @@ fn serve(listener: &TcpListener, snapshot: &SnapshotFn, io_timeout: Duration, st
         let stream = match incoming {
             Ok(stream) => stream,
             Err(e) => {
-                if let Some(suppressed) = accept_log.permit() {
-                    warn!(
-                        "metrics: cannot accept a connection: {e}{}",
-                        suppressed_note(suppressed)
-                    );
-                }
+                log_limited!(
+                    accept_log,
+                    Level::Warn,
+                    "metrics: cannot accept a connection: {e}"
+                );
                 thread::sleep(ACCEPT_ERROR_PAUSE);
                 continue;
             }
@@ -478,13 +478,12 @@ fn serve(listener: &TcpListener, snapshot: &SnapshotFn, io_timeout: Duration, st
         let peer = stream.peer_addr().ok();
         // Closed at once: queued, it would wait behind the idle ones.
         let Some(place) = places.take() else {
-            if let Some(suppressed) = busy_log.permit() {
-                warn!(
-                    "metrics: {MAX_CONNECTIONS} connections are being served already; \
-                     closed one from {peer:?}{}",
-                    suppressed_note(suppressed)
-                );
-            }
+            log_limited!(
+                busy_log,
+                Level::Warn,
+                "metrics: {MAX_CONNECTIONS} connections are being served already; \
+                 closed one from {peer:?}"
+            );
             continue;
         };
         let snapshot = Arc::clone(snapshot);
@@ -499,22 +498,13 @@ fn serve(listener: &TcpListener, snapshot: &SnapshotFn, io_timeout: Duration, st
                     debug!("metrics: client {peer:?}: {e}");
                 }
             });
-        if let Err(e) = spawned
-            && let Some(suppressed) = accept_log.permit()
-        {
-            warn!(
-                "metrics: cannot start a thread for a client: {e}{}",
-                suppressed_note(suppressed)
+        if let Err(e) = spawned {
+            log_limited!(
+                accept_log,
+                Level::Warn,
+                "metrics: cannot start a thread for a client: {e}"
             );
         }
-    }
-}
-
-fn suppressed_note(suppressed: u64) -> String {
-    if suppressed == 0 {
-        String::new()
-    } else {
-        format!(" ({suppressed} similar messages suppressed)")
     }
 }
 
@@ -691,12 +681,11 @@ fn respond(
                 head_only: false,
             },
             Err(_) => {
-                if let Some(suppressed) = failure_log.permit() {
-                    warn!(
-                        "metrics: taking the status snapshot panicked{}",
-                        suppressed_note(suppressed)
-                    );
-                }
+                log_limited!(
+                    failure_log,
+                    Level::Warn,
+                    "metrics: taking the status snapshot panicked"
+                );
                 Response::plain(500, "Internal Server Error", "internal server error\n")
             }
         },

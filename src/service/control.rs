@@ -21,7 +21,7 @@ use std::sync::Arc;
 use std::thread;
 use std::time::{Duration, Instant};
 
-use log::{info, warn};
+use log::{Level, info};
 use serde::{Deserialize, Serialize};
 
 use crate::config::GuestSpec;
@@ -31,6 +31,7 @@ use crate::frontend::stream::{Places, read_by, refuse, write_all_by};
 use crate::service::registry::Registry;
 use crate::service::status::{DaemonStatus, GuestStatus};
 use vhost_rng_protocol::log_limit::RateLimitedLog;
+use vhost_rng_protocol::log_limited;
 
 /// Where the control socket is when the daemon runs as root.
 pub const DEFAULT_CONTROL_PATH: &str = "/run/vhost-rng/control.sock";
@@ -207,9 +208,7 @@ fn accept_loop(listener: &UnixListener, registry: &Arc<Registry>, timeout: Durat
 }
 
 fn log_error(errors: &RateLimitedLog, error: &dyn std::fmt::Display) {
-    if let Some(suppressed) = errors.permit() {
-        warn!("control socket: {error} ({suppressed} similar messages suppressed)");
-    }
+    log_limited!(errors, Level::Warn, "control socket: {error}");
 }
 
 /// What a client refused for want of a place is told, if its socket takes

@@ -7,6 +7,7 @@ use std::io;
 use std::os::fd::AsRawFd;
 
 use nix::errno::Errno;
+use zeroize::Zeroizing;
 
 use super::AgentError;
 
@@ -23,59 +24,25 @@ pub trait KernelEntropy {
     fn reseed(&mut self) -> Result<(), AgentError>;
 }
 
-// The Linux ioctl number encoding (include/uapi/asm-generic/ioctl.h):
-// direction, argument size, type and number packed into 32 bits. A few
-// architectures use other direction values and a 13-bit size field.
-#[cfg(any(
-    target_arch = "powerpc",
-    target_arch = "powerpc64",
-    target_arch = "mips",
-    target_arch = "mips32r6",
-    target_arch = "mips64",
-    target_arch = "mips64r6",
-    target_arch = "sparc",
-    target_arch = "sparc64"
-))]
-mod ioc {
-    pub const NONE: u32 = 1;
-    pub const WRITE: u32 = 4;
-    pub const SIZE_BITS: u32 = 13;
-}
-#[cfg(not(any(
-    target_arch = "powerpc",
-    target_arch = "powerpc64",
-    target_arch = "mips",
-    target_arch = "mips32r6",
-    target_arch = "mips64",
-    target_arch = "mips64r6",
-    target_arch = "sparc",
-    target_arch = "sparc64"
-)))]
-mod ioc {
-    pub const NONE: u32 = 0;
-    pub const WRITE: u32 = 1;
-    pub const SIZE_BITS: u32 = 14;
-}
-
-/// `_IOC(dir, type, nr, size)`.
-const fn ioctl_number(direction: u32, kind: u8, number: u8, size: usize) -> u32 {
-    const NUMBER_SHIFT: u32 = 0;
-    const TYPE_SHIFT: u32 = 8;
-    const SIZE_SHIFT: u32 = 16;
-    const DIRECTION_SHIFT: u32 = SIZE_SHIFT + ioc::SIZE_BITS;
-    assert!(size < (1 << ioc::SIZE_BITS), "ioctl argument too large");
-    (direction << DIRECTION_SHIFT)
-        | ((size as u32) << SIZE_SHIFT)
-        | ((kind as u32) << TYPE_SHIFT)
-        | ((number as u32) << NUMBER_SHIFT)
-}
-
+// The numbers come from nix's `_IOW`/`_IO` (request_code_*), which know
+// each architecture's encoding; they are u32 here, as the kernel defines
+// them, while nix's type for them varies with the C library.
 /// `_IOW('R', 0x03, int[2])`: add bytes to the input pool and credit entropy.
 /// The argument is `struct rand_pool_info { int entropy_count; int
 /// buf_size; __u32 buf[]; }`, the count in bits.
-pub const RNDADDENTROPY: u32 = ioctl_number(ioc::WRITE, b'R', 0x03, 2 * size_of::<libc::c_int>());
+pub const RNDADDENTROPY: u32 =
+    nix::request_code_write!(b'R', 0x03, size_of::<[libc::c_int; 2]>()) as u32;
 /// `_IO('R', 0x07)`: reseed the CRNG from the input pool now (Linux 4.17+).
-pub const RNDRESEEDCRNG: u32 = ioctl_number(ioc::NONE, b'R', 0x07, 0);
+pub const RNDRESEEDCRNG: u32 = nix::request_code_none!(b'R', 0x07) as u32;
+
+/// The calls, made with the numbers above (the `_bad` forms take a number
+/// as it is) so that what the tests pin is what is called. RNDADDENTROPY's
+/// argument goes as bytes: rand_pool_info ends in a variable-length array,
+/// so no Rust type has its size, and it is built byte by byte.
+mod ioctl {
+    nix::ioctl_write_ptr_bad!(rnd_add_entropy, super::RNDADDENTROPY, u8);
+    nix::ioctl_none_bad!(rnd_reseed_crng, super::RNDRESEEDCRNG);
+}
 
 /// The real kernel interface: /dev/random, opened for writing. Both ioctls
 /// need CAP_SYS_ADMIN.
@@ -113,21 +80,20 @@ impl KernelEntropy for DevRandom {
         let buf_size = libc::c_int::try_from(bytes.len())
             .map_err(|_| invalid("too many bytes for one call"))?;
         // struct rand_pool_info, built byte by byte: the kernel reads the two
-        // ints and then buf_size bytes, with no alignment requirement.
-        let mut info = Vec::with_capacity(2 * size_of::<libc::c_int>() + bytes.len());
+        // ints and then buf_size bytes, with no alignment requirement. It
+        // holds what is about to seed the guest's CRNG, so it is wiped when
+        // dropped rather than left behind in freed memory.
+        let mut info = Zeroizing::new(Vec::with_capacity(
+            2 * size_of::<libc::c_int>() + bytes.len(),
+        ));
         info.extend_from_slice(&entropy_count.to_ne_bytes());
         info.extend_from_slice(&buf_size.to_ne_bytes());
         info.extend_from_slice(bytes);
         // SAFETY: the fd is open for the life of `self.file`; `info` holds a
         // complete rand_pool_info of buf_size bytes, which the kernel only
         // reads, and outlives the call.
-        let result =
-            unsafe { libc::ioctl(self.file.as_raw_fd(), RNDADDENTROPY as _, info.as_ptr()) };
-        // The buffer held what is about to seed the guest's CRNG; do not
-        // leave a copy of it behind in freed memory.
-        info.fill(0);
-        std::hint::black_box(&info);
-        match Errno::result(result) {
+        let result = unsafe { ioctl::rnd_add_entropy(self.file.as_raw_fd(), info.as_ptr()) };
+        match result {
             Ok(_) => Ok(()),
             Err(Errno::EPERM) => Err(AgentError::NotPermitted),
             Err(errno) => Err(AgentError::Kernel {
@@ -139,8 +105,8 @@ impl KernelEntropy for DevRandom {
 
     fn reseed(&mut self) -> Result<(), AgentError> {
         // SAFETY: RNDRESEEDCRNG takes no argument; the fd is open.
-        let result = unsafe { libc::ioctl(self.file.as_raw_fd(), RNDRESEEDCRNG as _, 0) };
-        match Errno::result(result) {
+        let result = unsafe { ioctl::rnd_reseed_crng(self.file.as_raw_fd()) };
+        match result {
             Ok(_) => Ok(()),
             Err(Errno::EPERM) => Err(AgentError::NotPermitted),
             // Linux 5.18+ refuses to reseed a CRNG that was never seeded; it
@@ -169,12 +135,10 @@ mod tests {
     }
 
     #[test]
-    fn ioctl_numbers_encode_type_number_and_size() {
-        assert_eq!(RNDADDENTROPY & 0xff, 0x03);
-        assert_eq!((RNDADDENTROPY >> 8) & 0xff, u32::from(b'R'));
-        assert_eq!((RNDADDENTROPY >> 16) & ((1 << ioc::SIZE_BITS) - 1), 8);
-        assert_eq!(RNDADDENTROPY >> (16 + ioc::SIZE_BITS), ioc::WRITE);
+    fn ioctl_numbers_encode_type_and_number() {
+        // The same on every architecture; the direction and size bits are
+        // nix's to place.
+        assert_eq!(RNDADDENTROPY & 0xffff, 0x5203);
         assert_eq!(RNDRESEEDCRNG & 0xffff, 0x5207);
-        assert_eq!(RNDRESEEDCRNG >> (16 + ioc::SIZE_BITS), ioc::NONE);
     }
 }

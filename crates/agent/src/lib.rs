@@ -20,11 +20,13 @@ use std::process::ExitCode;
 use std::thread;
 use std::time::Duration;
 
-use log::{error, info, warn};
+use log::{Level, error, info};
 
 use vhost_rng_protocol::log_limit::RateLimitedLog;
+use vhost_rng_protocol::log_limited;
 use vhost_rng_protocol::noise::{self, HandshakeError, MAX_IDENTITY, Psk, PskError};
 use vhost_rng_protocol::wire::{self, IDLE_TIMEOUT, MAX_REQUEST, ProtocolError, Status};
+use zeroize::Zeroizing;
 
 pub use endpoint::{Connection, Endpoint, EndpointError, HOST_CID, connect_tcp};
 pub use kernel::{DEV_RANDOM, DevRandom, KernelEntropy, RNDADDENTROPY, RNDRESEEDCRNG};
@@ -319,17 +321,15 @@ pub fn fetch_and_inject(
             config.bytes
         )));
     }
-    let mut entropy = Vec::with_capacity(config.bytes as usize);
+    // Wiped when dropped, on every way out of here: once the bytes are in
+    // the kernel pool (or lost), no copy of them stays in the agent.
+    let mut entropy = Zeroizing::new(Vec::with_capacity(config.bytes as usize));
     wire::fetch(stream, config.bytes, &mut entropy).map_err(|error| AgentError::Protocol {
         endpoint: config.endpoint.clone(),
         error,
     })?;
     let credited_bits = credit_bits(entropy.len(), config.credit_bits_per_byte);
-    let added = kernel.add_entropy(&entropy, credited_bits);
-    // The bytes are in the kernel pool now (or lost); no copy stays here.
-    entropy.fill(0);
-    std::hint::black_box(&entropy);
-    added?;
+    kernel.add_entropy(&entropy, credited_bits)?;
     let reseeded = match kernel.reseed() {
         Ok(()) => true,
         // Neither is a failure of the round: the bytes are in the pool and
@@ -374,12 +374,12 @@ pub fn run_forever(config: &AgentConfig, kernel: &mut dyn KernelEntropy) -> Agen
             Err(e) if e.is_fatal() => return e,
             Err(e) => {
                 let delay = backoff.next_delay();
-                if let Some(suppressed) = failures.permit() {
-                    warn!(
-                        "{e}; trying again in {} s ({suppressed} similar messages suppressed)",
-                        delay.as_secs()
-                    );
-                }
+                log_limited!(
+                    failures,
+                    Level::Warn,
+                    "{e}; trying again in {} s",
+                    delay.as_secs()
+                );
                 delay
             }
         };
@@ -571,11 +571,11 @@ impl<'a> Session<'a> {
                 credentials.psk = psk;
             }
             Err(e) => {
-                if let Some(suppressed) = self.key_failures.permit() {
-                    warn!(
-                        "{e}; keeping the key read before ({suppressed} similar messages suppressed)"
-                    );
-                }
+                log_limited!(
+                    self.key_failures,
+                    Level::Warn,
+                    "{e}; keeping the key read before"
+                );
             }
         }
     }

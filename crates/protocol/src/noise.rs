@@ -27,12 +27,13 @@ use std::fs::{File, OpenOptions};
 use std::io::{self, Read, Write};
 use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{Ordering, compiler_fence};
 
 use snow::params::{CipherChoice, DHChoice, HashChoice};
 use snow::resolvers::{CryptoResolver, DefaultResolver, FallbackResolver};
 use snow::types::{Cipher, Dh, Hash, Random};
 use snow::{Builder, HandshakeState, TransportState};
+use subtle::ConstantTimeEq;
+use zeroize::{Zeroize, ZeroizeOnDrop, Zeroizing};
 
 /// The Noise protocol name: no static keys (`NN`), the pre-shared key mixed
 /// in before the first message (`psk0`), so message 1 already proves the
@@ -179,7 +180,8 @@ impl Psk {
                 mode,
             });
         }
-        let mut bytes = Vec::with_capacity(PSK_HEX_LEN + 1);
+        // Wiped when dropped, on every path out of here: it holds the key.
+        let mut bytes = Zeroizing::new(Vec::with_capacity(PSK_HEX_LEN + 1));
         file.take(MAX_KEY_FILE)
             .read_to_end(&mut bytes)
             .map_err(read_error)?;
@@ -188,7 +190,6 @@ impl Psk {
             // Report the first byte that is not ASCII as a bad digit.
             Err(e) => Err(PskError::NotHex(e.valid_up_to() + 1)),
         };
-        wipe(&mut bytes);
         parsed.map_err(|error| PskError::BadFile {
             path: path.to_owned(),
             error: Box::new(error),
@@ -204,12 +205,7 @@ impl Psk {
 /// where they differ.
 impl PartialEq for Psk {
     fn eq(&self, other: &Psk) -> bool {
-        let difference = self
-            .0
-            .iter()
-            .zip(other.0.iter())
-            .fold(0, |acc, (a, b)| acc | (a ^ b));
-        std::hint::black_box(difference) == 0
+        self.0.ct_eq(&other.0).into()
     }
 }
 
@@ -223,9 +219,12 @@ impl fmt::Debug for Psk {
 
 impl Drop for Psk {
     fn drop(&mut self) {
-        wipe(&mut self.0);
+        self.0.zeroize();
     }
 }
+
+/// The `Drop` above wipes the key; this marker says so to code that asks.
+impl ZeroizeOnDrop for Psk {}
 
 /// Writes a new random key to `path` (created with mode 0600) and returns
 /// it. Never overwrites: an existing file is [`PskError::Exists`], as
@@ -246,10 +245,9 @@ pub fn write_new_psk(path: &Path) -> Result<Psk, PskError> {
                 source,
             },
         })?;
-    let mut line = key.to_hex().into_bytes();
+    let mut line = Zeroizing::new(key.to_hex().into_bytes());
     line.push(b'\n');
     let written = file.write_all(&line).and_then(|()| file.sync_all());
-    wipe(&mut line);
     if let Err(source) = written {
         // The file is ours (create_new) and holds no usable key; leaving it
         // would make the next attempt fail with Exists.
@@ -403,8 +401,9 @@ impl<S: Read> SecureStream<S> {
             }
             Err(_) => {
                 self.poisoned = true;
-                wipe(&mut self.plain);
-                self.plain.clear();
+                // Wipes the whole buffer, spare capacity included, and
+                // empties it.
+                self.plain.zeroize();
                 Err(invalid_data(
                     "an encrypted frame failed to authenticate: it was altered in transit or does not come from the peer of the handshake",
                 ))
@@ -434,9 +433,9 @@ impl<S: Read + Write> Read for SecureStream<S> {
         self.plain_pos += n;
         if self.plain_pos == self.plain.len() {
             // What passes through here is entropy for a guest's kernel;
-            // keep no copy once it has been handed on.
-            wipe(&mut self.plain);
-            self.plain.clear();
+            // keep no copy once it has been handed on. This wipes the whole
+            // buffer, spare capacity included, and empties it.
+            self.plain.zeroize();
             self.plain_pos = 0;
         }
         Ok(n)
@@ -501,7 +500,7 @@ impl<S: Write> Write for SecureStream<S> {
 
 impl<S> Drop for SecureStream<S> {
     fn drop(&mut self) {
-        wipe(&mut self.plain);
+        self.plain.zeroize();
     }
 }
 
@@ -798,17 +797,6 @@ fn hex_value(digit: u8) -> Option<u8> {
         b'A'..=b'F' => Some(digit - b'A' + 10),
         _ => None,
     }
-}
-
-/// Overwrites `bytes` with zeros. Volatile writes, because plain ones to
-/// memory about to be freed may be optimized away.
-fn wipe(bytes: &mut [u8]) {
-    for byte in bytes.iter_mut() {
-        // SAFETY: `byte` comes from a `&mut [u8]`, so it is valid, aligned
-        // and not aliased.
-        unsafe { std::ptr::write_volatile(byte, 0) };
-    }
-    compiler_fence(Ordering::SeqCst);
 }
 
 #[cfg(test)]

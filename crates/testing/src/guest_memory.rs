@@ -11,9 +11,11 @@
 
 use std::ffi::CStr;
 use std::fs::File;
-use std::os::fd::{AsRawFd, FromRawFd, RawFd};
+use std::os::fd::{AsRawFd, RawFd};
 use std::sync::Arc;
 
+use nix::sys::memfd::{MFdFlags, memfd_create};
+use nix::unistd::{SysconfVar, sysconf};
 use vhost::VhostUserMemoryRegionInfo;
 use vm_memory::{
     Address, FileOffset, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion,
@@ -128,21 +130,16 @@ impl MemfdGuestMemory {
 
 /// Creates an anonymous, close-on-exec memfd named `name`.
 fn create_memfd(name: &CStr) -> Result<File> {
-    // SAFETY: `name` is a valid NUL-terminated string and the flags are valid.
-    let fd = unsafe { libc::memfd_create(name.as_ptr(), libc::MFD_CLOEXEC) };
-    if fd < 0 {
-        return Err(Error::Memfd(std::io::Error::last_os_error()));
-    }
-    // SAFETY: `fd` was just returned by memfd_create and nothing else owns it.
-    Ok(unsafe { File::from_raw_fd(fd) })
+    let fd = memfd_create(name, MFdFlags::MFD_CLOEXEC).map_err(|e| Error::Memfd(e.into()))?;
+    Ok(File::from(fd))
 }
 
 /// The system page size (mmap granularity).
 pub(crate) fn page_size() -> usize {
-    // SAFETY: sysconf has no memory-safety preconditions.
-    let size = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
-    usize::try_from(size)
+    sysconf(SysconfVar::PAGE_SIZE)
         .ok()
+        .flatten()
+        .and_then(|size| usize::try_from(size).ok())
         .filter(|&s| s > 0)
         .unwrap_or(4096)
 }

@@ -12,11 +12,14 @@
 //! 4 MiB of lazily allocated guest RAM by default), so hundreds can run in one
 //! process; see [`raise_fd_limit`].
 
-use std::os::fd::{AsRawFd, RawFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::Path;
 use std::time::{Duration, Instant};
 
+use nix::errno::Errno;
+use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
+use nix::sys::resource::{Resource, getrlimit, setrlimit};
 use vhost::vhost_user::message::{FrontendReq, VhostUserHeaderFlag};
 use vhost::vhost_user::{
     Frontend, VhostUserFrontend, VhostUserProtocolFeatures, VhostUserVirtioFeatures,
@@ -25,7 +28,7 @@ use vhost::{VhostBackend, VringConfigData};
 use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
 use virtio_bindings::virtio_ring::{VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC};
 use vm_memory::GuestAddress;
-use vmm_sys_util::eventfd::EventFd;
+use vmm_sys_util::eventfd::{EFD_CLOEXEC, EFD_NONBLOCK, EventFd};
 
 use super::error::{Error, Result};
 use super::guest_memory::MemfdGuestMemory;
@@ -291,7 +294,7 @@ impl TestVmm {
     /// in `--connect` mode), like QEMU with `-chardev socket,server=on`, and
     /// brings the device up. Waits up to `cfg.connect_timeout`.
     pub fn accept(listener: &UnixListener, cfg: TestVmmConfig) -> Result<Self> {
-        if !wait_readable(listener.as_raw_fd(), cfg.connect_timeout)? {
+        if !wait_readable(listener.as_fd(), cfg.connect_timeout)? {
             return Err(Error::Accept(std::io::ErrorKind::TimedOut.into()));
         }
         let (stream, _) = listener.accept().map_err(Error::Accept)?;
@@ -315,7 +318,7 @@ impl TestVmm {
             cfg.queue_size,
         )?;
         ring.set_clear_buffers(cfg.clear_buffers);
-        let new_eventfd = || EventFd::new(libc::EFD_NONBLOCK | libc::EFD_CLOEXEC);
+        let new_eventfd = || EventFd::new(EFD_NONBLOCK | EFD_CLOEXEC);
 
         let mut vmm = Self {
             frontend: Frontend::from_stream(stream, 1),
@@ -364,8 +367,7 @@ impl TestVmm {
         self.request(FrontendReq::GET_FEATURES, |f| f.get_features())?;
         // QEMU first points the call fd at its masked notifier and swaps in
         // the guest's interrupt at start: the backend must follow the swap.
-        let placeholder =
-            EventFd::new(libc::EFD_NONBLOCK | libc::EFD_CLOEXEC).map_err(Error::EventFd)?;
+        let placeholder = EventFd::new(EFD_NONBLOCK | EFD_CLOEXEC).map_err(Error::EventFd)?;
         self.request(FrontendReq::SET_VRING_CALL, |f| {
             f.set_vring_call(REQUEST_QUEUE, &placeholder)
         })?;
@@ -780,7 +782,11 @@ impl TestVmm {
             } else {
                 nap = nap.min(Duration::from_millis(1));
             }
-            wait_readable(self.call.as_raw_fd(), nap)?;
+            // vmm-sys-util's EventFd has no `as_fd`.
+            // SAFETY: the descriptor belongs to `self.call`, which stays open
+            // for the whole call.
+            let call = unsafe { BorrowedFd::borrow_raw(self.call.as_raw_fd()) };
+            wait_readable(call, nap)?;
         }
     }
 
@@ -869,28 +875,22 @@ impl TestVmm {
 }
 
 /// Waits until `fd` is readable or `timeout` passes. Returns whether it is readable.
-fn wait_readable(fd: RawFd, timeout: Duration) -> Result<bool> {
+fn wait_readable(fd: BorrowedFd<'_>, timeout: Duration) -> Result<bool> {
     let started = Instant::now();
     loop {
         let left = timeout.saturating_sub(started.elapsed());
         // Round up so a sub-millisecond remainder still sleeps.
-        let millis = left.as_micros().div_ceil(1000).min(i32::MAX as u128) as i32;
-        let mut pollfd = libc::pollfd {
-            fd,
-            events: libc::POLLIN,
-            revents: 0,
-        };
-        // SAFETY: `pollfd` is a valid array of one element for the call's duration.
-        let ready = unsafe { libc::poll(&mut pollfd, 1, millis) };
-        if ready >= 0 {
-            return Ok(ready > 0);
-        }
-        let error = std::io::Error::last_os_error();
-        if error.kind() != std::io::ErrorKind::Interrupted {
-            return Err(Error::Os {
-                what: "polling",
-                source: error,
-            });
+        let millis = left.as_micros().div_ceil(1000);
+        let millis = PollTimeout::try_from(millis).unwrap_or(PollTimeout::MAX);
+        match poll(&mut [PollFd::new(fd, PollFlags::POLLIN)], millis) {
+            Ok(ready) => return Ok(ready > 0),
+            Err(Errno::EINTR) => {}
+            Err(errno) => {
+                return Err(Error::Os {
+                    what: "polling",
+                    source: errno.into(),
+                });
+            }
         }
     }
 }
@@ -900,26 +900,14 @@ fn wait_readable(fd: RawFd, timeout: Duration) -> Result<bool> {
 /// memfd, kick, call, backend channel) and an in-process backend as many
 /// again, so runs with hundreds of guests exceed the usual 1024.
 pub fn raise_fd_limit() -> Result<u64> {
-    let mut limit = libc::rlimit {
-        rlim_cur: 0,
-        rlim_max: 0,
-    };
-    // SAFETY: `limit` is a valid rlimit for getrlimit to fill.
-    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) } != 0 {
-        return Err(Error::os("reading RLIMIT_NOFILE")(
-            std::io::Error::last_os_error(),
-        ));
+    let (soft, hard) = getrlimit(Resource::RLIMIT_NOFILE)
+        .map_err(|errno| Error::os("reading RLIMIT_NOFILE")(errno.into()))?;
+    if soft < hard {
+        setrlimit(Resource::RLIMIT_NOFILE, hard, hard)
+            .map_err(|errno| Error::os("raising RLIMIT_NOFILE")(errno.into()))?;
+        return Ok(hard);
     }
-    if limit.rlim_cur < limit.rlim_max {
-        limit.rlim_cur = limit.rlim_max;
-        // SAFETY: `limit` is a valid rlimit; raising the soft limit up to the hard one is allowed.
-        if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &limit) } != 0 {
-            return Err(Error::os("raising RLIMIT_NOFILE")(
-                std::io::Error::last_os_error(),
-            ));
-        }
-    }
-    Ok(limit.rlim_cur)
+    Ok(soft)
 }
 
 #[cfg(test)]

@@ -13,11 +13,12 @@ use std::sync::{Arc, Mutex};
 use std::thread;
 use std::time::{Duration, Instant};
 
-use log::{error, info, warn};
+use log::{Level, error, info, warn};
 
 use super::{RawSource, SourceError};
 use crate::entropy::health::{HealthConfig, HealthFailure, HealthTests};
 use vhost_rng_protocol::log_limit::RateLimitedLog;
+use vhost_rng_protocol::log_limited;
 
 /// Bytes asked of a source per read.
 const READ_CHUNK: usize = 512;
@@ -351,19 +352,18 @@ impl Runner {
         };
         self.stats.set_state(state);
         self.stats.rate.store(0, Ordering::Relaxed);
-        if let Some(suppressed) = self.failures_log.permit() {
-            let what = match &setback {
+        log_limited!(
+            self.failures_log,
+            Level::Warn,
+            "{name}: {}; retrying in {}s with a new start-up test",
+            match &setback {
                 Setback::Health(failure) => {
                     format!("{failure}; unapproved data discarded, source quarantined")
                 }
                 Setback::Read(e) => format!("{e}"),
-            };
-            warn!(
-                "{name}: {what}; retrying in {}s with a new start-up test \
-                 ({suppressed} similar messages suppressed)",
-                backoff.as_secs()
-            );
-        }
+            },
+            backoff.as_secs()
+        );
         self.board.state_changed();
         thread::sleep(backoff);
         if let Err(e) = self.source.recover() {

@@ -11,8 +11,9 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
-use log::{debug, warn};
+use log::{Level, debug, warn};
 use vhost::vhost_user::message::{VhostUserProtocolFeatures, VhostUserVirtioFeatures};
+use vhost_rng_protocol::log_limited;
 use virtio_bindings::bindings::virtio_config::VIRTIO_F_VERSION_1;
 use virtio_bindings::bindings::virtio_ring::{
     VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC,
@@ -117,24 +118,22 @@ impl RngDevice {
         let outcome =
             self.processor
                 .process_queue(queue, memory, &mut supply, &mut |head, defect| {
-                    if let Some(suppressed) = guest.defect_log.permit() {
-                        warn!(
-                            "guest {}: request {head} answered with 0 bytes: {defect} \
-                         ({suppressed} similar messages suppressed)",
-                            guest.name()
-                        );
-                    }
+                    log_limited!(
+                        guest.defect_log,
+                        Level::Warn,
+                        "guest {}: request {head} answered with 0 bytes: {defect}",
+                        guest.name()
+                    );
                 });
         let outcome = match outcome {
             Ok(outcome) => outcome,
             Err(e) => {
-                if let Some(suppressed) = guest.defect_log.permit() {
-                    warn!(
-                        "guest {}: request queue unusable until the driver resets it: {e} \
-                         ({suppressed} similar messages suppressed)",
-                        guest.name()
-                    );
-                }
+                log_limited!(
+                    guest.defect_log,
+                    Level::Warn,
+                    "guest {}: request queue unusable until the driver resets it: {e}",
+                    guest.name()
+                );
                 return false;
             }
         };

@@ -19,8 +19,9 @@ use std::sync::{Arc, Mutex};
 use std::thread;
 use std::time::{Duration, Instant};
 
-use log::{debug, info, warn};
+use log::{Level, debug, info, warn};
 use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
+use vhost_rng_protocol::log_limited;
 use vmm_sys_util::eventfd::EventFd;
 
 use super::connection::{self, Arrival};
@@ -252,12 +253,11 @@ impl GuestServer {
             Ended::Disconnected => info!("guest {name}: VMM disconnected from {path}"),
             Ended::Stopped => info!("guest {name}: connection on {path} closed (guest stopped)"),
             Ended::Closed(reason) => {
-                if let Some(suppressed) = self.guest.defect_log.permit() {
-                    warn!(
-                        "guest {name}: connection on {path} closed: {reason} \
-                         ({suppressed} similar messages suppressed)"
-                    );
-                }
+                log_limited!(
+                    self.guest.defect_log,
+                    Level::Warn,
+                    "guest {name}: connection on {path} closed: {reason}"
+                );
             }
         }
         // Dropping the handler unmaps the guest's memory and closes every
