@@ -13,7 +13,7 @@
 
 use std::fs::File;
 use std::io;
-use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, IntoRawFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, IntoRawFd, OwnedFd};
 use std::sync::Arc;
 
 use vhost::vhost_user::message::{
@@ -33,6 +33,7 @@ use vmm_sys_util::eventfd::EventFd;
 use super::device::{MAX_QUEUE_SIZE, NUM_QUEUES, RngDevice, VIRTIO_FEATURES, protocol_features};
 use super::fault_guard;
 use super::memory::{MemoryError, MemoryLimits, MemoryTable};
+use super::snapshot::{ConnectionState, RestoreError, RingState, RegionState, STATE_VERSION};
 use crate::guest::Guest;
 
 /// Why a connection is being closed on the daemon's side.
@@ -133,6 +134,143 @@ impl Handler {
     /// Whether requests that ask for an acknowledgement get one.
     pub fn reply_ack(&self) -> bool {
         self.acked_protocol(VhostUserProtocolFeatures::REPLY_ACK)
+    }
+
+    /// The connection's state, with duplicates of the descriptors it
+    /// needs (indexed by the state), for another handler to take over.
+    pub fn snapshot(&self) -> io::Result<(ConnectionState, Vec<OwnedFd>)> {
+        let mut fds: Vec<OwnedFd> = Vec::new();
+        let mut keep = |fd: BorrowedFd<'_>| -> io::Result<usize> {
+            fds.push(fd.try_clone_to_owned()?);
+            Ok(fds.len() - 1)
+        };
+        let mut regions = Vec::new();
+        for region in self.memory.regions() {
+            regions.push(RegionState {
+                guest_addr: region.guest_addr,
+                size: region.size,
+                vmm_addr: region.vmm_addr,
+                mmap_offset: region.mmap_offset,
+                fd: keep(region.file.as_fd())?,
+            });
+        }
+        let mut event = |fd: &Option<EventFd>| -> io::Result<Option<usize>> {
+            fd.as_ref()
+                // SAFETY: the EventFd owns the fd for the duration of this
+                // borrow, which only duplicates it.
+                .map(|fd| keep(unsafe { BorrowedFd::borrow_raw(fd.as_raw_fd()) }))
+                .transpose()
+        };
+        let (kick, call, err) = (
+            event(&self.ring.kick)?,
+            event(&self.ring.call)?,
+            event(&self.ring._err)?,
+        );
+        let queue = &self.ring.queue;
+        let state = ConnectionState {
+            version: STATE_VERSION,
+            owner: self.owner,
+            acked_features: self.acked_features,
+            acked_protocol_features: self.acked_protocol_features,
+            regions,
+            ring: RingState {
+                size: queue.size(),
+                desc: queue.desc_table(),
+                avail: queue.avail_ring(),
+                used: queue.used_ring(),
+                ready: queue.ready(),
+                enabled: self.ring.enabled,
+                kick,
+                call,
+                err,
+            },
+        };
+        Ok((state, fds))
+    }
+
+    /// A handler that goes on where a snapshot left off, taking the
+    /// descriptors the state indexes. The VMM's memory is mapped and checked
+    /// again, as if it had sent its table now.
+    pub fn restore(
+        guest: Arc<Guest>,
+        limits: MemoryLimits,
+        state: &ConnectionState,
+        fds: Vec<OwnedFd>,
+    ) -> Result<Self, RestoreError> {
+        if state.version != STATE_VERSION {
+            return Err(RestoreError::Version {
+                found: state.version,
+            });
+        }
+        let count = fds.len();
+        let mut fds: Vec<Option<OwnedFd>> = fds.into_iter().map(Some).collect();
+        let mut take = |index: usize| {
+            fds.get_mut(index)
+                .and_then(Option::take)
+                .ok_or(RestoreError::MissingFd { index, count })
+        };
+        let mut handler = Handler::new(guest, limits)?;
+        handler.owner = state.owner;
+        handler.acked_features = state.acked_features;
+        handler.acked_protocol_features = state.acked_protocol_features;
+        let mut regions = Vec::new();
+        let mut files = Vec::new();
+        for region in &state.regions {
+            regions.push(VhostUserMemoryRegion::new(
+                region.guest_addr,
+                region.size,
+                region.vmm_addr,
+                region.mmap_offset,
+            ));
+            files.push(File::from(take(region.fd)?));
+        }
+        if !regions.is_empty() {
+            handler.memory.replace(&regions, files)?;
+        }
+        let mut event = |which: &'static str, index: Option<usize>| {
+            index
+                .map(|index| {
+                    let file = File::from(take(index)?);
+                    eventfd(file).map_err(|reason| RestoreError::EventFd { which, reason })
+                })
+                .transpose()
+        };
+        let ring = &state.ring;
+        handler.ring.kick = event("kick", ring.kick)?;
+        handler.ring.call = event("call", ring.call)?;
+        handler.ring._err = event("error", ring.err)?;
+        handler.ring.enabled = ring.enabled;
+        let queue = &mut handler.ring.queue;
+        queue.set_size(ring.size);
+        let split = |address: u64| (Some(address as u32), Some((address >> 32) as u32));
+        let (low, high) = split(ring.desc);
+        queue.set_desc_table_address(low, high);
+        let (low, high) = split(ring.avail);
+        queue.set_avail_ring_address(low, high);
+        let (low, high) = split(ring.used);
+        queue.set_used_ring_address(low, high);
+        queue.set_event_idx(state.acked_features & (1 << VIRTIO_RING_F_EVENT_IDX) != 0);
+        if ring.ready {
+            // Where serving stopped: requests are completed in order, so
+            // everything before the used index was answered and nothing
+            // after it was. One taken but not answered is served again.
+            let memory = handler.memory.memory().ok_or_else(|| {
+                RestoreError::UsedRing("a started ring without guest memory".into())
+            })?;
+            let (used, faults) = fault_guard::guarded(|| {
+                queue.used_idx(memory, std::sync::atomic::Ordering::Acquire)
+            });
+            if faults > 0 {
+                return Err(RestoreError::UsedRing(
+                    "its guest memory file shrank".into(),
+                ));
+            }
+            let used = used.map_err(|e| RestoreError::UsedRing(e.to_string()))?.0;
+            queue.set_next_avail(used);
+            queue.set_next_used(used);
+            queue.set_ready(true);
+        }
+        Ok(handler)
     }
 
     /// The reason to close the connection, once a message was refused.

@@ -144,7 +144,19 @@ impl Placement {
 
 struct Region {
     placement: Placement,
+    mmap_offset: u64,
+    /// The VMM's memory file, kept for a snapshot of the connection.
+    file: Arc<File>,
     mapping: Arc<GuestRegionMmap>,
+}
+
+/// One mapped region as the VMM described it, with its file.
+pub struct RegionView<'a> {
+    pub guest_addr: u64,
+    pub size: u64,
+    pub vmm_addr: u64,
+    pub mmap_offset: u64,
+    pub file: &'a File,
 }
 
 /// The guest memory of one VMM connection.
@@ -170,6 +182,17 @@ impl MemoryTable {
     /// The mapped guest memory, once the VMM has sent any.
     pub fn memory(&self) -> Option<&GuestMemoryMmap> {
         self.memory.as_ref()
+    }
+
+    /// The regions, in the order they were given.
+    pub fn regions(&self) -> impl Iterator<Item = RegionView<'_>> {
+        self.regions.iter().map(|r| RegionView {
+            guest_addr: r.placement.guest_addr,
+            size: r.placement.size,
+            vmm_addr: r.placement.vmm_addr,
+            mmap_offset: r.mmap_offset,
+            file: &r.file,
+        })
     }
 
     /// Bytes mapped now.
@@ -323,8 +346,12 @@ fn map(index: usize, region: &VhostUserMemoryRegion, file: File) -> Result<Regio
     }
     // Checked in Placement::of to fit.
     let size = placement.size as usize;
-    let mapping = MmapRegion::<()>::from_file(FileOffset::new(file, region.mmap_offset), size)
-        .map_err(|error| MemoryError::Map { index, error })?;
+    let file = Arc::new(file);
+    let mapping = MmapRegion::<()>::from_file(
+        FileOffset::from_arc(Arc::clone(&file), region.mmap_offset),
+        size,
+    )
+    .map_err(|error| MemoryError::Map { index, error })?;
     // SAFETY: the range is exactly the mapping just made; madvise only
     // changes how the kernel treats it in a core dump.
     let advised = unsafe {
@@ -350,6 +377,8 @@ fn map(index: usize, region: &VhostUserMemoryRegion, file: File) -> Result<Regio
         })?;
     Ok(Region {
         placement,
+        mmap_offset: region.mmap_offset,
+        file,
         mapping: Arc::new(mapping),
     })
 }

@@ -8,6 +8,7 @@
 //! - [`handler`]: the device state the messages change, checked.
 //! - [`memory`]: the guest memory a VMM shares, checked and mapped.
 //! - [`fault_guard`]: surviving a guest memory file that shrinks.
+//! - [`snapshot`]: a connection's state as data, to hand it over.
 //! - [`device`]: the virtio-rng device offered over each connection.
 //! - [`request`]: answering the requests on its queue.
 
@@ -19,6 +20,7 @@ pub mod handler;
 pub mod memory;
 pub mod request;
 pub mod server;
+pub mod snapshot;
 
 pub use memory::MemoryLimits;
 pub use server::{Endpoint, GuestServer, VhostUserLimits};
