@@ -1568,5 +1568,10 @@ mod tests {
             message(&format!("reseed-secs = -{huge}\n")),
             format!("/etc/vhost-rng.toml:1: key 'reseed-secs': -{digits} is negative")
         );
+        assert_eq!(
+            message("[[guest]]\nname = \"a\"\ncid = 99999999999999999999\n"),
+            "/etc/vhost-rng.toml:3: guest \"a\": key 'cid': 99999999999999999999 is not a \
+             guest CID (3 to 4294967294; 0 to 2 are the hypervisor, local and host)"
+        );
     }
 }

@@ -395,6 +395,7 @@ impl GuestSpecError {
     fn too_large(key: GuestKey, value: String) -> GuestSpecError {
         match key.max_value() {
             Some(max) => GuestSpecError::TooLarge { key, value, max },
+            None if key == GuestKey::Cid => GuestSpecError::CidOutOfRange(value),
             None => GuestSpecError::WeightOutOfRange(value),
         }
     }
@@ -1270,5 +1271,12 @@ mod tests {
             "key 'tcp-psk': the path is empty"
         );
         assert!(spec_err("name=vm,cid=3,socket=/a").starts_with("more than one of"));
+        // Beyond u64, a CID is out of range like any other (this used to be
+        // reported as a weight).
+        assert_eq!(
+            spec_err("name=vm,cid=99999999999999999999"),
+            "key 'cid': 99999999999999999999 is not a guest CID (3 to 4294967294; 0 to 2 are \
+             the hypervisor, local and host)"
+        );
     }
 }
