@@ -145,7 +145,7 @@ tcp-psk = "/etc/vhost-rng/keys/xen1.psk"
 /// Rate-limit period when a guest has `rate-bytes` but no `rate-period`.
 pub const DEFAULT_RATE_PERIOD_MS: u64 = limiter::DEFAULT_PERIOD_MS;
 /// Weight of a guest that does not set one.
-pub const DEFAULT_WEIGHT: u32 = 1;
+pub use crate::guest::DEFAULT_WEIGHT;
 /// Largest weight a guest may have.
 pub const MAX_WEIGHT: u32 = 1000;
 /// Longest guest name, in characters.
@@ -154,7 +154,7 @@ pub const MAX_NAME_LEN: usize = 64;
 /// local loopback and the host.
 pub const FIRST_GUEST_CID: u32 = 3;
 /// `VMADDR_CID_ANY`, a wildcard rather than a guest.
-pub const VSOCK_CID_ANY: u32 = u32::MAX;
+pub use crate::frontend::vsock::VSOCK_CID_ANY;
 
 /// A configuration problem; `Display` is the message for the operator.
 #[derive(Debug, thiserror::Error)]

@@ -22,7 +22,6 @@ use super::accept::{ACCEPT_ERROR_PAUSE, StopSignal};
 use super::channel;
 use super::shared::{Directory, ListenerStatus, Member};
 use super::stream::{ClientStream, Clients, refuse, spawn_client};
-use crate::config::VSOCK_CID_ANY;
 use crate::entropy::pool::Pool;
 use crate::guest::limiter::RateLimit;
 use crate::guest::{Guest, GuestLimits, SharedBucket};
@@ -30,6 +29,9 @@ use vhost_rng_protocol::log_limit::RateLimitedLog;
 use vhost_rng_protocol::log_limited;
 use vhost_rng_protocol::vsock::VsockStream;
 use vhost_rng_protocol::wire::{self, ResponseHeader, Status};
+
+/// `VMADDR_CID_ANY`: listen for every CID, a wildcard rather than a guest.
+pub const VSOCK_CID_ANY: u32 = u32::MAX;
 
 /// The guests of the vsock listener, by CID.
 pub type VsockDirectory = Directory<u32, ()>;
@@ -230,7 +232,7 @@ impl VsockListener {
             );
             let limits = GuestLimits {
                 rate: Some(default.rate),
-                weight: crate::config::DEFAULT_WEIGHT,
+                weight: crate::guest::DEFAULT_WEIGHT,
             };
             let guest = Guest::with_limits(
                 name,

@@ -12,6 +12,9 @@ use crate::entropy::pool::{EntropyStream, Pool};
 use limiter::{Grant, RateLimit, TokenBucket, retarget};
 use vhost_rng_protocol::log_limit::RateLimitedLog;
 
+/// Weight of a guest that does not set one: its share of scarce raw output.
+pub const DEFAULT_WEIGHT: u32 = 1;
+
 /// Counters for one guest, updated by its frontend, read by status reporting.
 #[derive(Debug, Default)]
 pub struct GuestStats {

@@ -33,7 +33,7 @@ use vmm_sys_util::eventfd::EventFd;
 use super::device::{MAX_QUEUE_SIZE, NUM_QUEUES, RngDevice, VIRTIO_FEATURES, protocol_features};
 use super::fault_guard;
 use super::memory::{MemoryError, MemoryLimits, MemoryTable};
-use super::snapshot::{ConnectionState, RestoreError, RingState, RegionState, STATE_VERSION};
+use super::snapshot::{ConnectionState, RegionState, RestoreError, RingState, STATE_VERSION};
 use crate::guest::Guest;
 
 /// Why a connection is being closed on the daemon's side.
