@@ -246,7 +246,7 @@ impl GuestServer {
         self.guest.stats.connections.fetch_add(1, Ordering::Relaxed);
         self.guest.stats.connected.store(true, Ordering::Relaxed);
         info!("guest {name}: VMM connected on {path}");
-        let ended = self.run_connection(&stream, &mut handler);
+        let ended = run_connection(&stream, &mut handler, self.stop_fd(), self.limits.timeout);
         self.lock_active().take();
         self.guest.stats.connected.store(false, Ordering::Relaxed);
         match ended {
@@ -263,100 +263,104 @@ impl GuestServer {
         // Dropping the handler unmaps the guest's memory and closes every
         // fd the VMM sent.
     }
+}
 
-    /// Serves one connection until it ends.
-    fn run_connection(&self, connection: &UnixStream, handler: &mut Handler) -> Ended {
-        let setup_deadline = Instant::now() + self.limits.timeout;
-        // Set when part of a message has arrived: the rest must follow by
-        // then.
-        let mut message_deadline: Option<Instant> = None;
-        loop {
-            let deadline = match (handler.owned(), message_deadline) {
-                (_, Some(deadline)) => Some((deadline, "to finish a message")),
-                (false, None) => Some((setup_deadline, "to claim the device (SET_OWNER)")),
-                (true, None) => None,
-            };
-            let timeout = match deadline {
-                None => PollTimeout::NONE,
-                Some((deadline, what)) => match deadline.checked_duration_since(Instant::now()) {
-                    Some(left) if !left.is_zero() => timeout_of(left),
-                    _ => {
-                        return Ended::Closed(format!(
-                            "the VMM took longer than {:?} {what}",
-                            self.limits.timeout
-                        ));
-                    }
-                },
-            };
-            let (kick, wake, timer) = handler.wait_fds();
-            let mut fds = vec![
-                PollFd::new(connection.as_fd(), PollFlags::POLLIN),
-                PollFd::new(self.stop_fd(), PollFlags::POLLIN),
-                PollFd::new(wake, PollFlags::POLLIN),
-                PollFd::new(timer, PollFlags::POLLIN),
-            ];
-            if let Some(kick) = kick {
-                fds.push(PollFd::new(kick, PollFlags::POLLIN));
-            }
-            match poll(&mut fds, timeout) {
-                Ok(_) | Err(nix::errno::Errno::EINTR) => {}
-                Err(e) => return Ended::Closed(format!("waiting for events: {e}")),
-            }
-            let ready: Vec<bool> = fds
-                .iter()
-                .map(|fd| fd.revents().is_some_and(|r| !r.is_empty()))
-                .collect();
-            drop(fds);
-            if ready[1] || self.is_stopping() {
-                return Ended::Stopped;
-            }
-            if ready.get(4) == Some(&true) {
-                handler.on_kick();
-            }
-            if ready[2] {
-                handler.on_wake();
-            }
-            if ready[3] {
-                handler.on_timer();
-            }
-            if let Some(refusal) = handler.take_fatal() {
-                return Ended::Closed(format!("the VMM's guest memory is unusable: {refusal}"));
-            }
-            if !ready[0] {
+/// Serves one connection until it ends or `stop` becomes readable; the
+/// caller owns the connection, the handler and the stop event, so a stopped
+/// connection can be taken over (see [`Handler::snapshot`]).
+pub fn run_connection(
+    connection: &UnixStream,
+    handler: &mut Handler,
+    stop: BorrowedFd<'_>,
+    limit: Duration,
+) -> Ended {
+    let setup_deadline = Instant::now() + limit;
+    // Set when part of a message has arrived: the rest must follow by
+    // then.
+    let mut message_deadline: Option<Instant> = None;
+    loop {
+        let deadline = match (handler.owned(), message_deadline) {
+            (_, Some(deadline)) => Some((deadline, "to finish a message")),
+            (false, None) => Some((setup_deadline, "to claim the device (SET_OWNER)")),
+            (true, None) => None,
+        };
+        let timeout = match deadline {
+            None => PollTimeout::NONE,
+            Some((deadline, what)) => match deadline.checked_duration_since(Instant::now()) {
+                Some(left) if !left.is_zero() => timeout_of(left),
+                _ => {
+                    return Ended::Closed(format!("the VMM took longer than {limit:?} {what}"));
+                }
+            },
+        };
+        let (kick, wake, timer) = handler.wait_fds();
+        let mut fds = vec![
+            PollFd::new(connection.as_fd(), PollFlags::POLLIN),
+            PollFd::new(stop, PollFlags::POLLIN),
+            PollFd::new(wake, PollFlags::POLLIN),
+            PollFd::new(timer, PollFlags::POLLIN),
+        ];
+        if let Some(kick) = kick {
+            fds.push(PollFd::new(kick, PollFlags::POLLIN));
+        }
+        match poll(&mut fds, timeout) {
+            Ok(_) | Err(nix::errno::Errno::EINTR) => {}
+            Err(e) => return Ended::Closed(format!("waiting for events: {e}")),
+        }
+        let ready: Vec<bool> = fds
+            .iter()
+            .map(|fd| fd.revents().is_some_and(|r| !r.is_empty()))
+            .collect();
+        drop(fds);
+        if ready[1] {
+            return Ended::Stopped;
+        }
+        if ready.get(4) == Some(&true) {
+            handler.on_kick();
+        }
+        if ready[2] {
+            handler.on_wake();
+        }
+        if ready[3] {
+            handler.on_timer();
+        }
+        if let Some(refusal) = handler.take_fatal() {
+            return Ended::Closed(format!("the VMM's guest memory is unusable: {refusal}"));
+        }
+        if !ready[0] {
+            continue;
+        }
+        let message = match connection::take_message(connection) {
+            Ok(Arrival::Message(message)) => message,
+            Ok(Arrival::Closed) => return Ended::Disconnected,
+            Ok(Arrival::Partial) => {
+                message_deadline.get_or_insert(Instant::now() + limit);
+                // The stream stays readable while the part waits: pause
+                // instead of spinning, then look again.
+                let _ = wait_readable(&[stop], timeout_of(PARTIAL_MESSAGE_POLL));
                 continue;
             }
-            let message = match connection::take_message(connection) {
-                Ok(Arrival::Message(message)) => message,
-                Ok(Arrival::Closed) => return Ended::Disconnected,
-                Ok(Arrival::Partial) => {
-                    message_deadline.get_or_insert(Instant::now() + self.limits.timeout);
-                    // The stream stays readable while the part waits: pause
-                    // instead of spinning, then look again.
-                    let _ = wait_readable(&[self.stop_fd()], timeout_of(PARTIAL_MESSAGE_POLL));
-                    continue;
-                }
-                Err(e) => return Ended::Closed(format!("bad message from the VMM: {e}")),
-            };
-            message_deadline = None;
-            // Guest memory is touched by some messages too (a kick fd set on
-            // a ring with requests waiting).
-            let (result, faults) =
-                fault_guard::guarded(|| dispatch::dispatch(handler, connection, message));
-            if faults > 0 {
-                return Ended::Closed(format!(
-                    "its guest memory file shrank under the daemon ({faults} fault(s))"
-                ));
-            }
-            if let Err(reason) = result {
-                return Ended::Closed(reason);
-            }
-            // A VMM that sends without reading the replies is closed long
-            // before its socket fills and a reply would wait on it.
-            if let Some(unread) = unread_replies(connection)
-                && unread > MAX_UNREAD_REPLIES
-            {
-                return Ended::Closed(format!("the VMM left {unread} bytes of replies unread"));
-            }
+            Err(e) => return Ended::Closed(format!("bad message from the VMM: {e}")),
+        };
+        message_deadline = None;
+        // Guest memory is touched by some messages too (a kick fd set on
+        // a ring with requests waiting).
+        let (result, faults) =
+            fault_guard::guarded(|| dispatch::dispatch(handler, connection, message));
+        if faults > 0 {
+            return Ended::Closed(format!(
+                "its guest memory file shrank under the daemon ({faults} fault(s))"
+            ));
+        }
+        if let Err(reason) = result {
+            return Ended::Closed(reason);
+        }
+        // A VMM that sends without reading the replies is closed long
+        // before its socket fills and a reply would wait on it.
+        if let Some(unread) = unread_replies(connection)
+            && unread > MAX_UNREAD_REPLIES
+        {
+            return Ended::Closed(format!("the VMM left {unread} bytes of replies unread"));
         }
     }
 }
@@ -379,7 +383,8 @@ fn unread_replies(connection: &UnixStream) -> Option<usize> {
 const PARTIAL_MESSAGE_POLL: Duration = Duration::from_millis(10);
 
 /// How a connection ended.
-enum Ended {
+#[derive(Debug)]
+pub enum Ended {
     /// The VMM closed it (a VM shutting down, rebooting, crashing).
     Disconnected,
     /// The guest was removed or the daemon is stopping.
@@ -405,5 +410,102 @@ fn wait_readable(fds: &[BorrowedFd<'_>], timeout: PollTimeout) -> nix::Result<()
             Err(nix::errno::Errno::EINTR) => continue,
             result => return result.map(|_| ()),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::frontend::vhost_user::snapshot::{RestoreError, STATE_VERSION};
+    use crate::guest::{GuestLimits, SharedBucket};
+    use std::thread::JoinHandle;
+    use vhost_rng_testing::{Buffer, TestVmm, TestVmmConfig};
+
+    const PATIENCE: Duration = Duration::from_secs(20);
+
+    fn guest() -> Arc<Guest> {
+        Guest::with_limits(
+            "vm",
+            crate::entropy::pool::os_pool(),
+            GuestLimits::default(),
+            SharedBucket::default(),
+        )
+    }
+
+    /// Serves `connection` with `handler` on a thread until `stop` fires,
+    /// then gives both back.
+    fn serve(
+        connection: UnixStream,
+        mut handler: Handler,
+        stop: Arc<EventFd>,
+    ) -> JoinHandle<(UnixStream, Handler, Ended)> {
+        thread::spawn(move || {
+            // SAFETY: `stop` is kept alive by the Arc for the whole call.
+            let stop_fd = unsafe { BorrowedFd::borrow_raw(stop.as_raw_fd()) };
+            let ended = run_connection(&connection, &mut handler, stop_fd, PATIENCE);
+            (connection, handler, ended)
+        })
+    }
+
+    fn serve_64(vmm: &mut TestVmm) {
+        vmm.post(&[Buffer::writable(64)]).unwrap();
+        vmm.kick().unwrap();
+        let used = vmm.wait_used(1, PATIENCE).unwrap();
+        assert_eq!(used[0].len, 64);
+    }
+
+    #[test]
+    fn a_connection_taken_over_by_another_handler_goes_on_unnoticed() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("vm.sock");
+        let listener = UnixListener::bind(&path).unwrap();
+        let vmm = thread::spawn(move || TestVmm::connect(&path, TestVmmConfig::qemu()).unwrap());
+        let (connection, _) = listener.accept().unwrap();
+        let guest = guest();
+        let limits = MemoryLimits::default();
+        let first = Handler::new(Arc::clone(&guest), limits).unwrap();
+        let stop = Arc::new(EventFd::new(libc::EFD_NONBLOCK).unwrap());
+        let serving = serve(connection, first, Arc::clone(&stop));
+        let mut vmm = vmm.join().unwrap();
+        serve_64(&mut vmm);
+        let negotiated = vmm.sent_requests().len();
+
+        stop.write(1).unwrap();
+        let (connection, first, ended) = serving.join().unwrap();
+        assert!(matches!(ended, Ended::Stopped), "{ended:?}");
+        // A request the guest posts while nobody serves it.
+        vmm.post(&[Buffer::writable(64)]).unwrap();
+        vmm.kick().unwrap();
+
+        let (state, fds) = first.snapshot().unwrap();
+        assert_eq!(state.version, STATE_VERSION);
+        assert!(state.ring.ready && state.ring.kick.is_some());
+        drop(first);
+        let second = Handler::restore(Arc::clone(&guest), limits, &state, fds).unwrap();
+        let stop = Arc::new(EventFd::new(libc::EFD_NONBLOCK).unwrap());
+        let serving = serve(connection, second, Arc::clone(&stop));
+
+        let used = vmm.wait_used(1, PATIENCE).unwrap();
+        assert_eq!(used[0].len, 64, "the request posted in the gap is answered");
+        serve_64(&mut vmm);
+        assert_eq!(
+            vmm.sent_requests().len(),
+            negotiated,
+            "the VMM never had to set the device up again"
+        );
+        stop.write(1).unwrap();
+        serving.join().unwrap();
+    }
+
+    #[test]
+    fn a_state_of_another_version_is_refused() {
+        let first = Handler::new(guest(), MemoryLimits::default()).unwrap();
+        let (mut state, fds) = first.snapshot().unwrap();
+        state.version = STATE_VERSION + 1;
+        let err = Handler::restore(guest(), MemoryLimits::default(), &state, fds)
+            .err()
+            .unwrap();
+        assert!(matches!(err, RestoreError::Version { .. }), "{err}");
+        assert!(err.to_string().contains("reads only version 1"), "{err}");
     }
 }
