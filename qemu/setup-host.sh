@@ -14,7 +14,7 @@ case "${1:-}" in
 *) usage >&2 && exit 2 ;;
 esac
 
-packages=(qemu-system-x86 busybox-static cpio rng-tools5)
+packages=(qemu-system-x86 busybox-static cpio rng-tools5 systemd)
 missing=()
 for package in "${packages[@]}"; do
 	dpkg-query -W -f='${Status}' "$package" 2>/dev/null | grep -q "ok installed" ||

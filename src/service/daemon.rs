@@ -27,6 +27,7 @@ use crate::guest::limiter::RateLimit;
 use crate::metrics::MetricsServer;
 use crate::service::control::{ControlServer, DEFAULT_CONTROL_PATH};
 use crate::service::registry::{Listeners, Registry, RegistryError};
+use crate::service::systemd::Notifier;
 
 /// Settings that may come from the command line or the config file; the
 /// command line wins.
@@ -201,6 +202,8 @@ pub fn run(config: ServeConfig) -> Result<(), DaemonError> {
     let signals = daemon_signals();
     signals.thread_block().map_err(DaemonError::Signals)?;
     keep_out_of_core_dumps();
+    let notifier = Notifier::from_env();
+    notifier.status("starting");
 
     let resolved = resolve(&config)?;
     info!("serving mode: {}", resolved.pool.mode.as_str());
@@ -242,13 +245,29 @@ pub fn run(config: ServeConfig) -> Result<(), DaemonError> {
         }
         None => None,
     };
-    info!("serving {} guest(s)", registry.names().len());
+    let serving = format!("serving {} guest(s)", registry.names().len());
+    info!("{serving}");
+    // Every socket exists now: units ordered after this one can start.
+    notifier.ready(&serving);
 
+    let watchdog = notifier.watchdog_interval();
     loop {
-        match signals.wait().map_err(DaemonError::Signals)? {
-            Signal::SIGHUP => reload(&config, &resolved, &registry),
+        let signal = match wait_signal(&signals, watchdog).map_err(DaemonError::Signals)? {
+            Some(signal) => signal,
+            None => {
+                notifier.watchdog();
+                continue;
+            }
+        };
+        match signal {
+            Signal::SIGHUP => {
+                notifier.reloading();
+                reload(&config, &resolved, &registry);
+                notifier.ready(&format!("serving {} guest(s)", registry.names().len()));
+            }
             signal => {
                 info!("{signal}: shutting down");
+                notifier.stopping();
                 break;
             }
         }
@@ -362,6 +381,25 @@ fn warn_restart_needed(path: &Path, running: &Resolved, new: &Resolved) {
             ignored.join(", ")
         );
     }
+}
+
+/// Waits for one of `signals`; `None` when `timeout` passes first.
+fn wait_signal(signals: &SigSet, timeout: Option<Duration>) -> nix::Result<Option<Signal>> {
+    let Some(timeout) = timeout else {
+        return signals.wait().map(Some);
+    };
+    let timespec = nix::sys::time::TimeSpec::from_duration(timeout);
+    // SAFETY: both pointers are valid for the call; a null siginfo is
+    // allowed and means the caller does not want it.
+    let received =
+        unsafe { libc::sigtimedwait(signals.as_ref(), std::ptr::null_mut(), timespec.as_ref()) };
+    if received < 0 {
+        return match nix::errno::Errno::last() {
+            nix::errno::Errno::EAGAIN | nix::errno::Errno::EINTR => Ok(None),
+            error => Err(error),
+        };
+    }
+    Signal::try_from(received).map(Some)
 }
 
 fn daemon_signals() -> SigSet {

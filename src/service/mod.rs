@@ -1,9 +1,11 @@
 //! Running the daemon: `vhost-rng serve` ([`daemon`]), the running guests
 //! ([`registry`]), the control socket ([`control`]), what they report
-//! ([`status`]), and `vhost-rng check` ([`check`]).
+//! ([`status`]), systemd notifications ([`systemd`]), and `vhost-rng check`
+//! ([`check`]).
 
 pub mod check;
 pub mod control;
 pub mod daemon;
 pub mod registry;
 pub mod status;
+pub mod systemd;

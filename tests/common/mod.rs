@@ -48,6 +48,15 @@ impl Daemon {
         I: IntoIterator<Item = S>,
         S: AsRef<std::ffi::OsStr>,
     {
+        Daemon::start_with_env(args, &[])
+    }
+
+    /// [`Daemon::start`] with `env` added to the daemon's environment.
+    pub fn start_with_env<I, S>(args: I, env: &[(&str, &std::ffi::OsStr)]) -> Daemon
+    where
+        I: IntoIterator<Item = S>,
+        S: AsRef<std::ffi::OsStr>,
+    {
         let log_dir = tempfile::tempdir().unwrap();
         let log_path = log_dir.path().join("daemon.log");
         let control = log_dir.path().join("control.sock");
@@ -61,6 +70,7 @@ impl Daemon {
         let child = Command::new(env!("CARGO_BIN_EXE_vhost-rng"))
             .args(args)
             .env("RUST_LOG", "info")
+            .envs(env.iter().copied())
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(log)
