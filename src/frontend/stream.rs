@@ -826,16 +826,25 @@ mod tests {
             reseed: Default::default(),
         })
         .unwrap();
-        let mut last = 0;
+        // Settled once all 4 KiB passed the health tests and the
+        // conditioner made blocks of all of it: at 8 credited bits a byte,
+        // a block for every 40 bytes. Nothing takes from the pool yet.
+        use crate::entropy::conditioner::{BITS_PER_BLOCK, BLOCK_BYTES};
+        let source = Arc::clone(&pool.sources()[0]);
+        let settled_level = 4096 / (BITS_PER_BLOCK as usize / 8) * BLOCK_BYTES;
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
-            thread::sleep(Duration::from_millis(200));
-            let level = pool.level();
-            if level > 0 && level == last {
+            let contributed = source.snapshot().bytes_contributed;
+            if contributed == 4096 && pool.level() == settled_level {
                 break;
             }
-            last = level;
-            assert!(Instant::now() < deadline, "the pool never settled");
+            assert!(
+                Instant::now() < deadline,
+                "the pool never took in the 4 KiB: {:?}, level {}",
+                source.snapshot(),
+                pool.level()
+            );
+            thread::sleep(Duration::from_millis(10));
         }
 
         let guest = Guest::with_limits(
