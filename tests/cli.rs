@@ -6,8 +6,11 @@ mod common;
 use std::os::unix::fs::{FileTypeExt, PermissionsExt};
 use std::os::unix::net::UnixListener;
 
+use std::time::Duration;
+
 use common::{Daemon, run_cli};
 use nix::sys::signal::Signal;
+use vhost_rng_testing::{Buffer, TestVmm, TestVmmConfig};
 
 fn stderr(output: &std::process::Output) -> String {
     String::from_utf8_lossy(&output.stderr).into_owned()
@@ -151,14 +154,60 @@ fn sigint_and_sigterm_shut_down_cleanly_and_remove_sockets() {
 }
 
 #[test]
-fn sighup_does_not_stop_the_daemon() {
+fn sighup_reloads_and_the_daemon_keeps_serving() {
     let dir = tempfile::tempdir().unwrap();
     let socket = dir.path().join("hup.sock");
-    let mut daemon = Daemon::serve(&[&socket]);
+    let config = dir.path().join("vhost-rng.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[[guest]]\nname = \"hup\"\nsocket = \"{}\"\n",
+            socket.display()
+        ),
+    )
+    .unwrap();
+    let mut daemon = Daemon::start([
+        "serve",
+        "--source",
+        "os",
+        "--config",
+        config.to_str().unwrap(),
+    ]);
+    daemon.wait_for_socket(&socket);
+    daemon.wait_for_log("control socket on", 1);
+    // A VMM connected before the signal must be served after it.
+    let mut vmm = TestVmm::connect(&socket, TestVmmConfig::qemu()).unwrap();
+    assert_served(&mut vmm);
 
     nix::sys::signal::kill(daemon.pid(), Signal::SIGHUP).unwrap();
-    daemon.wait_for_log("SIGHUP", 1);
+    // Fails at once if SIGHUP killed the daemon.
+    daemon.wait_for_log_while_running("SIGHUP: reloaded", 1);
+    assert!(
+        daemon
+            .log()
+            .contains("0 added, 0 removed, 0 changed, 1 unchanged"),
+        "{}",
+        daemon.log()
+    );
 
-    assert!(daemon.is_running());
+    assert!(daemon.is_running(), "{}", daemon.log());
     assert!(socket.exists());
+    // Still serving: the guest over its kept connection, the VMM once it
+    // reconnects, and the control socket.
+    assert_served(&mut vmm);
+    vmm.disconnect().unwrap();
+    assert_served(&mut TestVmm::connect(&socket, TestVmmConfig::qemu()).unwrap());
+    let guests = daemon.guests();
+    assert_eq!(guests.len(), 1, "{guests:?}");
+    assert_eq!(guests[0].name, "hup");
+    assert!(guests[0].bytes >= 3 * 64, "{guests:?}");
+    assert!(daemon.is_running(), "{}", daemon.log());
+}
+
+/// Posts one 64-byte request and asserts it is filled.
+fn assert_served(vmm: &mut TestVmm) {
+    let head = vmm.post(&[Buffer::writable(64)]).unwrap();
+    vmm.kick().unwrap();
+    let used = vmm.wait_used(1, Duration::from_secs(10)).unwrap();
+    assert_eq!((used[0].head, used[0].len), (head, 64));
 }

@@ -20,9 +20,7 @@ use super::stream::{
     ClientStream, GuestReader, Protocol, Session, StreamServer, Waited, read_exact_by,
 };
 use crate::guest::Guest;
-use vhost_rng_protocol::wire::{
-    self, IDLE_TIMEOUT, REQUEST_LEN, REQUEST_TIMEOUT, ResponseHeader, Status,
-};
+use vhost_rng_protocol::wire::{self, REQUEST_LEN, ResponseHeader, Status};
 
 /// The socket a hybrid-vsock VMM connects to for host port `port`.
 pub fn uds_path(base: &Path, port: u32) -> PathBuf {
@@ -53,20 +51,22 @@ struct ChannelSession {
 
 impl Session for ChannelSession {
     fn serve(&mut self, client: &mut dyn ClientStream) -> io::Result<()> {
-        client.set_write_timeout(Some(REQUEST_TIMEOUT))?;
+        // The protocol's IDLE_TIMEOUT and REQUEST_TIMEOUT, shorter in tests.
+        let timeouts = *self.reader.timeouts();
+        client.set_write_timeout(Some(timeouts.request))?;
         let mut header = [0u8; REQUEST_LEN];
         let mut bytes = Vec::new();
         loop {
-            // Between requests a client may be quiet for IDLE_TIMEOUT; once
-            // a request has begun, all of it must arrive within
-            // REQUEST_TIMEOUT, however it is dribbled.
-            client.set_read_timeout(Some(IDLE_TIMEOUT))?;
+            // Between requests a client may be quiet for the idle timeout;
+            // once a request has begun, all of it must arrive within the
+            // request timeout, however it is dribbled.
+            client.set_read_timeout(Some(timeouts.idle))?;
             match client.read(&mut header[..1]) {
                 Ok(0) => return Ok(()),
                 Ok(_) => {}
                 Err(e) => return Err(e),
             }
-            read_exact_by(client, &mut header[1..], Instant::now() + REQUEST_TIMEOUT)?;
+            read_exact_by(client, &mut header[1..], Instant::now() + timeouts.request)?;
             let request = match wire::decode_request(&header) {
                 Ok(request) => request,
                 Err(e) => {
@@ -82,7 +82,7 @@ impl Session for ChannelSession {
             bytes.resize(request.length as usize, 0);
             let (n, waited) = self
                 .reader
-                .read_until(&mut bytes, Some(Instant::now() + REQUEST_TIMEOUT))?;
+                .read_until(&mut bytes, Some(Instant::now() + timeouts.request))?;
             if n == 0 {
                 let status = match waited {
                     Waited::ForTokens => Status::RateLimited,
@@ -110,25 +110,42 @@ impl Session for ChannelSession {
 mod tests {
     use super::*;
     use crate::frontend::socket_file::SocketAccess;
+    use crate::frontend::stream::Timeouts;
     use crate::guest::{GuestLimits, SharedBucket};
     use std::io::{Read, Write};
     use std::os::unix::net::UnixStream;
+    use std::time::Duration;
     use vhost_rng_protocol::wire::{Request, encode_request};
 
+    /// Stands in for a protocol deadline in the tests of one: long enough
+    /// for any single step of a test, short enough not to slow the suite.
+    const SHORT: Duration = Duration::from_millis(400);
+
     fn server() -> (Arc<StreamServer>, PathBuf, tempfile::TempDir) {
-        server_with("vm", GuestLimits::default())
+        server_with("vm", GuestLimits::default(), Timeouts::DEFAULT)
     }
 
     fn server_with(
         name: &str,
         limits: GuestLimits,
+        timeouts: Timeouts,
     ) -> (Arc<StreamServer>, PathBuf, tempfile::TempDir) {
         let dir = tempfile::tempdir().unwrap();
         let path = uds_path(&dir.path().join("vm.vsock"), wire::DEFAULT_PORT);
         let socket = GuestSocket::bind(&path, SocketAccess::default()).unwrap();
         let pool = crate::entropy::pool::os_pool();
         let guest = Guest::with_limits(name, pool, limits, SharedBucket::default());
-        (spawn(guest, socket).unwrap(), path, dir)
+        let server = StreamServer::spawn_with_timeouts(guest, socket, PROTOCOL, timeouts).unwrap();
+        (server, path, dir)
+    }
+
+    /// Whether the daemon closed `client`: end of stream (or a reset), not
+    /// the client's own read timeout running out.
+    fn closed(client: &mut UnixStream) -> bool {
+        match client.read(&mut [0u8; 1]) {
+            Ok(n) => n == 0,
+            Err(e) => e.kind() == io::ErrorKind::ConnectionReset,
+        }
     }
 
     fn connect(path: &Path) -> UnixStream {
@@ -156,9 +173,15 @@ mod tests {
             rate: Some(crate::guest::limiter::RateLimit::new(1, 60_000, 1).unwrap()),
             weight: 1,
         };
-        let (_server, path, _dir) = server_with("slow", limits);
+        let timeouts = Timeouts {
+            request: SHORT,
+            ..Timeouts::DEFAULT
+        };
+        let (_server, path, _dir) = server_with("slow", limits, timeouts);
         let mut client = connect(&path);
+        let started = Instant::now();
         let answer = wire::fetch(&mut client, 32, &mut Vec::new());
+        let took = started.elapsed();
         assert!(
             matches!(
                 answer,
@@ -166,39 +189,69 @@ mod tests {
             ),
             "{answer:?}"
         );
+        // Told once the request timeout ran out waiting for tokens, not at
+        // once.
+        assert!(
+            took >= SHORT && took < SHORT + Duration::from_secs(1),
+            "{took:?}"
+        );
     }
 
     #[test]
     fn a_request_dribbled_past_the_request_timeout_is_dropped() {
-        let (server, path, _dir) = server();
+        let timeouts = Timeouts {
+            request: SHORT,
+            ..Timeouts::DEFAULT
+        };
+        let (server, path, _dir) = server_with("vm", GuestLimits::default(), timeouts);
         let mut client = connect(&path);
         let request = encode_request(&Request { length: 16 });
         let started = Instant::now();
-        // A byte every 1.5 s: each read well within the idle timeout, the
-        // whole request (18 s) not within the request timeout.
+        // A byte every 100 ms: each read well within the idle and the
+        // request timeout, the whole request (1.2 s) not within the
+        // request timeout.
         for byte in request {
             if client.write_all(&[byte]).is_err() {
                 break;
             }
-            std::thread::sleep(std::time::Duration::from_millis(1500));
+            std::thread::sleep(Duration::from_millis(100));
         }
-        let mut answer = [0u8; 1];
-        assert_eq!(
-            client.read(&mut answer).unwrap_or(0),
-            0,
-            "closed, no answer"
-        );
+        assert!(closed(&mut client), "not closed, or answered");
         let took = started.elapsed();
         assert!(
-            took < REQUEST_TIMEOUT + std::time::Duration::from_secs(3),
+            took >= SHORT && took < SHORT + Duration::from_secs(1),
             "{took:?}"
         );
         assert_eq!(server.guest().stats.snapshot().bytes, 0);
     }
 
     #[test]
+    fn a_client_quiet_past_the_idle_timeout_is_closed() {
+        let timeouts = Timeouts {
+            idle: SHORT,
+            ..Timeouts::DEFAULT
+        };
+        let (server, path, _dir) = server_with("vm", GuestLimits::default(), timeouts);
+        let mut client = connect(&path);
+        // Fails in a second if the daemon never closes it.
+        client
+            .set_read_timeout(Some(SHORT + Duration::from_secs(1)))
+            .unwrap();
+        assert_eq!(wire::fetch(&mut client, 16, &mut Vec::new()).unwrap(), 16);
+        // Quiet from its answer on: closed at the idle timeout.
+        let answered = Instant::now();
+        assert!(closed(&mut client), "an idle client was not closed");
+        let idle = answered.elapsed();
+        assert!(
+            idle >= SHORT.mul_f64(0.9) && idle < SHORT + Duration::from_secs(1),
+            "{idle:?}"
+        );
+        assert_eq!(server.guest().stats.snapshot().bytes, 16);
+    }
+
+    #[test]
     fn stopping_ends_the_accept_thread_even_when_the_socket_file_is_gone() {
-        let (server, path, _dir) = server_with("gone", GuestLimits::default());
+        let (server, path, _dir) = server_with("gone", GuestLimits::default(), Timeouts::DEFAULT);
         let wait_for = |what: &str, count: usize| {
             let deadline = Instant::now() + std::time::Duration::from_secs(10);
             while threads_named("channel-gone") != count {

@@ -39,7 +39,7 @@ const WRITE_ENTROPY: u8 = 0x03;
 const GET_PID: u8 = 0x04;
 /// How long the rest of a command that has begun, or the answer's
 /// delivery, may take.
-const COMMAND_TIMEOUT: Duration = Duration::from_secs(10);
+pub const COMMAND_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// The EGD protocol. It has no way to say "busy": a refused client is
 /// just closed.
@@ -60,7 +60,8 @@ struct EgdSession {
 
 impl Session for EgdSession {
     fn serve(&mut self, client: &mut dyn ClientStream) -> io::Result<()> {
-        client.set_write_timeout(Some(COMMAND_TIMEOUT))?;
+        let command_timeout = self.reader.timeouts().command;
+        client.set_write_timeout(Some(command_timeout))?;
         let mut command = [0u8; 1];
         // The longest answer: a count byte and 255 bytes.
         let mut answer = Vec::with_capacity(256);
@@ -76,7 +77,7 @@ impl Session for EgdSession {
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
                 Err(e) => return Err(e),
             }
-            let deadline = Instant::now() + COMMAND_TIMEOUT;
+            let deadline = Instant::now() + command_timeout;
             answer.clear();
             match command[0] {
                 GET_ENTROPY_LEVEL => {
@@ -161,7 +162,7 @@ mod tests {
     use super::*;
     use crate::entropy::pool::Pool;
     use crate::frontend::socket_file::SocketAccess;
-    use crate::frontend::stream::MAX_CLIENTS;
+    use crate::frontend::stream::{MAX_CLIENTS, Timeouts};
     use crate::guest::limiter::RateLimit;
     use crate::guest::{GuestLimits, SharedBucket};
     use std::io::{Read, Write};
@@ -180,11 +181,21 @@ mod tests {
     /// `EGD-{name}-client`: a test counting them needs a name of its own,
     /// of 4 characters at most (the kernel keeps 15 of a thread's name).
     fn server_named(name: &str, limits: GuestLimits) -> (Arc<StreamServer>, tempfile::TempDir) {
+        server_with(name, limits, Timeouts::DEFAULT)
+    }
+
+    /// [`server_named`], holding its clients to `timeouts`.
+    fn server_with(
+        name: &str,
+        limits: GuestLimits,
+        timeouts: Timeouts,
+    ) -> (Arc<StreamServer>, tempfile::TempDir) {
         let dir = tempfile::tempdir().unwrap();
         let socket =
             GuestSocket::bind(&dir.path().join("egd.sock"), SocketAccess::default()).unwrap();
         let guest = Guest::with_limits(name, pool(), limits, SharedBucket::default());
-        (spawn(guest, socket).unwrap(), dir)
+        let server = StreamServer::spawn_with_timeouts(guest, socket, PROTOCOL, timeouts).unwrap();
+        (server, dir)
     }
 
     fn client(dir: &tempfile::TempDir) -> UnixStream {
@@ -286,21 +297,29 @@ mod tests {
 
     #[test]
     fn a_command_dribbled_past_its_timeout_is_dropped() {
-        let (_server, dir) = server(GuestLimits::default());
+        let command = Duration::from_millis(400);
+        let timeouts = Timeouts {
+            command,
+            ..Timeouts::DEFAULT
+        };
+        let (_server, dir) = server_with("egd", GuestLimits::default(), timeouts);
         let mut c = client(&dir);
         let started = Instant::now();
-        // A write of 255 bytes, sent a byte every 1.5 s: each read well
-        // within the command timeout, the whole command far beyond it.
+        // A write of 255 bytes, sent a byte every 50 ms: each read well
+        // within the command timeout, the whole command (13 s) far beyond
+        // it.
         for byte in [WRITE_ENTROPY, 0, 8, 255].into_iter().chain([0u8; 255]) {
-            if c.write_all(&[byte]).is_err() || started.elapsed() > COMMAND_TIMEOUT * 2 {
+            if c.write_all(&[byte]).is_err() || started.elapsed() > command * 2 {
                 break;
             }
-            std::thread::sleep(Duration::from_millis(1500));
+            std::thread::sleep(Duration::from_millis(50));
         }
-        let mut byte = [0u8; 1];
-        assert_eq!(c.read(&mut byte).unwrap_or(0), 0, "closed");
+        assert!(closed(&mut c), "not closed at the command timeout");
         let took = started.elapsed();
-        assert!(took < COMMAND_TIMEOUT + Duration::from_secs(3), "{took:?}");
+        assert!(
+            took >= command && took < command + Duration::from_secs(1),
+            "{took:?}"
+        );
     }
 
     /// Polls `condition` for up to 10 s.
@@ -414,7 +433,13 @@ mod tests {
             rate: Some(RateLimit::new(1, 60_000, 1).unwrap()),
             weight: 1,
         };
-        let (server, dir) = server_named("wait", limits);
+        // Looks every 50 ms whether its client was closed.
+        let stop_check = Duration::from_millis(50);
+        let timeouts = Timeouts {
+            stop_check,
+            ..Timeouts::DEFAULT
+        };
+        let (server, dir) = server_with("wait", limits, timeouts);
         let client_threads = || threads_named("EGD-wait-client");
         let mut first = client(&dir);
         let mut waiting = client(&dir);
@@ -423,7 +448,7 @@ mod tests {
         wait_for("every client served", || client_threads() == MAX_CLIENTS);
 
         // The waiting client never completed a command: idlest but the
-        // first. Its thread ends well within a second of its closing.
+        // first. Its thread ends at its next look, not hours later.
         let mut newcomer = client(&dir);
         wait_for("the eviction", || {
             server.guest().stats.snapshot().evicted_connections == 1
@@ -432,7 +457,11 @@ mod tests {
         wait_for("the waiting client's thread to end", || {
             client_threads() == MAX_CLIENTS
         });
-        assert!(closed_at.elapsed() < Duration::from_secs(2));
+        assert!(
+            closed_at.elapsed() < stop_check + Duration::from_millis(500),
+            "{:?}",
+            closed_at.elapsed()
+        );
         assert!(closed(&mut waiting));
         assert!(answers(&mut first) && answers(&mut newcomer));
         assert!(others.iter_mut().all(answers));

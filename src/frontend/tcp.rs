@@ -103,6 +103,8 @@ fn count(counter: &AtomicU64) {
 /// The running listener.
 pub struct TcpListener {
     local_addr: SocketAddr,
+    /// [`HANDSHAKE_TIMEOUT`], shorter in tests.
+    handshake_timeout: Duration,
     directory: Arc<TcpDirectory>,
     /// Handshakes in progress, by peer address.
     handshakes: Mutex<HashMap<IpAddr, usize>>,
@@ -113,6 +115,15 @@ pub struct TcpListener {
 
 impl TcpListener {
     pub fn start(addr: SocketAddr) -> Result<Arc<Self>, TcpError> {
+        Self::start_with_handshake_timeout(addr, HANDSHAKE_TIMEOUT)
+    }
+
+    /// [`TcpListener::start`], giving each connection `handshake_timeout`
+    /// instead of [`HANDSHAKE_TIMEOUT`] (tests use a short one).
+    pub fn start_with_handshake_timeout(
+        addr: SocketAddr,
+        handshake_timeout: Duration,
+    ) -> Result<Arc<Self>, TcpError> {
         let socket =
             StdTcpListener::bind(addr).map_err(|error| TcpError::Listen { addr, error })?;
         let local_addr = socket
@@ -120,6 +131,7 @@ impl TcpListener {
             .map_err(|error| TcpError::Listen { addr, error })?;
         let listener = Arc::new(TcpListener {
             local_addr,
+            handshake_timeout,
             directory: Arc::default(),
             handshakes: Mutex::new(HashMap::new()),
             stop: StopSignal::new().map_err(TcpError::Spawn)?,
@@ -247,7 +259,7 @@ impl TcpListener {
         }
         let connection = Connection {
             stream,
-            handshake_deadline: Cell::new(Some(Instant::now() + HANDSHAKE_TIMEOUT)),
+            handshake_deadline: Cell::new(Some(Instant::now() + self.handshake_timeout)),
         };
         // The member whose key is checked is the one served: looked up
         // again by name afterwards, it could be a successor (a reload with
@@ -585,29 +597,38 @@ mod tests {
 
     #[test]
     fn a_peer_that_dribbles_its_handshake_is_cut_off_at_the_timeout() {
-        let listener = TcpListener::start("127.0.0.1:0".parse().unwrap()).unwrap();
+        let timeout = Duration::from_millis(500);
+        let listener =
+            TcpListener::start_with_handshake_timeout("127.0.0.1:0".parse().unwrap(), timeout)
+                .unwrap();
+        // Before the connection: its deadline cannot start earlier.
+        let started = Instant::now();
         let mut slow = connect(&listener);
         // A valid hello, then handshake message 1 (48 bytes) sent a byte
-        // every 250 ms: each read alone is well within the timeout, all of
-        // them together (12 s) are not.
+        // every 50 ms: each read alone is well within the timeout, all of
+        // them together (2.4 s) are not.
         slow.write_all(b"VRNS\x01\x04xen1\x00\x30").unwrap();
-        let started = Instant::now();
         let cut_off = loop {
-            thread::sleep(Duration::from_millis(250));
+            thread::sleep(Duration::from_millis(50));
             if slow.write_all(b"x").is_err()
                 || listener.status().refused["handshake_incomplete"] == 1
             {
                 break started.elapsed();
             }
             assert!(
-                started.elapsed() < HANDSHAKE_TIMEOUT * 3,
+                started.elapsed() < timeout * 3,
                 "the handshake is still open"
             );
         };
         assert!(
-            cut_off < HANDSHAKE_TIMEOUT + Duration::from_secs(2),
+            cut_off >= timeout && cut_off < timeout + Duration::from_secs(1),
             "{cut_off:?}"
         );
+        // Cut off as incomplete, not refused for what it sent.
+        wait_for("the cut-off", || {
+            listener.status().refused["handshake_incomplete"] == 1
+        });
+        assert_eq!(listener.status().refused["not_protocol"], 0);
         listener.stop();
     }
 

@@ -837,14 +837,21 @@ mod tests {
         let mut b = TokenBucket::new(limit(MAX_BYTES, 1, MAX_BURST), t0);
         let years = Duration::from_secs(300 * 365 * 86_400);
         assert_eq!(b.available(t0 + years), MAX_BURST);
-        // Far enough that elapsed_ns × bytes exceeds u128 (if the platform's
-        // Instant reaches that far).
+        // Far enough that elapsed_ns × bytes exceeds u128: 2^88 ns times
+        // MAX_BYTES (2^40) is exactly 2^128, which a wrapping product would
+        // make 0. Linux's Instant (seconds in an i64) reaches that far;
+        // were it not to, the test would check nothing, so that fails too.
         let mut b = TokenBucket::new(limit(MAX_BYTES, 1, MAX_BURST), t0);
-        if let Some(far) = t0.checked_add(Duration::from_secs(1 << 62)) {
-            assert_eq!(b.available(far), MAX_BURST);
-            assert_eq!(b.grant(u64::MAX, far), Grant::Now(MAX_BURST));
-            assert_eq!(b.time_until(1, far), ns(1));
-        }
+        assert_eq!(MAX_BYTES, 1 << 40);
+        let far_ns: u128 = 1 << 88;
+        let far = Duration::new(
+            (far_ns / NANOS_PER_SEC) as u64,
+            (far_ns % NANOS_PER_SEC) as u32,
+        );
+        let far = t0.checked_add(far).expect("an Instant 2^88 ns ahead");
+        assert_eq!(b.available(far), MAX_BURST);
+        assert_eq!(b.grant(u64::MAX, far), Grant::Now(MAX_BURST));
+        assert_eq!(b.time_until(1, far), ns(1));
     }
 
     // ---- reconfigure ----

@@ -313,42 +313,79 @@ fn throttled(policy: &mut Policy, now: Instant, wait: Duration) -> Admission {
     Admission::Wait(wait)
 }
 
-/// Bytes served over a window of a few seconds.
+/// Bytes served over the last [`RateMeter::WINDOW`], counted in one-second
+/// slots, so that the rate is what the guest drew in that window and
+/// nothing older: a guest that stops asking reads 0 once a whole window
+/// has gone by. (Counting from the start of a window that only moved on
+/// with the next request kept the last burst in the rate for ever,
+/// falling like 1/t.)
 struct RateMeter {
-    window_start: Instant,
-    bytes: u64,
-    last_rate: f64,
+    /// Slot `n` holds the bytes of the `n`th second after this.
+    origin: Instant,
+    /// Second `n`'s bytes at index `n % SLOTS`, for the [`SLOTS`] seconds
+    /// up to `newest`.
+    ///
+    /// [`SLOTS`]: RateMeter::SLOTS
+    slots: [u64; RateMeter::SLOTS],
+    /// The latest second recorded.
+    newest: u64,
 }
 
 impl RateMeter {
-    const WINDOW: Duration = Duration::from_secs(5);
+    const WINDOW: Duration = Duration::from_secs(10);
+    /// One per second of the window.
+    const SLOTS: usize = Self::WINDOW.as_secs() as usize;
 
     fn new(now: Instant) -> Self {
         RateMeter {
-            window_start: now,
-            bytes: 0,
-            last_rate: 0.0,
+            origin: now,
+            slots: [0; Self::SLOTS],
+            newest: 0,
         }
+    }
+
+    /// The second since `origin` that `now` falls in.
+    fn second(&self, now: Instant) -> u64 {
+        now.saturating_duration_since(self.origin).as_secs()
+    }
+
+    fn slot(second: u64) -> usize {
+        (second % Self::SLOTS as u64) as usize
     }
 
     fn record(&mut self, bytes: u64, now: Instant) {
-        let elapsed = now.saturating_duration_since(self.window_start);
-        if elapsed >= Self::WINDOW {
-            self.last_rate = self.bytes as f64 / elapsed.as_secs_f64();
-            self.window_start = now;
-            self.bytes = 0;
+        let second = self.second(now);
+        if second > self.newest {
+            // The seconds since the newest saw nothing: their slots, last
+            // used SLOTS seconds before, start again from 0.
+            let skipped = (second - self.newest).min(Self::SLOTS as u64);
+            for past in second + 1 - skipped..=second {
+                self.slots[Self::slot(past)] = 0;
+            }
+            self.newest = second;
         }
-        self.bytes += bytes;
+        // A clock read before another thread's record may come in a little
+        // late; it still counts while its second is held.
+        if self.newest - second < Self::SLOTS as u64 {
+            let slot = &mut self.slots[Self::slot(second)];
+            *slot = slot.saturating_add(bytes);
+        }
     }
 
+    /// Bytes per second over the window ending at `now` (or since the
+    /// meter started, if that is shorter; at least a second).
     fn rate(&self, now: Instant) -> f64 {
-        let elapsed = now.saturating_duration_since(self.window_start);
-        if elapsed >= Duration::from_secs(1) {
-            // Decays towards 0 when the guest stops asking.
-            self.bytes as f64 / elapsed.as_secs_f64()
-        } else {
-            self.last_rate
-        }
+        let current = self.second(now);
+        // The window: the current second so far and the SLOTS - 1 before.
+        let first = (current + 1).saturating_sub(Self::SLOTS as u64);
+        // Of those, the ones the slots still hold.
+        let held = (self.newest + 1).saturating_sub(Self::SLOTS as u64);
+        let bytes: u64 = (first.max(held)..=current.min(self.newest))
+            .map(|second| self.slots[Self::slot(second)])
+            .sum();
+        let elapsed = now.saturating_duration_since(self.origin);
+        let covered = elapsed.saturating_sub(Duration::from_secs(first));
+        bytes as f64 / covered.max(Duration::from_secs(1)).as_secs_f64()
     }
 }
 
@@ -438,6 +475,75 @@ mod tests {
         }
         let rate = guest.current_rate(t0 + Duration::from_secs(5));
         assert!((1900.0..=2100.0).contains(&rate), "{rate}");
-        assert!(guest.current_rate(t0 + Duration::from_secs(60)) < 200.0);
+        assert_eq!(guest.current_rate(t0 + Duration::from_secs(60)), 0.0);
+    }
+
+    /// `bytes` every 100 ms from `from` for `secs` seconds.
+    fn steady(meter: &mut RateMeter, from: Instant, secs: u64, bytes: u64) {
+        for tick in 0..secs * 10 {
+            meter.record(bytes, from + Duration::from_millis(100 * tick));
+        }
+    }
+
+    fn assert_near(rate: f64, expected: f64) {
+        assert!(
+            (rate - expected).abs() <= expected * 0.05,
+            "{rate} B/s, expected about {expected}"
+        );
+    }
+
+    #[test]
+    fn the_rate_is_the_last_window_and_zero_once_a_whole_window_is_quiet() {
+        let t0 = Instant::now();
+        let at = |ms: u64| t0 + Duration::from_millis(ms);
+        let mut meter = RateMeter::new(t0);
+        // 2000 B/s for 30 s.
+        steady(&mut meter, t0, 30, 200);
+        assert_near(meter.rate(at(30_000)), 2000.0);
+        // Five seconds after the guest stopped, the window (the current
+        // second so far and the nine before it) is seconds 26 to 35: four
+        // of its nine seconds had traffic.
+        assert_near(meter.rate(at(35_000)), 4.0 * 2000.0 / 9.0);
+        assert_near(meter.rate(at(35_500)), 4.0 * 2000.0 / 9.5);
+        // A whole window without traffic reads 0, and so does any later
+        // time: three minutes on, not a decaying remnant of the last burst.
+        assert_eq!(meter.rate(at(30_000) + RateMeter::WINDOW), 0.0);
+        assert_eq!(meter.rate(at(30_000 + 180_000)), 0.0);
+
+        // Back after the pause: only the new traffic counts.
+        steady(&mut meter, at(300_000), 10, 50);
+        assert_near(meter.rate(at(310_000)), 500.0);
+        // One burst after a long pause is spread over the window, not
+        // over the time since the last one.
+        meter.record(10_000, at(900_000));
+        assert_near(meter.rate(at(905_000)), 10_000.0 / 9.0);
+        assert_near(meter.rate(at(909_500)), 10_000.0 / 9.5);
+        assert_eq!(meter.rate(at(910_000)), 0.0);
+    }
+
+    #[test]
+    fn a_young_meter_averages_over_its_life_and_late_records_still_count() {
+        let t0 = Instant::now();
+        let at = |ms: u64| t0 + Duration::from_millis(ms);
+        let mut meter = RateMeter::new(t0);
+        assert_eq!(meter.rate(t0), 0.0);
+        // 3000 bytes within 3 s of starting: 1000 B/s, not 300.
+        steady(&mut meter, t0, 3, 100);
+        assert_near(meter.rate(at(3_000)), 1000.0);
+        // Less than a second old: over a second, not a spike.
+        let mut meter = RateMeter::new(t0);
+        meter.record(500, at(1));
+        assert_eq!(meter.rate(at(2)), 500.0);
+
+        // A record whose clock was read before the newest one's counts...
+        let mut meter = RateMeter::new(t0);
+        meter.record(1000, at(5_500));
+        meter.record(1000, at(5_200));
+        meter.record(1000, at(4_900));
+        assert_near(meter.rate(at(6_000)), 3000.0 / 6.0);
+        // ...unless its second has left the window already.
+        meter.record(1000, at(20_000));
+        meter.record(1000, at(9_000));
+        assert_near(meter.rate(at(20_000)), 1000.0 / 9.0);
     }
 }

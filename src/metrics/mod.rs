@@ -1386,6 +1386,13 @@ mod tests {
         .expect("no reply")
     }
 
+    /// The clients' deadline in the tests of [`start_counting`] servers:
+    /// ample for a scrape, and what a test of the deadline waits instead
+    /// of [`IO_TIMEOUT`].
+    const SHORT_TIMEOUT: Duration = Duration::from_secs(1);
+
+    /// A server whose clients get [`SHORT_TIMEOUT`], counting its
+    /// snapshots.
     fn start_counting() -> (MetricsServer, Arc<AtomicUsize>) {
         let calls = Arc::new(AtomicUsize::new(0));
         let snapshot: SnapshotFn = {
@@ -1395,7 +1402,12 @@ mod tests {
                 sample_status()
             })
         };
-        let server = MetricsServer::start("127.0.0.1:0".parse().unwrap(), snapshot).unwrap();
+        let server = MetricsServer::start_with_timeout(
+            "127.0.0.1:0".parse().unwrap(),
+            snapshot,
+            SHORT_TIMEOUT,
+        )
+        .unwrap();
         (server, calls)
     }
 
@@ -1512,53 +1524,63 @@ mod tests {
     }
 
     #[test]
-    fn silent_and_slow_clients_delay_others_by_seconds_at_most() {
+    fn silent_and_slow_clients_do_not_delay_others_and_are_cut_off_at_the_deadline() {
         let (server, _) = start_counting();
         let addr = server.local_addr();
-
-        // Connects and says nothing: closed without an answer.
-        let mut idle = TcpStream::connect(addr).unwrap();
-        thread::sleep(Duration::from_millis(50));
+        // Before either connects: neither's deadline can start earlier.
         let started = Instant::now();
-        assert_scrape_ok(addr);
-        assert!(
-            started.elapsed() < Duration::from_secs(5),
-            "{:?}",
-            started.elapsed()
-        );
+        // Connects and says nothing.
+        let mut idle = TcpStream::connect(addr).unwrap();
         idle.set_read_timeout(Some(Duration::from_secs(10)))
             .unwrap();
-        let mut raw = Vec::new();
-        idle.read_to_end(&mut raw).unwrap();
-        assert!(raw.is_empty());
-
-        // Sends a byte now and then, never finishing: cut off by the overall
-        // deadline, not by a per-read timeout.
+        // Sends a byte every 100 ms, never finishing: each read is well
+        // within the deadline, the whole head (3 s) is not.
+        let (connected, dribbling) = std::sync::mpsc::channel();
         let dribbler = thread::spawn(move || {
             let mut stream = TcpStream::connect(addr).unwrap();
             stream
-                .set_read_timeout(Some(Duration::from_secs(20)))
+                .set_read_timeout(Some(Duration::from_secs(10)))
                 .unwrap();
-            for &b in b"GET /metrics HTTP/1.1\r\nHost: x\r\n".iter() {
+            connected.send(()).unwrap();
+            let head = b"GET /metrics HTTP/1.1\r\nHost: x\r\n";
+            let mut sent = 0;
+            for &b in head {
                 if stream.write_all(&[b]).is_err() {
                     break;
                 }
-                thread::sleep(Duration::from_millis(300));
+                sent += 1;
+                thread::sleep(Duration::from_millis(100));
             }
+            // A reset after the answer is fine; the answer is checked.
             let mut raw = Vec::new();
             let _ = stream.read_to_end(&mut raw);
-            String::from_utf8_lossy(&raw).into_owned()
+            (
+                sent < head.len(),
+                String::from_utf8_lossy(&raw).into_owned(),
+            )
         });
-        thread::sleep(Duration::from_millis(100));
-        let started = Instant::now();
+        dribbling.recv().unwrap();
+
+        // Accepted after both (connections are accepted in order) and
+        // served while both are held: one client at a time, it would wait
+        // for their deadlines.
         assert_scrape_ok(addr);
+        assert!(started.elapsed() < SHORT_TIMEOUT, "{:?}", started.elapsed());
+
+        // The silent one is closed without an answer at its deadline.
+        let mut raw = Vec::new();
+        idle.read_to_end(&mut raw).unwrap();
+        assert!(raw.is_empty());
+        let closed_after = started.elapsed();
         assert!(
-            started.elapsed() < Duration::from_secs(5),
-            "{:?}",
-            started.elapsed()
+            closed_after >= SHORT_TIMEOUT && closed_after < SHORT_TIMEOUT + Duration::from_secs(1),
+            "{closed_after:?}"
         );
-        let answer = dribbler.join().unwrap();
+        // The slow one is cut off by the overall deadline, not by a
+        // per-read timeout, and told so.
+        let (cut_short, answer) = dribbler.join().unwrap();
         assert!(answer.starts_with("HTTP/1.1 408 "), "{answer:?}");
+        assert!(cut_short, "the dribbler could send its whole head");
     }
 
     fn client_threads() -> usize {
@@ -1604,7 +1626,7 @@ mod tests {
             MetricsServer::start_with_timeout("127.0.0.1:0".parse().unwrap(), snapshot, timeout)
                 .unwrap();
         let addr = server.local_addr();
-        // The other tests' clients last 2 s at most.
+        // The other tests' clients last a second or two at most.
         wait_for("the other tests' client threads to end", || {
             client_threads() == 0
         });

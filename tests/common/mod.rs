@@ -148,6 +148,17 @@ impl Daemon {
         });
     }
 
+    /// [`Daemon::wait_for_log`] for a daemon that must stay up meanwhile:
+    /// fails at once, with the log, if it exits instead.
+    pub fn wait_for_log_while_running(&mut self, needle: &str, count: usize) {
+        wait_until(&format!("{count} x '{needle}' in the daemon log"), || {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                panic!("vhost-rng exited with {status}:\n{}", self.log());
+            }
+            self.log().matches(needle).count() >= count
+        });
+    }
+
     pub fn pid(&self) -> Pid {
         Pid::from_raw(self.child.id() as i32)
     }
