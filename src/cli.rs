@@ -49,6 +49,24 @@ pub enum Command {
     /// Manage the pre-shared keys of guests served over TCP (tcp-psk=).
     #[command(subcommand)]
     Psk(PskCommand),
+    /// Upgrade a running daemon in place: it re-executes its binary from
+    /// disk with the same pid and hands every guest over, so no VM sees its
+    /// device go away. Exits non-zero, with the reason, if the new binary
+    /// does not run or cannot take over (the daemon then goes on as it was).
+    Upgrade(UpgradeArgs),
+    /// Print the in-place upgrade state version this binary reads (used by
+    /// a running daemon before it upgrades to this binary).
+    #[command(hide = true)]
+    UpgradeStateVersion,
+}
+
+#[derive(Debug, Args)]
+pub struct UpgradeArgs {
+    /// Seconds to wait for the new version to take over.
+    #[arg(long, value_name = "SECS", default_value_t = 60, value_parser = parse_positive)]
+    pub timeout: u64,
+    #[command(flatten)]
+    pub control: ControlArgs,
 }
 
 #[derive(Debug, Subcommand)]

@@ -55,6 +55,11 @@ fn main() -> ExitCode {
         }
         Command::Status(args) => ask(&args.control, Request::Status, args.json),
         Command::Agent(args) => vhost_rng_agent::run_command(&args),
+        Command::Upgrade(args) => upgrade(&args),
+        Command::UpgradeStateVersion => {
+            println!("{}", vhost_rng::service::upgrade::UPGRADE_STATE_VERSION);
+            ExitCode::SUCCESS
+        }
         Command::Psk(PskCommand::New { path }) => {
             match vhost_rng_protocol::noise::write_new_psk(&path) {
                 Ok(_) => {
@@ -68,6 +73,74 @@ fn main() -> ExitCode {
             }
         }
     }
+}
+
+/// Asks the daemon to upgrade, then follows its status until the new
+/// version has taken over (its upgrade count went up) or the daemon says
+/// why it did not.
+fn upgrade(args: &vhost_rng::cli::UpgradeArgs) -> ExitCode {
+    let path = &args.control.control;
+    let status = |what: &str| match control::request(path, &Request::Status) {
+        Ok(Response::Status { status }) => Ok(*status),
+        Ok(other) => Err(format!("{what}: unexpected answer {other:?}")),
+        Err(e) => Err(e.to_string()),
+    };
+    let before = match status("before the upgrade") {
+        Ok(before) => before,
+        Err(e) => {
+            eprintln!("vhost-rng: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match control::request(path, &Request::Upgrade) {
+        Ok(Response::Ok) => {}
+        Ok(Response::Error { message }) => {
+            eprintln!("vhost-rng: upgrade refused: {message}");
+            return ExitCode::FAILURE;
+        }
+        Ok(other) => {
+            eprintln!("vhost-rng: unexpected answer {other:?}");
+            return ExitCode::FAILURE;
+        }
+        Err(control::ControlError::Refused(message)) => {
+            eprintln!("vhost-rng: upgrade refused: {message}");
+            return ExitCode::FAILURE;
+        }
+        Err(e) => {
+            eprintln!("vhost-rng: {e}");
+            return ExitCode::FAILURE;
+        }
+    }
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(args.timeout);
+    while std::time::Instant::now() < deadline {
+        std::thread::sleep(std::time::Duration::from_millis(100));
+        // Between the old process going and the new one listening, the
+        // control socket is briefly absent.
+        let Ok(now) = status("after the upgrade") else {
+            continue;
+        };
+        if now.upgrades > before.upgrades {
+            println!(
+                "upgraded: vhost-rng {} -> {} ({} guest(s) taken over)",
+                before.version,
+                now.version,
+                now.guests.len()
+            );
+            return ExitCode::SUCCESS;
+        }
+        if now.last_upgrade_error.is_some() && now.last_upgrade_error != before.last_upgrade_error {
+            eprintln!(
+                "vhost-rng: upgrade failed, the daemon goes on as it was: {}",
+                now.last_upgrade_error.unwrap_or_default()
+            );
+            return ExitCode::FAILURE;
+        }
+    }
+    eprintln!(
+        "vhost-rng: the daemon did not report the upgrade within {}s",
+        args.timeout
+    );
+    ExitCode::FAILURE
 }
 
 /// Sends one request to the daemon and prints its answer.

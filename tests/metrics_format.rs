@@ -18,6 +18,10 @@ fn status(bytes: u64) -> DaemonStatus {
     DaemonStatus {
         version: env!("CARGO_PKG_VERSION").into(),
         uptime_seconds: 3.5,
+        started_at: 0,
+        upgrades: 0,
+        worker_restarts: 0,
+        last_upgrade_error: None,
         max_rate: None,
         guests: vec![GuestStatus {
             name: "vm1".into(),

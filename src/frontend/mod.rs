@@ -22,7 +22,9 @@ pub mod tcp;
 pub mod vhost_user;
 pub mod vsock;
 
+use std::os::fd::OwnedFd;
 use std::sync::Arc;
+use std::time::Duration;
 
 use crate::guest::Guest;
 
@@ -31,6 +33,34 @@ pub trait GuestFrontend: Send + Sync {
     fn guest(&self) -> &Arc<Guest>;
     /// Closes the guest's connections and removes its socket file.
     fn stop(&self);
+    /// Stops serving at a safe point and hands over the descriptors another
+    /// daemon needs to go on (an in-place upgrade), closing nothing.
+    fn handover(&self, _patience: Duration) -> Handover {
+        Handover::Nothing
+    }
+    /// Goes on serving after a [`GuestFrontend::handover`] that was not
+    /// used (the upgrade did not happen).
+    fn thaw(&self) {}
+}
+
+/// What a guest's frontend hands over in an in-place upgrade.
+pub enum Handover {
+    /// Nothing: the guest is reached through a shared listener (vsock,
+    /// TCP), which the new daemon opens again; its agent reconnects.
+    Nothing,
+    /// A vhost-user guest: its listening socket (`socket=` guests) and its
+    /// VMM connection, if one is up.
+    VhostUser {
+        listener: Option<OwnedFd>,
+        connection: Option<vhost_user::FrozenConnection>,
+    },
+    /// An EGD or channel guest: its listening socket and connected clients.
+    Stream {
+        listener: OwnedFd,
+        clients: Vec<OwnedFd>,
+    },
+    /// The frontend could not hand over; the upgrade must not go ahead.
+    Failed(String),
 }
 
 impl GuestFrontend for vhost_user::GuestServer {
@@ -41,6 +71,28 @@ impl GuestFrontend for vhost_user::GuestServer {
     fn stop(&self) {
         vhost_user::GuestServer::stop(self)
     }
+
+    fn handover(&self, patience: Duration) -> Handover {
+        let listener = match self.listener_duplicate() {
+            Ok(listener) => listener,
+            Err(e) => return Handover::Failed(format!("cannot duplicate its socket: {e}")),
+        };
+        match self.freeze(patience) {
+            vhost_user::Frozen::Idle => Handover::VhostUser {
+                listener,
+                connection: None,
+            },
+            vhost_user::Frozen::Connected(connection) => Handover::VhostUser {
+                listener,
+                connection: Some(connection),
+            },
+            vhost_user::Frozen::Failed(reason) => Handover::Failed(reason),
+        }
+    }
+
+    fn thaw(&self) {
+        vhost_user::GuestServer::thaw(self)
+    }
 }
 
 impl GuestFrontend for stream::StreamServer {
@@ -50,5 +102,12 @@ impl GuestFrontend for stream::StreamServer {
 
     fn stop(&self) {
         stream::StreamServer::stop(self)
+    }
+
+    fn handover(&self, _patience: Duration) -> Handover {
+        match stream::StreamServer::handover(self) {
+            Ok((listener, clients)) => Handover::Stream { listener, clients },
+            Err(e) => Handover::Failed(format!("cannot duplicate its sockets: {e}")),
+        }
     }
 }

@@ -90,8 +90,44 @@ impl GuestSocket {
         })
     }
 
+    /// Takes over a listening socket a previous daemon created at `path`
+    /// and handed over (an in-place upgrade). It must still be a listening
+    /// Unix socket, and the file at `path` a socket. (Its bound name is the
+    /// private directory it was created in, so that is not compared.)
+    pub fn adopt(path: &Path, listener: OwnedFd) -> Result<Self, SocketError> {
+        let listening = socket::getsockopt(&listener, socket::sockopt::AcceptConn)
+            .map_err(|e| io_error(path, "inspect handed-over socket")(e.into()))?;
+        let unix = socket::getsockname::<UnixAddr>(listener.as_raw_fd()).is_ok();
+        if !listening || !unix {
+            return Err(SocketError::Io {
+                path: path.to_owned(),
+                action: "take over the socket",
+                error: io::Error::other(
+                    "the handed-over descriptor is not a listening Unix socket",
+                ),
+            });
+        }
+        let metadata = fs::symlink_metadata(path).map_err(io_error(path, "inspect socket file"))?;
+        if !metadata.file_type().is_socket() {
+            return Err(SocketError::NotASocket {
+                path: path.to_owned(),
+            });
+        }
+        Ok(GuestSocket {
+            path: path.to_owned(),
+            listener: UnixListener::from(listener),
+            identity: (metadata.dev(), metadata.ino()),
+        })
+    }
+
     pub fn path(&self) -> &Path {
         &self.path
+    }
+
+    /// A duplicate of the listening socket, to hand over in an upgrade.
+    pub fn duplicate(&self) -> io::Result<OwnedFd> {
+        use std::os::fd::AsFd;
+        self.listener.as_fd().try_clone_to_owned()
     }
 
     /// A second handle on the listening socket, for the thread that accepts.

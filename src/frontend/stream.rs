@@ -352,6 +352,17 @@ impl Clients {
         );
     }
 
+    /// Duplicates of the open clients' sockets, oldest first.
+    pub fn duplicate_sockets(&self) -> io::Result<Vec<OwnedFd>> {
+        let open = self.lock();
+        let mut ids: Vec<&u64> = open.keys().collect();
+        ids.sort();
+        ids.into_iter()
+            .filter_map(|id| open.get(id))
+            .map(|client| client.socket.try_clone())
+            .collect()
+    }
+
     /// Shuts every client down; clients that come later are refused.
     pub fn close_all(&self) {
         self.stopping.store(true, Ordering::SeqCst);
@@ -557,6 +568,25 @@ impl StreamServer {
 
     pub fn guest(&self) -> &Arc<Guest> {
         self.clients.guest()
+    }
+
+    /// Duplicates of the listening socket and of every connected client's
+    /// socket, to hand over in an in-place upgrade. Nothing is closed: the
+    /// process is replaced right after (a command a client is in the middle
+    /// of sending is lost with it).
+    pub fn handover(&self) -> io::Result<(OwnedFd, Vec<OwnedFd>)> {
+        let listener = self.socket.duplicate()?;
+        let clients = self.clients.duplicate_sockets()?;
+        Ok((listener, clients))
+    }
+
+    /// Serves clients a previous daemon handed over, each on its own
+    /// thread as if just accepted.
+    pub fn resume_clients(&self, protocol: Protocol, clients: Vec<UnixStream>) {
+        let peer = format!("on {} (taken over)", self.socket.path().display());
+        for stream in clients {
+            spawn_client(&self.clients, protocol, peer.clone(), stream);
+        }
     }
 
     /// Closes every client, ends the accept thread and removes the socket

@@ -203,6 +203,21 @@ impl Guest {
         self.policy().limits
     }
 
+    /// Whole tokens in the guest's own bucket now; `None` without a limit.
+    pub fn tokens(&self) -> Option<u64> {
+        let now = Instant::now();
+        self.policy().bucket.as_mut().map(|b| b.available(now))
+    }
+
+    /// Puts `tokens` (what a previous daemon's bucket held, an in-place
+    /// upgrade) in the guest's bucket, which starts empty, up to its burst:
+    /// a restart never hands out more than the bucket held.
+    pub fn restore_tokens(&self, tokens: u64) {
+        if let Some(bucket) = self.policy().bucket.as_mut() {
+            bucket.refund(tokens.min(bucket.limit().burst()));
+        }
+    }
+
     /// Applies new limits in place: tokens already earned are kept (up to
     /// the new burst), the connection is untouched.
     pub fn set_limits(&self, limits: GuestLimits) {

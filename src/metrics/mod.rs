@@ -828,6 +828,10 @@ mod tests {
         DaemonStatus {
             version: "0.1.0".into(),
             uptime_seconds: 12.25,
+            started_at: 0,
+            upgrades: 0,
+            worker_restarts: 0,
+            last_upgrade_error: None,
             max_rate: None,
             guests: vec![guest("vm1", true), vm2],
             pool: PoolStatus {

@@ -48,10 +48,17 @@ pub const MAX_CLIENTS: usize = 16;
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "command", rename_all = "kebab-case")]
 pub enum Request {
-    GuestAdd { spec: String },
-    GuestRemove { name: String },
+    GuestAdd {
+        spec: String,
+    },
+    GuestRemove {
+        name: String,
+    },
     GuestList,
     Status,
+    /// Re-execute the daemon's binary from disk, keeping every guest
+    /// (`vhost-rng upgrade`, like SIGUSR2).
+    Upgrade,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -103,8 +110,24 @@ pub fn handle(registry: &Registry, request: Request) -> Response {
         Request::Status => Ok(Response::Status {
             status: Box::new(registry.status()),
         }),
+        Request::Upgrade => request_upgrade(registry),
     };
     result.unwrap_or_else(|message| Response::Error { message })
+}
+
+/// Checks the binary on disk, then has the main thread upgrade (it owns the
+/// signal loop): the answer says whether the upgrade was started, not
+/// whether it succeeded, which `vhost-rng upgrade` follows in the status.
+fn request_upgrade(registry: &Registry) -> Result<Response, String> {
+    let binary = registry.lifecycle().binary;
+    if let Err(e) = crate::service::upgrade::check_binary(&binary) {
+        let message = e.to_string();
+        registry.update_lifecycle(|life| life.last_upgrade_error = Some(message.clone()));
+        return Err(message);
+    }
+    nix::sys::signal::kill(nix::unistd::Pid::this(), nix::sys::signal::Signal::SIGUSR2)
+        .map_err(|e| format!("cannot start the upgrade: {e}"))?;
+    Ok(Response::Ok)
 }
 
 /// The daemon's end: listens on `path` and serves each client on a thread

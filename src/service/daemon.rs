@@ -28,6 +28,7 @@ use crate::metrics::MetricsServer;
 use crate::service::control::{ControlServer, DEFAULT_CONTROL_PATH};
 use crate::service::registry::{Listeners, Registry, RegistryError};
 use crate::service::systemd::Notifier;
+use crate::service::upgrade;
 
 /// Settings that may come from the command line or the config file; the
 /// command line wins.
@@ -94,6 +95,8 @@ pub enum DaemonError {
     },
     #[error("cannot set up signal handling: {0}")]
     Signals(#[source] nix::Error),
+    #[error("cannot take over from the previous daemon: {0}")]
+    Inherit(#[from] upgrade::InheritError),
     #[error(transparent)]
     Vsock(#[from] VsockError),
     #[error(transparent)]
@@ -202,6 +205,8 @@ pub fn run(config: ServeConfig) -> Result<(), DaemonError> {
     let signals = daemon_signals();
     signals.thread_block().map_err(DaemonError::Signals)?;
     keep_out_of_core_dumps();
+    // Before any thread starts: it edits the environment.
+    let inherited = upgrade::inherited()?;
     let notifier = Notifier::from_env();
     notifier.status("starting");
 
@@ -209,12 +214,28 @@ pub fn run(config: ServeConfig) -> Result<(), DaemonError> {
     info!("serving mode: {}", resolved.pool.mode.as_str());
     let pool = Pool::start(resolved.pool.clone())?;
     let registry = Registry::new(Arc::clone(&pool), resolved.access, resolved.vhost_user);
+    let binary = std::env::current_exe().unwrap_or_else(|_| PathBuf::from("/proc/self/exe"));
+    registry.update_lifecycle(|life| life.binary = binary);
+    if let Some(state) = inherited {
+        info!(
+            "taking over {} guest(s) from vhost-rng {} (upgrade {})",
+            state.guests.len(),
+            state.written_by,
+            state.upgrades
+        );
+        registry.update_lifecycle(|life| {
+            life.started_at = state.started_at;
+            life.upgrades = state.upgrades;
+        });
+        registry.set_carried(upgrade::take_over(state));
+    }
     registry.set_max_rate(resolved.max_rate)?;
     registry.set_listeners(open_listeners(&resolved, &pool, &registry)?);
     if let Err(e) = registry.apply(resolved.guests.clone()) {
         registry.stop_all();
         return Err(e.into());
     }
+    registry.take_up_runtime();
 
     let control = match &resolved.control {
         Some(path) => match ControlServer::start(path, Arc::clone(&registry)) {
@@ -260,6 +281,15 @@ pub fn run(config: ServeConfig) -> Result<(), DaemonError> {
             }
         };
         match signal {
+            Signal::SIGUSR2 => {
+                notifier.status("upgrading");
+                if let Err(e) = upgrade::perform(&registry) {
+                    warn!("upgrade: {e}; going on as before");
+                    let message = e.to_string();
+                    registry.update_lifecycle(|life| life.last_upgrade_error = Some(message));
+                }
+                notifier.status(&format!("serving {} guest(s)", registry.names().len()));
+            }
             Signal::SIGHUP => {
                 notifier.reloading();
                 reload(&config, &resolved, &registry);
@@ -407,6 +437,7 @@ fn daemon_signals() -> SigSet {
     signals.add(Signal::SIGTERM);
     signals.add(Signal::SIGINT);
     signals.add(Signal::SIGHUP);
+    signals.add(Signal::SIGUSR2);
     signals
 }
 

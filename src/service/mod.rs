@@ -1,7 +1,7 @@
 //! Running the daemon: `vhost-rng serve` ([`daemon`]), the running guests
 //! ([`registry`]), the control socket ([`control`]), what they report
-//! ([`status`]), systemd notifications ([`systemd`]), and `vhost-rng check`
-//! ([`check`]).
+//! ([`status`]), systemd notifications ([`systemd`]), in-place upgrades
+//! ([`upgrade`]), and `vhost-rng check` ([`check`]).
 
 pub mod check;
 pub mod control;
@@ -9,3 +9,4 @@ pub mod daemon;
 pub mod registry;
 pub mod status;
 pub mod systemd;
+pub mod upgrade;

@@ -5,24 +5,30 @@
 //! checks every new limit; if anything fails, what it opened is closed
 //! again and the running set stays exactly as it was.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
+use std::os::fd::OwnedFd;
+use std::os::unix::net::UnixStream;
+use std::path::Path;
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
-use log::info;
+use log::{info, warn};
 
 use crate::config::{GuestEndpoint, GuestSpec};
 use crate::entropy::pool::Pool;
-use crate::frontend::GuestFrontend;
 use crate::frontend::socket_file::{GuestSocket, SocketAccess, SocketError};
 use crate::frontend::stream::Clients;
 use crate::frontend::tcp::TcpListener;
-use crate::frontend::vhost_user::{Endpoint, GuestServer, VhostUserLimits};
+use crate::frontend::vhost_user::handler::Handler;
+use crate::frontend::vhost_user::snapshot::ConnectionState;
+use crate::frontend::vhost_user::{Endpoint, GuestServer, Resumed, VhostUserLimits};
 use crate::frontend::vsock::VsockListener;
+use crate::frontend::{GuestFrontend, Handover};
 use crate::frontend::{channel, egd};
 use crate::guest::limiter::{RateLimit, RateLimitError};
 use crate::guest::{Guest, GuestLimits, SharedBucket};
 use crate::service::status::{DaemonStatus, GuestStatus, ListenerStatus, PoolStatus, SourceStatus};
+use crate::service::upgrade::Counters;
 use vhost_rng_protocol::noise::{Psk, PskError};
 use vhost_rng_protocol::wire;
 
@@ -126,6 +132,21 @@ pub struct Registry {
     guests: Mutex<BTreeMap<String, Entry>>,
     listeners: OnceLock<Listeners>,
     started: Instant,
+    /// Guests a previous daemon handed over and not yet taken up.
+    carried: Mutex<HashMap<String, Carried>>,
+    /// The daemon's life across in-place upgrades, for status.
+    lifecycle: Mutex<Lifecycle>,
+}
+
+/// The daemon's life across in-place upgrades.
+#[derive(Debug, Clone, Default)]
+pub struct Lifecycle {
+    /// The binary the daemon was started from, which an upgrade executes.
+    pub binary: std::path::PathBuf,
+    /// Seconds since the Unix epoch at the first start.
+    pub started_at: u64,
+    pub upgrades: u64,
+    pub last_upgrade_error: Option<String>,
 }
 
 /// The listeners shared by many guests, where the daemon runs them.
@@ -189,6 +210,29 @@ struct Prepared {
     spec: GuestSpec,
     limits: GuestLimits,
     endpoint: Opened,
+    /// What a previous daemon handed over for this guest (an upgrade).
+    carried: Option<Carried>,
+}
+
+/// A guest's connections and state from a previous daemon, its
+/// descriptors now owned by this one.
+pub struct Carried {
+    pub spec: GuestSpec,
+    pub runtime: bool,
+    pub listener: Option<OwnedFd>,
+    pub connection: Option<(UnixStream, ConnectionState, Vec<OwnedFd>)>,
+    pub clients: Vec<UnixStream>,
+    pub tokens: Option<u64>,
+    pub counters: Counters,
+}
+
+/// A guest as handed over by [`Registry::handover_all`].
+pub struct HandedOver {
+    pub spec: GuestSpec,
+    pub runtime: bool,
+    pub handover: Handover,
+    pub tokens: Option<u64>,
+    pub counters: Counters,
 }
 
 impl Registry {
@@ -202,6 +246,13 @@ impl Registry {
             guests: Mutex::new(BTreeMap::new()),
             listeners: OnceLock::new(),
             started: Instant::now(),
+            carried: Mutex::new(HashMap::new()),
+            lifecycle: Mutex::new(Lifecycle {
+                started_at: std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map_or(0, |d| d.as_secs()),
+                ..Lifecycle::default()
+            }),
         })
     }
 
@@ -413,11 +464,23 @@ impl Registry {
     /// Opens a guest's socket (for `socket=`) and checks its limits.
     fn prepare(&self, spec: GuestSpec) -> Result<Prepared, RegistryError> {
         let limits = limits_of(&spec)?;
-        let bind = |path| {
-            GuestSocket::bind(path, self.access).map_err(|error| RegistryError::Socket {
-                name: spec.name.clone(),
-                error,
-            })
+        // A guest a previous daemon handed over with the same endpoint
+        // keeps its socket and connections.
+        let mut carried = self
+            .carried
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&spec.name)
+            .filter(|carried| carried.spec.endpoint == spec.endpoint);
+        let inherited_listener = carried.as_mut().and_then(|c| c.listener.take());
+        let socket_error = |error| RegistryError::Socket {
+            name: spec.name.clone(),
+            error,
+        };
+        let mut inherited_listener = inherited_listener;
+        let mut bind = |path: &Path| match inherited_listener.take() {
+            Some(listener) => GuestSocket::adopt(path, listener).map_err(socket_error),
+            None => GuestSocket::bind(path, self.access).map_err(socket_error),
         };
         let endpoint = match &spec.endpoint {
             GuestEndpoint::Socket(path) => Opened::VhostUser(Endpoint::Listen(bind(path)?)),
@@ -457,6 +520,7 @@ impl Registry {
             spec,
             limits,
             endpoint,
+            carried,
         })
     }
 
@@ -470,6 +534,7 @@ impl Registry {
             spec,
             limits,
             endpoint,
+            carried,
         } = prepared;
         let guest = Guest::with_limits(
             spec.name.clone(),
@@ -477,6 +542,20 @@ impl Registry {
             limits,
             Arc::clone(&self.global),
         );
+        let (connection, clients, runtime) = match carried {
+            Some(carried) => {
+                carried.counters.restore(&guest.stats);
+                if let Some(tokens) = carried.tokens {
+                    guest.restore_tokens(tokens);
+                }
+                (
+                    carried.connection,
+                    carried.clients,
+                    runtime || carried.runtime,
+                )
+            }
+            None => (None, Vec::new(), runtime),
+        };
         let spawn_error = |error| RegistryError::Spawn {
             name: spec.name.clone(),
             error,
@@ -489,7 +568,22 @@ impl Registry {
                     spec.name,
                     endpoint.path().display()
                 );
-                GuestServer::spawn(guest, endpoint, self.vhost_user).map_err(spawn_error)?
+                let resumed = connection.and_then(|(stream, state, fds)| {
+                    let limits = self.vhost_user.memory;
+                    match Handler::restore(Arc::clone(&guest), limits, &state, fds) {
+                        Ok(handler) => Some(Resumed { stream, handler }),
+                        Err(e) => {
+                            warn!(
+                                "guest {}: cannot take over its VMM connection ({e}); the VMM \
+                                 must reconnect",
+                                spec.name
+                            );
+                            None
+                        }
+                    }
+                });
+                GuestServer::spawn_resumed(guest, endpoint, self.vhost_user, resumed)
+                    .map_err(spawn_error)?
             }
             Opened::Egd(socket) => {
                 info!(
@@ -497,7 +591,9 @@ impl Registry {
                     spec.name,
                     socket.path().display()
                 );
-                egd::spawn(guest, socket).map_err(spawn_error)?
+                let server = egd::spawn(guest, socket).map_err(spawn_error)?;
+                server.resume_clients(egd::PROTOCOL, clients);
+                server
             }
             Opened::Channel(socket) => {
                 info!(
@@ -505,7 +601,9 @@ impl Registry {
                     spec.name,
                     socket.path().display()
                 );
-                channel::spawn(guest, socket).map_err(spawn_error)?
+                let server = channel::spawn(guest, socket).map_err(spawn_error)?;
+                server.resume_clients(channel::PROTOCOL, clients);
+                server
             }
             Opened::Vsock(listener, cid) => {
                 info!(
@@ -537,6 +635,94 @@ impl Registry {
             },
         );
         Ok(())
+    }
+
+    /// Takes what a previous daemon handed over, to be used as the guests
+    /// are set up (by [`Registry::apply`] and [`Registry::take_up_runtime`]).
+    pub fn set_carried(&self, carried: Vec<Carried>) {
+        let mut map = self.carried.lock().unwrap_or_else(|e| e.into_inner());
+        for guest in carried {
+            map.insert(guest.spec.name.clone(), guest);
+        }
+    }
+
+    /// Adds the guests the previous daemon had added at runtime (they are
+    /// in no file), then drops what no guest took up, closing it.
+    pub fn take_up_runtime(&self) {
+        let runtime: Vec<GuestSpec> = self
+            .carried
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .values()
+            .filter(|carried| carried.runtime)
+            .map(|carried| carried.spec.clone())
+            .collect();
+        for spec in runtime {
+            let name = spec.name.clone();
+            if let Err(e) = self.add(spec) {
+                warn!("guest {name}: added at runtime before the upgrade, cannot be served: {e}");
+            }
+        }
+        let left: Vec<String> =
+            std::mem::take(&mut *self.carried.lock().unwrap_or_else(|e| e.into_inner()))
+                .into_keys()
+                .collect();
+        for name in left {
+            warn!(
+                "guest {name}: handed over by the previous daemon but no longer configured; its \
+                 connections are closed"
+            );
+        }
+    }
+
+    /// Parks every guest at a safe point and collects what the next daemon
+    /// needs; on any failure every guest goes on serving and the reason is
+    /// returned.
+    pub fn handover_all(&self, patience: Duration) -> Result<Vec<HandedOver>, String> {
+        let guests = self.lock();
+        let mut handed = Vec::new();
+        let mut failure = None;
+        for (name, entry) in guests.iter() {
+            let handover = entry.server.handover(patience);
+            if let Handover::Failed(reason) = &handover {
+                failure = Some(format!("guest {name}: {reason}"));
+                break;
+            }
+            handed.push(HandedOver {
+                spec: entry.spec.clone(),
+                runtime: entry.runtime,
+                handover,
+                tokens: entry.server.guest().tokens(),
+                counters: Counters::of(&entry.server.guest().stats),
+            });
+        }
+        if let Some(reason) = failure {
+            for entry in guests.values() {
+                entry.server.thaw();
+            }
+            return Err(reason);
+        }
+        Ok(handed)
+    }
+
+    /// Lets every guest go on serving after a hand-over that was not used.
+    pub fn thaw_all(&self) {
+        for entry in self.lock().values() {
+            entry.server.thaw();
+        }
+    }
+
+    /// The daemon's life across upgrades.
+    pub fn lifecycle(&self) -> Lifecycle {
+        self.lifecycle
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    /// Changes the daemon's life record (an upgrade taken over, refused).
+    pub fn update_lifecycle(&self, change: impl FnOnce(&mut Lifecycle)) {
+        change(&mut self.lifecycle.lock().unwrap_or_else(|e| e.into_inner()));
     }
 
     /// Names of the running guests.
@@ -605,6 +791,10 @@ impl Registry {
         DaemonStatus {
             version: env!("CARGO_PKG_VERSION").into(),
             uptime_seconds: self.started.elapsed().as_secs_f64(),
+            started_at: self.lifecycle().started_at,
+            upgrades: self.lifecycle().upgrades,
+            worker_restarts: 0,
+            last_upgrade_error: self.lifecycle().last_upgrade_error,
             max_rate: *self.max_rate.lock().unwrap_or_else(|e| e.into_inner()),
             guests: self.guest_statuses(),
             pool: PoolStatus {

@@ -76,6 +76,20 @@ pub struct PoolStatus {
 pub struct DaemonStatus {
     pub version: String,
     pub uptime_seconds: f64,
+    /// When the daemon first started, in seconds since the Unix epoch; kept
+    /// across in-place upgrades (uptime restarts with each process image).
+    #[serde(default)]
+    pub started_at: u64,
+    /// In-place upgrades since the daemon first started.
+    #[serde(default)]
+    pub upgrades: u64,
+    /// Serving processes restarted after a crash (always 0 until the
+    /// daemon serves from child processes).
+    #[serde(default)]
+    pub worker_restarts: u64,
+    /// Why the last upgrade asked for did not happen, if it did not.
+    #[serde(default)]
+    pub last_upgrade_error: Option<String>,
     /// Global cap over all guests, bytes per second.
     pub max_rate: Option<u64>,
     pub guests: Vec<GuestStatus>,
@@ -121,9 +135,13 @@ impl DaemonStatus {
     pub fn render(&self) -> String {
         use std::fmt::Write;
         let mut out = String::new();
+        let upgrades = match self.upgrades {
+            0 => String::new(),
+            n => format!(" ({n} in-place upgrade(s))"),
+        };
         let _ = writeln!(
             out,
-            "vhost-rng {}, up {:.0}s, mode {}, pool {}/{} bytes{}",
+            "vhost-rng {}, up {:.0}s{upgrades}, mode {}, pool {}/{} bytes{}",
             self.version,
             self.uptime_seconds,
             self.pool.mode,
@@ -133,6 +151,9 @@ impl DaemonStatus {
                 .map(|r| format!(", max rate {}", human_rate(r as f64)))
                 .unwrap_or_default()
         );
+        if let Some(error) = &self.last_upgrade_error {
+            let _ = writeln!(out, "last upgrade refused: {error}");
+        }
         let _ = writeln!(out, "\nSOURCES");
         let _ = writeln!(
             out,
@@ -265,6 +286,10 @@ mod tests {
         let status = DaemonStatus {
             version: "0.1.0".into(),
             uptime_seconds: 12.0,
+            started_at: 0,
+            upgrades: 0,
+            worker_restarts: 0,
+            last_upgrade_error: None,
             max_rate: None,
             guests: vec![guest("vm1")],
             pool: PoolStatus {
@@ -303,6 +328,10 @@ mod tests {
         let status = DaemonStatus {
             version: "0.1.0".into(),
             uptime_seconds: 12.0,
+            started_at: 0,
+            upgrades: 0,
+            worker_restarts: 0,
+            last_upgrade_error: None,
             max_rate: None,
             guests: vec![xen1],
             pool: PoolStatus {
@@ -355,6 +384,10 @@ mod tests {
         let status = DaemonStatus {
             version: "0.1.0".into(),
             uptime_seconds: 1.0,
+            started_at: 0,
+            upgrades: 0,
+            worker_restarts: 0,
+            last_upgrade_error: None,
             max_rate: None,
             guests: vec![],
             pool: PoolStatus {
@@ -373,6 +406,10 @@ mod tests {
         let mut status: serde_json::Value = serde_json::to_value(DaemonStatus {
             version: "0.1.0".into(),
             uptime_seconds: 1.0,
+            started_at: 0,
+            upgrades: 0,
+            worker_restarts: 0,
+            last_upgrade_error: None,
             max_rate: None,
             guests: vec![guest("vm1")],
             pool: PoolStatus {

@@ -57,6 +57,16 @@ impl Daemon {
         I: IntoIterator<Item = S>,
         S: AsRef<std::ffi::OsStr>,
     {
+        Daemon::start_binary(Path::new(env!("CARGO_BIN_EXE_vhost-rng")), args, env)
+    }
+
+    /// [`Daemon::start_with_env`] running the binary at `binary` (a copy
+    /// a test can replace, as a package upgrade would).
+    pub fn start_binary<I, S>(binary: &Path, args: I, env: &[(&str, &std::ffi::OsStr)]) -> Daemon
+    where
+        I: IntoIterator<Item = S>,
+        S: AsRef<std::ffi::OsStr>,
+    {
         let log_dir = tempfile::tempdir().unwrap();
         let log_path = log_dir.path().join("daemon.log");
         let control = log_dir.path().join("control.sock");
@@ -67,7 +77,7 @@ impl Daemon {
             args.push("--control".into());
             args.push(control.clone().into());
         }
-        let child = Command::new(env!("CARGO_BIN_EXE_vhost-rng"))
+        let child = Command::new(binary)
             .args(args)
             .env("RUST_LOG", "info")
             .envs(env.iter().copied())

@@ -23,4 +23,4 @@ pub mod server;
 pub mod snapshot;
 
 pub use memory::MemoryLimits;
-pub use server::{Endpoint, GuestServer, VhostUserLimits};
+pub use server::{Endpoint, Frozen, FrozenConnection, GuestServer, Resumed, VhostUserLimits};

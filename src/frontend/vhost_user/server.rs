@@ -11,11 +11,11 @@
 //! the connection is closed to make way for the next one.
 
 use std::io;
-use std::os::fd::{AsFd, AsRawFd, BorrowedFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, mpsc};
 use std::thread;
 use std::time::{Duration, Instant};
 
@@ -27,6 +27,7 @@ use vmm_sys_util::eventfd::EventFd;
 use super::connection::{self, Arrival};
 use super::handler::Handler;
 use super::memory::MemoryLimits;
+use super::snapshot::ConnectionState;
 use super::{dispatch, fault_guard};
 use crate::frontend::socket_file::GuestSocket;
 use crate::guest::Guest;
@@ -90,6 +91,36 @@ pub struct GuestServer {
     stop_event: EventFd,
     /// A second handle on the current connection, to end it from stop().
     active: Mutex<Option<UnixStream>>,
+    /// Set by [`GuestServer::freeze`]: the thread parks at its next safe
+    /// point and hands over its connection.
+    freezing: AtomicBool,
+    frozen: Mutex<Option<mpsc::Sender<Frozen>>>,
+    thaw: Mutex<mpsc::Receiver<()>>,
+    thaw_sender: Mutex<mpsc::Sender<()>>,
+}
+
+/// A guest's VMM connection, handed over by its parked thread: the socket,
+/// its device state, and the descriptors the state indexes.
+pub struct FrozenConnection {
+    pub socket: OwnedFd,
+    pub state: ConnectionState,
+    pub fds: Vec<OwnedFd>,
+}
+
+/// What a parked guest thread hands over.
+pub enum Frozen {
+    /// No VMM was connected.
+    Idle,
+    Connected(FrozenConnection),
+    /// The connection could not be captured (out of descriptors, most
+    /// likely); the upgrade must not go ahead.
+    Failed(String),
+}
+
+/// A connection taken over from a previous daemon, served first.
+pub struct Resumed {
+    pub stream: UnixStream,
+    pub handler: Handler,
 }
 
 impl GuestServer {
@@ -99,7 +130,19 @@ impl GuestServer {
         endpoint: Endpoint,
         limits: VhostUserLimits,
     ) -> io::Result<Arc<Self>> {
+        Self::spawn_resumed(guest, endpoint, limits, None)
+    }
+
+    /// Like [`GuestServer::spawn`], serving `resumed` (a connection a
+    /// previous daemon handed over) first.
+    pub fn spawn_resumed(
+        guest: Arc<Guest>,
+        endpoint: Endpoint,
+        limits: VhostUserLimits,
+        resumed: Option<Resumed>,
+    ) -> io::Result<Arc<Self>> {
         fault_guard::install();
+        let (thaw_sender, thaw) = mpsc::channel();
         let listener = match &endpoint {
             Endpoint::Listen(socket) => Some(socket.try_clone_listener()?),
             Endpoint::Connect(_) => None,
@@ -111,19 +154,95 @@ impl GuestServer {
             stopping: AtomicBool::new(false),
             stop_event: EventFd::new(libc::EFD_NONBLOCK | libc::EFD_CLOEXEC)?,
             active: Mutex::new(None),
+            freezing: AtomicBool::new(false),
+            frozen: Mutex::new(None),
+            thaw: Mutex::new(thaw),
+            thaw_sender: Mutex::new(thaw_sender),
         });
         let worker = Arc::clone(&server);
         thread::Builder::new()
             .name(format!("guest-{}", server.guest.name()))
-            .spawn(move || match listener {
-                Some(listener) => worker.listen_loop(&listener),
-                None => worker.connect_loop(),
+            .spawn(move || {
+                if let Some(Resumed { stream, handler }) = resumed {
+                    worker.serve_with(stream, handler, true);
+                }
+                match listener {
+                    Some(listener) => worker.listen_loop(&listener),
+                    None => worker.connect_loop(),
+                }
             })?;
         Ok(server)
     }
 
+    /// Parks the guest's thread at its next safe point (between two vhost-
+    /// user messages) and returns what it hands over; it stays parked until
+    /// [`GuestServer::thaw`], or until the process is replaced.
+    pub fn freeze(&self, patience: Duration) -> Frozen {
+        let (sender, receiver) = mpsc::channel();
+        *self.frozen.lock().unwrap_or_else(|e| e.into_inner()) = Some(sender);
+        self.freezing.store(true, Ordering::SeqCst);
+        if let Err(e) = self.stop_event.write(1) {
+            return Frozen::Failed(format!("cannot wake the guest's thread: {e}"));
+        }
+        receiver
+            .recv_timeout(patience)
+            .unwrap_or_else(|_| Frozen::Failed("the guest's thread did not park in time".into()))
+    }
+
+    /// Lets a parked thread go on serving (an upgrade that did not happen).
+    pub fn thaw(&self) {
+        if self.freezing.load(Ordering::SeqCst) {
+            let _ = self
+                .thaw_sender
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .send(());
+        }
+    }
+
+    /// Called by the guest's thread at a safe point: if a freeze was asked
+    /// for, hands over `connection` and waits to be thawed.
+    fn park_if_asked(&self, connection: Option<(&UnixStream, &Handler)>) -> bool {
+        if !self.freezing.load(Ordering::SeqCst) {
+            return false;
+        }
+        let frozen = match connection {
+            None => Frozen::Idle,
+            Some((stream, handler)) => {
+                let captured = stream
+                    .as_fd()
+                    .try_clone_to_owned()
+                    .and_then(|socket| handler.snapshot().map(|(state, fds)| (socket, state, fds)));
+                match captured {
+                    Ok((socket, state, fds)) => {
+                        Frozen::Connected(FrozenConnection { socket, state, fds })
+                    }
+                    Err(e) => Frozen::Failed(format!("cannot capture the connection: {e}")),
+                }
+            }
+        };
+        if let Some(sender) = self.frozen.lock().unwrap_or_else(|e| e.into_inner()).take() {
+            let _ = sender.send(frozen);
+        }
+        let _ = self.thaw.lock().unwrap_or_else(|e| e.into_inner()).recv();
+        // Take the wake-up freeze() sent, unless a stop came meanwhile.
+        if !self.is_stopping() {
+            let _ = self.stop_event.read();
+        }
+        self.freezing.store(false, Ordering::SeqCst);
+        true
+    }
+
     pub fn guest(&self) -> &Arc<Guest> {
         &self.guest
+    }
+
+    /// A duplicate of the listening socket (`socket=` guests), to hand over.
+    pub fn listener_duplicate(&self) -> io::Result<Option<OwnedFd>> {
+        match &self.endpoint {
+            Endpoint::Listen(socket) => socket.duplicate().map(Some),
+            Endpoint::Connect(_) => Ok(None),
+        }
     }
 
     pub fn path(&self) -> &Path {
@@ -166,6 +285,9 @@ impl GuestServer {
             let waited = wait_readable(&[listener.as_fd(), self.stop_fd()], PollTimeout::NONE);
             if self.is_stopping() {
                 return;
+            }
+            if self.park_if_asked(None) {
+                continue;
             }
             let accepted = waited
                 .map_err(io::Error::from)
@@ -213,8 +335,9 @@ impl GuestServer {
                             path.display()
                         );
                     }
-                    // Woken early by stop().
+                    // Woken early by stop() and freeze().
                     let _ = wait_readable(&[self.stop_fd()], timeout_of(delay));
+                    self.park_if_asked(None);
                     delay = (delay * 2).min(CONNECT_RETRY_MAX);
                 }
             }
@@ -222,31 +345,58 @@ impl GuestServer {
     }
 
     fn serve_connection(&self, stream: UnixStream) {
+        match Handler::new(Arc::clone(&self.guest), self.limits.memory) {
+            Ok(handler) => self.serve_with(stream, handler, false),
+            Err(e) => {
+                warn!(
+                    "guest {}: cannot set up a connection on {}: {e}",
+                    self.guest.name(),
+                    self.path().display()
+                );
+                thread::sleep(SETUP_RETRY);
+            }
+        }
+    }
+
+    /// Serves `stream` with `handler` until the connection ends; `resumed`
+    /// for a connection a previous daemon handed over.
+    fn serve_with(&self, stream: UnixStream, mut handler: Handler, resumed: bool) {
         let name = self.guest.name();
         let path = self.path().display();
-        let prepared = (|| {
-            stream.set_write_timeout(Some(self.limits.timeout))?;
-            let handle = stream.try_clone()?;
-            let handler = Handler::new(Arc::clone(&self.guest), self.limits.memory)?;
-            Ok::<_, io::Error>((handle, handler))
-        })();
-        let (handle, mut handler) = match prepared {
-            Ok(prepared) => prepared,
+        let handle = stream
+            .set_write_timeout(Some(self.limits.timeout))
+            .and_then(|()| stream.try_clone());
+        match handle {
+            Ok(handle) => *self.lock_active() = Some(handle),
             Err(e) => {
                 warn!("guest {name}: cannot set up a connection on {path}: {e}");
                 thread::sleep(SETUP_RETRY);
                 return;
             }
-        };
-        *self.lock_active() = Some(handle);
+        }
         if self.is_stopping() {
             // stop() ran between accept and registering the connection.
             return;
         }
-        self.guest.stats.connections.fetch_add(1, Ordering::Relaxed);
+        if !resumed {
+            self.guest.stats.connections.fetch_add(1, Ordering::Relaxed);
+        }
         self.guest.stats.connected.store(true, Ordering::Relaxed);
-        info!("guest {name}: VMM connected on {path}");
-        let ended = run_connection(&stream, &mut handler, self.stop_fd(), self.limits.timeout);
+        if resumed {
+            info!("guest {name}: VMM connection on {path} taken over from the previous daemon");
+        } else {
+            info!("guest {name}: VMM connected on {path}");
+        }
+        let ended = loop {
+            let ended = run_connection(&stream, &mut handler, self.stop_fd(), self.limits.timeout);
+            if matches!(ended, Ended::Stopped)
+                && !self.is_stopping()
+                && self.park_if_asked(Some((&stream, &handler)))
+            {
+                continue;
+            }
+            break ended;
+        };
         self.lock_active().take();
         self.guest.stats.connected.store(false, Ordering::Relaxed);
         match ended {

@@ -1,0 +1,476 @@
+//! In-place upgrades: the running daemon re-executes its binary from disk,
+//! keeping its pid, and hands the new version every guest's sockets and
+//! state, so no VMM sees its connection drop.
+//!
+//! The hand-over is a versioned [`DaemonState`] record (JSON) in a memfd
+//! whose number is in `$VHOST_RNG_UPGRADE_STATE`, and the descriptors it
+//! names, inherited across `execve` (the record holds their numbers). Before
+//! anything is stopped, the new binary is asked which record versions it
+//! reads (`vhost-rng upgrade-state-version`): a binary that does not run, or
+//! does not read this version, is refused and the running daemon goes on.
+//!
+//! What is carried: every guest's listening socket, a vhost-user guest's
+//! VMM connection with its negotiated state ([`ConnectionState`]), an EGD or
+//! channel guest's connected clients, token-bucket levels and counters,
+//! guests added at runtime, the start time and the count of upgrades. Not
+//! carried: the shared vsock and TCP listeners and the control and metrics
+//! sockets, which the new process opens again (an agent mid-request
+//! reconnects); DRBG state, which is reseeded, never restored.
+
+use std::ffi::{CString, OsString};
+use std::fs::File;
+use std::io::{Read, Seek, Write};
+use std::os::fd::{AsRawFd, FromRawFd, IntoRawFd, OwnedFd, RawFd};
+use std::os::unix::ffi::OsStringExt;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use std::os::unix::net::UnixStream;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use log::{info, warn};
+
+use crate::config::GuestSpec;
+use crate::frontend::Handover;
+use crate::frontend::vhost_user::snapshot::ConnectionState;
+use crate::guest::GuestStats;
+use crate::service::registry::{Carried, Registry};
+
+/// The layout version of [`DaemonState`]; a reader refuses any other.
+pub const UPGRADE_STATE_VERSION: u32 = 1;
+/// The variable naming the memfd that holds the record.
+pub const STATE_ENV: &str = "VHOST_RNG_UPGRADE_STATE";
+
+/// Everything the new version needs to go on serving.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct DaemonState {
+    pub version: u32,
+    /// The version of the daemon that wrote the record.
+    pub written_by: String,
+    /// When the daemon first started (seconds since the Unix epoch); kept
+    /// across upgrades.
+    pub started_at: u64,
+    /// Upgrades so far, this one included.
+    pub upgrades: u64,
+    pub guests: Vec<GuestState>,
+}
+
+/// One guest as handed over. Descriptors are the numbers they have in the
+/// new process (inherited across execve).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct GuestState {
+    /// The guest's spec, as `--guest` takes it.
+    pub spec: String,
+    /// Added over the control socket, so not in the config file.
+    pub runtime: bool,
+    /// The listening socket (`socket=`, `egd=`, `vsock-uds=` guests).
+    pub listener: Option<RawFd>,
+    /// A vhost-user guest's VMM connection and its state.
+    pub connection: Option<ConnectionHandover>,
+    /// An EGD or channel guest's connected clients.
+    pub clients: Vec<RawFd>,
+    /// Tokens in the guest's bucket, in bytes.
+    pub tokens: Option<u64>,
+    pub counters: Counters,
+}
+
+/// A vhost-user connection: its socket and its device state.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ConnectionHandover {
+    pub socket: RawFd,
+    pub state: ConnectionState,
+    /// The descriptors `state` indexes, in order.
+    pub fds: Vec<RawFd>,
+}
+
+/// A guest's counters, so status and metrics do not restart from zero.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct Counters {
+    pub connections: u64,
+    pub requests: u64,
+    pub bytes: u64,
+    pub defective_requests: u64,
+    pub throttled_ns: u64,
+    pub refused_connections: u64,
+    pub evicted_connections: u64,
+    pub wrong_key_connections: u64,
+}
+
+impl Counters {
+    /// The counters of a running guest.
+    pub fn of(stats: &GuestStats) -> Counters {
+        let load = |counter: &std::sync::atomic::AtomicU64| counter.load(Ordering::Relaxed);
+        Counters {
+            connections: load(&stats.connections),
+            requests: load(&stats.requests),
+            bytes: load(&stats.bytes),
+            defective_requests: load(&stats.defective_requests),
+            throttled_ns: load(&stats.throttled_ns),
+            refused_connections: load(&stats.refused_connections),
+            evicted_connections: load(&stats.evicted_connections),
+            wrong_key_connections: load(&stats.wrong_key_connections),
+        }
+    }
+
+    /// Puts the counters back into a new guest's.
+    pub fn restore(&self, stats: &GuestStats) {
+        let store =
+            |counter: &std::sync::atomic::AtomicU64, value| counter.store(value, Ordering::Relaxed);
+        store(&stats.connections, self.connections);
+        store(&stats.requests, self.requests);
+        store(&stats.bytes, self.bytes);
+        store(&stats.defective_requests, self.defective_requests);
+        store(&stats.throttled_ns, self.throttled_ns);
+        store(&stats.refused_connections, self.refused_connections);
+        store(&stats.evicted_connections, self.evicted_connections);
+        store(&stats.wrong_key_connections, self.wrong_key_connections);
+    }
+}
+
+/// Why an upgrade did not happen (the running daemon goes on serving).
+#[derive(Debug, thiserror::Error)]
+pub enum UpgradeError {
+    #[error("the new binary {path} does not run: {error}")]
+    NotRunnable {
+        path: PathBuf,
+        #[source]
+        error: std::io::Error,
+    },
+    #[error(
+        "the new binary {path} reads upgrade state version(s) {reads:?}, not version \
+         {UPGRADE_STATE_VERSION}: restart the daemon instead"
+    )]
+    Version { path: PathBuf, reads: String },
+    #[error("cannot write the upgrade state: {0}")]
+    State(#[source] std::io::Error),
+    #[error("cannot execute {path}: {error}")]
+    Exec {
+        path: PathBuf,
+        #[source]
+        error: nix::Error,
+    },
+    #[error("{0}")]
+    Handover(String),
+}
+
+/// Why inherited state could not be read.
+#[derive(Debug, thiserror::Error)]
+pub enum InheritError {
+    #[error("{STATE_ENV}={0}: not a descriptor number")]
+    BadFd(String),
+    #[error("reading the upgrade state: {0}")]
+    Read(#[source] std::io::Error),
+    #[error("the upgrade state does not parse: {0}")]
+    Parse(#[source] serde_json::Error),
+    #[error(
+        "upgrade state version {found} (written by vhost-rng {written_by}); this binary reads \
+         only version {UPGRADE_STATE_VERSION}"
+    )]
+    Version { found: u32, written_by: String },
+}
+
+/// Asks `binary` which upgrade state version it reads; `Ok` if this one.
+pub fn check_binary(binary: &Path) -> Result<(), UpgradeError> {
+    let output = std::process::Command::new(binary)
+        .arg("upgrade-state-version")
+        .stdin(std::process::Stdio::null())
+        .output()
+        .map_err(|error| UpgradeError::NotRunnable {
+            path: binary.to_owned(),
+            error,
+        })?;
+    let reads = String::from_utf8_lossy(&output.stdout).trim().to_owned();
+    if output.status.success() && reads == UPGRADE_STATE_VERSION.to_string() {
+        Ok(())
+    } else {
+        Err(UpgradeError::Version {
+            path: binary.to_owned(),
+            reads: if reads.is_empty() {
+                format!("none ({})", output.status)
+            } else {
+                reads
+            },
+        })
+    }
+}
+
+/// Writes `state` to a memfd the new process inherits, and marks every
+/// descriptor it names (and the memfd) to survive execve.
+pub fn write_state(state: &DaemonState, keep: &[RawFd]) -> Result<OwnedFd, UpgradeError> {
+    let fd =
+        nix::sys::memfd::memfd_create(c"vhost-rng-upgrade", nix::sys::memfd::MFdFlags::empty())
+            .map_err(|e| UpgradeError::State(e.into()))?;
+    let mut file = File::from(fd);
+    let json = serde_json::to_vec(state).map_err(|e| UpgradeError::State(e.into()))?;
+    file.write_all(&json).map_err(UpgradeError::State)?;
+    file.rewind().map_err(UpgradeError::State)?;
+    for &fd in keep {
+        inherit(fd).map_err(UpgradeError::State)?;
+    }
+    Ok(OwnedFd::from(file))
+}
+
+/// Clears close-on-exec on `fd`.
+fn inherit(fd: RawFd) -> std::io::Result<()> {
+    // SAFETY: the caller owns `fd` for the duration of the call; F_SETFD
+    // only changes its close-on-exec flag.
+    let borrowed = unsafe { std::os::fd::BorrowedFd::borrow_raw(fd) };
+    nix::fcntl::fcntl(
+        borrowed,
+        nix::fcntl::FcntlArg::F_SETFD(nix::fcntl::FdFlag::empty()),
+    )
+    .map(drop)
+    .map_err(std::io::Error::from)
+}
+
+/// Replaces this process with `binary`, same arguments, with the state in
+/// `state_fd`. Returns only on failure.
+pub fn exec(binary: &Path, args: &[OsString], state_fd: &OwnedFd) -> UpgradeError {
+    let to_c = |s: OsString| CString::new(s.into_vec()).unwrap_or_default();
+    let path = to_c(binary.as_os_str().to_owned());
+    let argv: Vec<CString> = args.iter().cloned().map(to_c).collect();
+    let mut env: Vec<CString> = std::env::vars_os()
+        .filter(|(key, _)| key != STATE_ENV)
+        .map(|(key, value)| {
+            let mut pair = key.into_vec();
+            pair.push(b'=');
+            pair.extend(value.into_vec());
+            CString::new(pair).unwrap_or_default()
+        })
+        .collect();
+    env.push(to_c(format!("{STATE_ENV}={}", state_fd.as_raw_fd()).into()));
+    let error = match nix::unistd::execve(&path, &argv, &env) {
+        Err(error) => error,
+        Ok(never) => match never {},
+    };
+    UpgradeError::Exec {
+        path: binary.to_owned(),
+        error,
+    }
+}
+
+/// The state a previous version handed over, if this process was started
+/// by an upgrade. The variable is removed so that children do not see it.
+pub fn inherited() -> Result<Option<DaemonState>, InheritError> {
+    let Some(value) = std::env::var_os(STATE_ENV) else {
+        return Ok(None);
+    };
+    // SAFETY: no other thread runs yet at start-up, when this is called.
+    unsafe { std::env::remove_var(STATE_ENV) };
+    let text = value.to_string_lossy().into_owned();
+    let fd: RawFd = text
+        .parse()
+        .map_err(|_| InheritError::BadFd(text.clone()))?;
+    if fd < 0 {
+        return Err(InheritError::BadFd(text));
+    }
+    // SAFETY: the previous version passed this descriptor, open and ours
+    // alone, under this name; nothing else in this process refers to it.
+    let mut file = unsafe { File::from_raw_fd(fd) };
+    let mut json = Vec::new();
+    file.read_to_end(&mut json).map_err(InheritError::Read)?;
+    drop(file);
+    let state = parse_state(&json)?;
+    Ok(Some(state))
+}
+
+/// Parses a record, refusing versions other than this one.
+pub fn parse_state(json: &[u8]) -> Result<DaemonState, InheritError> {
+    #[derive(Deserialize)]
+    struct Header {
+        version: u32,
+        #[serde(default)]
+        written_by: String,
+    }
+    let header: Header = serde_json::from_slice(json).map_err(InheritError::Parse)?;
+    if header.version != UPGRADE_STATE_VERSION {
+        return Err(InheritError::Version {
+            found: header.version,
+            written_by: header.written_by,
+        });
+    }
+    serde_json::from_slice(json).map_err(InheritError::Parse)
+}
+
+/// Takes ownership of an inherited descriptor named by the record.
+///
+/// # Safety
+///
+/// `fd` must be a descriptor the previous version handed over, taken only
+/// once.
+pub unsafe fn adopt(fd: RawFd) -> OwnedFd {
+    // SAFETY: the caller's contract.
+    let owned = unsafe { OwnedFd::from_raw_fd(fd) };
+    // Not inherited by anything this process runs later.
+    let _ = nix::fcntl::fcntl(
+        &owned,
+        nix::fcntl::FcntlArg::F_SETFD(nix::fcntl::FdFlag::FD_CLOEXEC),
+    );
+    owned
+}
+
+/// How long each guest's thread has to reach a safe point: its longest
+/// wait is for a begun vhost-user message, bounded by the vhost-user
+/// timeout (10 s by default).
+const HANDOVER_PATIENCE: Duration = Duration::from_secs(15);
+
+/// Upgrades the daemon in place: checks the binary on disk, parks every
+/// guest, writes the state and executes the binary. Returns only if the
+/// upgrade did not happen, after every guest went back to serving.
+pub fn perform(registry: &Registry) -> Result<(), UpgradeError> {
+    let life = registry.lifecycle();
+    check_binary(&life.binary)?;
+    let handed = registry
+        .handover_all(HANDOVER_PATIENCE)
+        .map_err(UpgradeError::Handover)?;
+    let mut kept: Vec<RawFd> = Vec::new();
+    let mut keep = |fd: OwnedFd| {
+        let raw = fd.into_raw_fd();
+        kept.push(raw);
+        raw
+    };
+    let mut guests = Vec::new();
+    for guest in handed {
+        let (listener, connection, clients) = match guest.handover {
+            Handover::Nothing | Handover::Failed(_) => (None, None, Vec::new()),
+            Handover::VhostUser {
+                listener,
+                connection,
+            } => (
+                listener.map(&mut keep),
+                connection.map(|c| ConnectionHandover {
+                    socket: keep(c.socket),
+                    state: c.state,
+                    fds: c.fds.into_iter().map(&mut keep).collect(),
+                }),
+                Vec::new(),
+            ),
+            Handover::Stream { listener, clients } => (
+                Some(keep(listener)),
+                None,
+                clients.into_iter().map(&mut keep).collect(),
+            ),
+        };
+        guests.push(GuestState {
+            spec: guest.spec.to_string(),
+            runtime: guest.runtime,
+            listener,
+            connection,
+            clients,
+            tokens: guest.tokens,
+            counters: guest.counters,
+        });
+    }
+    let state = DaemonState {
+        version: UPGRADE_STATE_VERSION,
+        written_by: env!("CARGO_PKG_VERSION").into(),
+        started_at: life.started_at,
+        upgrades: life.upgrades + 1,
+        guests,
+    };
+    info!(
+        "upgrading in place: executing {} with {} guest(s)",
+        life.binary.display(),
+        state.guests.len()
+    );
+    let args: Vec<OsString> = std::env::args_os().collect();
+    let error = match write_state(&state, &kept) {
+        Ok(state_fd) => exec(&life.binary, &args, &state_fd),
+        Err(error) => error,
+    };
+    for fd in kept {
+        // SAFETY: each was an OwnedFd given up above for the record; the
+        // record is unused, so this is its only owner again.
+        drop(unsafe { OwnedFd::from_raw_fd(fd) });
+    }
+    registry.thaw_all();
+    Err(error)
+}
+
+/// Turns a handed-over record into guests this daemon takes up, owning
+/// their descriptors. A guest whose spec no longer parses is dropped, its
+/// descriptors closed.
+pub fn take_over(state: DaemonState) -> Vec<Carried> {
+    // Only ever called here, once per descriptor the record names.
+    let take = |fd: RawFd| {
+        // SAFETY: the previous version handed these descriptors over in
+        // this record, each named once, and nothing else owns them.
+        unsafe { adopt(fd) }
+    };
+    let mut carried = Vec::new();
+    for guest in state.guests {
+        let listener = guest.listener.map(take);
+        let connection = guest.connection.map(|c| {
+            let socket = UnixStream::from(take(c.socket));
+            let fds = c.fds.into_iter().map(take).collect();
+            (socket, c.state, fds)
+        });
+        let clients = guest
+            .clients
+            .into_iter()
+            .map(|fd| UnixStream::from(take(fd)))
+            .collect();
+        match guest.spec.parse::<GuestSpec>() {
+            Ok(spec) => carried.push(Carried {
+                spec,
+                runtime: guest.runtime,
+                listener,
+                connection,
+                clients,
+                tokens: guest.tokens,
+                counters: guest.counters,
+            }),
+            Err(e) => warn!(
+                "a guest the previous daemon handed over has a spec this version refuses \
+                 ({}: {e}); its connections are closed",
+                guest.spec
+            ),
+        }
+    }
+    carried
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_record_of_another_version_is_refused_with_who_wrote_it() {
+        let json = br#"{"version": 2, "written_by": "9.9.9", "started_at": 0}"#;
+        let err = parse_state(json).unwrap_err();
+        assert!(
+            matches!(err, InheritError::Version { found: 2, .. }),
+            "{err}"
+        );
+        assert!(
+            err.to_string().contains("written by vhost-rng 9.9.9"),
+            "{err}"
+        );
+        assert!(matches!(parse_state(b"{"), Err(InheritError::Parse(_))));
+    }
+
+    #[test]
+    fn a_record_round_trips() {
+        let state = DaemonState {
+            version: UPGRADE_STATE_VERSION,
+            written_by: "0.1.0".into(),
+            started_at: 1,
+            upgrades: 2,
+            guests: vec![GuestState {
+                spec: "name=vm1,socket=/run/vhost-rng/vm1.sock".into(),
+                runtime: false,
+                listener: Some(7),
+                connection: None,
+                clients: vec![9],
+                tokens: Some(100),
+                counters: Counters::default(),
+            }],
+        };
+        let json = serde_json::to_vec(&state).unwrap();
+        let back = parse_state(&json).unwrap();
+        assert_eq!(back.guests[0].listener, Some(7));
+        assert_eq!(back.upgrades, 2);
+    }
+}
