@@ -168,14 +168,23 @@ else
 	exec </dev/null
 fi
 
+# VHOST_RNG_QEMU=DIR runs the QEMU unpacked under DIR (qemu/fetch-qemu10.sh)
+# instead of the system's, with its own firmware and data files.
+qemu=qemu-system-x86_64
+datadir=/usr/share/qemu
 firmware=()
+if [ -n "${VHOST_RNG_QEMU:-}" ]; then
+	qemu=$VHOST_RNG_QEMU/usr/bin/qemu-system-x86_64
+	datadir=$VHOST_RNG_QEMU/usr/share/qemu
+	firmware=(-L "$datadir" -L /usr/share/seabios)
+fi
 # qboot boots straight into the kernel, without SeaBIOS's terminal escape
 # codes on the console; Debian ships it in qemu-system-data.
-[ ! -e /usr/share/qemu/qboot.rom ] || firmware=(-bios qboot.rom)
+[ ! -e "$datadir/qboot.rom" ] || firmware+=(-bios qboot.rom)
 
 # vhost-user needs guest RAM shared with the backend: hence the memfd.
 # --foreground keeps QEMU in our process group so callers can signal it.
-exec timeout --foreground -k 5 "$timeout" qemu-system-x86_64 \
+exec timeout --foreground -k 5 "$timeout" "$qemu" \
 	"${firmware[@]}" -accel tcg -m 256M \
 	-object memory-backend-memfd,id=mem,size=256M,share=on -numa node,memdev=mem \
 	-nographic -nodefaults -no-reboot -monitor none \

@@ -20,5 +20,13 @@ RUSTFLAGS='-C target-feature=+crt-static' \
 	cargo build --locked --release --target x86_64-unknown-linux-gnu -p vhost-rng-agent
 qemu/build-guest.sh --out target/qemu-guest-agent --agent "$agent"
 
-unset VHOST_RNG_SKIP_QEMU
+unset VHOST_RNG_SKIP_QEMU VHOST_RNG_QEMU
 cargo test --locked --workspace "$@"
+
+# The real-guest basics and in-place upgrades again on QEMU 10 (Debian
+# bookworm-backports, unpacked under target/, the system QEMU untouched).
+if [ $# -eq 0 ]; then
+	qemu/fetch-qemu10.sh
+	VHOST_RNG_QEMU=$PWD/target/qemu-10/root \
+		cargo test --locked -p vhost-rng --test qemu_guest --test qemu_upgrade
+fi

@@ -231,8 +231,17 @@ fn qemu_tests_wanted() -> bool {
     true
 }
 
+/// The QEMU qemu/run-guest.sh runs: the system's, or the one unpacked under
+/// `$VHOST_RNG_QEMU` (qemu/fetch-qemu10.sh).
+fn qemu_binary() -> PathBuf {
+    match std::env::var_os("VHOST_RNG_QEMU") {
+        Some(dir) => PathBuf::from(dir).join("usr/bin/qemu-system-x86_64"),
+        None => PathBuf::from("qemu-system-x86_64"),
+    }
+}
+
 fn have_qemu() -> bool {
-    Command::new("qemu-system-x86_64")
+    Command::new(qemu_binary())
         .arg("--version")
         .stdout(Stdio::null())
         .status()
