@@ -18,6 +18,9 @@
 //! Sources: RDSEED, /dev/hwrng (for at most the measuring time; it may be
 //! very slow) and getrandom.
 
+#![allow(missing_docs)]
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 use std::hint::black_box;
 use std::time::{Duration, Instant};
 

@@ -46,6 +46,9 @@
 //! With the defaults a run takes about 40 s. Results and their analysis:
 //! `docs/performance.md`, "Fallback paths".
 
+#![allow(missing_docs)]
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 #[path = "support/mod.rs"]
 mod support;
 

@@ -31,6 +31,9 @@
 //!
 //! With the defaults a run takes about a minute.
 
+#![allow(missing_docs)]
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 #[path = "support/mod.rs"]
 mod support;
 

@@ -52,6 +52,9 @@
 //! backends (they inherit it); the limit each backend ran with is reported.
 //! Results and their analysis: `docs/scale.md`.
 
+#![allow(missing_docs)]
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 #[path = "support/mod.rs"]
 mod support;
 

@@ -54,6 +54,9 @@
 //! With the defaults a run takes a little under a minute. Results and their
 //! analysis: `docs/performance.md`.
 
+#![allow(missing_docs)]
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 #[path = "support/mod.rs"]
 mod support;
 

@@ -17,6 +17,8 @@
 //! crate; the agent is `vhost-rng-agent`; the test VMM is
 //! `vhost-rng-testing`. See docs/architecture.md.
 
+#![cfg_attr(test, allow(clippy::unwrap_used, clippy::expect_used))]
+
 pub mod cli;
 pub mod config;
 pub mod entropy;

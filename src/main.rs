@@ -1,6 +1,8 @@
 //! The `vhost-rng` binary: parses the command line and runs the daemon or
 //! one of the client commands.
 
+#![cfg_attr(test, allow(clippy::unwrap_used, clippy::expect_used))]
+
 use std::process::ExitCode;
 
 use clap::{CommandFactory, Parser};

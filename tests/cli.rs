@@ -1,6 +1,9 @@
 //! The `vhost-rng` binary's command line and lifecycle as an operator sees
 //! them: exit statuses, error messages, socket files, signals.
 
+#![allow(missing_docs)]
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 mod common;
 
 use std::os::unix::fs::{FileTypeExt, PermissionsExt};

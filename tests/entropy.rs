@@ -2,6 +2,9 @@
 //! from a guest driven by the in-tree test VMM: broken sources never put a
 //! byte into a guest, and the daemon keeps serving from healthy ones.
 
+#![allow(missing_docs)]
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 mod common;
 
 use std::fs::OpenOptions;

@@ -3,6 +3,9 @@
 //! what is on the wire), the `--vsock` options, and clients that misbehave
 //! in numbers.
 
+#![allow(missing_docs)]
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 mod common;
 
 use std::io::{Read, Write};

@@ -2,6 +2,9 @@
 //! control socket, SIGHUP reload, and the metrics endpoint, all through the
 //! real binary and real vhost-user connections.
 
+#![allow(missing_docs)]
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 mod common;
 
 use std::io::{Read, Write};

@@ -7,6 +7,9 @@
 //! the daemon's descriptors, threads and address space return to where they
 //! were before the attack.
 
+#![allow(missing_docs)]
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 mod common;
 
 use std::fs::File;

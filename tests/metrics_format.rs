@@ -2,6 +2,9 @@
 //! every scrape takes a new snapshot, and every line of the exposition is
 //! well-formed OpenMetrics text.
 
+#![allow(missing_docs)]
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 use std::collections::BTreeMap;
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};

@@ -5,6 +5,9 @@
 //! from the `vhost-rng` daemon over the Noise transport with the guest's
 //! pre-shared key and injects it into the guest kernel.
 
+#![allow(missing_docs)]
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 mod common;
 
 use std::path::Path;

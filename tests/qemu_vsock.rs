@@ -3,6 +3,9 @@
 //! daemon through `vhost-user-vsock-pci` (backed by vhost-device-vsock's
 //! hybrid vsock) and injects it into the guest kernel.
 
+#![allow(missing_docs)]
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 mod common;
 
 use std::fs;

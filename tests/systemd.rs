@@ -3,6 +3,9 @@
 //! every guest socket exists. (No systemd runs here; this test is its
 //! notification socket.)
 
+#![allow(missing_docs)]
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 mod common;
 
 use std::os::unix::net::UnixDatagram;

@@ -2,6 +2,9 @@
 //! the in-tree test VMM (`vhost_rng_testing`) the way QEMU and
 //! cloud-hypervisor drive it.
 
+#![allow(missing_docs)]
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 mod common;
 
 use std::os::unix::net::UnixListener;

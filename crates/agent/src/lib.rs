@@ -10,6 +10,8 @@
 //! reconnecting with exponential backoff whenever the host cannot be
 //! reached. See docs/protocol.md.
 
+#![cfg_attr(test, allow(clippy::unwrap_used, clippy::expect_used))]
+
 mod endpoint;
 mod kernel;
 

@@ -2,6 +2,8 @@
 //! vhost-rng daemon and adds it to the guest kernel's pool. The same as
 //! `vhost-rng agent` on the host's binary, without the daemon linked in.
 
+#![cfg_attr(test, allow(clippy::unwrap_used, clippy::expect_used))]
+
 use std::process::ExitCode;
 
 use clap::Parser;

@@ -8,6 +8,8 @@
 //!   exchange, not per call.
 //! - [`log_limit`]: logs a hostile peer cannot flood.
 
+#![cfg_attr(test, allow(clippy::unwrap_used, clippy::expect_used))]
+
 pub mod deadline;
 pub mod log_limit;
 pub mod noise;

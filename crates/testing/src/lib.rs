@@ -30,6 +30,8 @@
 //! - [`threads_named`]: how many threads of a kind the process has, to see
 //!   that a server's threads end.
 
+#![cfg_attr(test, allow(clippy::unwrap_used, clippy::expect_used))]
+
 pub mod error;
 pub mod guest_memory;
 pub mod split_ring;
