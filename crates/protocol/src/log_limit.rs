@@ -55,6 +55,8 @@ struct WindowState {
 }
 
 impl RateLimitedLog {
+    /// At most `burst` messages in each `window`, the window starting at the
+    /// first message after the last one ended.
     pub fn new(window: Duration, burst: u32) -> Self {
         RateLimitedLog {
             window,
