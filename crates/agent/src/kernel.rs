@@ -52,6 +52,8 @@ pub struct DevRandom {
 }
 
 impl DevRandom {
+    /// Opens /dev/random for writing; [`AgentError::OpenDevRandom`] if it
+    /// cannot.
     pub fn open() -> Result<Self, AgentError> {
         let file = OpenOptions::new()
             .write(true)
