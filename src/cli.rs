@@ -14,6 +14,7 @@ use crate::entropy::source::{self, SourceSpec};
 use crate::service::control::DEFAULT_CONTROL_PATH;
 use crate::service::daemon::Settings;
 
+/// The `vhost-rng` command line: one subcommand, with its options.
 #[derive(Debug, Parser)]
 #[command(
     name = "vhost-rng",
@@ -28,10 +29,12 @@ use crate::service::daemon::Settings;
                   (default: info)."
 )]
 pub struct Cli {
+    /// What to do.
     #[command(subcommand)]
     pub command: Command,
 }
 
+/// The subcommands of `vhost-rng`.
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Serve guests until SIGTERM or SIGINT.
@@ -51,12 +54,16 @@ pub enum Command {
     Psk(PskCommand),
 }
 
+/// The subcommands of `vhost-rng psk`.
 #[derive(Debug, Subcommand)]
 pub enum PskCommand {
     /// Write a new random key to PATH (mode 0600; never overwrites). Give
     /// the same file to the daemon (tcp-psk=PATH) and to the guest's agent
     /// (--psk-file).
     New {
+        // The key file to create. (Not a doc comment: clap would
+        // print that as the argument's --help text.)
+        #[allow(missing_docs)]
         #[arg(value_name = "PATH")]
         path: PathBuf,
     },
@@ -83,8 +90,10 @@ impl EntropyArgs {
     }
 }
 
+/// The options of `vhost-rng check`.
 #[derive(Debug, Args)]
 pub struct CheckArgs {
+    /// The sources to check.
     #[command(flatten)]
     pub entropy: EntropyArgs,
 
@@ -97,6 +106,7 @@ pub struct CheckArgs {
     pub timeout: u64,
 }
 
+/// The options of `vhost-rng serve`.
 #[derive(Debug, Args)]
 pub struct ServeArgs {
     /// Listen on PATH for one guest's VMM (QEMU: -chardev socket,path=PATH);
@@ -115,6 +125,7 @@ pub struct ServeArgs {
     /// needs --vsock) or tcp-psk=PATH (agent over TCP with the key in PATH,
     /// needs --listen-tcp), then
     /// [,rate-bytes=N][,rate-period=MS][,burst=N][,weight=W]. Repeatable.
+    #[allow(rustdoc::broken_intra_doc_links)] // the brackets are clap help text, not links
     #[arg(long = "guest", value_name = "SPEC")]
     pub guests: Vec<GuestSpec>,
 
@@ -143,6 +154,7 @@ pub struct ServeArgs {
 
     /// TOML configuration file (sources, mode, limits, [[guest]] tables);
     /// re-read on SIGHUP. Command-line options take precedence.
+    #[allow(rustdoc::broken_intra_doc_links)] // the brackets are clap help text, not links
     #[arg(long, value_name = "FILE")]
     pub config: Option<PathBuf>,
 
@@ -155,6 +167,7 @@ pub struct ServeArgs {
     #[arg(long, value_name = "GROUP", value_parser = parse_group)]
     pub socket_group: Option<Gid>,
 
+    /// The entropy sources.
     #[command(flatten)]
     pub entropy: EntropyArgs,
 
@@ -283,17 +296,26 @@ pub struct ControlArgs {
     pub control: PathBuf,
 }
 
+/// The subcommands of `vhost-rng guest`.
 #[derive(Debug, Subcommand)]
 pub enum GuestCommand {
     /// Start serving a guest: name=NAME,socket=PATH (or connect=, egd=, vsock-uds=)[,rate-bytes=N]...
     Add {
+        // The guest, in `--guest` form. (Not a doc comment: clap would
+        // print that as the argument's --help text.)
+        #[allow(missing_docs)]
         spec: GuestSpec,
+        /// The daemon to ask.
         #[command(flatten)]
         control: ControlArgs,
     },
     /// Stop serving a guest: close its connection, remove its socket.
     Remove {
+        // The name of the guest to stop serving. (Not a doc comment: clap would
+        // print that as the argument's --help text.)
+        #[allow(missing_docs)]
         name: String,
+        /// The daemon to ask.
         #[command(flatten)]
         control: ControlArgs,
     },
@@ -302,16 +324,19 @@ pub enum GuestCommand {
         /// Print JSON for tools.
         #[arg(long)]
         json: bool,
+        /// The daemon to ask.
         #[command(flatten)]
         control: ControlArgs,
     },
 }
 
+/// The options of `vhost-rng status`.
 #[derive(Debug, Args)]
 pub struct StatusArgs {
     /// Print JSON for tools.
     #[arg(long)]
     pub json: bool,
+    /// The daemon to ask.
     #[command(flatten)]
     pub control: ControlArgs,
 }

@@ -28,6 +28,7 @@ use crate::guest::Guest;
 
 /// A running frontend serving one guest.
 pub trait GuestFrontend: Send + Sync {
+    /// The guest this frontend serves.
     fn guest(&self) -> &Arc<Guest>;
     /// Closes the guest's connections and removes its socket file.
     fn stop(&self);

@@ -33,6 +33,8 @@ pub struct ListenerStatus {
 
 /// A guest reachable through a shared listener.
 pub struct Member<C> {
+    /// The guest's open clients, shared with its other sockets, so that its
+    /// connection limit counts them all.
     pub clients: Arc<Clients>,
     /// What the guest proves its identity with (a TCP key; nothing for
     /// vsock, where the host assigns CIDs).
@@ -64,6 +66,7 @@ where
         self.members.lock().unwrap_or_else(|e| e.into_inner())
     }
 
+    /// The member under `key`, if the guest is known.
     pub fn get(&self, key: &K) -> Option<Arc<Member<C>>> {
         self.lock().get(key).cloned()
     }

@@ -50,14 +50,20 @@ pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
 /// The guests of the TCP listener, by name, with their keys.
 pub type TcpDirectory = Directory<String, Psk>;
 
+/// Why the `--listen-tcp` listener could not start.
 #[derive(Debug, thiserror::Error)]
 pub enum TcpError {
+    /// Binding or listening on the address failed (in use, not an address of
+    /// this host, a privileged port).
     #[error("cannot listen on TCP {addr}: {error}")]
     Listen {
+        /// The `--listen-tcp` address.
         addr: SocketAddr,
+        /// The error from the operating system.
         #[source]
         error: io::Error,
     },
+    /// The listener's stop signal or accept thread could not be made.
     #[error("cannot start the TCP listener: {0}")]
     Spawn(#[source] io::Error),
 }
@@ -114,6 +120,8 @@ pub struct TcpListener {
 }
 
 impl TcpListener {
+    /// Listens on `addr` and starts the accept thread, with no guests yet;
+    /// each connection has [`HANDSHAKE_TIMEOUT`] for its handshake.
     pub fn start(addr: SocketAddr) -> Result<Arc<Self>, TcpError> {
         Self::start_with_handshake_timeout(addr, HANDSHAKE_TIMEOUT)
     }
@@ -155,6 +163,8 @@ impl TcpListener {
         self.local_addr
     }
 
+    /// The guests this listener knows, by name, with their keys; the registry
+    /// adds and removes them.
     pub fn directory(&self) -> &Arc<TcpDirectory> {
         &self.directory
     }

@@ -21,6 +21,8 @@ pub struct DeviceSource {
 }
 
 impl DeviceSource {
+    /// A source named `name` (for logs) reading `path`, reported as hardware
+    /// or not; nothing is opened until the first read.
     pub fn new(name: String, path: PathBuf, hardware: bool) -> Self {
         DeviceSource {
             name,

@@ -62,6 +62,8 @@ pub struct RngDevice {
 }
 
 impl RngDevice {
+    /// The device of `guest`, with its own stream from the guest's pool, the
+    /// eventfd the pool wakes it with and its throttle timer.
     pub fn new(guest: Arc<Guest>) -> io::Result<Self> {
         let (wake, wake_notifier) =
             new_event_consumer_and_notifier(EventFlag::NONBLOCK | EventFlag::CLOEXEC)?;
@@ -78,6 +80,7 @@ impl RngDevice {
         })
     }
 
+    /// The guest this device serves.
     pub fn guest(&self) -> &Arc<Guest> {
         &self.guest
     }

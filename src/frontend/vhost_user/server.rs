@@ -41,6 +41,8 @@ pub enum Endpoint {
 }
 
 impl Endpoint {
+    /// The socket's path: the one the daemon listens on, or the VMM's it
+    /// connects to.
     pub fn path(&self) -> &Path {
         match self {
             Endpoint::Listen(socket) => socket.path(),
@@ -52,6 +54,7 @@ impl Endpoint {
 /// What one VMM connection may cost the daemon, and how long it may take.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct VhostUserLimits {
+    /// What a connection may map of the guest's memory.
     pub memory: MemoryLimits,
     /// From accepting a connection to its SET_OWNER; also how long the
     /// rest of a begun message may take to arrive, and a reply to be taken.
@@ -122,10 +125,12 @@ impl GuestServer {
         Ok(server)
     }
 
+    /// The guest this server serves.
     pub fn guest(&self) -> &Arc<Guest> {
         &self.guest
     }
 
+    /// The guest's vhost-user socket path, listened on or connected to.
     pub fn path(&self) -> &Path {
         self.endpoint.path()
     }
