@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0
 //! Entropy-engine benchmark: how fast each stage runs on one core, next to
 //! the raw rates of the host's sources. Reported figures, not a pass/fail
 //! test.

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0
 //! The fallback paths a guest can use when it has no virtio-rng device,
 //! measured against one real `vhost-rng serve --source os` process, one
 //! client at a time:

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0
 //! Rate-limit accuracy: how close a greedy guest gets to its configured rate.
 //!
 //! For each case a fresh `vhost-rng serve` runs with one guest,

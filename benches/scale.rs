@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0
 //! Scale: what one backend process costs a host that runs hundreds of VMs,
 //! each with its own vhost-user socket, most of the time doing nothing.
 //!

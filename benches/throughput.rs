@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0
 //! Throughput of the virtio-rng data path: vhost-rng against the reference
 //! vhost-user RNG backend, `vhost-device-rng` (rust-vmm), side by side.
 //!

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0
 //! Command-line interface: what an operator types, checked before anything
 //! starts. Bad input is reported by clap with exit status 2.
 

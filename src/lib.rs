@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0
 //! vhost-rng: a host entropy service for virtual machines.
 //!
 //! The folders follow the data path, then what runs it:

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0
 //! The `vhost-rng` binary: parses the command line and runs the daemon or
 //! one of the client commands.
 

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0
 //! The in-guest agent against a real daemon over the channel protocol on
 //! a hybrid-vsock Unix socket (what a VMM's vsock device connects to).
 

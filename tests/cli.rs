@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0
 //! The `vhost-rng` binary's command line and lifecycle as an operator sees
 //! them: exit statuses, error messages, socket files, signals.
 

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0
 //! The daemon attacked by a hostile VMM: raw vhost-user messages written by
 //! hand (not the in-tree test VMM, which only sends what a good VMM sends),
 //! with memfds, pipes and eventfds passed over `SCM_RIGHTS`.

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0
 //! The metrics endpoint as a scraper sees it, through the public API only:
 //! every scrape takes a new snapshot, and every line of the exposition is
 //! well-formed OpenMetrics text.

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0
 //! End to end: a real Linux guest under QEMU reads /dev/hwrng through
 //! `vhost-user-rng-pci` served by the `vhost-rng` binary.
 

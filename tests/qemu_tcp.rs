@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0
 //! End to end over encrypted TCP, the path of a guest with only an IP
 //! network (Xen and the like): a real Linux guest under QEMU, with a
 //! virtio-net NIC on QEMU user networking, runs the in-guest agent

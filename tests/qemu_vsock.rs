@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0
 //! End to end over vsock: a real Linux guest under QEMU runs the in-guest
 //! agent (`vhost-rng agent`), which fetches entropy from the `vhost-rng`
 //! daemon through `vhost-user-vsock-pci` (backed by vhost-device-vsock's

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0
 //! The daemon over real vhost-user sockets and real shared memory, driven by
 //! the in-tree test VMM (`vhost_rng_testing`) the way QEMU and
 //! cloud-hypervisor drive it.

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0
 //! The `--config` TOML file: serde reads its keys into `FileTable` (refusing
 //! unknown ones, keeping where each value is), and the values are then
 //! checked whole into a [`ConfigFile`]: the top-level keys and `[defaults]`

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0
 //! A guest: its spec ([`GuestSpec`]), its keys and their checks, shared by
 //! the command line (`--guest SPEC`, parsed here by [`GuestSpec`]'s
 //! `FromStr`) and the file's `[[guest]]` and `[defaults]` tables (whose

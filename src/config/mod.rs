@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0
 //! Configuration for many guests, shared by the command line and the
 //! `--config` TOML file.
 //!

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0
 //! Weighted fair sharing of scarce raw output among the guests asking for
 //! it (raw mode, when the sources cannot keep up): start-time fair queuing
 //! over the pool's full-entropy bytes.

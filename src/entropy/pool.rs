@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0
 //! The pool: health-tested source output, conditioned into full-entropy
 //! blocks, and the streams every guest frontend draws from.
 //!

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0
 //! What every accept loop shares: a signal that wakes it to stop, and the
 //! pause after a failed accept.
 

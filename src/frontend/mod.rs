@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0
 //! Guest frontends: the ways guests receive bytes from the pool.
 //!
 //! - [`vhost_user`]: the virtio-rng device over vhost-user, one Unix socket

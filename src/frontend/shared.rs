@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0
 //! Listeners shared by many guests (AF_VSOCK, TCP): such a listener finds a
 //! connection's guest by an identity (a vsock CID, a guest name proven with
 //! its key) in a [`Directory`] that the registry fills as guests come and

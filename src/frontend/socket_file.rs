@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0
 //! Socket files for guests: created with the operator's permissions, stale
 //! files from a crashed daemon replaced, live ones (another daemon) refused,
 //! and removed on shutdown only if they are still ours.

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0
 //! Stream-socket frontends (EGD, the vhost-rng channel protocol over a Unix
 //! socket, AF_VSOCK or TCP): a guest's clients, a thread per client, and
 //! blocking reads that wait for the guest's tokens or for the pool on that

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0
 //! The TCP listener (`--listen-tcp ADDR`) for guests with no vsock (Xen):
 //! every connection must complete a Noise handshake with its guest's
 //! pre-shared key ([`vhost_rng_protocol::noise`]) before it is served; there is no

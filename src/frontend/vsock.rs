@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0
 //! The AF_VSOCK listener (`--vsock PORT`): one socket for every guest of a
 //! host whose VMMs use the kernel's vhost-vsock. The peer's CID, which the
 //! host assigns and a guest cannot choose, names the guest (`cid=N`).

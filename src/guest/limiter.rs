@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0
 //! Per-guest rate limiting: a token bucket deciding how many random bytes a
 //! guest may receive and when.
 //!

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0
 //! A guest as the daemon knows it: its name, its limits, and the state
 //! that outlives any one connection. A VM reboot keeps its counters and its
 //! token bucket: reconnecting cannot reset a guest's budget.

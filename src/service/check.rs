@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0
 //! `vhost-rng check`: reads each entropy source through the same health
 //! tests the daemon uses and reports on it, like rngtest does for FIPS
 //! tests. Exit status 0 when every source is healthy, 1 when not.

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0
 //! The control socket: `vhost-rng guest add|remove|list` and `vhost-rng
 //! status` talk to a running daemon over a Unix socket (mode 0600).
 //!

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0
 //! `vhost-rng serve`: resolves the settings (command line over config
 //! file), starts the pool, every guest, the control socket and the metrics
 //! endpoint, then waits for signals: SIGHUP reloads the config file,

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0
 //! The guests a running daemon serves: added, removed and reconfigured at
 //! runtime (control socket, SIGHUP reload) without touching the others.
 //!

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0
 //! What the daemon reports about itself: per guest, per source, per shared
 //! listener, and the pool. One snapshot type feeds `vhost-rng status`,
 //! `guest list` and the Prometheus metrics, so they never disagree.

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0
 //! systemd's service notifications (sd_notify(3)), for `Type=notify` units:
 //! `READY=1` once every socket exists, so units ordered after vhost-rng
 //! (libvirt, VMs) find their sockets; `STATUS=` lines; `RELOADING=1` around

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0
 //! Where the agent finds the host daemon (`vsock:CID:PORT`, `unix:PATH` or
 //! `tcp:HOST:PORT`) and the stream it talks over.
 

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0
 //! `vhost-rng agent`: the in-guest side of the entropy protocol, for guests
 //! that cannot have a vhost-user virtio-rng device (Xen guests, VMMs
 //! without vhost-user).

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0
 //! Reads and writes bounded by a deadline for the whole exchange.
 //!
 //! A socket timeout bounds each read or write, not their sum: a peer that

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0
 //! What the vhost-rng daemon and its in-guest agent share, and nothing
 //! else: the agent links this crate, not the daemon.
 //!

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0
 //! Rate-limited logging, so a misbehaving guest cannot flood the host's logs.
 
 use std::sync::Mutex;

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0
 //! The encrypted TCP transport of the entropy protocol, for guests that
 //! have no vsock (Xen guests above all): a Noise `NNpsk0` handshake keyed by
 //! a per-guest pre-shared key, then an encrypted byte stream on which the

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0
 //! The entropy protocol: how a guest that has no virtio-rng device (Xen
 //! guests, VMMs without vhost-user) asks the host daemon for random bytes
 //! over a stream socket (AF_VSOCK, hybrid vsock over Unix, a Unix socket).

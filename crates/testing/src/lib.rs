@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0
 //! Test support: the VMM side of vhost-user (what QEMU or cloud-hypervisor
 //! does), with memfd-backed guest memory and a driver-side split virtqueue.
 //! Used by the integration tests in `tests/` and by the benchmarks.

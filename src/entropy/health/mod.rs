@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0
 //! Continuous health tests of NIST SP 800-90B section 4.4, run on the raw
 //! bytes of an entropy source before any mixing, each byte one 8-bit
 //! sample.

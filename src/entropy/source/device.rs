@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0
 //! Sources read from a path: `/dev/hwrng`, another character device, a
 //! file or a FIFO.
 

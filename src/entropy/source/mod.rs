@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0
 //! Entropy sources: where raw bytes come from before health tests and
 //! conditioning.
 //!

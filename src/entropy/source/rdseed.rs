@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0
 //! The x86 RDSEED instruction as a raw entropy source.
 //!
 //! RDSEED hands out values straight from the CPU's entropy conditioner (not

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0
 //! One thread per source: read raw bytes, run them through the SP 800-90B
 //! health tests, and forward only approved bytes to the conditioner.
 //!

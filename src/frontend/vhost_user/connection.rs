@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0
 //! vhost-user framing on one VMM connection: whole messages in, with their
 //! file descriptors, and replies out, without ever blocking the guest's
 //! thread for longer than its timeout.

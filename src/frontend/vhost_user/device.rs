@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0
 //! The virtio-rng device: what it offers the VMM (features, one request
 //! queue) and how it answers the requests on that queue.
 //!

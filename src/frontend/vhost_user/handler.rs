@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0
 //! The vhost-user protocol of one VMM connection: what each message does to
 //! the device, checked as input from a VMM that may be hostile.
 //!

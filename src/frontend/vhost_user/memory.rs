@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0
 //! A connection's guest memory: the regions a VMM shares, checked before
 //! they are mapped and kept out of core dumps.
 //!

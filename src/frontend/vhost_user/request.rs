@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0
 //! Serving virtio-rng requests from a split virtqueue.
 //!
 //! A virtio-rng request is a descriptor chain of device-writable buffers; the

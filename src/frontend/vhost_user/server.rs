@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0
 //! Serving one guest's vhost-user connections, one after another, for as
 //! long as the daemon runs: a VM shutting down, rebooting or crashing ends a
 //! connection, never the guest's service.

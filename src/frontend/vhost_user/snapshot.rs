@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0
 //! A VMM connection's device state as data: what it negotiated, its memory
 //! table and its ring, with the file descriptors they need listed apart.
 //!
