@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0
 //! Entropy-engine benchmark: how fast each stage runs on one core, next to
 //! the raw rates of the host's sources. Reported figures, not a pass/fail
 //! test.
@@ -17,6 +18,9 @@
 //!
 //! Sources: RDSEED, /dev/hwrng (for at most the measuring time; it may be
 //! very slow) and getrandom.
+
+#![allow(missing_docs)]
+#![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::hint::black_box;
 use std::time::{Duration, Instant};

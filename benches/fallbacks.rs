@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0
 //! The fallback paths a guest can use when it has no virtio-rng device,
 //! measured against one real `vhost-rng serve --source os` process, one
 //! client at a time:
@@ -45,6 +46,9 @@
 //!
 //! With the defaults a run takes about 40 s. Results and their analysis:
 //! `docs/performance.md`, "Fallback paths".
+
+#![allow(missing_docs)]
+#![allow(clippy::unwrap_used, clippy::expect_used)]
 
 #[path = "support/mod.rs"]
 mod support;

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0
 //! Rate-limit accuracy: how close a greedy guest gets to its configured rate.
 //!
 //! For each case a fresh `vhost-rng serve` runs with one guest,
@@ -30,6 +31,9 @@
 //! ```
 //!
 //! With the defaults a run takes about a minute.
+
+#![allow(missing_docs)]
+#![allow(clippy::unwrap_used, clippy::expect_used)]
 
 #[path = "support/mod.rs"]
 mod support;

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0
 //! Scale: what one backend process costs a host that runs hundreds of VMs,
 //! each with its own vhost-user socket, most of the time doing nothing.
 //!
@@ -51,6 +52,9 @@
 //! raises its soft open-file limit to the hard limit before starting the
 //! backends (they inherit it); the limit each backend ran with is reported.
 //! Results and their analysis: `docs/scale.md`.
+
+#![allow(missing_docs)]
+#![allow(clippy::unwrap_used, clippy::expect_used)]
 
 #[path = "support/mod.rs"]
 mod support;

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0
 //! Throughput of the virtio-rng data path: vhost-rng against the reference
 //! vhost-user RNG backend, `vhost-device-rng` (rust-vmm), side by side.
 //!
@@ -53,6 +54,9 @@
 //!
 //! With the defaults a run takes a little under a minute. Results and their
 //! analysis: `docs/performance.md`.
+
+#![allow(missing_docs)]
+#![allow(clippy::unwrap_used, clippy::expect_used)]
 
 #[path = "support/mod.rs"]
 mod support;

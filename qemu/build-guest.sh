@@ -1,4 +1,5 @@
 #!/usr/bin/env bash
+# SPDX-License-Identifier: Apache-2.0
 # Build the vhost-rng test guest: Debian's cloud kernel plus a busybox
 # initramfs whose /init (guest-init.sh) reads /dev/hwrng and reports.
 # Needs: apt-get (after apt-get update), dpkg-deb, busybox-static, cpio, gzip.

@@ -1,4 +1,5 @@
 #!/usr/bin/env bash
+# SPDX-License-Identifier: Apache-2.0
 # The vhost-rng demo: builds the daemon and a small Linux guest, serves the
 # guest's /dev/hwrng over vhost-user, lets it read some entropy, and shows
 # what each side saw. Works on a fresh Debian machine (installs what it needs).

@@ -1,4 +1,5 @@
 #!/bin/sh
+# SPDX-License-Identifier: Apache-2.0
 # /init of the vhost-rng test guest (busybox ash; build-guest.sh copies it in).
 #
 # Reads vrng.bytes bytes from /dev/hwrng, reports on the console in lines

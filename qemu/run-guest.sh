@@ -1,4 +1,5 @@
 #!/usr/bin/env bash
+# SPDX-License-Identifier: Apache-2.0
 # Boot the vhost-rng test guest once under QEMU (TCG) in the foreground.
 # The guest prints "VRNG ..." lines on stdout and powers off; this script
 # exits with QEMU's status (124 if --timeout expired).  Note that QEMU exits

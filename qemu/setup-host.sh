@@ -1,4 +1,5 @@
 #!/usr/bin/env bash
+# SPDX-License-Identifier: Apache-2.0
 # Installs the host packages that the demo and the real-guest tests need
 # (QEMU, busybox for the guest's initramfs, rng-tools5 for rngtest) and
 # refreshes the package lists that qemu/build-guest.sh downloads the guest

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0
 //! Command-line interface: what an operator types, checked before anything
 //! starts. Bad input is reported by clap with exit status 2.
 
@@ -14,6 +15,7 @@ use crate::entropy::source::{self, SourceSpec};
 use crate::service::control::DEFAULT_CONTROL_PATH;
 use crate::service::daemon::Settings;
 
+/// The `vhost-rng` command line: one subcommand, with its options.
 #[derive(Debug, Parser)]
 #[command(
     name = "vhost-rng",
@@ -28,10 +30,12 @@ use crate::service::daemon::Settings;
                   (default: info)."
 )]
 pub struct Cli {
+    /// What to do.
     #[command(subcommand)]
     pub command: Command,
 }
 
+/// The subcommands of `vhost-rng`.
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Serve guests until SIGTERM or SIGINT.
@@ -60,21 +64,27 @@ pub enum Command {
     UpgradeStateVersion,
 }
 
+/// `vhost-rng upgrade`'s options.
 #[derive(Debug, Args)]
 pub struct UpgradeArgs {
     /// Seconds to wait for the new version to take over.
     #[arg(long, value_name = "SECS", default_value_t = 60, value_parser = parse_positive)]
     pub timeout: u64,
+    /// The running daemon's control socket.
     #[command(flatten)]
     pub control: ControlArgs,
 }
 
+/// The subcommands of `vhost-rng psk`.
 #[derive(Debug, Subcommand)]
 pub enum PskCommand {
     /// Write a new random key to PATH (mode 0600; never overwrites). Give
     /// the same file to the daemon (tcp-psk=PATH) and to the guest's agent
     /// (--psk-file).
     New {
+        // The key file to create. (Not a doc comment: clap would
+        // print that as the argument's --help text.)
+        #[allow(missing_docs)]
         #[arg(value_name = "PATH")]
         path: PathBuf,
     },
@@ -101,8 +111,10 @@ impl EntropyArgs {
     }
 }
 
+/// The options of `vhost-rng check`.
 #[derive(Debug, Args)]
 pub struct CheckArgs {
+    /// The sources to check.
     #[command(flatten)]
     pub entropy: EntropyArgs,
 
@@ -115,6 +127,7 @@ pub struct CheckArgs {
     pub timeout: u64,
 }
 
+/// The options of `vhost-rng serve`.
 #[derive(Debug, Args)]
 pub struct ServeArgs {
     /// Listen on PATH for one guest's VMM (QEMU: -chardev socket,path=PATH);
@@ -133,6 +146,7 @@ pub struct ServeArgs {
     /// needs --vsock) or tcp-psk=PATH (agent over TCP with the key in PATH,
     /// needs --listen-tcp), then
     /// [,rate-bytes=N][,rate-period=MS][,burst=N][,weight=W]. Repeatable.
+    #[allow(rustdoc::broken_intra_doc_links)] // the brackets are clap help text, not links
     #[arg(long = "guest", value_name = "SPEC")]
     pub guests: Vec<GuestSpec>,
 
@@ -161,6 +175,7 @@ pub struct ServeArgs {
 
     /// TOML configuration file (sources, mode, limits, [[guest]] tables);
     /// re-read on SIGHUP. Command-line options take precedence.
+    #[allow(rustdoc::broken_intra_doc_links)] // the brackets are clap help text, not links
     #[arg(long, value_name = "FILE")]
     pub config: Option<PathBuf>,
 
@@ -173,6 +188,7 @@ pub struct ServeArgs {
     #[arg(long, value_name = "GROUP", value_parser = parse_group)]
     pub socket_group: Option<Gid>,
 
+    /// The entropy sources.
     #[command(flatten)]
     pub entropy: EntropyArgs,
 
@@ -301,17 +317,26 @@ pub struct ControlArgs {
     pub control: PathBuf,
 }
 
+/// The subcommands of `vhost-rng guest`.
 #[derive(Debug, Subcommand)]
 pub enum GuestCommand {
     /// Start serving a guest: name=NAME,socket=PATH (or connect=, egd=, vsock-uds=)[,rate-bytes=N]...
     Add {
+        // The guest, in `--guest` form. (Not a doc comment: clap would
+        // print that as the argument's --help text.)
+        #[allow(missing_docs)]
         spec: GuestSpec,
+        /// The daemon to ask.
         #[command(flatten)]
         control: ControlArgs,
     },
     /// Stop serving a guest: close its connection, remove its socket.
     Remove {
+        // The name of the guest to stop serving. (Not a doc comment: clap would
+        // print that as the argument's --help text.)
+        #[allow(missing_docs)]
         name: String,
+        /// The daemon to ask.
         #[command(flatten)]
         control: ControlArgs,
     },
@@ -320,16 +345,19 @@ pub enum GuestCommand {
         /// Print JSON for tools.
         #[arg(long)]
         json: bool,
+        /// The daemon to ask.
         #[command(flatten)]
         control: ControlArgs,
     },
 }
 
+/// The options of `vhost-rng status`.
 #[derive(Debug, Args)]
 pub struct StatusArgs {
     /// Print JSON for tools.
     #[arg(long)]
     pub json: bool,
+    /// The daemon to ask.
     #[command(flatten)]
     pub control: ControlArgs,
 }

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0
 //! vhost-rng: a host entropy service for virtual machines.
 //!
 //! The folders follow the data path, then what runs it:
@@ -16,6 +17,8 @@
 //! format, Noise, vsock streams, deadline I/O) is the `vhost-rng-protocol`
 //! crate; the agent is `vhost-rng-agent`; the test VMM is
 //! `vhost-rng-testing`. See docs/architecture.md.
+
+#![cfg_attr(test, allow(clippy::unwrap_used, clippy::expect_used))]
 
 pub mod cli;
 pub mod config;

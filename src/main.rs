@@ -1,5 +1,8 @@
+// SPDX-License-Identifier: Apache-2.0
 //! The `vhost-rng` binary: parses the command line and runs the daemon or
 //! one of the client commands.
+
+#![cfg_attr(test, allow(clippy::unwrap_used, clippy::expect_used))]
 
 use std::process::ExitCode;
 

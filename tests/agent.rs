@@ -1,5 +1,9 @@
+// SPDX-License-Identifier: Apache-2.0
 //! The in-guest agent against a real daemon over the channel protocol on
 //! a hybrid-vsock Unix socket (what a VMM's vsock device connects to).
+
+#![allow(missing_docs)]
+#![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod common;
 

@@ -1,5 +1,9 @@
+// SPDX-License-Identifier: Apache-2.0
 //! The `vhost-rng` binary's command line and lifecycle as an operator sees
 //! them: exit statuses, error messages, socket files, signals.
+
+#![allow(missing_docs)]
+#![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod common;
 

@@ -1,6 +1,10 @@
+// SPDX-License-Identifier: Apache-2.0
 //! Fault injection into the entropy engine through `--source file=`, seen
 //! from a guest driven by the in-tree test VMM: broken sources never put a
 //! byte into a guest, and the daemon keeps serving from healthy ones.
+
+#![allow(missing_docs)]
+#![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod common;
 

@@ -1,7 +1,11 @@
+// SPDX-License-Identifier: Apache-2.0
 //! The fallback paths against a real daemon: the encrypted TCP transport
 //! (keys made by `vhost-rng psk new`, the agent over `tcp:`, refusals,
 //! what is on the wire), the `--vsock` options, and clients that misbehave
 //! in numbers.
+
+#![allow(missing_docs)]
+#![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod common;
 

@@ -1,6 +1,10 @@
+// SPDX-License-Identifier: Apache-2.0
 //! Many guests in one daemon: per-guest limits, runtime control over the
 //! control socket, SIGHUP reload, and the metrics endpoint, all through the
 //! real binary and real vhost-user connections.
+
+#![allow(missing_docs)]
+#![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod common;
 

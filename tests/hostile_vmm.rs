@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0
 //! The daemon attacked by a hostile VMM: raw vhost-user messages written by
 //! hand (not the in-tree test VMM, which only sends what a good VMM sends),
 //! with memfds, pipes and eventfds passed over `SCM_RIGHTS`.
@@ -6,6 +7,9 @@
 //! guest's next (honest) connection is served, another guest is served, and
 //! the daemon's descriptors, threads and address space return to where they
 //! were before the attack.
+
+#![allow(missing_docs)]
+#![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod common;
 

@@ -1,6 +1,10 @@
+// SPDX-License-Identifier: Apache-2.0
 //! The metrics endpoint as a scraper sees it, through the public API only:
 //! every scrape takes a new snapshot, and every line of the exposition is
 //! well-formed OpenMetrics text.
+
+#![allow(missing_docs)]
+#![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::collections::BTreeMap;
 use std::io::{Read, Write};

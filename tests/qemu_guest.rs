@@ -1,5 +1,9 @@
+// SPDX-License-Identifier: Apache-2.0
 //! End to end: a real Linux guest under QEMU reads /dev/hwrng through
 //! `vhost-user-rng-pci` served by the `vhost-rng` binary.
+
+#![allow(missing_docs)]
+#![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod common;
 

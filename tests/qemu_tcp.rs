@@ -1,9 +1,13 @@
+// SPDX-License-Identifier: Apache-2.0
 //! End to end over encrypted TCP, the path of a guest with only an IP
 //! network (Xen and the like): a real Linux guest under QEMU, with a
 //! virtio-net NIC on QEMU user networking, runs the in-guest agent
 //! (`vhost-rng agent --connect tcp:10.0.2.2:PORT`), which fetches entropy
 //! from the `vhost-rng` daemon over the Noise transport with the guest's
 //! pre-shared key and injects it into the guest kernel.
+
+#![allow(missing_docs)]
+#![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod common;
 

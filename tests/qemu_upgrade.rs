@@ -1,6 +1,10 @@
+// SPDX-License-Identifier: Apache-2.0
 //! A real QEMU guest keeps reading /dev/hwrng while the daemon serving it is
 //! upgraded in place, three times: every byte arrives, QEMU never sees its
 //! vhost-user connection drop, and its log has no error.
+
+#![allow(missing_docs)]
+#![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod common;
 

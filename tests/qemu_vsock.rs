@@ -1,7 +1,11 @@
+// SPDX-License-Identifier: Apache-2.0
 //! End to end over vsock: a real Linux guest under QEMU runs the in-guest
 //! agent (`vhost-rng agent`), which fetches entropy from the `vhost-rng`
 //! daemon through `vhost-user-vsock-pci` (backed by vhost-device-vsock's
 //! hybrid vsock) and injects it into the guest kernel.
+
+#![allow(missing_docs)]
+#![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod common;
 

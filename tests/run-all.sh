@@ -1,4 +1,5 @@
 #!/usr/bin/env bash
+# SPDX-License-Identifier: Apache-2.0
 # Runs every test of vhost-rng, on a fresh Debian machine too: installs the
 # host packages, builds the test guests, then runs the unit, integration and
 # real-QEMU-guest tests. The real-guest tests fail (never skip) when QEMU, the

@@ -1,7 +1,11 @@
+// SPDX-License-Identifier: Apache-2.0
 //! `Type=notify` as systemd runs it: the daemon's notifications arrive on
 //! the socket named in `NOTIFY_SOCKET`, in order, and `READY=1` only once
 //! every guest socket exists. (No systemd runs here; this test is its
 //! notification socket.)
+
+#![allow(missing_docs)]
+#![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod common;
 

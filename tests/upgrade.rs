@@ -1,7 +1,11 @@
+// SPDX-License-Identifier: Apache-2.0
 //! In-place upgrades through the real binary: `vhost-rng upgrade` (and
 //! SIGUSR2) re-execute the daemon with the same pid while VMMs (the test
 //! VMM over vhost-user, an EGD client) stay connected and keep being
 //! served; a binary that cannot take over is refused and the daemon goes on.
+
+#![allow(missing_docs)]
+#![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod common;
 

@@ -1,6 +1,10 @@
+// SPDX-License-Identifier: Apache-2.0
 //! The daemon over real vhost-user sockets and real shared memory, driven by
 //! the in-tree test VMM (`vhost_rng_testing`) the way QEMU and
 //! cloud-hypervisor drive it.
+
+#![allow(missing_docs)]
+#![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod common;
 

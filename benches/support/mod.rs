@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0
 //! Support code shared by the `harness = false` benchmarks in `benches/`
 //! (`throughput`, `scale`, `ratelimit` and `fallbacks`): a backend daemon run
 //! as a child process with its stderr logged to a file and stopped on drop,

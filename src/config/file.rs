@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0
 //! The `--config` TOML file: serde reads its keys into `FileTable` (refusing
 //! unknown ones, keeping where each value is), and the values are then
 //! checked whole into a [`ConfigFile`]: the top-level keys and `[defaults]`
@@ -51,8 +52,13 @@ pub struct ConfigFile {
     /// `sources`; empty when the key is not given (an empty list is an
     /// error).
     pub sources: Vec<SourceSpec>,
+    /// `mode`: how guests are served (`drbg` or `raw`).
     pub mode: Option<Mode>,
+    /// `reseed-bytes`: in drbg mode, the most bytes a guest's DRBG gives
+    /// before it is reseeded.
     pub reseed_bytes: Option<u64>,
+    /// `reseed-secs`: in drbg mode, the most seconds between reseeds of a
+    /// guest's DRBG.
     pub reseed_secs: Option<u64>,
     /// Cap on bytes per second to all guests together.
     pub max_rate: Option<u64>,
@@ -60,7 +66,9 @@ pub struct ConfigFile {
     pub socket_mode: Option<u32>,
     /// Group name or number, as written; see [`ConfigFile::socket_group_id`].
     pub socket_group: Option<String>,
+    /// `control`: the Unix socket the daemon takes control commands on.
     pub control: Option<PathBuf>,
+    /// `metrics`: the address and port the metrics endpoint listens on.
     pub metrics: Option<SocketAddr>,
     /// AF_VSOCK port for `cid=` guests.
     pub vsock: Option<u32>,
@@ -74,6 +82,8 @@ pub struct ConfigFile {
     pub vhost_user_max_memory: Option<u64>,
     /// Seconds a vhost-user connection has to send SET_OWNER.
     pub vhost_user_setup_timeout: Option<u64>,
+    /// `[defaults]`: the limits of guests that do not set their own (already
+    /// applied to `guests`).
     pub defaults: GuestDefaults,
     /// The `[[guest]]` tables in file order, with `[defaults]` applied.
     pub guests: Vec<GuestSpec>,

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0
 //! A guest: its spec ([`GuestSpec`]), its keys and their checks, shared by
 //! the command line (`--guest SPEC`, parsed here by [`GuestSpec`]'s
 //! `FromStr`) and the file's `[[guest]]` and `[defaults]` tables (whose
@@ -44,7 +45,9 @@ pub enum GuestEndpoint {
 /// CID. No two guests may share one.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub enum Address {
+    /// A socket file or key file on the host, by its path as configured.
     Path(PathBuf),
+    /// A vsock context ID (the `cid=` endpoint).
     Cid(u32),
 }
 
@@ -79,6 +82,9 @@ impl GuestEndpoint {
         )
     }
 
+    /// What this endpoint takes for itself, for the check that no two guests
+    /// share one; an endpoint without a path (only `cid=` has none) is never
+    /// given one here.
     pub fn address(&self) -> Address {
         match self {
             GuestEndpoint::Cid(cid) => Address::Cid(*cid),
@@ -116,6 +122,7 @@ pub struct GuestSpec {
     /// `[A-Za-z0-9._-]{1,64}`, unique among guests (names derived by
     /// [`GuestSpec::from_socket_shorthand`] are not held to the pattern).
     pub name: String,
+    /// Where the guest's VMM (or in-guest agent) reaches the daemon.
     pub endpoint: GuestEndpoint,
     /// Bytes per `rate_period_ms`; `None` for no limit.
     pub rate_bytes: Option<u64>,
@@ -187,7 +194,7 @@ impl fmt::Display for GuestSpec {
 
 /// The command-line form: `KEY=VALUE` items separated by commas. The keys
 /// are checked here, in the order given; the values then go through the
-/// same checks as a `[[guest]]` table's (see [`GuestTable::check`]).
+/// same checks as a `[[guest]]` table's (see `GuestTable::check`).
 impl FromStr for GuestSpec {
     type Err = GuestSpecError;
 
@@ -234,16 +241,27 @@ impl FromStr for GuestSpec {
 /// The keys of a guest, on the command line and in a `[[guest]]` table.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum GuestKey {
+    /// `name`: the guest's name.
     Name,
+    /// `socket`: a vhost-user socket the daemon listens on.
     Socket,
+    /// `connect`: a vhost-user socket the VMM listens on.
     Connect,
+    /// `egd`: an EGD socket the daemon listens on.
     Egd,
+    /// `vsock-uds`: the base path of a hybrid vsock socket, for the agent.
     VsockUds,
+    /// `cid`: the guest's vsock CID, for the agent over AF_VSOCK.
     Cid,
+    /// `tcp-psk`: the guest's pre-shared key file, for the agent over TCP.
     TcpPsk,
+    /// `rate-bytes`: bytes allowed per rate period.
     RateBytes,
+    /// `rate-period`: the rate limit's period, in milliseconds.
     RatePeriod,
+    /// `burst`: the most bytes the guest may draw at once, in bytes.
     Burst,
+    /// `weight`: the guest's share when guests compete.
     Weight,
 }
 
@@ -271,6 +289,8 @@ impl GuestKey {
         GuestKey::Weight,
     ];
 
+    /// The key as written on the command line and in the file
+    /// (`rate-bytes`, `vsock-uds`, ...).
     pub fn as_str(self) -> &'static str {
         match self {
             GuestKey::Name => "name",
@@ -287,6 +307,7 @@ impl GuestKey {
         }
     }
 
+    /// The key written `name`, or `None` for a name that is no key.
     pub fn from_name(name: &str) -> Option<GuestKey> {
         GuestKey::ALL.into_iter().find(|key| key.as_str() == name)
     }
@@ -329,21 +350,30 @@ fn key_list(keys: &[GuestKey]) -> String {
 /// `[[guest]]` (or `[defaults]`) table.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum GuestSpecError {
+    /// A `--guest` with nothing in it.
     #[error("the guest is empty; give name=NAME,socket=PATH or name=NAME,connect=PATH")]
     Empty,
+    /// Two commas in a row, or a comma at either end.
     #[error("empty item between commas")]
     EmptyItem,
+    /// A key that is not a guest key (or not one `[defaults]` may set).
     #[error("unknown key '{key}' (valid: {})", key_list(.valid))]
     UnknownKey {
+        /// The key as written.
         key: String,
+        /// The keys that would have been accepted there.
         valid: &'static [GuestKey],
     },
+    /// A key without `=VALUE`.
     #[error("key '{0}' has no value; write {0}=VALUE")]
     MissingValue(GuestKey),
+    /// The same key twice in one guest.
     #[error("key '{0}' is given twice")]
     DuplicateKey(GuestKey),
+    /// A guest without `name`.
     #[error("missing key 'name': every guest needs a name")]
     MissingName,
+    /// A guest with none of the endpoint keys.
     #[error(
         "no endpoint: give socket=PATH for a vhost-user socket the daemon listens on, \
          connect=PATH for one the VMM listens on, egd=PATH for an EGD socket, \
@@ -351,41 +381,75 @@ pub enum GuestSpecError {
          AF_VSOCK, or tcp-psk=PATH for the agent over TCP"
     )]
     NoEndpoint,
+    /// A guest with more than one endpoint key.
     #[error(
         "more than one of 'socket', 'connect', 'egd', 'vsock-uds', 'cid' and 'tcp-psk' is \
          set; give only one"
     )]
     BothEndpoints,
+    /// `cid` outside the guest CIDs (the value as written is given).
     #[error(
         "key 'cid': {0} is not a guest CID ({FIRST_GUEST_CID} to {max}; 0 to 2 are the \
          hypervisor, local and host)",
         max = VSOCK_CID_ANY - 1
     )]
     CidOutOfRange(String),
+    /// `name` does not match `[A-Za-z0-9._-]{1,64}`.
     #[error("key 'name': {name:?} {problem}")]
-    InvalidName { name: String, problem: NameProblem },
+    InvalidName {
+        /// The name as given.
+        name: String,
+        /// What is wrong with it.
+        problem: NameProblem,
+    },
+    /// A path key with an empty value.
     #[error("key '{0}': the path is empty")]
     EmptyPath(GuestKey),
+    /// A number key whose value is not digits.
     #[error("key '{key}': '{value}' is not a whole number")]
-    NotANumber { key: GuestKey, value: String },
+    NotANumber {
+        /// The key at fault.
+        key: GuestKey,
+        /// Its value as written.
+        value: String,
+    },
+    /// A number key with a negative value.
     #[error("key '{key}': {value} is negative")]
-    Negative { key: GuestKey, value: String },
+    Negative {
+        /// The key at fault.
+        key: GuestKey,
+        /// Its value as written.
+        value: String,
+    },
+    /// A number over the key's bound (the rate limiter's, or the CID range).
     #[error("key '{key}': {value} is too large (at most {max})")]
     TooLarge {
+        /// The key at fault.
         key: GuestKey,
+        /// Its value as written.
         value: String,
+        /// The largest value the key takes.
         max: u64,
     },
+    /// `rate-bytes`, `rate-period` or `burst` of 0 (the key is given).
     #[error("key '{0}': must be more than 0{hint}", hint = .0.zero_hint())]
     Zero(GuestKey),
+    /// `weight` outside 1 to [`MAX_WEIGHT`](super::MAX_WEIGHT) (the value as
+    /// written is given).
     #[error("key 'weight': {0} is out of range (1 to {max})", max = MAX_WEIGHT)]
     WeightOutOfRange(String),
+    /// `rate-period` or `burst` set without `rate-bytes` in the same place.
     #[error("key '{0}' only applies to a rate limit; set rate-bytes too, or remove {0}")]
     NeedsRateBytes(GuestKey),
+    /// In the file, a value of the wrong TOML type (a number in quotes, a
+    /// path as a number).
     #[error("key '{key}': expected {expected}, found {found}")]
     WrongType {
+        /// The key at fault.
         key: GuestKey,
+        /// What the key takes ("a string", "a whole number", ...).
         expected: &'static str,
+        /// The TOML type that was there instead.
         found: &'static str,
     },
 }
@@ -435,8 +499,13 @@ impl GuestSpecError {
 /// Why a guest name is not allowed.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum NameProblem {
+    /// The name is empty.
     Empty,
+    /// The name has a character outside `[A-Za-z0-9._-]` (the first is
+    /// given).
     BadChar(char),
+    /// The name is longer than [`MAX_NAME_LEN`](super::MAX_NAME_LEN) (its
+    /// length in bytes is given).
     TooLong(usize),
 }
 
@@ -484,9 +553,15 @@ pub fn validate_name(name: &str) -> Result<(), GuestSpecError> {
 /// Limits applied to every `[[guest]]` that does not set the key itself.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct GuestDefaults {
+    /// Bytes per period for guests without `rate-bytes`; `None` for no limit.
     pub rate_bytes: Option<u64>,
+    /// Rate period in milliseconds for guests without `rate-period`; `None`
+    /// for the built-in 1000 ms.
     pub rate_period_ms: Option<u64>,
+    /// Burst in bytes for guests that set neither `burst` nor `rate-bytes`;
+    /// `None` for the rate itself.
     pub burst: Option<u64>,
+    /// Weight for guests without `weight`; `None` for 1.
     pub weight: Option<u32>,
 }
 
@@ -821,7 +896,9 @@ pub fn shorthand_guests(endpoints: impl IntoIterator<Item = GuestEndpoint>) -> V
 /// Where a guest was defined, for [`merge_guests`]' errors.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum GuestOrigin {
+    /// A `--guest`, `--socket` or `--connect` option.
     CommandLine,
+    /// A `[[guest]]` table of the `--config` file.
     ConfigFile,
 }
 

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0
 //! Configuration for many guests, shared by the command line and the
 //! `--config` TOML file.
 //!
@@ -159,89 +160,139 @@ pub use crate::frontend::vsock::VSOCK_CID_ANY;
 /// A configuration problem; `Display` is the message for the operator.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
+    /// The file could not be read.
     #[error("cannot read {}: {error}", .path.display())]
     Read {
+        /// The configuration file.
         path: PathBuf,
+        /// The error from the operating system.
         #[source]
         error: std::io::Error,
     },
+    /// The file is not valid TOML.
     #[error("{}:{line}: invalid TOML{}: {message}", .path.display(), at_snippet(.snippet))]
     Syntax {
+        /// The configuration file.
         path: PathBuf,
+        /// Line of the error, from 1.
         line: usize,
         /// The text the error points at, if short.
         snippet: Option<String>,
+        /// The TOML parser's description of the error.
         message: String,
     },
+    /// A top-level key that is not one of [`FILE_KEYS`].
     #[error("{}:{line}: unknown key '{key}' (valid: {})", .path.display(), FILE_KEYS.join(", "))]
     UnknownKey {
+        /// The configuration file.
         path: PathBuf,
+        /// Line of the key, from 1.
         line: usize,
+        /// The key as written.
         key: String,
     },
+    /// A top-level key with a value it does not take.
     #[error("{}:{line}: key '{key}': {message}", .path.display())]
     Value {
+        /// The configuration file.
         path: PathBuf,
+        /// Line of the value, from 1.
         line: usize,
+        /// The key.
         key: String,
+        /// What is wrong with the value, and what the key takes.
         message: String,
     },
+    /// A mistake in the `[defaults]` table.
     #[error("{}:{line}: [defaults]: {error}", .path.display())]
     Defaults {
+        /// The configuration file.
         path: PathBuf,
+        /// Line of the value at fault (or of the table), from 1.
         line: usize,
+        /// What is wrong.
         #[source]
         error: GuestSpecError,
     },
+    /// A mistake in one `[[guest]]` table.
     #[error("{}:{line}: {}: {error}", .path.display(), guest_label(.name, *.number))]
     Guest {
+        /// The configuration file.
         path: PathBuf,
+        /// Line of the value at fault (or of the table), from 1.
         line: usize,
         /// The guest's name, if it has a usable one.
         name: Option<String>,
         /// Its place among the `[[guest]]` tables, from 1.
         number: usize,
+        /// What is wrong.
         #[source]
         error: GuestSpecError,
     },
+    /// Two `[[guest]]` tables with the same name.
     #[error(
         "{}:{line}: guest {name:?}: the name is already used by the guest on line {first_line}",
         .path.display()
     )]
     DuplicateName {
+        /// The configuration file.
         path: PathBuf,
+        /// Line of the second guest's name, from 1.
         line: usize,
+        /// The name both use.
         name: String,
+        /// Line of the first guest's name, from 1.
         first_line: usize,
     },
+    /// Two `[[guest]]` tables with the same socket path, key file or CID.
     #[error(
         "{}:{line}: guest {name:?}: {endpoint} is already used by guest {other:?} on line {other_line}",
         .path.display()
     )]
     DuplicatePath {
+        /// The configuration file.
         path: PathBuf,
+        /// Line of the second guest's endpoint, from 1.
         line: usize,
+        /// The second guest's name.
         name: String,
+        /// The path or CID both use.
         endpoint: Address,
+        /// The first guest's name.
         other: String,
+        /// Line of the first guest's endpoint, from 1.
         other_line: usize,
     },
+    /// A guest of the command line and one of the file (or two of the same
+    /// place) share a name, when [`merge_guests`] puts them together.
     #[error(
         "guest name {name:?} is used twice: {first} ({first_spec}) and {second} ({second_spec})"
     )]
     MergeName {
+        /// The name both use.
         name: String,
+        /// Where the first guest was defined.
         first: GuestOrigin,
+        /// The first guest in `--guest` form.
         first_spec: String,
+        /// Where the second guest was defined.
         second: GuestOrigin,
+        /// The second guest in `--guest` form.
         second_spec: String,
     },
+    /// Two guests share a socket path, key file or CID, when
+    /// [`merge_guests`] puts them together.
     #[error("{path} is used by two guests: {first_guest:?} {first} and {second_guest:?} {second}")]
     MergePath {
+        /// The path or CID both use.
         path: Address,
+        /// Where the first guest was defined.
         first: GuestOrigin,
+        /// The first guest's name.
         first_guest: String,
+        /// Where the second guest was defined.
         second: GuestOrigin,
+        /// The second guest's name.
         second_guest: String,
     },
 }

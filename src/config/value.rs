@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0
 //! How the configuration file's values are read: leniently.
 //!
 //! The derived structures of `file.rs` and `guest.rs` leave the keys to

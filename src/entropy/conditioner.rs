@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0
 //! The conditioner: turns health-tested raw input from all sources into
 //! full-entropy blocks.
 //!

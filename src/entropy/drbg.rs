@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0
 //! Per-guest deterministic random bit generator (DRBG mode).
 //!
 //! Each guest stream is a ChaCha20 generator (RustCrypto `chacha20`) keyed

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0
 //! Weighted fair sharing of scarce raw output among the guests asking for
 //! it (raw mode, when the sources cannot keep up): start-time fair queuing
 //! over the pool's full-entropy bytes.
@@ -27,6 +28,8 @@ struct Share {
 }
 
 impl Fairness {
+    /// A new stream id, never handed out before; the stream has no share
+    /// until it first asks ([`Fairness::may_take`]).
     pub fn register(&mut self) -> u64 {
         self.next_id += 1;
         self.next_id
@@ -54,12 +57,15 @@ impl Fairness {
         behind.is_none_or(|min| share.vtime <= min + FAIR_QUANTUM)
     }
 
+    /// Advances stream `id`'s virtual time for `bytes` taken at `weight` (0
+    /// counts as 1). Does nothing for a stream that never asked.
     pub fn charge(&mut self, id: u64, bytes: usize, weight: u32) {
         if let Some(share) = self.shares.get_mut(&id) {
             share.vtime += bytes as f64 / f64::from(weight.max(1));
         }
     }
 
+    /// Drops stream `id`'s share, when its guest goes away.
     pub fn forget(&mut self, id: u64) {
         self.shares.remove(&id);
     }

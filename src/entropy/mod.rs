@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0
 //! Where guests' randomness comes from, stage by stage: raw bytes from the
 //! [`source`]s, checked by the [`health`] tests, condensed to full-entropy
 //! blocks by the [`conditioner`], kept in the [`pool`], and stretched for

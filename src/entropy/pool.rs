@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0
 //! The pool: health-tested source output, conditioned into full-entropy
 //! blocks, and the streams every guest frontend draws from.
 //!
@@ -41,6 +42,7 @@ pub enum Mode {
 }
 
 impl Mode {
+    /// The mode as the `mode` key and `--mode` write it: `drbg` or `raw`.
     pub fn as_str(self) -> &'static str {
         match self {
             Mode::Drbg => "drbg",
@@ -52,23 +54,32 @@ impl Mode {
 /// Everything the pool needs to start.
 #[derive(Debug, Clone)]
 pub struct PoolConfig {
+    /// The sources to open, in order; none is [`PoolError::NoSources`].
     pub sources: Vec<SourceSpec>,
+    /// How guests are served.
     pub mode: Mode,
+    /// When each guest's DRBG is reseeded (drbg mode only).
     pub reseed: ReseedPolicy,
 }
 
+/// Why the pool could not start.
 #[derive(Debug, thiserror::Error)]
 pub enum PoolError {
+    /// No source was given, and none was found on this host.
     #[error(
         "no hardware entropy source works on this host (no readable /dev/hwrng, no RDSEED); \
          name one with --source, or use --source os to serve the operating system's CSPRNG"
     )]
     NoSources,
+    /// A source could not be opened.
     #[error("entropy source {0}")]
     Source(#[from] SourceError),
+    /// A source or conditioner thread could not be started.
     #[error("cannot start a thread for {what}: {error}")]
     Thread {
+        /// Whose thread: "the conditioner" or the source's name.
         what: String,
+        /// The error from the operating system.
         #[source]
         error: std::io::Error,
     },
@@ -214,6 +225,7 @@ impl Pool {
         Ok(pool)
     }
 
+    /// How guests are served, as configured.
     pub fn mode(&self) -> Mode {
         self.mode
     }

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0
 //! What every accept loop shares: a signal that wakes it to stop, and the
 //! pause after a failed accept.
 
@@ -18,12 +19,15 @@ pub struct StopSignal {
 }
 
 impl StopSignal {
+    /// A signal not yet raised (a non-blocking eventfd).
     pub fn new() -> io::Result<Self> {
         Ok(StopSignal {
             event: EventFd::new(EFD_NONBLOCK | EFD_CLOEXEC)?,
         })
     }
 
+    /// Raises the signal: the accept loop waiting on it returns. Raising it
+    /// again does no harm.
     pub fn raise(&self) {
         let _ = self.event.write(1);
     }

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0
 //! The vhost-rng channel: our own read-only request/response protocol
 //! (`docs/protocol.md`, [`vhost_rng_protocol::wire`]) for the in-guest agent, served
 //! on a Unix socket in the hybrid-vsock convention: the guest connects to

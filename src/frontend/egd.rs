@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0
 //! The EGD frontend: guests whose VMM speaks the Entropy Gathering Daemon
 //! protocol, e.g. QEMU `-object rng-egd` behind `virtio-rng-pci`, or
 //! libvirt `<backend model='egd'>`. No vhost-user needed.

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0
 //! Guest frontends: the ways guests receive bytes from the pool.
 //!
 //! - [`vhost_user`]: the virtio-rng device over vhost-user, one Unix socket
@@ -30,6 +31,7 @@ use crate::guest::Guest;
 
 /// A running frontend serving one guest.
 pub trait GuestFrontend: Send + Sync {
+    /// The guest this frontend serves.
     fn guest(&self) -> &Arc<Guest>;
     /// Closes the guest's connections and removes its socket file.
     fn stop(&self);
@@ -51,12 +53,16 @@ pub enum Handover {
     /// A vhost-user guest: its listening socket (`socket=` guests) and its
     /// VMM connection, if one is up.
     VhostUser {
+        /// The listening socket, for a `socket=` guest.
         listener: Option<OwnedFd>,
+        /// The VMM's connection and device state, if a VMM is connected.
         connection: Option<vhost_user::FrozenConnection>,
     },
     /// An EGD or channel guest: its listening socket and connected clients.
     Stream {
+        /// The listening socket.
         listener: OwnedFd,
+        /// The connected clients' sockets, oldest first.
         clients: Vec<OwnedFd>,
     },
     /// The frontend could not hand over; the upgrade must not go ahead.

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0
 //! Listeners shared by many guests (AF_VSOCK, TCP): such a listener finds a
 //! connection's guest by an identity (a vsock CID, a guest name proven with
 //! its key) in a [`Directory`] that the registry fills as guests come and
@@ -33,6 +34,8 @@ pub struct ListenerStatus {
 
 /// A guest reachable through a shared listener.
 pub struct Member<C> {
+    /// The guest's open clients, shared with its other sockets, so that its
+    /// connection limit counts them all.
     pub clients: Arc<Clients>,
     /// What the guest proves its identity with (a TCP key; nothing for
     /// vsock, where the host assigns CIDs).
@@ -64,6 +67,7 @@ where
         self.members.lock().unwrap_or_else(|e| e.into_inner())
     }
 
+    /// The member under `key`, if the guest is known.
     pub fn get(&self, key: &K) -> Option<Arc<Member<C>>> {
         self.lock().get(key).cloned()
     }

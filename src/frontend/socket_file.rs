@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0
 //! Socket files for guests: created with the operator's permissions, stale
 //! files from a crashed daemon replaced, live ones (another daemon) refused,
 //! and removed on shutdown only if they are still ours.
@@ -40,20 +41,37 @@ impl Default for SocketAccess {
     }
 }
 
+/// Why a socket file could not be made, or its path not cleared for one.
 #[derive(Debug, thiserror::Error)]
 pub enum SocketError {
+    /// Another process listens on the socket at `path` (another daemon,
+    /// most likely); it is left alone.
+    #[allow(missing_docs)] // its one field, `path`: the socket file's path
     #[error("{path}: another process is listening on this socket (is another vhost-rng running?)")]
     InUse { path: PathBuf },
+    /// Something other than a socket is at `path`; the daemon never
+    /// replaces it.
+    #[allow(missing_docs)] // its one field, `path`: the socket file's path
     #[error("{path}: exists and is not a socket; refusing to replace it")]
     NotASocket { path: PathBuf },
+    /// The directory `path` would be in does not exist; the daemon does not
+    /// create it.
+    #[allow(missing_docs)] // its one field, `path`: the socket file's path
     #[error("{path}: the directory does not exist")]
     NoDirectory { path: PathBuf },
+    /// `path` does not fit in a Unix socket address (108 bytes), or the
+    /// private directory the socket is made in next to it would not.
+    #[allow(missing_docs)] // its one field, `path`: the socket file's path
     #[error("{path}: path too long for a Unix socket (at most 107 bytes)")]
     PathTooLong { path: PathBuf },
+    /// A system call on the way failed.
     #[error("{path}: cannot {action}: {error}")]
     Io {
+        /// The socket file's path.
         path: PathBuf,
+        /// What was being done ("bind socket", "set socket group", ...).
         action: &'static str,
+        /// The error from the operating system.
         #[source]
         error: io::Error,
     },
@@ -120,6 +138,7 @@ impl GuestSocket {
         })
     }
 
+    /// The socket file's path, as given to [`GuestSocket::bind`].
     pub fn path(&self) -> &Path {
         &self.path
     }

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0
 //! Stream-socket frontends (EGD, the vhost-rng channel protocol over a Unix
 //! socket, AF_VSOCK or TCP): a guest's clients, a thread per client, and
 //! blocking reads that wait for the guest's tokens or for the pool on that
@@ -99,6 +100,8 @@ impl ClientStream for TcpStream {
 
 /// Serves one client connection until it ends.
 pub trait Session: Send {
+    /// Serves `client` on the calling thread until it disconnects, breaks the
+    /// protocol or times out; an error ends the connection and is logged.
     fn serve(&mut self, client: &mut dyn ClientStream) -> io::Result<()>;
 }
 
@@ -183,6 +186,7 @@ struct SharedStream {
 }
 
 impl Clients {
+    /// The clients of `guest`, none yet, held to [`Timeouts::DEFAULT`].
     pub fn new(guest: Arc<Guest>) -> Arc<Self> {
         Self::with_timeouts(guest, Timeouts::DEFAULT)
     }
@@ -221,6 +225,7 @@ impl Clients {
         Ok(shared)
     }
 
+    /// The guest these clients belong to.
     pub fn guest(&self) -> &Arc<Guest> {
         &self.guest
     }
@@ -234,6 +239,8 @@ impl Clients {
         !self.lock().is_empty()
     }
 
+    /// Whether [`Clients::close_all`] was called: the guest is going away and
+    /// new clients are refused.
     pub fn is_stopping(&self) -> bool {
         self.stopping.load(Ordering::SeqCst)
     }
@@ -242,6 +249,7 @@ impl Clients {
     /// the calling thread until it ends; refuses it if the guest is
     /// stopping. If the guest has [`MAX_CLIENTS`] already, one of them is
     /// closed to make room (see [`Clients::admit`]).
+    #[allow(rustdoc::private_intra_doc_links)] // for readers of the source
     pub fn serve(self: &Arc<Self>, protocol: &Protocol, peer: &str, client: &mut dyn ClientStream) {
         if let Some(slot) = self.admit_or_refuse(protocol, peer, client) {
             slot.serve(protocol, peer, client);
@@ -409,6 +417,7 @@ pub struct Places {
 pub struct Place(Arc<AtomicUsize>);
 
 impl Places {
+    /// At most `limit` places taken at once.
     pub fn new(limit: usize) -> Self {
         Places {
             limit,
@@ -566,6 +575,7 @@ impl StreamServer {
         Ok(server)
     }
 
+    /// The guest this socket serves.
     pub fn guest(&self) -> &Arc<Guest> {
         self.clients.guest()
     }
@@ -626,6 +636,8 @@ pub fn spawn_client<S: ClientStream + 'static>(
 /// What a read last waited for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Waited {
+    /// It did not wait: the bytes were there (or the deadline had passed
+    /// before it began).
     Nothing,
     /// The guest's rate limit (or the daemon's `--max-rate`).
     ForTokens,
@@ -650,6 +662,7 @@ impl GuestReader {
         self.guest.supply(stream.as_mut(), buf, now)
     }
 
+    /// The guest this reader draws for.
     pub fn guest(&self) -> &Guest {
         &self.guest
     }

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0
 //! The TCP listener (`--listen-tcp ADDR`) for guests with no vsock (Xen):
 //! every connection must complete a Noise handshake with its guest's
 //! pre-shared key ([`vhost_rng_protocol::noise`]) before it is served; there is no
@@ -50,14 +51,20 @@ pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
 /// The guests of the TCP listener, by name, with their keys.
 pub type TcpDirectory = Directory<String, Psk>;
 
+/// Why the `--listen-tcp` listener could not start.
 #[derive(Debug, thiserror::Error)]
 pub enum TcpError {
+    /// Binding or listening on the address failed (in use, not an address of
+    /// this host, a privileged port).
     #[error("cannot listen on TCP {addr}: {error}")]
     Listen {
+        /// The `--listen-tcp` address.
         addr: SocketAddr,
+        /// The error from the operating system.
         #[source]
         error: io::Error,
     },
+    /// The listener's stop signal or accept thread could not be made.
     #[error("cannot start the TCP listener: {0}")]
     Spawn(#[source] io::Error),
 }
@@ -114,6 +121,8 @@ pub struct TcpListener {
 }
 
 impl TcpListener {
+    /// Listens on `addr` and starts the accept thread, with no guests yet;
+    /// each connection has [`HANDSHAKE_TIMEOUT`] for its handshake.
     pub fn start(addr: SocketAddr) -> Result<Arc<Self>, TcpError> {
         Self::start_with_handshake_timeout(addr, HANDSHAKE_TIMEOUT)
     }
@@ -155,6 +164,8 @@ impl TcpListener {
         self.local_addr
     }
 
+    /// The guests this listener knows, by name, with their keys; the registry
+    /// adds and removes them.
     pub fn directory(&self) -> &Arc<TcpDirectory> {
         &self.directory
     }

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0
 //! The AF_VSOCK listener (`--vsock PORT`): one socket for every guest of a
 //! host whose VMMs use the kernel's vhost-vsock. The peer's CID, which the
 //! host assigns and a guest cannot choose, names the guest (`cid=N`).
@@ -36,19 +37,26 @@ pub const VSOCK_CID_ANY: u32 = u32::MAX;
 /// The guests of the vsock listener, by CID.
 pub type VsockDirectory = Directory<u32, ()>;
 
+/// Why the `--vsock` listener could not start.
 #[derive(Debug, thiserror::Error)]
 pub enum VsockError {
+    /// Creating, binding or listening on the AF_VSOCK socket failed (no vsock
+    /// transport on this host, the port in use).
     #[error(
         "cannot listen on vsock port {port}: {error}{hint}",
         hint = vsock_hint(error)
     )]
     Listen {
+        /// The `--vsock` port.
         port: u32,
+        /// The error from the system call.
         #[source]
         error: nix::Error,
     },
+    /// `--vsock-default-rate` is not a rate the limiter takes.
     #[error("--vsock-default-rate: {0}")]
     DefaultRate(#[source] crate::guest::limiter::RateLimitError),
+    /// The listener's stop signal or accept thread could not be made.
     #[error("cannot start the vsock listener: {0}")]
     Spawn(#[source] io::Error),
 }
@@ -147,10 +155,13 @@ impl VsockListener {
         }))
     }
 
+    /// The vsock port it listens on.
     pub fn port(&self) -> u32 {
         self.port
     }
 
+    /// The guests this listener knows, by CID; the registry adds and removes
+    /// them.
     pub fn directory(&self) -> &Arc<VsockDirectory> {
         &self.directory
     }

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0
 //! Per-guest rate limiting: a token bucket deciding how many random bytes a
 //! guest may receive and when.
 //!
@@ -38,16 +39,24 @@ const NANOS_PER_SEC: u128 = 1_000_000_000;
 /// Why a rate limit was refused.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum RateLimitError {
+    /// `rate-bytes` of 0.
     #[error("rate-bytes must be more than 0 (to stop a guest, remove it)")]
     ZeroRate,
+    /// `rate-period` of 0 ms.
     #[error("rate-period must be at least 1 ms")]
     ZeroPeriod,
+    /// A burst of 0 bytes.
     #[error("rate-burst must be at least 1 byte")]
     ZeroBurst,
+    /// A value over its bound ([`MAX_BYTES`], [`MAX_PERIOD_MS`] or
+    /// [`MAX_BURST`]).
     #[error("{what} must be at most {max}, not {value}")]
     TooLarge {
+        /// Which value: "rate-bytes", "rate-period (ms)" or "rate-burst".
         what: &'static str,
+        /// The value given.
         value: u64,
+        /// Its bound.
         max: u64,
     },
 }
@@ -256,12 +265,6 @@ impl TokenBucket {
         }
     }
 
-    /// Switches to `limit` at `now`.
-    ///
-    /// Tokens earned so far (at the old rate, up to `now`) are kept, capped
-    /// at the new burst; the new rate applies from `now` on, with no jump of
-    /// the refill clock. A fraction of a token is kept exactly when the
-    /// period is unchanged, and rounded down otherwise.
     /// Returns `n` tokens taken by a grant that could not be used (the pool
     /// had fewer bytes than granted), capped at the burst.
     pub fn refund(&mut self, n: u64) {
@@ -269,6 +272,12 @@ impl TokenBucket {
         self.scaled = refunded.min(self.limit.capacity());
     }
 
+    /// Switches to `limit` at `now`.
+    ///
+    /// Tokens earned so far (at the old rate, up to `now`) are kept, capped
+    /// at the new burst; the new rate applies from `now` on, with no jump of
+    /// the refill clock. A fraction of a token is kept exactly when the
+    /// period is unchanged, and rounded down otherwise.
     pub fn reconfigure(&mut self, limit: RateLimit, now: Instant) {
         self.refill(now);
         let old_period = self.limit.period_ns();

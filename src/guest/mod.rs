@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0
 //! A guest as the daemon knows it: its name, its limits, and the state
 //! that outlives any one connection. A VM reboot keeps its counters and its
 //! token bucket: reconnecting cannot reset a guest's budget.
@@ -18,10 +19,16 @@ pub const DEFAULT_WEIGHT: u32 = 1;
 /// Counters for one guest, updated by its frontend, read by status reporting.
 #[derive(Debug, Default)]
 pub struct GuestStats {
+    /// Whether a VMM (or an agent client) is connected now.
     pub connected: AtomicBool,
+    /// Connections accepted or made since the guest was added.
     pub connections: AtomicU64,
+    /// Requests completed: virtio-rng requests, EGD and channel reads,
+    /// defective ones included.
     pub requests: AtomicU64,
+    /// Random bytes handed to the guest.
     pub bytes: AtomicU64,
+    /// Requests completed with no bytes because the guest got them wrong.
     pub defective_requests: AtomicU64,
     /// Time requests spent waiting for rate-limit tokens, in nanoseconds.
     pub throttled_ns: AtomicU64,
@@ -39,18 +46,29 @@ pub struct GuestStats {
 /// A plain copy of [`GuestStats`] at one moment.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
 pub struct GuestStatsSnapshot {
+    /// Whether a VMM (or an agent client) is connected.
     pub connected: bool,
+    /// Connections accepted or made since the guest was added.
     pub connections: u64,
+    /// Requests completed, defective ones included.
     pub requests: u64,
+    /// Random bytes handed to the guest.
     pub bytes: u64,
+    /// Requests completed with no bytes because the guest got them wrong.
     pub defective_requests: u64,
+    /// Time requests spent waiting for rate-limit tokens.
     pub throttled: Duration,
+    /// Clients turned away because the guest had too many.
     pub refused_connections: u64,
+    /// Idle clients closed to make room for a new one.
     pub evicted_connections: u64,
+    /// TCP handshakes that named this guest but did not prove its key.
     pub wrong_key_connections: u64,
 }
 
 impl GuestStats {
+    /// A copy of every counter, each read on its own (not one atomic
+    /// snapshot).
     pub fn snapshot(&self) -> GuestStatsSnapshot {
         GuestStatsSnapshot {
             connected: self.connected.load(Ordering::Relaxed),
@@ -156,6 +174,7 @@ struct Policy {
 pub struct Guest {
     name: String,
     pool: Arc<Pool>,
+    /// The guest's counters, updated by whichever frontend serves it.
     pub stats: GuestStats,
     /// Keeps a guest that posts defective requests in a loop from flooding
     /// the log.
@@ -168,10 +187,14 @@ pub struct Guest {
 }
 
 impl Guest {
+    /// A guest named `name` drawing from `pool`, with no rate limit, weight 1
+    /// and no global cap.
     pub fn new(name: impl Into<String>, pool: Arc<Pool>) -> Arc<Self> {
         Self::with_limits(name, pool, GuestLimits::default(), SharedBucket::default())
     }
 
+    /// A guest named `name` drawing from `pool`, held to `limits` and to the
+    /// global cap `global` shares with the other guests.
     pub fn with_limits(
         name: impl Into<String>,
         pool: Arc<Pool>,
@@ -199,6 +222,7 @@ impl Guest {
         self.policy.lock().unwrap_or_else(|e| e.into_inner())
     }
 
+    /// The guest's own limits as now in force.
     pub fn limits(&self) -> GuestLimits {
         self.policy().limits
     }
@@ -314,10 +338,12 @@ impl Guest {
             .rate(now)
     }
 
+    /// The guest's name, unique in the daemon; logs and metrics use it.
     pub fn name(&self) -> &str {
         &self.name
     }
 
+    /// The pool the guest draws from.
     pub fn pool(&self) -> &Arc<Pool> {
         &self.pool
     }

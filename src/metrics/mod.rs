@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0
 //! Prometheus metrics: the daemon's [`DaemonStatus`] snapshot in the
 //! OpenMetrics text format, and a minimal HTTP/1.1 server that hands it to
 //! scrapers.

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0
 //! `vhost-rng check`: reads each entropy source through the same health
 //! tests the daemon uses and reports on it, like rngtest does for FIPS
 //! tests. Exit status 0 when every source is healthy, 1 when not.
@@ -14,20 +15,31 @@ use crate::entropy::source::{RawSource, SourceSpec};
 /// What one source did during the check.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct CheckReport {
+    /// The source's name, as in the daemon's logs and status.
     pub name: String,
+    /// Whether the bytes come from hardware.
     pub hardware: bool,
+    /// Bits of min-entropy credited per byte, which set the test cutoffs.
     pub min_entropy: f64,
+    /// Bytes read from the source.
     pub bytes: u64,
+    /// Seconds the reading took (the timeout, for a stalled source).
     pub seconds: f64,
+    /// Whether the start-up test passed at least once.
     pub startup_passed: bool,
+    /// Repetition count test failures; the tests start over after each.
     pub rct_failures: u64,
+    /// Adaptive proportion test failures; the tests start over after each.
     pub apt_failures: u64,
+    /// Why the source could not be opened or read, if it could not.
     pub error: Option<String>,
     /// Did not deliver the bytes asked for in time.
     pub stalled: bool,
 }
 
 impl CheckReport {
+    /// True when the source was read in full and in time, passed its
+    /// start-up test and never failed a health test.
     pub fn healthy(&self) -> bool {
         self.error.is_none()
             && !self.stalled

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0
 //! The control socket: `vhost-rng guest add|remove|list` and `vhost-rng
 //! status` talk to a running daemon over a Unix socket (mode 0600).
 //!
@@ -45,49 +46,77 @@ pub const CLIENT_TIMEOUT: Duration = Duration::from_secs(5);
 /// several at once, and for a few stuck clients besides.
 pub const MAX_CLIENTS: usize = 16;
 
+/// One request line from a client, tagged by `command`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "command", rename_all = "kebab-case")]
 pub enum Request {
+    /// `guest-add`: start serving the guest in `spec`, written in `--guest`
+    /// form.
     GuestAdd {
+        /// The guest, in `--guest` form.
         spec: String,
     },
+    /// `guest-remove`: stop serving the guest called `name`.
     GuestRemove {
+        /// The guest's name.
         name: String,
     },
+    /// `guest-list`: every guest with its counters and limits.
     GuestList,
+    /// `status`: the whole daemon, guests, sources and pool.
     Status,
     /// Re-execute the daemon's binary from disk, keeping every guest
     /// (`vhost-rng upgrade`, like SIGUSR2).
     Upgrade,
 }
 
+/// The daemon's answer line, tagged by `result`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "result", rename_all = "kebab-case")]
 pub enum Response {
+    /// The request was carried out.
     Ok,
+    /// The request was refused; `message` says why, for the operator.
+    #[allow(missing_docs)] // its one field, `message`, is described above
     Error { message: String },
+    /// The answer to `guest-list`: `guests`, one entry per guest.
+    #[allow(missing_docs)] // its one field, `guests`, is described above
     Guests { guests: Vec<GuestStatus> },
+    /// The answer to `status`: `status`, the daemon as a whole.
+    #[allow(missing_docs)] // its one field, `status`, is described above
     Status { status: Box<DaemonStatus> },
 }
 
+/// Why a control client got no answer, or was refused.
 #[derive(Debug, thiserror::Error)]
 pub enum ControlError {
+    /// Nothing listens at the control socket's path (or it cannot be
+    /// reached).
     #[error(
         "cannot reach the daemon at {path}: {error} (is vhost-rng serve running with --control {path}?)"
     )]
     Connect {
+        /// The control socket's path.
         path: PathBuf,
+        /// The error from connecting.
         #[source]
         error: std::io::Error,
     },
+    /// Sending the request or reading the answer failed (the daemon may have
+    /// timed out the client).
     #[error("talking to the daemon at {path}: {error}")]
     Io {
+        /// The control socket's path.
         path: PathBuf,
+        /// The error from the operating system.
         #[source]
         error: std::io::Error,
     },
+    /// The answer is not a response line this client understands (the parse
+    /// error and the line are given).
     #[error("the daemon's answer is not understood: {0}")]
     Protocol(String),
+    /// The daemon answered with an error (its message is given).
     #[error("{0}")]
     Refused(String),
 }
@@ -140,6 +169,8 @@ pub struct ControlServer {
 }
 
 impl ControlServer {
+    /// Listens on `path` (mode 0600) and serves each client against
+    /// `registry`, giving each [`CLIENT_TIMEOUT`].
     pub fn start(path: &Path, registry: Arc<Registry>) -> Result<Self, SocketError> {
         Self::start_with_timeout(path, registry, CLIENT_TIMEOUT)
     }

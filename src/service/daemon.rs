@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0
 //! `vhost-rng serve`: resolves the settings (command line over config
 //! file), starts the pool, every guest, the control socket and the metrics
 //! endpoint, then waits for signals: SIGHUP reloads the config file,
@@ -34,28 +35,58 @@ use crate::service::upgrade;
 /// command line wins.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct Settings {
+    /// Entropy sources (`--source`, `sources`); empty when not given, which
+    /// means every hardware source that works on this host.
     pub sources: Vec<SourceSpec>,
+    /// How guests are served (`--mode`, `mode`); drbg when not given.
     pub mode: Option<Mode>,
+    /// In drbg mode, the most bytes a guest's DRBG gives between reseeds
+    /// (`--reseed-bytes`, `reseed-bytes`).
     pub reseed_bytes: Option<u64>,
+    /// In drbg mode, the most seconds between reseeds of a guest's DRBG
+    /// (`--reseed-secs`, `reseed-secs`).
     pub reseed_secs: Option<u64>,
+    /// Cap on bytes per second to all guests together (`--max-rate`,
+    /// `max-rate`); none when not given.
     pub max_rate: Option<u64>,
+    /// Permission bits of the socket files the daemon creates
+    /// (`--socket-mode`, `socket-mode`); 0o600 when not given.
     pub socket_mode: Option<u32>,
+    /// Group owning those socket files (`--socket-group`, `socket-group`).
     pub socket_group: Option<Gid>,
+    /// The control socket (`--control`, `control`); when not given,
+    /// [`DEFAULT_CONTROL_PATH`] for root and none otherwise.
     pub control: Option<PathBuf>,
+    /// Address the metrics endpoint listens on (`--metrics`, `metrics`).
     pub metrics: Option<SocketAddr>,
+    /// AF_VSOCK port for `cid=` guests (`--vsock`, `vsock`).
     pub vsock: Option<u32>,
+    /// Bytes per second for vsock CIDs no guest has (`--vsock-default-rate`,
+    /// `vsock-default-rate`); such CIDs are refused when not given.
     pub vsock_default_rate: Option<u64>,
+    /// Address of the encrypted TCP listener for `tcp-psk=` guests
+    /// (`--listen-tcp`, `listen-tcp`).
     pub listen_tcp: Option<SocketAddr>,
+    /// Most guest memory regions per vhost-user connection
+    /// (`--vhost-user-max-regions`, `vhost-user-max-regions`).
     pub vhost_user_max_regions: Option<u64>,
+    /// Most bytes of guest memory per vhost-user connection
+    /// (`--vhost-user-max-memory`, `vhost-user-max-memory`).
     pub vhost_user_max_memory: Option<u64>,
+    /// Seconds a vhost-user connection has to send SET_OWNER
+    /// (`--vhost-user-setup-timeout`, `vhost-user-setup-timeout`).
     pub vhost_user_setup_timeout: Option<u64>,
 }
 
 /// What `serve` was asked for.
 #[derive(Debug, Clone)]
 pub struct ServeConfig {
+    /// The guests of the command line (`--guest` and the shorthand options),
+    /// served before the config file's.
     pub guests: Vec<GuestSpec>,
+    /// The `--config` file, read at start and again on SIGHUP.
     pub config_file: Option<PathBuf>,
+    /// The command line's settings, which override the config file's.
     pub settings: Settings,
 }
 
@@ -77,30 +108,44 @@ struct Resolved {
     guests_declared: bool,
 }
 
+/// Why the daemon could not start, or a reload was refused.
 #[derive(Debug, thiserror::Error)]
 pub enum DaemonError {
+    /// The config file could not be read or is wrong.
     #[error(transparent)]
     Config(#[from] ConfigError),
+    /// A socket file (a guest's, the control socket) could not be made.
     #[error(transparent)]
     Socket(#[from] SocketError),
+    /// The entropy pool could not start.
     #[error(transparent)]
     Pool(#[from] PoolError),
+    /// A guest could not be served.
     #[error(transparent)]
     Registry(#[from] RegistryError),
+    /// The metrics endpoint could not listen.
     #[error("metrics on {addr}: {error}")]
     Metrics {
+        /// The `--metrics` address.
         addr: SocketAddr,
+        /// The error from the operating system.
         #[source]
         error: std::io::Error,
     },
+    /// The signals the daemon waits for could not be blocked, or waiting
+    /// for them failed.
     #[error("cannot set up signal handling: {0}")]
     Signals(#[source] nix::Error),
+    /// The state a previous version handed over could not be read.
     #[error("cannot take over from the previous daemon: {0}")]
     Inherit(#[from] upgrade::InheritError),
+    /// The `--vsock` listener could not start.
     #[error(transparent)]
     Vsock(#[from] VsockError),
+    /// The `--listen-tcp` listener could not start.
     #[error(transparent)]
     Tcp(#[from] TcpError),
+    /// `vsock-default-rate` was given without `--vsock`.
     #[error("vsock-default-rate needs a vsock port to listen on: give --vsock PORT")]
     DefaultRateWithoutVsock,
 }

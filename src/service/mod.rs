@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0
 //! Running the daemon: `vhost-rng serve` ([`daemon`]), the running guests
 //! ([`registry`]), the control socket ([`control`]), what they report
 //! ([`status`]), systemd notifications ([`systemd`]), in-place upgrades

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0
 //! The guests a running daemon serves: added, removed and reconfigured at
 //! runtime (control socket, SIGHUP reload) without touching the others.
 //!
@@ -32,60 +33,91 @@ use crate::service::upgrade::Counters;
 use vhost_rng_protocol::noise::{Psk, PskError};
 use vhost_rng_protocol::wire;
 
+/// Why a guest could not be added, removed or reloaded. Except for
+/// [`RegistryError::PartlyApplied`], the running guests are as they were.
 #[derive(Debug, thiserror::Error)]
 pub enum RegistryError {
+    /// A guest of that name is served already (the name is given).
     #[error("guest {0} already exists")]
     Exists(String),
+    /// No guest has that name (it is given).
     #[error("no guest named {0}")]
     Unknown(String),
+    /// The config file defines a guest that was added over the control
+    /// socket (its name is given).
     #[error(
         "guest {0} was added at runtime; remove it (vhost-rng guest remove {0}) before \
          defining it in the config file"
     )]
     AddedAtRuntime(String),
+    /// Two guests would share a socket path, key file or CID.
     #[error("guest {name}: {path} is already used by guest {other}")]
     PathInUse {
+        /// The guest being added.
         name: String,
+        /// The path, or `vsock CID N`.
         path: String,
+        /// The guest that has it.
         other: String,
     },
+    /// The guest's rate limit is refused.
     #[error("guest {name}: {error}")]
     Limit {
+        /// The guest's name.
         name: String,
+        /// What is wrong with the limit.
         #[source]
         error: RateLimitError,
     },
+    /// `max-rate` is refused.
     #[error("max-rate: {0}")]
     MaxRate(#[source] RateLimitError),
+    /// The guest's socket file could not be made.
     #[error("guest {name}: {error}")]
     Socket {
+        /// The guest's name.
         name: String,
+        /// What went wrong.
         #[source]
         error: SocketError,
     },
+    /// A `cid=` or `tcp-psk=` guest, but the daemon runs no listener for it.
     #[error("guest {name}: {key}= needs the daemon to run with {option}")]
     NoListener {
+        /// The guest's name.
         name: String,
+        /// The endpoint key: "cid" or "tcp-psk".
         key: &'static str,
+        /// The option the daemon needs: "--vsock PORT" or "--listen-tcp ADDR".
         option: &'static str,
     },
+    /// A `tcp-psk=` guest's key file could not be read or holds no key.
     #[error("guest {name}: {error}")]
     Key {
+        /// The guest's name.
         name: String,
+        /// What is wrong with the key file.
         #[source]
         error: PskError,
     },
+    /// A reload failed after the guests it replaced were stopped: some of
+    /// its changes are in force, some not (the error is given).
     #[error(
         "the change was applied only in part, as the guests it replaced had left already: \
          {0}; `vhost-rng status` lists the guests now served"
     )]
     PartlyApplied(#[source] Box<RegistryError>),
+    /// The thread serving the guest could not be started.
     #[error("guest {name}: cannot start its thread: {error}")]
     Spawn {
+        /// The guest's name.
         name: String,
+        /// The error from the operating system.
         #[source]
         error: std::io::Error,
     },
+    /// A reload of a file without the `guest` key would remove every guest
+    /// (their names are given).
     #[error(
         "the new configuration has no guests and would remove {}; write `guest = []` in the \
          config file to mean that",
@@ -105,9 +137,14 @@ fn running_guests(names: &[String]) -> String {
 /// What a reload changed.
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
 pub struct ReloadSummary {
+    /// Guests started: new in the file, or restarted because their endpoint
+    /// or key changed.
     pub added: Vec<String>,
+    /// Guests stopped because the file no longer has them.
     pub removed: Vec<String>,
+    /// Guests whose limits or weight changed, in place.
     pub reconfigured: Vec<String>,
+    /// How many guests the reload left as they were.
     pub unchanged: usize,
 }
 
@@ -145,14 +182,18 @@ pub struct Lifecycle {
     pub binary: std::path::PathBuf,
     /// Seconds since the Unix epoch at the first start.
     pub started_at: u64,
+    /// In-place upgrades since then.
     pub upgrades: u64,
+    /// Why the last upgrade asked for did not happen, if it did not.
     pub last_upgrade_error: Option<String>,
 }
 
 /// The listeners shared by many guests, where the daemon runs them.
 #[derive(Default)]
 pub struct Listeners {
+    /// The `--vsock` listener, if the daemon runs one.
     pub vsock: Option<Arc<VsockListener>>,
+    /// The `--listen-tcp` listener, if the daemon runs one.
     pub tcp: Option<Arc<TcpListener>>,
 }
 
@@ -164,6 +205,7 @@ impl Listeners {
         vsock.into_iter().chain(tcp).collect()
     }
 
+    /// Stops every listener: no new connections, and their clients closed.
     pub fn stop(&self) {
         if let Some(vsock) = &self.vsock {
             vsock.stop();
@@ -217,25 +259,40 @@ struct Prepared {
 /// A guest's connections and state from a previous daemon, its
 /// descriptors now owned by this one.
 pub struct Carried {
+    /// The guest as the previous daemon served it.
     pub spec: GuestSpec,
+    /// Added at runtime (in no file): added again without being configured.
     pub runtime: bool,
+    /// Its listening socket, adopted instead of bound.
     pub listener: Option<OwnedFd>,
+    /// A vhost-user VMM connection with its state and the descriptors the
+    /// state indexes.
     pub connection: Option<(UnixStream, ConnectionState, Vec<OwnedFd>)>,
+    /// EGD or channel clients, served again.
     pub clients: Vec<UnixStream>,
+    /// Tokens its bucket held.
     pub tokens: Option<u64>,
+    /// Its counters.
     pub counters: Counters,
 }
 
 /// A guest as handed over by [`Registry::handover_all`].
 pub struct HandedOver {
+    /// The guest's spec.
     pub spec: GuestSpec,
+    /// Added at runtime.
     pub runtime: bool,
+    /// Its descriptors and connection state.
     pub handover: Handover,
+    /// Tokens in its bucket.
     pub tokens: Option<u64>,
+    /// Its counters.
     pub counters: Counters,
 }
 
 impl Registry {
+    /// An empty registry: guests drawing from `pool`, socket files made with
+    /// `access`, vhost-user connections held to `vhost_user`.
     pub fn new(pool: Arc<Pool>, access: SocketAccess, vhost_user: VhostUserLimits) -> Arc<Self> {
         Arc::new(Registry {
             pool,
@@ -740,6 +797,8 @@ impl Registry {
         }
     }
 
+    /// Every guest's counters and limits, configured guests by name, then
+    /// the ones a listener's default policy let in.
     pub fn guest_statuses(&self) -> Vec<GuestStatus> {
         let now = Instant::now();
         let configured: Vec<(Arc<Guest>, &'static str, String)> = self
@@ -787,6 +846,8 @@ impl Registry {
             .collect()
     }
 
+    /// The whole daemon: version, uptime, guests, pool, sources and
+    /// listeners.
     pub fn status(&self) -> DaemonStatus {
         DaemonStatus {
             version: env!("CARGO_PKG_VERSION").into(),

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0
 //! What the daemon reports about itself: per guest, per source, per shared
 //! listener, and the pool. One snapshot type feeds `vhost-rng status`,
 //! `guest list` and the Prometheus metrics, so they never disagree.
@@ -7,14 +8,22 @@ use serde::{Deserialize, Serialize};
 /// One guest at one moment.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct GuestStatus {
+    /// The guest's name, unique in the daemon (`cid-N` for a CID let in by
+    /// `--vsock-default-rate`).
     pub name: String,
     /// `socket` (the daemon listens) or `connect` (the VMM listens).
     pub endpoint: String,
+    /// The endpoint's value: a socket or key file path, or a vsock CID.
     pub path: String,
+    /// Whether a VMM (or an agent client) is connected now.
     pub connected: bool,
+    /// Connections accepted or made since the guest was added.
     pub connections: u64,
+    /// Requests completed, defective ones included.
     pub requests: u64,
+    /// Random bytes handed to the guest.
     pub bytes: u64,
+    /// Requests completed with no bytes because the guest got them wrong.
     pub defective_requests: u64,
     /// Time requests waited for rate-limit tokens.
     pub throttled_seconds: f64,
@@ -22,8 +31,11 @@ pub struct GuestStatus {
     pub current_rate: f64,
     /// Configured limit: bytes per period.
     pub rate_bytes: Option<u64>,
+    /// Configured limit: the period `rate_bytes` are per, in milliseconds.
     pub rate_period_ms: Option<u64>,
+    /// Configured limit: the most bytes at once; `rate_bytes` unless set.
     pub burst: Option<u64>,
+    /// The guest's share of scarce raw output relative to other guests.
     pub weight: u32,
     /// Clients refused because the guest had as many as it may have at
     /// once. Absent from the JSON of daemons before this field: 0.
@@ -44,17 +56,27 @@ pub use crate::frontend::shared::ListenerStatus;
 /// One entropy source at one moment.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct SourceStatus {
+    /// The source's name, as in the logs (`hwrng:/dev/hwrng`, `rdseed`).
     pub name: String,
+    /// Whether the bytes come from hardware.
     pub hardware: bool,
     /// `starting`, `healthy`, `quarantined` or `failed`.
     pub state: String,
+    /// Bits of min-entropy credited per byte.
     pub min_entropy: f64,
+    /// Bytes read from the source, approved or not.
     pub bytes_read: u64,
+    /// Bytes that passed the health tests and went to the conditioner.
     pub bytes_contributed: u64,
+    /// Bytes read but thrown away unapproved, after a failure.
     pub bytes_discarded: u64,
+    /// Repetition count test failures.
     pub rct_failures: u64,
+    /// Adaptive proportion test failures.
     pub apt_failures: u64,
+    /// Reads that failed.
     pub read_errors: u64,
+    /// RDSEED draws that had to be retried; 0 for other sources.
     pub retries: u64,
     /// Bytes per second read over the last measuring window.
     pub rate: u64,
@@ -67,14 +89,18 @@ pub struct PoolStatus {
     pub mode: String,
     /// Full-entropy bytes waiting in the reservoir.
     pub level: u64,
+    /// The most full-entropy bytes the reservoir holds.
     pub capacity: u64,
+    /// Every source, in the order they were given.
     pub sources: Vec<SourceStatus>,
 }
 
 /// Everything `vhost-rng status` shows.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct DaemonStatus {
+    /// The daemon's version (`CARGO_PKG_VERSION`).
     pub version: String,
+    /// Seconds since the daemon started.
     pub uptime_seconds: f64,
     /// When the daemon first started, in seconds since the Unix epoch; kept
     /// across in-place upgrades (uptime restarts with each process image).
@@ -92,7 +118,9 @@ pub struct DaemonStatus {
     pub last_upgrade_error: Option<String>,
     /// Global cap over all guests, bytes per second.
     pub max_rate: Option<u64>,
+    /// Every guest, as `guest list` shows them.
     pub guests: Vec<GuestStatus>,
+    /// The entropy pool and its sources.
     pub pool: PoolStatus,
     /// The shared listeners the daemon runs; none from daemons before this
     /// field.
@@ -101,6 +129,7 @@ pub struct DaemonStatus {
 }
 
 impl SourceStatus {
+    /// The status of the source whose counters `s` holds.
     pub fn from_snapshot(s: &crate::entropy::source::SourceStatsSnapshot) -> Self {
         SourceStatus {
             name: s.name.clone(),

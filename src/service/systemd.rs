@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0
 //! systemd's service notifications (sd_notify(3)), for `Type=notify` units:
 //! `READY=1` once every socket exists, so units ordered after vhost-rng
 //! (libvirt, VMs) find their sockets; `STATUS=` lines; `RELOADING=1` around
@@ -72,14 +73,19 @@ impl Notifier {
         }
     }
 
+    /// `READY=1` with `status` as the `STATUS=` line: start-up is over and
+    /// every socket exists.
     pub fn ready(&self, status: &str) {
         self.notify(&format!("READY=1\nSTATUS={status}"));
     }
 
+    /// A `STATUS=` line for `systemctl status`.
     pub fn status(&self, status: &str) {
         self.notify(&format!("STATUS={status}"));
     }
 
+    /// `RELOADING=1` with the monotonic clock's time, as a reload begins;
+    /// [`Notifier::ready`] ends it.
     pub fn reloading(&self) {
         let now = nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC)
             .map(|t| t.tv_sec() as u64 * 1_000_000 + t.tv_nsec() as u64 / 1000)
@@ -87,10 +93,12 @@ impl Notifier {
         self.notify(&format!("RELOADING=1\nMONOTONIC_USEC={now}"));
     }
 
+    /// `STOPPING=1`, as the daemon begins to stop.
     pub fn stopping(&self) {
         self.notify("STOPPING=1");
     }
 
+    /// A `WATCHDOG=1` ping; see [`Notifier::watchdog_interval`].
     pub fn watchdog(&self) {
         self.notify("WATCHDOG=1");
     }

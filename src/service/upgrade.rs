@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0
 //! In-place upgrades: the running daemon re-executes its binary from disk,
 //! keeping its pid, and hands the new version every guest's sockets and
 //! state, so no VMM sees its connection drop.
@@ -46,6 +47,7 @@ pub const STATE_ENV: &str = "VHOST_RNG_UPGRADE_STATE";
 /// Everything the new version needs to go on serving.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct DaemonState {
+    /// [`UPGRADE_STATE_VERSION`] of the writer.
     pub version: u32,
     /// The version of the daemon that wrote the record.
     pub written_by: String,
@@ -54,6 +56,7 @@ pub struct DaemonState {
     pub started_at: u64,
     /// Upgrades so far, this one included.
     pub upgrades: u64,
+    /// Every guest served.
     pub guests: Vec<GuestState>,
 }
 
@@ -73,13 +76,16 @@ pub struct GuestState {
     pub clients: Vec<RawFd>,
     /// Tokens in the guest's bucket, in bytes.
     pub tokens: Option<u64>,
+    /// Its counters.
     pub counters: Counters,
 }
 
 /// A vhost-user connection: its socket and its device state.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct ConnectionHandover {
+    /// The VMM's connection.
     pub socket: RawFd,
+    /// What it negotiated, its memory table and its ring.
     pub state: ConnectionState,
     /// The descriptors `state` indexes, in order.
     pub fds: Vec<RawFd>,
@@ -88,13 +94,21 @@ pub struct ConnectionHandover {
 /// A guest's counters, so status and metrics do not restart from zero.
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct Counters {
+    /// VMM or client connections so far.
     pub connections: u64,
+    /// Requests answered.
     pub requests: u64,
+    /// Random bytes served.
     pub bytes: u64,
+    /// Requests answered with 0 bytes for a defect.
     pub defective_requests: u64,
+    /// Time requests waited for tokens, in nanoseconds.
     pub throttled_ns: u64,
+    /// Clients turned away.
     pub refused_connections: u64,
+    /// Idle clients closed to make room.
     pub evicted_connections: u64,
+    /// TCP handshakes without the guest's key.
     pub wrong_key_connections: u64,
 }
 
@@ -132,25 +146,39 @@ impl Counters {
 /// Why an upgrade did not happen (the running daemon goes on serving).
 #[derive(Debug, thiserror::Error)]
 pub enum UpgradeError {
+    /// The binary on disk could not be started.
     #[error("the new binary {path} does not run: {error}")]
     NotRunnable {
+        /// The binary.
         path: PathBuf,
+        /// Why it did not start.
         #[source]
         error: std::io::Error,
     },
+    /// The binary reads another state version.
     #[error(
         "the new binary {path} reads upgrade state version(s) {reads:?}, not version \
          {UPGRADE_STATE_VERSION}: restart the daemon instead"
     )]
-    Version { path: PathBuf, reads: String },
+    Version {
+        /// The binary.
+        path: PathBuf,
+        /// What it said it reads.
+        reads: String,
+    },
+    /// The state record or its descriptors could not be prepared.
     #[error("cannot write the upgrade state: {0}")]
     State(#[source] std::io::Error),
+    /// execve failed.
     #[error("cannot execute {path}: {error}")]
     Exec {
+        /// The binary.
         path: PathBuf,
+        /// Why execve failed.
         #[source]
         error: nix::Error,
     },
+    /// A guest could not be parked or captured.
     #[error("{0}")]
     Handover(String),
 }
@@ -158,17 +186,26 @@ pub enum UpgradeError {
 /// Why inherited state could not be read.
 #[derive(Debug, thiserror::Error)]
 pub enum InheritError {
+    /// The variable does not hold a descriptor number.
     #[error("{STATE_ENV}={0}: not a descriptor number")]
     BadFd(String),
+    /// The record could not be read.
     #[error("reading the upgrade state: {0}")]
     Read(#[source] std::io::Error),
+    /// The record is not valid JSON of the expected shape.
     #[error("the upgrade state does not parse: {0}")]
     Parse(#[source] serde_json::Error),
+    /// The record is of another version.
     #[error(
         "upgrade state version {found} (written by vhost-rng {written_by}); this binary reads \
          only version {UPGRADE_STATE_VERSION}"
     )]
-    Version { found: u32, written_by: String },
+    Version {
+        /// The record's version.
+        found: u32,
+        /// The daemon version that wrote it.
+        written_by: String,
+    },
 }
 
 /// Asks `binary` which upgrade state version it reads; `Ok` if this one.

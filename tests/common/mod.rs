@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0
 //! Shared helpers for the integration tests: run the real `vhost-rng`
 //! binary, and boot the real test guest under QEMU.
 

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0
 //! Where the agent finds the host daemon (`vsock:CID:PORT`, `unix:PATH` or
 //! `tcp:HOST:PORT`) and the stream it talks over.
 
@@ -27,38 +28,69 @@ pub enum Endpoint {
     /// AF_VSOCK: `vsock:CID:PORT`, CID 2 being the host. With hybrid vsock
     /// (Firecracker, cloud-hypervisor, vhost-device-vsock) the VMM turns a
     /// connection to host port PORT into one to the host socket `PATH_PORT`.
-    Vsock { cid: u32, port: u32 },
+    Vsock {
+        /// The context ID to connect to: 2 ([`HOST_CID`]) for the host.
+        cid: u32,
+        /// The vsock port the daemon listens on ([`DEFAULT_PORT`] unless
+        /// given).
+        port: u32,
+    },
     /// A Unix socket: `unix:PATH`, for tests and for agents on the host.
     Unix(PathBuf),
     /// TCP, for guests without vsock: `tcp:HOST:PORT`, HOST a name, an IPv4
     /// address or an IPv6 address in brackets (kept here without them).
     /// Always encrypted and authenticated with the guest's pre-shared key
     /// (see [`vhost_rng_protocol::noise`]).
-    Tcp { host: String, port: u16 },
+    Tcp {
+        /// Host name, IPv4 address, or IPv6 address without its brackets.
+        host: String,
+        /// TCP port the daemon's `--listen-tcp` listens on, 1 to 65535.
+        port: u16,
+    },
 }
 
+/// Why a `--connect` value is not an endpoint the agent can use.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum EndpointError {
+    /// The value starts with none of `vsock:`, `unix:` or `tcp:` (it is
+    /// given whole).
     #[error(
         "'{0}' is not an endpoint: give vsock:CID:PORT (e.g. vsock:{HOST_CID}:{DEFAULT_PORT} for the host), unix:PATH or tcp:HOST:PORT"
     )]
     UnknownKind(String),
+    /// The CID of a `vsock:` endpoint is not a 32-bit number (it is given).
     #[error("'{0}' is not a vsock CID: give a number such as {HOST_CID} (the host)")]
     BadCid(String),
+    /// The port of a `vsock:` endpoint is not a 32-bit number (it is given).
     #[error("'{0}' is not a vsock port: give a number such as {DEFAULT_PORT}")]
     BadPort(String),
+    /// The CID or port of a `vsock:` endpoint is `VMADDR_CID_ANY` or
+    /// `VMADDR_PORT_ANY` (4294967295), which only make sense for binding.
     #[error("vsock:{value} is a wildcard, not an address to connect to")]
-    Wildcard { value: String },
+    Wildcard {
+        /// The `CID:PORT` part as given.
+        value: String,
+    },
+    /// `unix:` with no path after it.
     #[error("unix: needs a socket path, e.g. unix:/run/vhost-rng/entropy.sock")]
     EmptyPath,
+    /// A `tcp:` endpoint without `:PORT`, or with an empty port (the whole
+    /// value is given).
     #[error("'{0}' has no port: give tcp:HOST:PORT, e.g. tcp:192.0.2.1:{DEFAULT_PORT}")]
     TcpNoPort(String),
+    /// A `tcp:` endpoint with an empty host (the whole value is given).
     #[error("'{0}' has no host: give tcp:HOST:PORT, e.g. tcp:192.0.2.1:{DEFAULT_PORT}")]
     TcpNoHost(String),
+    /// The port of a `tcp:` endpoint is not a number from 1 to 65535 (it is
+    /// given).
     #[error("'{0}' is not a TCP port: give a number from 1 to 65535")]
     BadTcpPort(String),
+    /// A `tcp:` host with colons that is not in brackets, so its port cannot
+    /// be told apart (the whole value is given).
     #[error("'{0}': an IPv6 address goes in brackets, e.g. tcp:[2001:db8::1]:{DEFAULT_PORT}")]
     Ipv6WithoutBrackets(String),
+    /// What is in brackets is not an IPv6 address, or has no closing bracket
+    /// (it is given).
     #[error("'[{0}]' is not an IPv6 address (only IPv6 addresses go in brackets)")]
     BadIpv6(String),
 }
@@ -245,7 +277,9 @@ pub fn connect_tcp(host: &str, port: u16, io_timeout: Duration) -> io::Result<Tc
 /// An open connection to the daemon.
 #[derive(Debug)]
 pub enum Connection {
+    /// A Unix socket: `unix:` endpoints (tests, and agents on the host).
     Unix(UnixStream),
+    /// An AF_VSOCK stream: `vsock:` endpoints.
     Vsock(VsockStream),
     /// TCP after the Noise handshake: everything on it is encrypted.
     /// Boxed, as the cipher state and buffers dwarf the other variants.

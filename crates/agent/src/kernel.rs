@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0
 //! Handing entropy to the guest kernel: the RNDADDENTROPY and RNDRESEEDCRNG
 //! ioctls on /dev/random, behind a trait so tests can see what would be
 //! injected without root or a kernel.
@@ -52,6 +53,8 @@ pub struct DevRandom {
 }
 
 impl DevRandom {
+    /// Opens /dev/random for writing; [`AgentError::OpenDevRandom`] if it
+    /// cannot.
     pub fn open() -> Result<Self, AgentError> {
         let file = OpenOptions::new()
             .write(true)

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0
 //! `vhost-rng agent`: the in-guest side of the entropy protocol, for guests
 //! that cannot have a vhost-user virtio-rng device (Xen guests, VMMs
 //! without vhost-user).
@@ -9,6 +10,8 @@
 //! reseed at once with RNDRESEEDCRNG. Then it sleeps and does it again,
 //! reconnecting with exponential backoff whenever the host cannot be
 //! reached. See docs/protocol.md.
+
+#![cfg_attr(test, allow(clippy::unwrap_used, clippy::expect_used))]
 
 mod endpoint;
 mod kernel;
@@ -44,6 +47,8 @@ pub const DEFAULT_INTERVAL_SECS: u64 = 60;
 pub const IO_TIMEOUT: Duration = Duration::from_secs(10);
 /// The first wait after a failed round; it doubles up to [`MAX_BACKOFF`].
 pub const FIRST_BACKOFF: Duration = Duration::from_secs(1);
+/// The longest wait between rounds after failures: the backoff stops
+/// doubling here.
 pub const MAX_BACKOFF: Duration = Duration::from_secs(60);
 /// The first word of the line `--once` prints on stdout for scripts and tests.
 pub const REPORT_PREFIX: &str = "VRNG-AGENT";
@@ -55,6 +60,7 @@ pub struct AgentArgs {
     /// default port is 5564), unix:PATH, or tcp:HOST:PORT for a guest
     /// without vsock (HOST a name, an IPv4 address or [IPv6]; encrypted,
     /// and needs --psk-file and --name).
+    #[allow(rustdoc::broken_intra_doc_links)] // the brackets are clap help text, not links
     #[arg(long, value_name = "ENDPOINT")]
     pub connect: Endpoint,
 
@@ -93,12 +99,16 @@ pub struct AgentArgs {
 /// What the agent does, checked.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct AgentConfig {
+    /// The host daemon's address (`--connect`).
     pub endpoint: Endpoint,
     /// Bytes to ask for each round, 1..=[`MAX_REQUEST`].
     pub bytes: u32,
+    /// Time between rounds (`--interval`, at least a second).
     pub interval: Duration,
     /// 0..=8; more is treated as 8.
     pub credit_bits_per_byte: u32,
+    /// Do one round and exit instead of running until a fatal error
+    /// (`--once`).
     pub once: bool,
     /// Who this guest is to the host, for a `tcp:` endpoint (and only then).
     pub credentials: Option<Credentials>,
@@ -108,7 +118,9 @@ pub struct AgentConfig {
 /// encrypted TCP transport. `Debug` does not show the key.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Credentials {
+    /// This guest's name on the host (`--name`), a valid hello identity.
     pub name: String,
+    /// The guest's pre-shared key, as loaded from `path`.
     pub psk: Psk,
     /// The `--psk-file` the key came from, read again after the host
     /// refuses the key, so that a rotated key is picked up without a restart.
@@ -187,48 +199,81 @@ impl AgentReport {
     }
 }
 
+/// Why the agent could not add entropy, or could not get it from the host.
+/// [`AgentError::is_fatal`] tells which ones stop it.
 #[derive(Debug, thiserror::Error)]
 pub enum AgentError {
+    /// An ioctl on /dev/random failed with EPERM: the agent lacks
+    /// CAP_SYS_ADMIN.
     #[error("the agent needs CAP_SYS_ADMIN (run as root) to add entropy to the kernel")]
     NotPermitted,
+    /// /dev/random could not be opened for writing.
     #[error("cannot open {DEV_RANDOM} for writing: {0}")]
     OpenDevRandom(#[source] io::Error),
+    /// An ioctl on /dev/random failed for a reason other than the ones with
+    /// their own variant.
     #[error("the kernel refused to {action}: {error}")]
     Kernel {
+        /// What was asked of the kernel ("add entropy", "reseed the CRNG").
         action: &'static str,
+        /// The errno, or what was wrong with the request.
         #[source]
         error: io::Error,
     },
+    /// RNDRESEEDCRNG failed with ENODATA: Linux 5.18+ does not reseed a CRNG
+    /// that was never seeded (it seeds itself once enough entropy is credited).
     #[error("the kernel CRNG is not seeded yet, so it cannot be reseeded")]
     CrngNotReady,
+    /// RNDRESEEDCRNG is unknown to this kernel (before Linux 4.17).
     #[error(
         "this kernel cannot be asked to reseed its CRNG (RNDRESEEDCRNG needs Linux 4.17 or later)"
     )]
     ReseedUnsupported,
+    /// The options contradict each other or name an invalid guest; the text
+    /// says what to change.
     #[error("invalid agent configuration: {0}")]
     InvalidConfig(String),
+    /// The `--psk-file` could not be read or holds no key.
     #[error("{0}")]
     Key(#[source] PskError),
+    /// Connecting to the daemon failed.
     #[error("cannot connect to {endpoint}: {error}{hint}")]
     Connect {
+        /// The endpoint the agent tried.
         endpoint: Endpoint,
+        /// The error from connecting.
         #[source]
         error: io::Error,
+        /// A hint for the operator about the likely cause, or "".
         hint: &'static str,
     },
+    /// The daemon closed the connection during the handshake: it does not
+    /// accept this name with this key ([`HandshakeError::Refused`]).
     #[error(
         "{endpoint} refused this guest's credentials: the key in --psk-file is not the one the host has for --name '{name}', or the host knows no guest of that name"
     )]
-    CredentialsRefused { endpoint: Endpoint, name: String },
+    CredentialsRefused {
+        /// The `tcp:` endpoint that refused.
+        endpoint: Endpoint,
+        /// The `--name` the agent sent.
+        name: String,
+    },
+    /// The encrypted handshake failed for another reason than a refusal.
     #[error("encrypted handshake with {endpoint} failed: {error}")]
     Handshake {
+        /// The `tcp:` endpoint of the handshake.
         endpoint: Endpoint,
+        /// What went wrong.
         #[source]
         error: HandshakeError,
     },
+    /// The daemon's answer was an error status or not the protocol, or the
+    /// connection failed mid-exchange.
     #[error("asking {endpoint} for entropy: {error}")]
     Protocol {
+        /// The endpoint asked.
         endpoint: Endpoint,
+        /// What went wrong.
         #[source]
         error: ProtocolError,
     },

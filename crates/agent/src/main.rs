@@ -1,6 +1,9 @@
+// SPDX-License-Identifier: Apache-2.0
 //! `vhost-rng-agent`: runs in a guest, fetches entropy from the host's
 //! vhost-rng daemon and adds it to the guest kernel's pool. The same as
 //! `vhost-rng agent` on the host's binary, without the daemon linked in.
+
+#![cfg_attr(test, allow(clippy::unwrap_used, clippy::expect_used))]
 
 use std::process::ExitCode;
 

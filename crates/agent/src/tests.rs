@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0
 //! The agent against a fake daemon and a fake kernel.
 
 use std::io::{Read, Write};

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0
 //! Reads and writes bounded by a deadline for the whole exchange.
 //!
 //! A socket timeout bounds each read or write, not their sum: a peer that
@@ -13,7 +14,11 @@ use std::time::{Duration, Instant};
 
 /// A stream whose reads and writes can time out.
 pub trait TimedStream: Read + Write {
+    /// Sets or clears the timeout of each read, as
+    /// [`UnixStream::set_read_timeout`] does.
     fn set_read_timeout(&self, timeout: Option<Duration>) -> io::Result<()>;
+    /// Sets or clears the timeout of each write, as
+    /// [`UnixStream::set_write_timeout`] does.
     fn set_write_timeout(&self, timeout: Option<Duration>) -> io::Result<()>;
 }
 

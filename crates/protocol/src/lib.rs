@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0
 //! What the vhost-rng daemon and its in-guest agent share, and nothing
 //! else: the agent links this crate, not the daemon.
 //!
@@ -7,6 +8,8 @@
 //! - [`deadline`]: reads and writes bounded by a deadline for the whole
 //!   exchange, not per call.
 //! - [`log_limit`]: logs a hostile peer cannot flood.
+
+#![cfg_attr(test, allow(clippy::unwrap_used, clippy::expect_used))]
 
 pub mod deadline;
 pub mod log_limit;

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0
 //! Rate-limited logging, so a misbehaving guest cannot flood the host's logs.
 
 use std::sync::Mutex;
@@ -55,6 +56,8 @@ struct WindowState {
 }
 
 impl RateLimitedLog {
+    /// At most `burst` messages in each `window`, the window starting at the
+    /// first message after the last one ended.
     pub fn new(window: Duration, burst: u32) -> Self {
         RateLimitedLog {
             window,

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0
 //! The encrypted TCP transport of the entropy protocol, for guests that
 //! have no vsock (Xen guests above all): a Noise `NNpsk0` handshake keyed by
 //! a per-guest pre-shared key, then an encrypted byte stream on which the
@@ -72,22 +73,34 @@ const MAX_KEY_FILE: u64 = 1024;
 #[derive(Clone)]
 pub struct Psk([u8; PSK_LEN]);
 
+/// Why a pre-shared key could not be parsed, read, made or written.
 #[derive(Debug, thiserror::Error)]
 pub enum PskError {
+    /// The text is not [`PSK_HEX_LEN`] characters long (its length is given).
     #[error("a pre-shared key is {PSK_HEX_LEN} hexadecimal digits (32 bytes), not {0} characters")]
     WrongLength(usize),
+    /// A character is not a hexadecimal digit (its 1-based position is given).
     #[error(
         "a pre-shared key is {PSK_HEX_LEN} hexadecimal digits (32 bytes); character {0} is not a hexadecimal digit"
     )]
     NotHex(usize),
+    /// The key file could not be opened or read.
     #[error("cannot read the pre-shared key file {}: {source}", path.display())]
     Read {
+        /// The key file.
         path: PathBuf,
+        /// The error from the operating system.
         #[source]
         source: io::Error,
     },
+    /// The key file is a directory, device or other non-regular file.
     #[error("the pre-shared key file {} is not a regular file", path.display())]
-    NotAFile { path: PathBuf },
+    NotAFile {
+        /// The key file.
+        path: PathBuf,
+    },
+    /// The key file's group or others may read or write it, so the key is
+    /// refused: anyone who can read it can pose as the guest.
     #[error(
         "the pre-shared key file {} can be read or written by other users (mode {mode:04o}); \
          it must be private to its owner: run `chmod 600 {}` (and, as the key may have been \
@@ -95,24 +108,42 @@ pub enum PskError {
         path.display(),
         path.display()
     )]
-    Insecure { path: PathBuf, mode: u32 },
+    Insecure {
+        /// The key file.
+        path: PathBuf,
+        /// Its permission bits (`st_mode & 0o7777`).
+        mode: u32,
+    },
+    /// The key file was read but its contents are not a key.
     #[error("the pre-shared key file {} does not hold a key: {error}", path.display())]
     BadFile {
+        /// The key file.
         path: PathBuf,
+        /// What is wrong with its contents ([`PskError::WrongLength`] or
+        /// [`PskError::NotHex`]).
         #[source]
         error: Box<PskError>,
     },
+    /// `psk new` was asked to write a key to a path that already exists.
     #[error(
         "{} already exists; a new key never overwrites a file (remove it first to replace the key)",
         path.display()
     )]
-    Exists { path: PathBuf },
+    Exists {
+        /// The existing file, left untouched.
+        path: PathBuf,
+    },
+    /// The new key file could not be created, written or synced; a partly
+    /// written file is removed.
     #[error("cannot write the pre-shared key file {}: {source}", path.display())]
     Write {
+        /// The key file.
         path: PathBuf,
+        /// The error from the operating system.
         #[source]
         source: io::Error,
     },
+    /// getrandom(2) failed, so no key was made.
     #[error("cannot get random bytes from the operating system for a new key: {0}")]
     Random(#[source] io::Error),
 }
@@ -261,32 +292,53 @@ pub fn write_new_psk(path: &Path) -> Result<Psk, PskError> {
     Ok(key)
 }
 
+/// Why an encrypted TCP connection could not be set up. The server logs it
+/// and closes the connection without an answer; the client reports it.
 #[derive(Debug, thiserror::Error)]
 pub enum HandshakeError {
+    /// Reading or writing the socket failed (timeouts included).
     #[error("connection error during the handshake: {0}")]
     Io(#[from] io::Error),
+    /// The peer's first bytes are not a "VRNS" hello of [`HELLO_VERSION`]: a
+    /// plaintext client, a port scanner, another protocol.
     #[error(
         "the peer does not speak the vhost-rng encrypted transport (no \"VRNS\" hello of version {HELLO_VERSION})"
     )]
     NotOurProtocol,
+    /// The name in the hello is empty, too long, or has characters outside
+    /// `[A-Za-z0-9._-]` (see [`is_valid_identity`]); on the client side, the
+    /// name it was given to send.
     #[error(
         "the hello carries no valid guest name (1 to {MAX_IDENTITY} letters, digits, '.', '_' or '-')"
     )]
     BadIdentity,
+    /// Server side: the hello names a guest that has no pre-shared key
+    /// configured (the name is given).
     #[error("no pre-shared key is configured for a guest named '{0}'")]
     UnknownIdentity(String),
+    /// Server side: handshake message 1 does not decrypt under the named
+    /// guest's key, so the client holds another key or the hello was altered
+    /// (the name is given).
     #[error(
         "'{0}' did not prove it holds its pre-shared key (a different key, or a hello altered in transit)"
     )]
     WrongCredential(String),
+    /// Client side: the server read the hello and message 1, then closed the
+    /// connection without answering; that is how it refuses an unknown name
+    /// or a wrong key, without saying which.
     #[error(
         "the host closed the connection during the handshake: it does not accept this guest's name or pre-shared key"
     )]
     Refused,
+    /// Client side: the server reset the connection without reading the
+    /// handshake, as it does when too many handshakes are in progress; not a
+    /// verdict on the name or key.
     #[error(
         "the host closed the connection without reading the handshake: it may be busy (too many connections in their handshake at once); this says nothing about the guest's name or key"
     )]
     Dropped,
+    /// Any other failure of the Noise state machine, or a handshake frame of
+    /// the wrong size; the text says what.
     #[error("Noise handshake failed: {0}")]
     Noise(String),
 }

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0
 //! AF_VSOCK stream sockets, which the standard library does not have: the
 //! agent's connection to the host and the daemon's accepted connections
 //! (`--vsock PORT`) are both one of these.

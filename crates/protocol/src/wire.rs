@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0
 //! The entropy protocol: how a guest that has no virtio-rng device (Xen
 //! guests, VMMs without vhost-user) asks the host daemon for random bytes
 //! over a stream socket (AF_VSOCK, hybrid vsock over Unix, a Unix socket).
@@ -45,6 +46,7 @@ pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
 /// A client's request: `length` bytes of entropy, 1..=[`MAX_REQUEST`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Request {
+    /// Bytes of entropy asked for, 1..=[`MAX_REQUEST`] in a valid request.
     pub length: u32,
 }
 
@@ -115,7 +117,10 @@ impl fmt::Display for Status {
 /// [`Status::Ok`]; with any other status `length` is 0.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct ResponseHeader {
+    /// Whether the server answered, and if not, why.
     pub status: Status,
+    /// Bytes of entropy after the header: 1..=[`MAX_REQUEST`] with
+    /// [`Status::Ok`], 0 otherwise.
     pub length: u32,
 }
 
@@ -134,40 +139,76 @@ impl ResponseHeader {
     }
 }
 
+/// Why a message could not be read as this protocol, or why a [`fetch`]
+/// failed. A server answers a malformed request with
+/// [`Status::BadRequest`]; a client drops the connection.
 #[derive(Debug, thiserror::Error)]
 pub enum ProtocolError {
+    /// The first four bytes are not [`MAGIC`] (they are given).
     #[error(
         "the message does not start with \"VRNG\" (got {0:02x?}); the peer does not speak this protocol"
     )]
     BadMagic([u8; 4]),
+    /// The version byte is not [`VERSION`] (it is given).
     #[error("protocol version {0} is not supported (this side speaks version {VERSION})")]
     UnsupportedVersion(u8),
+    /// A request's type byte is not [`REQUEST_GET`] (it is given).
     #[error("request type {0} is not supported (only {REQUEST_GET}, GET, is defined)")]
     UnknownRequestType(u8),
+    /// A response's status byte is not one this version defines (it is given).
     #[error("response status {0} is not defined in protocol version {VERSION}")]
     UnknownStatus(u8),
+    /// The reserved 16 bits of a header are not 0 (their value is given).
     #[error("the reserved field is {0:#06x}; it must be 0")]
     ReservedNotZero(u16),
+    /// A request asks for 0 bytes or more than [`MAX_REQUEST`] (the length
+    /// asked for is given).
     #[error("a request must ask for 1 to {MAX_REQUEST} bytes, not {0}")]
     BadRequestLength(u32),
+    /// The server sent an error status with a non-zero length: only
+    /// [`Status::Ok`] carries data.
     #[error(
         "the server answered {status} with {length} bytes of data; only an ok answer carries data"
     )]
-    DataWithError { status: Status, length: u32 },
+    DataWithError {
+        /// The error status the server sent.
+        status: Status,
+        /// The length field of that header, in bytes.
+        length: u32,
+    },
+    /// The server answered ok with 0 bytes, or more than the limit.
     #[error("the server answered ok with {length} bytes of data, outside the 1 to {limit} allowed")]
-    BadResponseLength { length: u32, limit: u32 },
+    BadResponseLength {
+        /// The length of the answer, in bytes.
+        length: u32,
+        /// The most it could have been: what the client asked for, never
+        /// more than [`MAX_REQUEST`].
+        limit: u32,
+    },
+    /// The server answered with an error status instead of entropy.
     #[error("the server answered: {0}")]
     Server(Status),
+    /// The peer closed the connection before sending any of a message.
     #[error("the connection was closed before the {what} began")]
-    Closed { what: &'static str },
+    Closed {
+        /// Which message was expected ("response header", "response data").
+        what: &'static str,
+    },
+    /// The peer closed the connection partway through a message.
     #[error("the connection was closed after {got} of the {expected} bytes of the {what}")]
     Truncated {
+        /// Which message was cut short ("response header", "response data").
         what: &'static str,
+        /// Bytes of it that did arrive.
         got: usize,
+        /// Bytes it should have had.
         expected: usize,
     },
+    /// A read or write on the stream hit its timeout (`WouldBlock` or
+    /// `TimedOut`).
     #[error("timed out waiting for the server")]
     TimedOut,
+    /// Any other I/O error on the connection.
     #[error("connection error: {0}")]
     Io(#[source] io::Error),
 }

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0
 //! Errors of the test VMM: one enum for guest memory, the driver-side
 //! virtqueue and the vhost-user connection, so tests can `?` through all
 //! of them.

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0
 //! Guest RAM for the test VMM: one memfd mapped shared as a
 //! `vm_memory::GuestMemoryMmap`.
 //!

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0
 //! Test support: the VMM side of vhost-user (what QEMU or cloud-hypervisor
 //! does), with memfd-backed guest memory and a driver-side split virtqueue.
 //! Used by the integration tests in `tests/` and by the benchmarks.
@@ -29,6 +30,8 @@
 //!   test can play several network peers.
 //! - [`threads_named`]: how many threads of a kind the process has, to see
 //!   that a server's threads end.
+
+#![cfg_attr(test, allow(clippy::unwrap_used, clippy::expect_used))]
 
 pub mod error;
 pub mod guest_memory;

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0
 //! The driver side of a split virtqueue: what the guest's virtio driver does.
 //!
 //! [`SplitRingDriver`] lays out a descriptor table, an available ring and a

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0
 //! The VMM end of one vhost-user connection: a minimal stand-in for QEMU or
 //! cloud-hypervisor driving a virtio-rng backend.
 //!

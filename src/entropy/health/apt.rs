@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0
 //! Adaptive Proportion Test (SP 800-90B 4.4.2): catches a source that
 //! produces one value far too often, by counting, in each window of `W`
 //! samples, how often the window's first value occurs.

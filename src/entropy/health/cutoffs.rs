@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0
 //! Cutoff arithmetic for the continuous health tests of SP 800-90B section
 //! 4.4: how long a run, and how many repeats within a window, a source with
 //! the claimed min-entropy produces with probability at most `alpha`.

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0
 //! Continuous health tests of NIST SP 800-90B section 4.4, run on the raw
 //! bytes of an entropy source before any mixing, each byte one 8-bit
 //! sample.
@@ -131,26 +132,52 @@ impl Default for HealthConfig {
 /// Why a health-test configuration was refused.
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
 pub enum HealthConfigError {
+    /// The claimed min-entropy is not in `0 < H <= 8` (or is not a number).
     #[error(
         "invalid min-entropy {value}: it must be a number of bits per sample \
          greater than 0 and at most {max}"
     )]
-    MinEntropy { value: f64, max: f64 },
+    MinEntropy {
+        /// The min-entropy given, in bits per byte.
+        value: f64,
+        /// The largest allowed, [`MAX_MIN_ENTROPY`].
+        max: f64,
+    },
+    /// `alpha_log2` is not in `1..=64`.
     #[error(
         "invalid false-positive rate 2^-{value}: the exponent (alpha_log2) must be \
          between 1 and {max}"
     )]
-    AlphaLog2 { value: u32, max: u32 },
+    AlphaLog2 {
+        /// The exponent given.
+        value: u32,
+        /// The largest allowed, [`MAX_ALPHA_LOG2`].
+        max: u32,
+    },
+    /// The adaptive proportion window is smaller than 2 samples or larger
+    /// than [`MAX_WINDOW`].
     #[error(
         "invalid adaptive proportion test window of {value} samples: it must be \
          between 2 and {max}"
     )]
-    Window { value: u32, max: u32 },
+    Window {
+        /// The window given, in samples.
+        value: u32,
+        /// The largest allowed, [`MAX_WINDOW`].
+        max: u32,
+    },
+    /// The min-entropy is so low that the repetition count cutoff overflows a
+    /// `u32`.
     #[error(
         "min-entropy {min_entropy} bits per sample is too low: the repetition \
          count cutoff would not fit in 32 bits"
     )]
-    RctCutoffTooLarge { min_entropy: f64 },
+    RctCutoffTooLarge {
+        /// The min-entropy given, in bits per byte.
+        min_entropy: f64,
+    },
+    /// The min-entropy is so low that no count in a window would be rare
+    /// enough to fail the adaptive proportion test.
     #[error(
         "min-entropy {min_entropy} bits per sample is too low for the adaptive \
          proportion test: at a false-positive rate of 2^-{alpha_log2} not even \
@@ -158,43 +185,76 @@ pub enum HealthConfigError {
          so the test could never fail"
     )]
     AptCannotFail {
+        /// The min-entropy given, in bits per byte.
         min_entropy: f64,
+        /// The false-positive exponent in use.
         alpha_log2: u32,
+        /// The window, in samples.
         window: u32,
     },
+    /// A cutoff given directly to a test is out of its range.
     #[error("invalid {test} test cutoff {value}: it must be between {min} and {max}")]
     Cutoff {
+        /// Which test: "repetition count" or "adaptive proportion".
         test: &'static str,
+        /// The cutoff given.
         value: u32,
+        /// The smallest allowed.
         min: u32,
+        /// The largest allowed (the window, for the adaptive proportion test).
         max: u32,
     },
+    /// `startup_samples` is below [`STARTUP_MIN_SAMPLES`].
     #[error(
         "start-up test of {value} samples is too short: SP 800-90B requires at \
          least {min}"
     )]
-    StartupTooShort { value: usize, min: usize },
+    StartupTooShort {
+        /// The samples given.
+        value: usize,
+        /// The fewest allowed, [`STARTUP_MIN_SAMPLES`].
+        min: usize,
+    },
+    /// `startup_samples` is above [`STARTUP_MAX_SAMPLES`].
     #[error("start-up test of {value} samples is too long: at most {max} are allowed")]
-    StartupTooLong { value: usize, max: usize },
+    StartupTooLong {
+        /// The samples given.
+        value: usize,
+        /// The most allowed, [`STARTUP_MAX_SAMPLES`].
+        max: usize,
+    },
 }
 
 /// A health test failed: the source is not producing the entropy claimed
 /// for it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
 pub enum HealthFailure {
+    /// The same byte came `cutoff` times in a row (SP 800-90B 4.4.1).
     #[error(
         "repetition count test failed: byte {value:#04x} repeated {run} times in a \
          row (cutoff {cutoff})"
     )]
-    RepetitionCount { value: u8, run: u32, cutoff: u32 },
+    RepetitionCount {
+        /// The repeated byte.
+        value: u8,
+        /// How many times in a row it came when the test stopped.
+        run: u32,
+        /// The run length at which the test fails.
+        cutoff: u32,
+    },
+    /// One byte came `cutoff` times or more in one window (SP 800-90B 4.4.2).
     #[error(
         "adaptive proportion test failed: byte {value:#04x} occurred {count} times \
          in one {window}-byte window (cutoff {cutoff})"
     )]
     AdaptiveProportion {
+        /// The byte counted: the window's first.
         value: u8,
+        /// How many times it occurred in the window.
         count: u32,
+        /// The window, in samples (bytes).
         window: u32,
+        /// The count at which the test fails.
         cutoff: u32,
     },
 }

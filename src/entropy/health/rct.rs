@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0
 //! Repetition Count Test (SP 800-90B 4.4.1): catches a source stuck on one
 //! value by counting consecutive identical samples.
 

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0
 //! Sources read from a path: `/dev/hwrng`, another character device, a
 //! file or a FIFO.
 
@@ -21,6 +22,8 @@ pub struct DeviceSource {
 }
 
 impl DeviceSource {
+    /// A source named `name` (for logs) reading `path`, reported as hardware
+    /// or not; nothing is opened until the first read.
     pub fn new(name: String, path: PathBuf, hardware: bool) -> Self {
         DeviceSource {
             name,

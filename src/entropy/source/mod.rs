@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0
 //! Entropy sources: where raw bytes come from before health tests and
 //! conditioning.
 //!
@@ -33,23 +34,42 @@ pub use runner::{SourceState, SourceStats, SourceStatsSnapshot};
 /// Why a source could not deliver bytes.
 #[derive(Debug, thiserror::Error)]
 pub enum SourceError {
+    /// The source's path is missing or cannot be opened.
     #[error("{source_name}: cannot open {path}: {error}")]
     Open {
+        /// The source's name, as [`SourceSpec::label`] gives it.
         source_name: String,
+        /// The device, file or FIFO.
         path: PathBuf,
+        /// The error from the operating system.
         #[source]
         error: std::io::Error,
     },
+    /// Reading the source failed (a device error, getrandom(2) failing).
     #[error("{source_name}: read failed: {error}")]
     Read {
+        /// The source's name.
         source_name: String,
+        /// The error from the operating system.
         #[source]
         error: std::io::Error,
     },
+    /// A file or FIFO source reached its end: a file that ran out, a FIFO
+    /// whose writer went away.
     #[error("{source_name}: end of file")]
-    EndOfFile { source_name: String },
+    EndOfFile {
+        /// The source's name.
+        source_name: String,
+    },
+    /// The source cannot be used at all on this host (RDSEED missing or
+    /// failing its self-test), or one draw found it drained.
     #[error("{source_name}: {reason}")]
-    Unavailable { source_name: String, reason: String },
+    Unavailable {
+        /// The source's name.
+        source_name: String,
+        /// Why, for the operator.
+        reason: String,
+    },
 }
 
 /// A producer of raw random bytes, read on its own thread.
@@ -78,9 +98,13 @@ pub trait RawSource: Send {
 /// The kinds of source the daemon knows.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum SourceKind {
+    /// `hwrng[=PATH]`: the kernel's hardware RNG device.
     Hwrng,
+    /// `rdseed`: the x86 RDSEED instruction.
     Rdseed,
+    /// `file=PATH`: any file, character device or FIFO.
     File,
+    /// `os`: getrandom(2), the kernel's CSPRNG; not hardware.
     Os,
 }
 
@@ -101,12 +125,16 @@ pub const DEFAULT_HWRNG_PATH: &str = "/dev/hwrng";
 /// A source as the operator named it.
 #[derive(Debug, Clone, PartialEq)]
 pub struct SourceSpec {
+    /// Which kind of source.
     pub kind: SourceKind,
+    /// The device or file: required for `file`, optional for `hwrng`
+    /// ([`DEFAULT_HWRNG_PATH`] then), unused by the others.
     pub path: Option<PathBuf>,
     min_entropy: Option<f64>,
 }
 
 impl SourceSpec {
+    /// A source of `kind` at `path`, credited its kind's default min-entropy.
     pub fn new(kind: SourceKind, path: Option<PathBuf>) -> Self {
         SourceSpec {
             kind,

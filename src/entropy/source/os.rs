@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0
 //! The operating system's CSPRNG (`getrandom(2)`): a non-hardware source,
 //! used only when the operator asks for it.
 

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0
 //! The x86 RDSEED instruction as a raw entropy source.
 //!
 //! RDSEED hands out values straight from the CPU's entropy conditioner (not
@@ -56,10 +57,17 @@ pub enum RdseedError {
     #[error(
         "RDSEED returned no value in {tries} tries: the CPU's entropy unit is drained (heavy use by other cores or VMs) or failing"
     )]
-    Exhausted { tries: u32 },
+    Exhausted {
+        /// Tries made, all without a value: [`MAX_TRIES`].
+        tries: u32,
+    },
     /// The start-up sanity self-test rejected the instruction's output.
     #[error("RDSEED start-up self-test failed, not using it: {reason}")]
-    SelfTestFailed { reason: String },
+    SelfTestFailed {
+        /// What the self-test found: identical or repeated values, or a draw
+        /// that got no value.
+        reason: String,
+    },
 }
 
 /// One execution of the instruction, abstracted so tests can script it.

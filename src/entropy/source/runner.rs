@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0
 //! One thread per source: read raw bytes, run them through the SP 800-90B
 //! health tests, and forward only approved bytes to the conditioner.
 //!
@@ -52,6 +53,8 @@ impl SourceState {
         }
     }
 
+    /// The state as status and metrics show it: `starting`, `healthy`,
+    /// `quarantined` or `failed`.
     pub fn as_str(self) -> &'static str {
         match self {
             SourceState::Starting => "starting",
@@ -69,12 +72,20 @@ pub struct SourceStats {
     hardware: bool,
     min_entropy: f64,
     state: AtomicU8,
+    /// Bytes read from the source, approved or not.
     pub bytes_read: AtomicU64,
+    /// Bytes that passed the health tests and went to the conditioner.
     pub bytes_contributed: AtomicU64,
+    /// Bytes read but thrown away unapproved, after a health-test failure or
+    /// a read error.
     pub bytes_discarded: AtomicU64,
+    /// Repetition count test failures.
     pub rct_failures: AtomicU64,
+    /// Adaptive proportion test failures.
     pub apt_failures: AtomicU64,
+    /// Reads that failed (each followed by a backoff and a reopen).
     pub read_errors: AtomicU64,
+    /// RDSEED draws that had to be retried (CF=0); 0 for other sources.
     pub retries: AtomicU64,
     /// Bytes per second read over the last measuring window.
     pub rate: AtomicU64,
@@ -83,21 +94,36 @@ pub struct SourceStats {
 /// A plain copy of [`SourceStats`].
 #[derive(Debug, Clone, PartialEq)]
 pub struct SourceStatsSnapshot {
+    /// The source's name, as [`SourceSpec::label`](super::SourceSpec::label)
+    /// gives it.
     pub name: String,
+    /// Whether the bytes come from hardware.
     pub hardware: bool,
+    /// Bits of min-entropy credited per byte.
     pub min_entropy: f64,
+    /// Where the source stands.
     pub state: SourceState,
+    /// Bytes read from the source, approved or not.
     pub bytes_read: u64,
+    /// Bytes that passed the health tests and went to the conditioner.
     pub bytes_contributed: u64,
+    /// Bytes read but thrown away unapproved.
     pub bytes_discarded: u64,
+    /// Repetition count test failures.
     pub rct_failures: u64,
+    /// Adaptive proportion test failures.
     pub apt_failures: u64,
+    /// Reads that failed.
     pub read_errors: u64,
+    /// RDSEED draws that had to be retried; 0 for other sources.
     pub retries: u64,
+    /// Bytes per second read over the last measuring window (about a
+    /// second); 0 while the source is in backoff.
     pub rate: u64,
 }
 
 impl SourceStats {
+    /// Zeroed counters for a source named `name`, in the starting state.
     pub fn new(name: impl Into<String>, hardware: bool, min_entropy: f64) -> Self {
         SourceStats {
             name: name.into(),
@@ -115,10 +141,12 @@ impl SourceStats {
         }
     }
 
+    /// The source's name, as in logs, status and metrics.
     pub fn name(&self) -> &str {
         &self.name
     }
 
+    /// Where the source stands now.
     pub fn state(&self) -> SourceState {
         SourceState::from_u8(self.state.load(Ordering::Relaxed))
     }
@@ -127,6 +155,8 @@ impl SourceStats {
         self.state.store(state as u8, Ordering::Relaxed);
     }
 
+    /// A copy of every counter, each read on its own (not one atomic
+    /// snapshot).
     pub fn snapshot(&self) -> SourceStatsSnapshot {
         let get = |counter: &AtomicU64| counter.load(Ordering::Relaxed);
         SourceStatsSnapshot {
@@ -154,6 +184,7 @@ pub struct SourceBoard {
 }
 
 impl SourceBoard {
+    /// A board over `sources`, which has announced nothing yet.
     pub fn new(sources: Vec<Arc<SourceStats>>) -> Arc<Self> {
         Arc::new(SourceBoard {
             sources,
@@ -161,10 +192,12 @@ impl SourceBoard {
         })
     }
 
+    /// Every source's counters, in the order the sources were given.
     pub fn sources(&self) -> &[Arc<SourceStats>] {
         &self.sources
     }
 
+    /// Whether any source is healthy, i.e. contributing now.
     pub fn any_healthy(&self) -> bool {
         self.sources
             .iter()
@@ -202,6 +235,7 @@ impl SourceBoard {
 
 /// Health-tested bytes from one source, on their way to the conditioner.
 pub struct Contribution {
+    /// The approved bytes, oldest first.
     pub bytes: Vec<u8>,
     /// Min-entropy credited per byte.
     pub min_entropy: f64,

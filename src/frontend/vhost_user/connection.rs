@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0
 //! vhost-user framing on one VMM connection: whole messages in, with their
 //! file descriptors, and replies out, without ever blocking the guest's
 //! thread for longer than its timeout.
@@ -7,7 +8,8 @@
 //! forever, and keeps the negotiated protocol features where the daemon
 //! cannot see them. Here a message is only taken once it has arrived whole
 //! (a peek says so), a reply that cannot be written within the timeout
-//! ends the connection, and everything negotiated is in [`Negotiated`].
+//! ends the connection, and everything negotiated is in the
+//! [`Handler`](super::handler::Handler).
 //! The payload layouts are the vhost-user specification's (QEMU
 //! docs/interop/vhost-user.rst), little-endian.
 
@@ -34,9 +36,13 @@ const MAX_FDS: usize = 32;
 /// One message from the VMM.
 #[derive(Debug)]
 pub struct Message {
+    /// The request code (`VHOST_USER_*`), as sent.
     pub code: u32,
+    /// The header's flags: version, reply and [`NEED_REPLY`] bits.
     pub flags: u32,
+    /// The payload, exactly as long as the header said.
     pub payload: Vec<u8>,
+    /// The file descriptors that came with it (SCM_RIGHTS), in order.
     pub fds: Vec<OwnedFd>,
 }
 
@@ -54,14 +60,24 @@ pub enum Arrival {
 /// Why a message could not be read.
 #[derive(Debug, thiserror::Error)]
 pub enum FramingError {
+    /// The header's version bits are not 1 (they are given).
     #[error("a message header with version {0} (only 1 exists)")]
     Version(u32),
+    /// The message has the reply bit set: the VMM sent a reply, not a
+    /// request.
     #[error("a reply where a request belongs")]
     UnexpectedReply,
+    /// The header announces a payload over `MAX_MSG_SIZE`, the vhost
+    /// crate's bound on any message.
     #[error("a {size}-byte payload (at most {MAX_MSG_SIZE})")]
-    TooLarge { size: usize },
+    TooLarge {
+        /// The payload size announced, in bytes.
+        size: usize,
+    },
+    /// More file descriptors came than a message may carry; they are closed.
     #[error("more file descriptors than a message may carry ({MAX_FDS})")]
     TooManyFds,
+    /// Reading the socket failed.
     #[error("reading from the VMM: {0}")]
     Io(#[from] io::Error),
 }
@@ -171,7 +187,9 @@ pub struct Payload<'a> {
 #[derive(Debug, thiserror::Error)]
 #[error("a payload of {got} bytes where {expected} belong")]
 pub struct PayloadSize {
+    /// Bytes the payload has.
     pub got: usize,
+    /// Bytes its message's layout needs.
     pub expected: usize,
 }
 
@@ -188,6 +206,12 @@ impl<'a> Payload<'a> {
         }
     }
 
+    /// The next field, a little-endian u32.
+    ///
+    /// # Panics
+    ///
+    /// If fewer than 4 bytes are left: read no more fields than the length
+    /// checked by [`Payload::exact`] holds.
     pub fn u32(&mut self) -> u32 {
         let (word, rest) = self.bytes.split_at(4);
         self.bytes = rest;
@@ -196,6 +220,12 @@ impl<'a> Payload<'a> {
         u32::from_le_bytes(array)
     }
 
+    /// The next field, a little-endian u64.
+    ///
+    /// # Panics
+    ///
+    /// If fewer than 8 bytes are left: read no more fields than the length
+    /// checked by [`Payload::exact`] holds.
     pub fn u64(&mut self) -> u64 {
         let (word, rest) = self.bytes.split_at(8);
         self.bytes = rest;

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0
 //! The virtio-rng device: what it offers the VMM (features, one request
 //! queue) and how it answers the requests on that queue.
 //!
@@ -62,6 +63,8 @@ pub struct RngDevice {
 }
 
 impl RngDevice {
+    /// The device of `guest`, with its own stream from the guest's pool, the
+    /// eventfd the pool wakes it with and its throttle timer.
     pub fn new(guest: Arc<Guest>) -> io::Result<Self> {
         let (wake, wake_notifier) =
             new_event_consumer_and_notifier(EventFlag::NONBLOCK | EventFlag::CLOEXEC)?;
@@ -78,6 +81,7 @@ impl RngDevice {
         })
     }
 
+    /// The guest this device serves.
     pub fn guest(&self) -> &Arc<Guest> {
         &self.guest
     }

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0
 //! Turns each vhost-user message into a call on the connection's
 //! [`Handler`], checking what the framing cannot: payload sizes, which
 //! messages may carry file descriptors and how many, and which need the

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0
 //! Surviving a VMM that shrinks a guest-memory file under the daemon.
 //!
 //! Guest memory is a file the VMM shares (a memfd, or a file on tmpfs or

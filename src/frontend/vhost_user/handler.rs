@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0
 //! The vhost-user protocol of one VMM connection: what each message does to
 //! the device, checked as input from a VMM that may be hostile.
 //!
@@ -39,30 +40,55 @@ use crate::guest::Guest;
 /// Why a connection is being closed on the daemon's side.
 #[derive(Debug, thiserror::Error)]
 pub enum Refusal {
+    /// A request that needs an owner came before SET_OWNER (the request is
+    /// named).
     #[error("{0} before SET_OWNER")]
     NotOwner(&'static str),
+    /// SET_OWNER came again on a connection that has an owner.
     #[error("a second SET_OWNER")]
     OwnerTwice,
+    /// SET_FEATURES acked feature bits the device did not offer (they are
+    /// given).
     #[error("features {0:#x} that were not offered")]
     UnofferedFeatures(u64),
+    /// SET_PROTOCOL_FEATURES acked bits the device did not offer (they are
+    /// given).
     #[error("protocol features {0:#x} that were not offered")]
     UnofferedProtocolFeatures(u64),
+    /// A ring request named a queue other than 0 (the index is given).
     #[error("queue index {0}; virtio-rng has one queue")]
     NoSuchQueue(u64),
+    /// SET_VRING_NUM gave a size that is 0, over [`MAX_QUEUE_SIZE`], or not a
+    /// power of two (it is given).
     #[error("queue size {0} (must be a power of two from 1 to {MAX_QUEUE_SIZE})")]
     QueueSize(u32),
+    /// SET_VRING_ADDR gave an address in the VMM's space that no memory region
+    /// maps (it is given).
     #[error("a vring address {0:#x} outside every memory region")]
     UnmappedRingAddress(u64),
+    /// SET_VRING_BASE gave an index of 65536 or more (it is given).
     #[error("a vring base {0} (must be below 65536)")]
     VringBase(u32),
+    /// A kick, call or error fd is not an eventfd, or cannot be made
+    /// non-blocking.
     #[error("{which} fd: {reason}")]
-    BadEventFd { which: &'static str, reason: String },
+    BadEventFd {
+        /// Which fd: "kick", "call" or "error".
+        which: &'static str,
+        /// What is wrong with it.
+        reason: String,
+    },
+    /// SET_VRING_KICK came without an fd, which would mean polling the ring.
     #[error("a kick without an fd (polling mode is not supported)")]
     NoKickFd,
+    /// The memory table (SET_MEM_TABLE, ADD_MEM_REG, ...) was refused.
     #[error("memory table refused: {0}")]
     Memory(#[from] MemoryError),
+    /// Reading guest memory faulted: its file was truncated under the mapping
+    /// (the number of faulting pages is given).
     #[error("its guest memory file shrank under the daemon (SIGBUS on {0} page(s))")]
     MemoryShrank(u64),
+    /// A request this device does not support (it is named).
     #[error("{0}, which this device does not support")]
     Unsupported(&'static str),
 }
@@ -109,6 +135,8 @@ pub struct Handler {
 }
 
 impl Handler {
+    /// A handler for a new connection of `guest`, unowned, with no memory
+    /// mapped yet; `limits` bound what the VMM may map.
     pub fn new(guest: Arc<Guest>, limits: MemoryLimits) -> io::Result<Self> {
         Ok(Handler {
             device: RngDevice::new(guest)?,

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0
 //! A connection's guest memory: the regions a VMM shares, checked before
 //! they are mapped and kept out of core dumps.
 //!
@@ -48,45 +49,98 @@ impl Default for MemoryLimits {
 /// Why a region or memory table was refused.
 #[derive(Debug, thiserror::Error)]
 pub enum MemoryError {
+    /// A region of size 0.
     #[error("region {index}: size 0")]
-    Empty { index: usize },
+    Empty {
+        /// The region's place in its table (from 0), or among the regions
+        /// already mapped for ADD_MEM_REG.
+        index: usize,
+    },
+    /// A region's start plus its size does not fit in 64 bits.
     #[error("region {index}: {what} {start:#x} + size {size:#x} overflows")]
     Overflow {
+        /// The region's place in its table, from 0.
         index: usize,
+        /// Which start: "guest address", "VMM address" or "file offset".
         what: &'static str,
+        /// That start.
         start: u64,
+        /// The region's size, in bytes.
         size: u64,
     },
+    /// The region's file could not be fstat'ed.
     #[error("region {index}: cannot inspect its file: {error}")]
     Stat {
+        /// The region's place in its table, from 0.
         index: usize,
+        /// The error from fstat.
         #[source]
         error: std::io::Error,
     },
+    /// The region's fd is not a regular file (a pipe, socket, device...).
     #[error("region {index}: its file descriptor is a {kind}, not a regular memory file")]
-    NotAFile { index: usize, kind: &'static str },
+    NotAFile {
+        /// The region's place in its table, from 0.
+        index: usize,
+        /// What the fd is instead ("pipe", "socket", ...).
+        kind: &'static str,
+    },
+    /// The region reaches past the end of its file, so touching it would
+    /// fault.
     #[error(
         "region {index}: needs bytes up to {end:#x} of its file, which holds only {file_size:#x}"
     )]
     BeyondFile {
+        /// The region's place in its table, from 0.
         index: usize,
+        /// File offset of the region's end, in bytes.
         end: u64,
+        /// The file's size, in bytes.
         file_size: u64,
     },
+    /// The region overlaps a region of the same table, or one already
+    /// mapped.
     #[error("region {index}: overlaps another region's {what}")]
-    Overlap { index: usize, what: &'static str },
+    Overlap {
+        /// The region's place in its table, from 0.
+        index: usize,
+        /// Where they overlap: "guest addresses" or "VMM addresses".
+        what: &'static str,
+    },
+    /// The table has more regions than [`MemoryLimits::max_regions`].
     #[error("{regions} regions; this daemon allows at most {max} per connection")]
-    TooManyRegions { regions: usize, max: usize },
+    TooManyRegions {
+        /// Regions the connection would have.
+        regions: usize,
+        /// The limit.
+        max: usize,
+    },
+    /// The regions together are more bytes than [`MemoryLimits::max_bytes`]
+    /// (or one region is more than this machine can address).
     #[error(
         "{bytes} bytes of guest memory; this daemon maps at most {max} per connection \
          (see --vhost-user-max-memory)"
     )]
-    TooLarge { bytes: u64, max: u64 },
+    TooLarge {
+        /// Bytes the connection would have mapped.
+        bytes: u64,
+        /// The limit, in bytes.
+        max: u64,
+    },
+    /// REM_MEM_REG named a region that is not mapped.
     #[error("no region at guest address {gpa:#x} of size {size:#x} to remove")]
-    NoSuchRegion { gpa: u64, size: u64 },
+    NoSuchRegion {
+        /// The guest address given.
+        gpa: u64,
+        /// The size given, in bytes.
+        size: u64,
+    },
+    /// mmap(2) of the region failed.
     #[error("region {index}: cannot map it: {error}")]
     Map {
+        /// The region's place in its table, from 0.
         index: usize,
+        /// The error from mapping it.
         #[source]
         error: vm_memory::mmap::MmapRegionError,
     },
@@ -152,10 +206,16 @@ struct Region {
 
 /// One mapped region as the VMM described it, with its file.
 pub struct RegionView<'a> {
+    /// Guest physical address where the region starts.
     pub guest_addr: u64,
+    /// The region's size, in bytes.
     pub size: u64,
+    /// Where the region is in the VMM's address space (what vring addresses
+    /// refer to).
     pub vmm_addr: u64,
+    /// Offset in the file where the region starts, in bytes.
     pub mmap_offset: u64,
+    /// The VMM's memory file (memfd, tmpfs, hugetlbfs).
     pub file: &'a File,
 }
 
@@ -167,6 +227,7 @@ pub struct MemoryTable {
 }
 
 impl MemoryTable {
+    /// An empty table held to `limits`.
     pub fn new(limits: MemoryLimits) -> Self {
         MemoryTable {
             limits,
@@ -175,6 +236,7 @@ impl MemoryTable {
         }
     }
 
+    /// The limits this table is held to.
     pub fn limits(&self) -> MemoryLimits {
         self.limits
     }

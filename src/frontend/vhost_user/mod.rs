@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0
 //! The vhost-user virtio-rng frontend: one Unix socket per guest, served to
 //! QEMU (`-device vhost-user-rng-pci`) and cloud-hypervisor
 //! (`--generic-vhost-user`).

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0
 //! Serving virtio-rng requests from a split virtqueue.
 //!
 //! A virtio-rng request is a descriptor chain of device-writable buffers; the
@@ -27,14 +28,31 @@ pub use crate::guest::Supplied;
 /// What is wrong with a request a guest posted.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum RequestDefect {
+    /// A descriptor of the chain is not device-writable.
     #[error(
         "descriptor {position} of the chain is device-readable; virtio-rng buffers must be device-writable"
     )]
-    ReadOnlyDescriptor { position: usize },
+    ReadOnlyDescriptor {
+        /// Its place in the chain, from 0.
+        position: usize,
+    },
+    /// A buffer is not wholly inside the guest's memory.
     #[error("buffer at guest address {addr:#x} ({len} bytes) is outside guest memory")]
-    OutsideGuestMemory { addr: u64, len: u32 },
+    OutsideGuestMemory {
+        /// The buffer's guest physical address.
+        addr: u64,
+        /// The buffer's length, in bytes.
+        len: u32,
+    },
+    /// Writing into a buffer failed although it was checked to be inside
+    /// guest memory.
     #[error("writing {len} bytes at guest address {addr:#x} failed")]
-    WriteFailed { addr: u64, len: usize },
+    WriteFailed {
+        /// The buffer's guest physical address.
+        addr: u64,
+        /// Bytes that were to be written.
+        len: usize,
+    },
 }
 
 /// The queue itself is unusable (e.g. the guest published an impossible

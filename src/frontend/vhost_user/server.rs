@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0
 //! Serving one guest's vhost-user connections, one after another, for as
 //! long as the daemon runs: a VM shutting down, rebooting or crashing ends a
 //! connection, never the guest's service.
@@ -42,6 +43,8 @@ pub enum Endpoint {
 }
 
 impl Endpoint {
+    /// The socket's path: the one the daemon listens on, or the VMM's it
+    /// connects to.
     pub fn path(&self) -> &Path {
         match self {
             Endpoint::Listen(socket) => socket.path(),
@@ -53,6 +56,7 @@ impl Endpoint {
 /// What one VMM connection may cost the daemon, and how long it may take.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct VhostUserLimits {
+    /// What a connection may map of the guest's memory.
     pub memory: MemoryLimits,
     /// From accepting a connection to its SET_OWNER; also how long the
     /// rest of a begun message may take to arrive, and a reply to be taken.
@@ -102,8 +106,11 @@ pub struct GuestServer {
 /// A guest's VMM connection, handed over by its parked thread: the socket,
 /// its device state, and the descriptors the state indexes.
 pub struct FrozenConnection {
+    /// A duplicate of the VMM's connection.
     pub socket: OwnedFd,
+    /// What the VMM negotiated, its memory table and its ring.
     pub state: ConnectionState,
+    /// Duplicates of the descriptors `state` indexes, in order.
     pub fds: Vec<OwnedFd>,
 }
 
@@ -111,6 +118,7 @@ pub struct FrozenConnection {
 pub enum Frozen {
     /// No VMM was connected.
     Idle,
+    /// A VMM was connected: its connection and device state.
     Connected(FrozenConnection),
     /// The connection could not be captured (out of descriptors, most
     /// likely); the upgrade must not go ahead.
@@ -119,7 +127,9 @@ pub enum Frozen {
 
 /// A connection taken over from a previous daemon, served first.
 pub struct Resumed {
+    /// The VMM's connection, inherited.
     pub stream: UnixStream,
+    /// Its device state, restored from the hand-over.
     pub handler: Handler,
 }
 
@@ -233,6 +243,7 @@ impl GuestServer {
         true
     }
 
+    /// The guest this server serves.
     pub fn guest(&self) -> &Arc<Guest> {
         &self.guest
     }
@@ -245,6 +256,7 @@ impl GuestServer {
         }
     }
 
+    /// The guest's vhost-user socket path, listened on or connected to.
     pub fn path(&self) -> &Path {
         self.endpoint.path()
     }
