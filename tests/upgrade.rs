@@ -228,3 +228,43 @@ fn a_binary_that_cannot_take_over_is_refused_and_the_daemon_goes_on() {
         "{output:?}"
     );
 }
+
+#[test]
+fn an_egd_read_waiting_for_tokens_is_answered_across_an_upgrade() {
+    let dir = tempfile::tempdir().unwrap();
+    let egd = dir.path().join("slow.egd");
+    // 32 bytes every 400 ms, starting empty: each blocking read waits.
+    let mut daemon = Daemon::start([
+        "serve",
+        "--source",
+        "os",
+        "--guest",
+        &format!(
+            "name=slow,egd={},rate-bytes=32,rate-period=400",
+            egd.display()
+        ),
+    ]);
+    daemon.wait_for_socket(&egd);
+    let mut client = UnixStream::connect(&egd).unwrap();
+    client.set_read_timeout(Some(PATIENCE)).unwrap();
+    for round in 1..=2 {
+        // A blocking read of 32 bytes (0x02 32), then the upgrade while it
+        // waits for tokens: the session finishes the command before it
+        // parks, so the answer is not lost with the old process.
+        client.write_all(&[0x02, 32]).unwrap();
+        let output = upgrade(daemon.control());
+        assert!(
+            output.status.success(),
+            "{}\n{}",
+            String::from_utf8_lossy(&output.stderr),
+            daemon.log()
+        );
+        let mut answer = [0u8; 32];
+        client.read_exact(&mut answer).unwrap();
+        daemon.wait_for_log("taking over 1 guest(s)", round);
+    }
+    // And the connection is served by the new process.
+    client.write_all(&[0x02, 32]).unwrap();
+    let mut answer = [0u8; 32];
+    client.read_exact(&mut answer).unwrap();
+}

@@ -61,6 +61,7 @@ impl Session for ChannelSession {
             // Between requests a client may be quiet for the idle timeout;
             // once a request has begun, all of it must arrive within the
             // request timeout, however it is dribbled.
+            self.reader.wait_for_command(client, Some(timeouts.idle))?;
             client.set_read_timeout(Some(timeouts.idle))?;
             match client.read(&mut header[..1]) {
                 Ok(0) => return Ok(()),

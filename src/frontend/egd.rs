@@ -71,6 +71,7 @@ impl Session for EgdSession {
             // QEMU holds one connection for the life of the VM and asks only
             // when the guest reads. Once a command has begun, the rest of it
             // must follow promptly, or the client's slot is given back.
+            self.reader.wait_for_command(client, None)?;
             client.set_read_timeout(None)?;
             match client.read(&mut command) {
                 Ok(0) => return Ok(()),

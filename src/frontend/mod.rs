@@ -110,10 +110,14 @@ impl GuestFrontend for stream::StreamServer {
         stream::StreamServer::stop(self)
     }
 
-    fn handover(&self, _patience: Duration) -> Handover {
-        match stream::StreamServer::handover(self) {
+    fn handover(&self, patience: Duration) -> Handover {
+        match stream::StreamServer::handover(self, patience) {
             Ok((listener, clients)) => Handover::Stream { listener, clients },
-            Err(e) => Handover::Failed(format!("cannot duplicate its sockets: {e}")),
+            Err(e) => Handover::Failed(format!("cannot hand its clients over: {e}")),
         }
+    }
+
+    fn thaw(&self) {
+        stream::StreamServer::thaw(self)
     }
 }

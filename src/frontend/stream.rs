@@ -10,7 +10,7 @@ use std::net::TcpStream;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
 use std::os::unix::net::UnixStream;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread;
 use std::time::{Duration, Instant};
 
@@ -19,6 +19,7 @@ use nix::fcntl::{FcntlArg, OFlag, fcntl};
 use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
 use nix::sys::socket::{Shutdown, shutdown};
 use vmm_sys_util::event::{EventConsumer, EventFlag, new_event_consumer_and_notifier};
+use vmm_sys_util::eventfd::EventFd;
 
 use vhost_rng_protocol::deadline::TimedStream;
 pub use vhost_rng_protocol::deadline::{read_by, read_exact_by, write_all_by};
@@ -132,6 +133,96 @@ pub struct Clients {
     stream: Mutex<Option<Arc<SharedStream>>>,
     refusals: RateLimitedLog,
     evictions: RateLimitedLog,
+    /// Sessions park here during an in-place upgrade.
+    parking: Arc<Parking>,
+}
+
+/// Where a guest's client sessions wait while an in-place upgrade takes
+/// their sockets over: between two commands, never in the middle of one,
+/// so no command is lost with the old process.
+pub struct Parking {
+    /// Readable while parking is asked; sessions poll it, never read it.
+    /// `None` if it could not be made (out of descriptors): then the guest
+    /// cannot be handed over, and an upgrade is refused.
+    event: Option<EventFd>,
+    state: Mutex<ParkState>,
+    changed: Condvar,
+}
+
+#[derive(Default)]
+struct ParkState {
+    asked: bool,
+    parked: usize,
+}
+
+impl Parking {
+    fn new() -> Self {
+        Parking {
+            event: EventFd::new(libc::EFD_NONBLOCK | libc::EFD_CLOEXEC).ok(),
+            state: Mutex::new(ParkState::default()),
+            changed: Condvar::new(),
+        }
+    }
+
+    fn lock(&self) -> MutexGuard<'_, ParkState> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn asked(&self) -> bool {
+        self.lock().asked
+    }
+
+    fn ask(&self) -> io::Result<()> {
+        let event = self
+            .event
+            .as_ref()
+            .ok_or_else(|| io::Error::other("no eventfd to wake the guest's clients with"))?;
+        self.lock().asked = true;
+        event.write(1)
+    }
+
+    fn release(&self) {
+        let mut state = self.lock();
+        state.asked = false;
+        // Non-blocking: empties the counter so polls stop seeing it.
+        if let Some(event) = &self.event {
+            let _ = event.read();
+        }
+        self.changed.notify_all();
+    }
+
+    /// Parks the calling session until released.
+    fn park(&self) {
+        let mut state = self.lock();
+        state.parked += 1;
+        self.changed.notify_all();
+        while state.asked {
+            state = self.changed.wait(state).unwrap_or_else(|e| e.into_inner());
+        }
+        state.parked -= 1;
+    }
+
+    /// Waits until `sessions()` sessions are parked, or `patience` passes.
+    fn wait_parked(&self, sessions: impl Fn() -> usize, patience: Duration) -> bool {
+        let deadline = Instant::now() + patience;
+        let mut state = self.lock();
+        loop {
+            if state.parked >= sessions() {
+                return true;
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return false;
+            }
+            // Woken by each session that parks; the timeout bounds a
+            // count that changed without one.
+            state = self
+                .changed
+                .wait_timeout(state, left.min(Duration::from_millis(50)))
+                .unwrap_or_else(|e| e.into_inner())
+                .0;
+        }
+    }
 }
 
 /// An open client as its guest's table holds it.
@@ -202,6 +293,7 @@ impl Clients {
             stream: Mutex::new(None),
             refusals: RateLimitedLog::per_minute(4),
             evictions: RateLimitedLog::per_minute(4),
+            parking: Arc::new(Parking::new()),
         })
     }
 
@@ -490,6 +582,7 @@ impl ClientSlot {
                 shared,
                 stopping: Arc::clone(&clients.stopping),
                 activity: Arc::clone(&self.activity),
+                parking: Arc::clone(&clients.parking),
             })
             .and_then(|reader| (protocol.new_session)(reader).serve(client));
         match result {
@@ -559,6 +652,12 @@ impl StreamServer {
                 // Woken by the stop signal rather than by a connection to
                 // the socket file, which someone may have removed already.
                 while stop.wait_for_connection(listener.as_fd()) {
+                    // During an upgrade, new clients wait in the backlog for
+                    // the next process.
+                    if clients.parking.asked() {
+                        clients.parking.park();
+                        continue;
+                    }
                     match listener.accept() {
                         Ok((stream, _)) => spawn_client(&clients, protocol, peer.clone(), stream),
                         Err(e) => {
@@ -581,13 +680,34 @@ impl StreamServer {
     }
 
     /// Duplicates of the listening socket and of every connected client's
-    /// socket, to hand over in an in-place upgrade. Nothing is closed: the
-    /// process is replaced right after (a command a client is in the middle
-    /// of sending is lost with it).
-    pub fn handover(&self) -> io::Result<(OwnedFd, Vec<OwnedFd>)> {
-        let listener = self.socket.duplicate()?;
-        let clients = self.clients.duplicate_sockets()?;
-        Ok((listener, clients))
+    /// socket, to hand over in an in-place upgrade, once every session has
+    /// parked between two commands (within `patience`). Nothing is closed:
+    /// the process is replaced right after.
+    pub fn handover(&self, patience: Duration) -> io::Result<(OwnedFd, Vec<OwnedFd>)> {
+        let parking = &self.clients.parking;
+        parking.ask()?;
+        let open = || self.clients.lock().len();
+        if !parking.wait_parked(open, patience) {
+            parking.release();
+            return Err(io::Error::new(
+                io::ErrorKind::TimedOut,
+                "a client stayed in the middle of a command",
+            ));
+        }
+        let duplicated = self
+            .socket
+            .duplicate()
+            .and_then(|listener| Ok((listener, self.clients.duplicate_sockets()?)));
+        if duplicated.is_err() {
+            parking.release();
+        }
+        duplicated
+    }
+
+    /// Lets parked sessions and the accept thread go on (an upgrade that
+    /// did not happen).
+    pub fn thaw(&self) {
+        self.clients.parking.release();
     }
 
     /// Serves clients a previous daemon handed over, each on its own
@@ -654,9 +774,58 @@ pub struct GuestReader {
     stopping: Arc<AtomicBool>,
     /// This client's: a read waiting for the pool ends when it is closed.
     activity: Arc<ClientActivity>,
+    parking: Arc<Parking>,
 }
 
 impl GuestReader {
+    /// Waits until `client` has a command to read (or has closed), for at
+    /// most `idle` if given (then `TimedOut`). While an in-place upgrade
+    /// takes the guest's clients over, the session parks here, between
+    /// commands, and reads nothing.
+    pub fn wait_for_command(
+        &self,
+        client: &dyn ClientStream,
+        idle: Option<Duration>,
+    ) -> io::Result<()> {
+        let deadline = idle.map(|idle| Instant::now() + idle);
+        loop {
+            if self.parking.asked() {
+                self.parking.park();
+                continue;
+            }
+            let timeout = match deadline {
+                None => PollTimeout::NONE,
+                Some(deadline) => {
+                    let left = deadline.saturating_duration_since(Instant::now());
+                    if left.is_zero() {
+                        return Err(io::Error::new(
+                            io::ErrorKind::TimedOut,
+                            "the client was idle too long",
+                        ));
+                    }
+                    PollTimeout::try_from(left).unwrap_or(PollTimeout::MAX)
+                }
+            };
+            let mut fds = vec![PollFd::new(client.socket(), PollFlags::POLLIN)];
+            if let Some(event) = &self.parking.event {
+                // SAFETY: the EventFd lives in `parking`, which outlives
+                // the poll.
+                let event = unsafe { BorrowedFd::borrow_raw(event.as_raw_fd()) };
+                fds.push(PollFd::new(event, PollFlags::POLLIN));
+            }
+            match poll(&mut fds, timeout) {
+                Ok(_) => {
+                    let readable = fds[0].revents().is_some_and(|r| !r.is_empty());
+                    if readable && !self.parking.asked() {
+                        return Ok(());
+                    }
+                }
+                Err(nix::errno::Errno::EINTR) => {}
+                Err(e) => return Err(e.into()),
+            }
+        }
+    }
+
     fn supply(&self, buf: &mut [u8], now: Instant) -> Supplied {
         let mut stream = self.shared.stream.lock().unwrap_or_else(|e| e.into_inner());
         self.guest.supply(stream.as_mut(), buf, now)

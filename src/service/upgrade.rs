@@ -348,9 +348,10 @@ pub unsafe fn adopt(fd: RawFd) -> OwnedFd {
     owned
 }
 
-/// How long each guest's thread has to reach a safe point: its longest
-/// wait is for a begun vhost-user message, bounded by the vhost-user
-/// timeout (10 s by default).
+/// How long each guest has to reach a safe point: a vhost-user guest's
+/// longest wait is for a begun message, bounded by the vhost-user timeout
+/// (10 s by default); an EGD or channel session's, the command it is
+/// answering (a blocking read waiting for tokens).
 const HANDOVER_PATIENCE: Duration = Duration::from_secs(15);
 
 /// Upgrades the daemon in place: checks the binary on disk, parks every

@@ -60,7 +60,15 @@ pub fn read_by(
         let left = left_until(deadline, "the request did not arrive in time")?;
         stream.set_read_timeout(Some(left))?;
         match stream.read(buf) {
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            // A socket timeout shows as WouldBlock (EAGAIN): the loop's
+            // deadline check decides.
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    io::ErrorKind::Interrupted
+                        | io::ErrorKind::WouldBlock
+                        | io::ErrorKind::TimedOut
+                ) => {}
             result => return result,
         }
     }
@@ -95,7 +103,13 @@ pub fn write_all_by(
         match stream.write(data) {
             Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
             Ok(n) => data = &data[n..],
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    io::ErrorKind::Interrupted
+                        | io::ErrorKind::WouldBlock
+                        | io::ErrorKind::TimedOut
+                ) => {}
             Err(e) => return Err(e),
         }
     }
@@ -122,10 +136,11 @@ mod tests {
         let mut buf = [0u8; 64];
         let err =
             read_exact_by(&mut ours, &mut buf, started + Duration::from_millis(300)).unwrap_err();
+        // Each byte comes well within a per-read timeout of 300 ms, so with
+        // one the read would have gone on to the end of the dribble (1 s)
+        // and failed as an unexpected end; the whole-exchange deadline
+        // stops it as timed out.
         assert_eq!(err.kind(), io::ErrorKind::TimedOut);
-        // Each byte came well within a per-read timeout of 300 ms; only the
-        // whole-exchange deadline stops this.
-        assert!(started.elapsed() < Duration::from_secs(1));
         drop(ours);
         dribble.join().unwrap();
     }
