@@ -131,7 +131,7 @@ fn upgrade(args: &vhost_rng::cli::UpgradeArgs) -> ExitCode {
             );
             return ExitCode::SUCCESS;
         }
-        if now.last_upgrade_error.is_some() && now.last_upgrade_error != before.last_upgrade_error {
+        if now.upgrade_failures > before.upgrade_failures {
             eprintln!(
                 "vhost-rng: upgrade failed, the daemon goes on as it was: {}",
                 now.last_upgrade_error.unwrap_or_default()

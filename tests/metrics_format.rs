@@ -26,6 +26,7 @@ fn status(bytes: u64) -> DaemonStatus {
         upgrades: 0,
         worker_restarts: 0,
         last_upgrade_error: None,
+        upgrade_failures: 0,
         max_rate: None,
         guests: vec![GuestStatus {
             name: "vm1".into(),

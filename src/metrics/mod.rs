@@ -833,6 +833,7 @@ mod tests {
             upgrades: 0,
             worker_restarts: 0,
             last_upgrade_error: None,
+            upgrade_failures: 0,
             max_rate: None,
             guests: vec![guest("vm1", true), vm2],
             pool: PoolStatus {

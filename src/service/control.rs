@@ -151,7 +151,10 @@ fn request_upgrade(registry: &Registry) -> Result<Response, String> {
     let binary = registry.lifecycle().binary;
     if let Err(e) = crate::service::upgrade::check_binary(&binary) {
         let message = e.to_string();
-        registry.update_lifecycle(|life| life.last_upgrade_error = Some(message.clone()));
+        registry.update_lifecycle(|life| {
+            life.last_upgrade_error = Some(message.clone());
+            life.upgrade_failures += 1;
+        });
         return Err(message);
     }
     nix::sys::signal::kill(nix::unistd::Pid::this(), nix::sys::signal::Signal::SIGUSR2)

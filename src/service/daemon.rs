@@ -331,7 +331,10 @@ pub fn run(config: ServeConfig) -> Result<(), DaemonError> {
                 if let Err(e) = upgrade::perform(&registry) {
                     warn!("upgrade: {e}; going on as before");
                     let message = e.to_string();
-                    registry.update_lifecycle(|life| life.last_upgrade_error = Some(message));
+                    registry.update_lifecycle(|life| {
+                        life.last_upgrade_error = Some(message);
+                        life.upgrade_failures += 1;
+                    });
                 }
                 notifier.status(&format!("serving {} guest(s)", registry.names().len()));
             }

@@ -186,6 +186,8 @@ pub struct Lifecycle {
     pub upgrades: u64,
     /// Why the last upgrade asked for did not happen, if it did not.
     pub last_upgrade_error: Option<String>,
+    /// Upgrades asked for that did not happen.
+    pub upgrade_failures: u64,
 }
 
 /// The listeners shared by many guests, where the daemon runs them.
@@ -856,6 +858,7 @@ impl Registry {
             upgrades: self.lifecycle().upgrades,
             worker_restarts: 0,
             last_upgrade_error: self.lifecycle().last_upgrade_error,
+            upgrade_failures: self.lifecycle().upgrade_failures,
             max_rate: *self.max_rate.lock().unwrap_or_else(|e| e.into_inner()),
             guests: self.guest_statuses(),
             pool: PoolStatus {

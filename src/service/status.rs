@@ -116,6 +116,9 @@ pub struct DaemonStatus {
     /// Why the last upgrade asked for did not happen, if it did not.
     #[serde(default)]
     pub last_upgrade_error: Option<String>,
+    /// Upgrades asked for that did not happen.
+    #[serde(default)]
+    pub upgrade_failures: u64,
     /// Global cap over all guests, bytes per second.
     pub max_rate: Option<u64>,
     /// Every guest, as `guest list` shows them.
@@ -319,6 +322,7 @@ mod tests {
             upgrades: 0,
             worker_restarts: 0,
             last_upgrade_error: None,
+            upgrade_failures: 0,
             max_rate: None,
             guests: vec![guest("vm1")],
             pool: PoolStatus {
@@ -361,6 +365,7 @@ mod tests {
             upgrades: 0,
             worker_restarts: 0,
             last_upgrade_error: None,
+            upgrade_failures: 0,
             max_rate: None,
             guests: vec![xen1],
             pool: PoolStatus {
@@ -417,6 +422,7 @@ mod tests {
             upgrades: 0,
             worker_restarts: 0,
             last_upgrade_error: None,
+            upgrade_failures: 0,
             max_rate: None,
             guests: vec![],
             pool: PoolStatus {
@@ -439,6 +445,7 @@ mod tests {
             upgrades: 0,
             worker_restarts: 0,
             last_upgrade_error: None,
+            upgrade_failures: 0,
             max_rate: None,
             guests: vec![guest("vm1")],
             pool: PoolStatus {
