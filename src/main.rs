@@ -25,6 +25,9 @@ fn main() -> ExitCode {
                     .error(clap::error::ErrorKind::ArgumentConflict, message)
                     .exit();
             }
+            if !vhost_rng::service::supervisor::is_worker() {
+                return vhost_rng::service::supervisor::run();
+            }
             let config = ServeConfig {
                 guests: args.command_line_guests(),
                 config_file: args.config.clone(),

@@ -435,7 +435,7 @@ fn in_raw_mode_a_scarce_source_is_shared_by_weight() {
 }
 
 fn threads_of(daemon: &Daemon) -> usize {
-    std::fs::read_dir(format!("/proc/{}/task", daemon.pid()))
+    std::fs::read_dir(format!("/proc/{}/task", daemon.serving_pid()))
         .unwrap()
         .count()
 }
@@ -507,7 +507,7 @@ fn a_reload_keeps_guests_added_at_runtime_and_a_rejected_one_changes_nothing() {
 }
 
 fn fds_of(daemon: &Daemon) -> usize {
-    std::fs::read_dir(format!("/proc/{}/fd", daemon.pid()))
+    std::fs::read_dir(format!("/proc/{}/fd", daemon.serving_pid()))
         .unwrap()
         .count()
 }

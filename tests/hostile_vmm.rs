@@ -287,7 +287,7 @@ struct Usage {
 }
 
 fn usage(daemon: &Daemon) -> Usage {
-    let proc = PathBuf::from(format!("/proc/{}", daemon.pid()));
+    let proc = PathBuf::from(format!("/proc/{}", daemon.serving_pid()));
     let count = |dir: &str| std::fs::read_dir(proc.join(dir)).unwrap().count();
     let status = std::fs::read_to_string(proc.join("status")).unwrap();
     let vm_kib = status
@@ -444,7 +444,8 @@ fn a_memory_file_truncated_under_the_daemon_costs_only_that_connection() {
 fn guest_memory_is_kept_out_of_core_dumps() {
     let target = Target::start(&[]);
     let (_vmm, _memory, _kick) = working_ring(&target);
-    let smaps = std::fs::read_to_string(format!("/proc/{}/smaps", target.daemon.pid())).unwrap();
+    let smaps =
+        std::fs::read_to_string(format!("/proc/{}/smaps", target.daemon.serving_pid())).unwrap();
     let mapping = smaps
         .split("\n")
         .collect::<Vec<_>>()

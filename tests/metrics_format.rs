@@ -25,6 +25,7 @@ fn status(bytes: u64) -> DaemonStatus {
         started_at: 0,
         upgrades: 0,
         worker_restarts: 0,
+        last_worker_exit: None,
         last_upgrade_error: None,
         upgrade_failures: 0,
         max_rate: None,

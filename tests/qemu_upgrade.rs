@@ -1,7 +1,8 @@
 // SPDX-License-Identifier: Apache-2.0
-//! A real QEMU guest keeps reading /dev/hwrng while the daemon serving it is
-//! upgraded in place, three times: every byte arrives, QEMU never sees its
-//! vhost-user connection drop, and its log has no error.
+//! A real QEMU guest keeps reading /dev/hwrng while the process serving it
+//! is killed with SIGKILL three times and the daemon is upgraded in place
+//! once: every byte arrives, QEMU never sees its vhost-user connection
+//! drop, and its log has no error.
 
 #![allow(missing_docs)]
 #![allow(clippy::unwrap_used, clippy::expect_used)]
@@ -9,11 +10,27 @@
 mod common;
 
 use common::{Daemon, run_cli, sha256_prefix, spawn_guest, test_guest, wait_guest, wait_until};
+use nix::sys::signal::{self, Signal};
 
 const BYTES: usize = 4 << 20;
 
+/// Bytes the guest has read so far, if the daemon answers (it does not
+/// for a moment while a serving process is replaced).
+fn bytes_read(daemon: &Daemon) -> Option<u64> {
+    let output = run_cli([
+        "guest".as_ref(),
+        "list".as_ref(),
+        "--json".as_ref(),
+        "--control".as_ref(),
+        daemon.control().as_os_str(),
+    ]);
+    let guests: Vec<vhost_rng::service::status::GuestStatus> =
+        serde_json::from_slice(&output.stdout).ok()?;
+    guests.into_iter().find(|g| g.name == "vm").map(|g| g.bytes)
+}
+
 #[test]
-fn a_guest_reading_through_three_upgrades_gets_every_byte() {
+fn a_guest_reading_through_crashes_and_an_upgrade_gets_every_byte() {
     let Some(guest) = test_guest() else { return };
     let dir = tempfile::tempdir().unwrap();
     let socket = dir.path().join("vm.sock");
@@ -31,27 +48,35 @@ fn a_guest_reading_through_three_upgrades_gets_every_byte() {
         ],
     );
 
-    // Each upgrade while the guest is reading: after it has read more than
+    // Each event while the guest is reading: after it has read more than
     // before the previous one.
     let mut read = 0;
-    for round in 1..=3 {
-        wait_until("the guest to read more", || daemon.guest("vm").bytes > read);
-        read = daemon.guest("vm").bytes;
-        let output = run_cli([
-            "upgrade".as_ref(),
-            "--control".as_ref(),
-            daemon.control().as_os_str(),
-        ]);
-        assert!(
-            output.status.success(),
-            "upgrade {round}: {}\n{}",
-            String::from_utf8_lossy(&output.stderr),
-            daemon.log()
-        );
+    for event in ["kill", "kill", "upgrade", "kill"] {
+        wait_until("the guest to read more", || {
+            bytes_read(&daemon).is_some_and(|bytes| bytes > read)
+        });
+        read = bytes_read(&daemon).unwrap_or(read);
+        if event == "kill" {
+            let worker = daemon.serving_pid();
+            signal::kill(worker, Signal::SIGKILL).unwrap();
+            wait_until("another serving process", || daemon.serving_pid() != worker);
+        } else {
+            let output = run_cli([
+                "upgrade".as_ref(),
+                "--control".as_ref(),
+                daemon.control().as_os_str(),
+            ]);
+            assert!(
+                output.status.success(),
+                "upgrade: {}\n{}",
+                String::from_utf8_lossy(&output.stderr),
+                daemon.log()
+            );
+        }
     }
     assert!(
         (read as usize) < BYTES,
-        "the guest had finished before the last upgrade; nothing was tested"
+        "the guest had finished before the last event; nothing was tested"
     );
 
     let report = wait_guest(qemu);
@@ -66,9 +91,10 @@ fn a_guest_reading_through_three_upgrades_gets_every_byte() {
     }
     let log = daemon.log();
     assert_eq!(log.matches("VMM connected on").count(), 1, "{log}");
+    assert_eq!(log.matches("was killed by SIGKILL").count(), 3, "{log}");
     assert_eq!(
         log.matches("taken over from the previous daemon").count(),
-        3,
+        4,
         "{log}"
     );
 }

@@ -323,7 +323,7 @@ fn many_guests_are_served_concurrently_by_one_daemon() {
 }
 
 fn open_fds(daemon: &Daemon) -> usize {
-    std::fs::read_dir(format!("/proc/{}/fd", daemon.pid()))
+    std::fs::read_dir(format!("/proc/{}/fd", daemon.serving_pid()))
         .unwrap()
         .count()
 }
@@ -340,7 +340,7 @@ fn reconnects_leave_no_descriptors_or_threads_behind() {
         .unwrap();
     daemon.wait_for_log("VMM disconnected", 1);
     let fds = open_fds(&daemon);
-    let threads = std::fs::read_dir(format!("/proc/{}/task", daemon.pid()))
+    let threads = std::fs::read_dir(format!("/proc/{}/task", daemon.serving_pid()))
         .unwrap()
         .count();
 
@@ -354,7 +354,7 @@ fn reconnects_leave_no_descriptors_or_threads_behind() {
     common::wait_until("descriptors back to the baseline", || {
         open_fds(&daemon) <= fds
     });
-    let after = std::fs::read_dir(format!("/proc/{}/task", daemon.pid()))
+    let after = std::fs::read_dir(format!("/proc/{}/task", daemon.serving_pid()))
         .unwrap()
         .count();
     assert!(after <= threads, "{threads} threads before, {after} after");

@@ -45,6 +45,12 @@ pub trait GuestFrontend: Send + Sync {
     fn thaw(&self) {}
 }
 
+/// Told what a guest holds after every change (a VMM connected, a message
+/// changed its device, a client came or went), so that a top process can
+/// restart a crashed serving process with it (see
+/// `service::supervisor`).
+pub type Checkpoint = Arc<dyn Fn(Handover) + Send + Sync>;
+
 /// What a guest's frontend hands over in an in-place upgrade.
 pub enum Handover {
     /// Nothing: the guest is reached through a shared listener (vsock,

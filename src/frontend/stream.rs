@@ -135,6 +135,8 @@ pub struct Clients {
     evictions: RateLimitedLog,
     /// Sessions park here during an in-place upgrade.
     parking: Arc<Parking>,
+    /// Called after a client comes or goes (crash survival).
+    on_change: Mutex<Option<Arc<dyn Fn() + Send + Sync>>>,
 }
 
 /// Where a guest's client sessions wait while an in-place upgrade takes
@@ -294,6 +296,7 @@ impl Clients {
             refusals: RateLimitedLog::per_minute(4),
             evictions: RateLimitedLog::per_minute(4),
             parking: Arc::new(Parking::new()),
+            on_change: Mutex::new(None),
         })
     }
 
@@ -423,6 +426,7 @@ impl Clients {
         if let Some(evicted) = evicted {
             self.evict(protocol, evicted, now);
         }
+        self.changed();
         Ok(ClientSlot {
             clients: Arc::clone(self),
             id,
@@ -450,6 +454,18 @@ impl Clients {
             now.saturating_duration_since(client.activity.last_command())
                 .as_secs_f64()
         );
+    }
+
+    /// Tells whoever watches (crash survival) that the clients changed.
+    fn changed(&self) {
+        let watcher = self
+            .on_change
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
+        if let Some(watcher) = watcher {
+            watcher();
+        }
     }
 
     /// Duplicates of the open clients' sockets, oldest first.
@@ -608,6 +624,8 @@ impl Drop for ClientSlot {
             let stats = &self.clients.guest.stats;
             stats.connected.store(false, Ordering::Relaxed);
         }
+        drop(open);
+        self.clients.changed();
     }
 }
 
@@ -702,6 +720,30 @@ impl StreamServer {
             parking.release();
         }
         duplicated
+    }
+
+    /// Reports the guest's listening socket and clients to `checkpoint`
+    /// now and after every change (crash survival).
+    pub fn set_checkpoint(self: &Arc<Self>, checkpoint: crate::frontend::Checkpoint) {
+        let server = Arc::downgrade(self);
+        let report: Arc<dyn Fn() + Send + Sync> = Arc::new(move || {
+            let Some(server) = server.upgrade() else {
+                return;
+            };
+            let duplicated = server
+                .socket
+                .duplicate()
+                .and_then(|listener| Ok((listener, server.clients.duplicate_sockets()?)));
+            if let Ok((listener, clients)) = duplicated {
+                checkpoint(crate::frontend::Handover::Stream { listener, clients });
+            }
+        });
+        *self
+            .clients
+            .on_change
+            .lock()
+            .unwrap_or_else(|e| e.into_inner()) = Some(Arc::clone(&report));
+        report();
     }
 
     /// Lets parked sessions and the accept thread go on (an upgrade that

@@ -28,6 +28,7 @@ use crate::guest::limiter::RateLimit;
 use crate::metrics::MetricsServer;
 use crate::service::control::{ControlServer, DEFAULT_CONTROL_PATH};
 use crate::service::registry::{Listeners, Registry, RegistryError};
+use crate::service::supervisor::{Report, WorkerLink};
 use crate::service::systemd::Notifier;
 use crate::service::upgrade;
 
@@ -252,7 +253,11 @@ pub fn run(config: ServeConfig) -> Result<(), DaemonError> {
     keep_out_of_core_dumps();
     // Before any thread starts: it edits the environment.
     let inherited = upgrade::inherited()?;
-    let notifier = Notifier::from_env();
+    let link = WorkerLink::from_env().map(|(link, restarts)| (Arc::new(link), restarts));
+    let notifier = match &link {
+        Some((link, _)) => Notifier::relayed(Arc::clone(link)),
+        None => Notifier::from_env(),
+    };
     notifier.status("starting");
 
     let resolved = resolve(&config)?;
@@ -261,6 +266,14 @@ pub fn run(config: ServeConfig) -> Result<(), DaemonError> {
     let registry = Registry::new(Arc::clone(&pool), resolved.access, resolved.vhost_user);
     let binary = std::env::current_exe().unwrap_or_else(|_| PathBuf::from("/proc/self/exe"));
     registry.update_lifecycle(|life| life.binary = binary);
+    if let Some((link, restarts)) = &link {
+        registry.set_link(Arc::clone(link));
+        let restarts = restarts.clone();
+        registry.update_lifecycle(|life| {
+            life.worker_restarts = restarts.count;
+            life.last_worker_exit = restarts.last_cause;
+        });
+    }
     if let Some(state) = inherited {
         info!(
             "taking over {} guest(s) from vhost-rng {} (upgrade {})",
@@ -315,6 +328,16 @@ pub fn run(config: ServeConfig) -> Result<(), DaemonError> {
     info!("{serving}");
     // Every socket exists now: units ordered after this one can start.
     notifier.ready(&serving);
+    if let Some((link, _)) = &link {
+        let life = registry.lifecycle();
+        link.send(
+            &Report::Life {
+                started_at: life.started_at,
+                upgrades: life.upgrades,
+            },
+            &[],
+        );
+    }
 
     let watchdog = notifier.watchdog_interval();
     loop {
@@ -328,7 +351,8 @@ pub fn run(config: ServeConfig) -> Result<(), DaemonError> {
         match signal {
             Signal::SIGUSR2 => {
                 notifier.status("upgrading");
-                if let Err(e) = upgrade::perform(&registry) {
+                if let Err(e) = upgrade::perform(&registry, link.as_ref().map(|(l, _)| l.raw_fd()))
+                {
                     warn!("upgrade: {e}; going on as before");
                     let message = e.to_string();
                     registry.update_lifecycle(|life| {

@@ -2,12 +2,14 @@
 //! Running the daemon: `vhost-rng serve` ([`daemon`]), the running guests
 //! ([`registry`]), the control socket ([`control`]), what they report
 //! ([`status`]), systemd notifications ([`systemd`]), in-place upgrades
-//! ([`upgrade`]), and `vhost-rng check` ([`check`]).
+//! ([`upgrade`]), the top process that restarts a crashed serving process
+//! ([`supervisor`]), and `vhost-rng check` ([`check`]).
 
 pub mod check;
 pub mod control;
 pub mod daemon;
 pub mod registry;
 pub mod status;
+pub mod supervisor;
 pub mod systemd;
 pub mod upgrade;

@@ -7,7 +7,7 @@
 //! again and the running set stays exactly as it was.
 
 use std::collections::{BTreeMap, HashMap};
-use std::os::fd::OwnedFd;
+use std::os::fd::{OwnedFd, RawFd};
 use std::os::unix::net::UnixStream;
 use std::path::Path;
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
@@ -24,12 +24,13 @@ use crate::frontend::vhost_user::handler::Handler;
 use crate::frontend::vhost_user::snapshot::ConnectionState;
 use crate::frontend::vhost_user::{Endpoint, GuestServer, Resumed, VhostUserLimits};
 use crate::frontend::vsock::VsockListener;
-use crate::frontend::{GuestFrontend, Handover};
+use crate::frontend::{Checkpoint, GuestFrontend, Handover};
 use crate::frontend::{channel, egd};
 use crate::guest::limiter::{RateLimit, RateLimitError};
 use crate::guest::{Guest, GuestLimits, SharedBucket};
 use crate::service::status::{DaemonStatus, GuestStatus, ListenerStatus, PoolStatus, SourceStatus};
-use crate::service::upgrade::Counters;
+use crate::service::supervisor::{Report, WorkerLink};
+use crate::service::upgrade::{self, Counters};
 use vhost_rng_protocol::noise::{Psk, PskError};
 use vhost_rng_protocol::wire;
 
@@ -173,6 +174,9 @@ pub struct Registry {
     carried: Mutex<HashMap<String, Carried>>,
     /// The daemon's life across in-place upgrades, for status.
     lifecycle: Mutex<Lifecycle>,
+    /// The top process, when this is a serving process it restarts after
+    /// a crash: told what each guest holds after every change.
+    link: OnceLock<Arc<WorkerLink>>,
 }
 
 /// The daemon's life across in-place upgrades.
@@ -188,6 +192,10 @@ pub struct Lifecycle {
     pub last_upgrade_error: Option<String>,
     /// Upgrades asked for that did not happen.
     pub upgrade_failures: u64,
+    /// Serving processes started again after one died.
+    pub worker_restarts: u64,
+    /// How the last one ended.
+    pub last_worker_exit: Option<String>,
 }
 
 /// The listeners shared by many guests, where the daemon runs them.
@@ -312,6 +320,7 @@ impl Registry {
                     .map_or(0, |d| d.as_secs()),
                 ..Lifecycle::default()
             }),
+            link: OnceLock::new(),
         })
     }
 
@@ -364,8 +373,56 @@ impl Registry {
             .remove(name)
             .ok_or_else(|| RegistryError::Unknown(name.to_owned()))?;
         entry.server.stop();
+        self.forget(name);
         info!("guest {name}: removed");
         Ok(())
+    }
+
+    /// Reports guests' changes to the top process from now on.
+    pub fn set_link(&self, link: Arc<WorkerLink>) {
+        let _ = self.link.set(link);
+    }
+
+    /// Tells the top process that `name` is no longer served.
+    fn forget(&self, name: &str) {
+        if let Some(link) = self.link.get() {
+            link.send(
+                &Report::Gone {
+                    name: name.to_owned(),
+                },
+                &[],
+            );
+        }
+    }
+
+    /// What reports a guest's changes to the top process, if there is one.
+    fn checkpoint_for(
+        &self,
+        spec: &GuestSpec,
+        runtime: bool,
+        guest: &Arc<Guest>,
+    ) -> Option<Checkpoint> {
+        let link = Arc::clone(self.link.get()?);
+        let (spec, guest) = (spec.clone(), Arc::clone(guest));
+        Some(Arc::new(move |handover: Handover| {
+            let mut fds = Vec::new();
+            let state = upgrade::guest_state(
+                &spec,
+                runtime,
+                handover,
+                guest.tokens(),
+                Counters::of(&guest.stats),
+                |fd| {
+                    fds.push(fd);
+                    (fds.len() - 1) as RawFd
+                },
+            );
+            let report = Report::Guest {
+                name: spec.name.clone(),
+                state: Box::new(state),
+            };
+            link.send(&report, &fds);
+        }))
     }
 
     /// Makes the running guests match `specs`: adds new ones, removes
@@ -490,6 +547,7 @@ impl Registry {
         for name in &leaving {
             if let Some(entry) = guests.remove(name) {
                 entry.server.stop();
+                self.forget(name);
                 info!("guest {name}: removed");
                 if !replaced.contains(name) {
                     summary.removed.push(name.clone());
@@ -641,7 +699,8 @@ impl Registry {
                         }
                     }
                 });
-                GuestServer::spawn_resumed(guest, endpoint, self.vhost_user, resumed)
+                let checkpoint = self.checkpoint_for(&spec, runtime, &guest);
+                GuestServer::spawn_resumed(guest, endpoint, self.vhost_user, resumed, checkpoint)
                     .map_err(spawn_error)?
             }
             Opened::Egd(socket) => {
@@ -650,7 +709,11 @@ impl Registry {
                     spec.name,
                     socket.path().display()
                 );
+                let checkpoint = self.checkpoint_for(&spec, runtime, &guest);
                 let server = egd::spawn(guest, socket).map_err(spawn_error)?;
+                if let Some(checkpoint) = checkpoint {
+                    server.set_checkpoint(checkpoint);
+                }
                 server.resume_clients(egd::PROTOCOL, clients);
                 server
             }
@@ -660,7 +723,11 @@ impl Registry {
                     spec.name,
                     socket.path().display()
                 );
+                let checkpoint = self.checkpoint_for(&spec, runtime, &guest);
                 let server = channel::spawn(guest, socket).map_err(spawn_error)?;
+                if let Some(checkpoint) = checkpoint {
+                    server.set_checkpoint(checkpoint);
+                }
                 server.resume_clients(channel::PROTOCOL, clients);
                 server
             }
@@ -856,7 +923,8 @@ impl Registry {
             uptime_seconds: self.started.elapsed().as_secs_f64(),
             started_at: self.lifecycle().started_at,
             upgrades: self.lifecycle().upgrades,
-            worker_restarts: 0,
+            worker_restarts: self.lifecycle().worker_restarts,
+            last_worker_exit: self.lifecycle().last_worker_exit,
             last_upgrade_error: self.lifecycle().last_upgrade_error,
             upgrade_failures: self.lifecycle().upgrade_failures,
             max_rate: *self.max_rate.lock().unwrap_or_else(|e| e.into_inner()),

@@ -109,10 +109,13 @@ pub struct DaemonStatus {
     /// In-place upgrades since the daemon first started.
     #[serde(default)]
     pub upgrades: u64,
-    /// Serving processes restarted after a crash (always 0 until the
-    /// daemon serves from child processes).
+    /// Serving processes started again after one died.
     #[serde(default)]
     pub worker_restarts: u64,
+    /// How the last serving process that died ended ("was killed by
+    /// SIGKILL").
+    #[serde(default)]
+    pub last_worker_exit: Option<String>,
     /// Why the last upgrade asked for did not happen, if it did not.
     #[serde(default)]
     pub last_upgrade_error: Option<String>,
@@ -321,6 +324,7 @@ mod tests {
             started_at: 0,
             upgrades: 0,
             worker_restarts: 0,
+            last_worker_exit: None,
             last_upgrade_error: None,
             upgrade_failures: 0,
             max_rate: None,
@@ -364,6 +368,7 @@ mod tests {
             started_at: 0,
             upgrades: 0,
             worker_restarts: 0,
+            last_worker_exit: None,
             last_upgrade_error: None,
             upgrade_failures: 0,
             max_rate: None,
@@ -421,6 +426,7 @@ mod tests {
             started_at: 0,
             upgrades: 0,
             worker_restarts: 0,
+            last_worker_exit: None,
             last_upgrade_error: None,
             upgrade_failures: 0,
             max_rate: None,
@@ -444,6 +450,7 @@ mod tests {
             started_at: 0,
             upgrades: 0,
             worker_restarts: 0,
+            last_worker_exit: None,
             last_upgrade_error: None,
             upgrade_failures: 0,
             max_rate: None,

@@ -22,6 +22,8 @@ use log::debug;
 /// Where notifications go, if anywhere.
 pub struct Notifier {
     target: Option<(UnixDatagram, SocketAddr)>,
+    /// A serving process passes them to its top process instead.
+    relay: Option<std::sync::Arc<crate::service::supervisor::WorkerLink>>,
     watchdog: Option<Duration>,
 }
 
@@ -48,13 +50,27 @@ impl Notifier {
                 }
             }
         });
-        Notifier { target, watchdog }
+        Notifier {
+            target,
+            relay: None,
+            watchdog,
+        }
+    }
+
+    /// A serving process's notifier: every notification goes to the top
+    /// process, which passes it to systemd.
+    pub fn relayed(link: std::sync::Arc<crate::service::supervisor::WorkerLink>) -> Notifier {
+        Notifier {
+            relay: Some(link),
+            ..Notifier::from_env()
+        }
     }
 
     /// A notifier that sends nothing (tests, and runs outside systemd).
     pub fn none() -> Notifier {
         Notifier {
             target: None,
+            relay: None,
             watchdog: None,
         }
     }
@@ -66,6 +82,15 @@ impl Notifier {
 
     /// Sends `state`, newline-separated `KEY=VALUE` assignments.
     pub fn notify(&self, state: &str) {
+        if let Some(link) = &self.relay {
+            link.send(
+                &crate::service::supervisor::Report::Notify {
+                    state: state.to_owned(),
+                },
+                &[],
+            );
+            return;
+        }
         if let Some((socket, address)) = &self.target
             && let Err(e) = socket.send_to_addr(state.as_bytes(), address)
         {
@@ -147,6 +172,7 @@ mod tests {
                 UnixDatagram::unbound().unwrap(),
                 SocketAddr::from_pathname(&path).unwrap(),
             )),
+            relay: None,
             watchdog: None,
         };
         notifier.ready("serving 2 guest(s)");
@@ -163,6 +189,7 @@ mod tests {
                 UnixDatagram::unbound().unwrap(),
                 SocketAddr::from_abstract_name(name.as_bytes()).unwrap(),
             )),
+            relay: None,
             watchdog: None,
         };
         notifier.stopping();

@@ -236,16 +236,26 @@ pub fn check_binary(binary: &Path) -> Result<(), UpgradeError> {
 /// Writes `state` to a memfd the new process inherits, and marks every
 /// descriptor it names (and the memfd) to survive execve.
 pub fn write_state(state: &DaemonState, keep: &[RawFd]) -> Result<OwnedFd, UpgradeError> {
-    let fd =
-        nix::sys::memfd::memfd_create(c"vhost-rng-upgrade", nix::sys::memfd::MFdFlags::empty())
-            .map_err(|e| UpgradeError::State(e.into()))?;
-    let mut file = File::from(fd);
-    let json = serde_json::to_vec(state).map_err(|e| UpgradeError::State(e.into()))?;
-    file.write_all(&json).map_err(UpgradeError::State)?;
-    file.rewind().map_err(UpgradeError::State)?;
+    let record = write_record(state).map_err(UpgradeError::State)?;
+    // The record itself must be inherited too.
+    inherit(record.as_raw_fd()).map_err(UpgradeError::State)?;
     for &fd in keep {
         inherit(fd).map_err(UpgradeError::State)?;
     }
+    Ok(record)
+}
+
+/// `state` as JSON in a new memfd (close-on-exec), read from its start by
+/// whoever inherits it.
+pub fn write_record(state: &DaemonState) -> std::io::Result<OwnedFd> {
+    let fd = nix::sys::memfd::memfd_create(
+        c"vhost-rng-upgrade",
+        nix::sys::memfd::MFdFlags::MFD_CLOEXEC,
+    )?;
+    let mut file = File::from(fd);
+    let json = serde_json::to_vec(state)?;
+    file.write_all(&json)?;
+    file.rewind()?;
     Ok(OwnedFd::from(file))
 }
 
@@ -357,50 +367,33 @@ const HANDOVER_PATIENCE: Duration = Duration::from_secs(15);
 /// Upgrades the daemon in place: checks the binary on disk, parks every
 /// guest, writes the state and executes the binary. Returns only if the
 /// upgrade did not happen, after every guest went back to serving.
-pub fn perform(registry: &Registry) -> Result<(), UpgradeError> {
+///
+/// `also_inherit` (the serving process's link to the top process) is passed
+/// to the new image too, and kept open if the upgrade does not happen.
+pub fn perform(registry: &Registry, also_inherit: Option<RawFd>) -> Result<(), UpgradeError> {
     let life = registry.lifecycle();
     check_binary(&life.binary)?;
     let handed = registry
         .handover_all(HANDOVER_PATIENCE)
         .map_err(UpgradeError::Handover)?;
     let mut kept: Vec<RawFd> = Vec::new();
-    let mut keep = |fd: OwnedFd| {
-        let raw = fd.into_raw_fd();
-        kept.push(raw);
-        raw
-    };
-    let mut guests = Vec::new();
-    for guest in handed {
-        let (listener, connection, clients) = match guest.handover {
-            Handover::Nothing | Handover::Failed(_) => (None, None, Vec::new()),
-            Handover::VhostUser {
-                listener,
-                connection,
-            } => (
-                listener.map(&mut keep),
-                connection.map(|c| ConnectionHandover {
-                    socket: keep(c.socket),
-                    state: c.state,
-                    fds: c.fds.into_iter().map(&mut keep).collect(),
-                }),
-                Vec::new(),
-            ),
-            Handover::Stream { listener, clients } => (
-                Some(keep(listener)),
-                None,
-                clients.into_iter().map(&mut keep).collect(),
-            ),
-        };
-        guests.push(GuestState {
-            spec: guest.spec.to_string(),
-            runtime: guest.runtime,
-            listener,
-            connection,
-            clients,
-            tokens: guest.tokens,
-            counters: guest.counters,
-        });
-    }
+    let guests = handed
+        .into_iter()
+        .map(|guest| {
+            guest_state(
+                &guest.spec,
+                guest.runtime,
+                guest.handover,
+                guest.tokens,
+                guest.counters,
+                |fd| {
+                    let raw = fd.into_raw_fd();
+                    kept.push(raw);
+                    raw
+                },
+            )
+        })
+        .collect();
     let state = DaemonState {
         version: UPGRADE_STATE_VERSION,
         written_by: env!("CARGO_PKG_VERSION").into(),
@@ -414,6 +407,12 @@ pub fn perform(registry: &Registry) -> Result<(), UpgradeError> {
         state.guests.len()
     );
     let args: Vec<OsString> = std::env::args_os().collect();
+    if let Some(fd) = also_inherit
+        && let Err(e) = inherit(fd)
+    {
+        registry.thaw_all();
+        return Err(UpgradeError::State(e));
+    }
     let error = match write_state(&state, &kept) {
         Ok(state_fd) => exec(&life.binary, &args, &state_fd),
         Err(error) => error,
@@ -423,8 +422,59 @@ pub fn perform(registry: &Registry) -> Result<(), UpgradeError> {
         // record is unused, so this is its only owner again.
         drop(unsafe { OwnedFd::from_raw_fd(fd) });
     }
+    if let Some(fd) = also_inherit {
+        // SAFETY: the caller's descriptor, open for the call; F_SETFD
+        // only sets its close-on-exec flag back.
+        let borrowed = unsafe { std::os::fd::BorrowedFd::borrow_raw(fd) };
+        let _ = nix::fcntl::fcntl(
+            borrowed,
+            nix::fcntl::FcntlArg::F_SETFD(nix::fcntl::FdFlag::FD_CLOEXEC),
+        );
+    }
     registry.thaw_all();
     Err(error)
+}
+
+/// A guest's record: `keep` takes each descriptor and says how the record
+/// names it (its number for an upgrade, an index for a report to the top
+/// process).
+pub fn guest_state(
+    spec: &GuestSpec,
+    runtime: bool,
+    handover: Handover,
+    tokens: Option<u64>,
+    counters: Counters,
+    mut keep: impl FnMut(OwnedFd) -> RawFd,
+) -> GuestState {
+    let (listener, connection, clients) = match handover {
+        Handover::Nothing | Handover::Failed(_) => (None, None, Vec::new()),
+        Handover::VhostUser {
+            listener,
+            connection,
+        } => (
+            listener.map(&mut keep),
+            connection.map(|c| ConnectionHandover {
+                socket: keep(c.socket),
+                state: c.state,
+                fds: c.fds.into_iter().map(&mut keep).collect(),
+            }),
+            Vec::new(),
+        ),
+        Handover::Stream { listener, clients } => (
+            Some(keep(listener)),
+            None,
+            clients.into_iter().map(&mut keep).collect(),
+        ),
+    };
+    GuestState {
+        spec: spec.to_string(),
+        runtime,
+        listener,
+        connection,
+        clients,
+        tokens,
+        counters,
+    }
 }
 
 /// Turns a handed-over record into guests this daemon takes up, owning

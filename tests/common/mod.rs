@@ -170,8 +170,23 @@ impl Daemon {
         });
     }
 
+    /// The top process: `vhost-rng serve` as started (signals go here).
     pub fn pid(&self) -> Pid {
         Pid::from_raw(self.child.id() as i32)
+    }
+
+    /// The serving process (the top process's child), which maps guest
+    /// memory and holds the guests' threads; waits until there is one.
+    pub fn serving_pid(&self) -> Pid {
+        let children = format!("/proc/{0}/task/{0}/children", self.child.id());
+        let mut pid = None;
+        wait_until("the serving process to start", || {
+            pid = fs::read_to_string(&children)
+                .ok()
+                .and_then(|list| list.split_whitespace().next()?.parse().ok());
+            pid.is_some()
+        });
+        Pid::from_raw(pid.unwrap_or_default())
     }
 
     pub fn is_running(&mut self) -> bool {

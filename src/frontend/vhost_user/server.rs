@@ -98,6 +98,8 @@ pub struct GuestServer {
     /// Set by [`GuestServer::freeze`]: the thread parks at its next safe
     /// point and hands over its connection.
     freezing: AtomicBool,
+    /// Told what the guest holds after every change (crash survival).
+    checkpoint: Option<crate::frontend::Checkpoint>,
     frozen: Mutex<Option<mpsc::Sender<Frozen>>>,
     thaw: Mutex<mpsc::Receiver<()>>,
     thaw_sender: Mutex<mpsc::Sender<()>>,
@@ -140,7 +142,7 @@ impl GuestServer {
         endpoint: Endpoint,
         limits: VhostUserLimits,
     ) -> io::Result<Arc<Self>> {
-        Self::spawn_resumed(guest, endpoint, limits, None)
+        Self::spawn_resumed(guest, endpoint, limits, None, None)
     }
 
     /// Like [`GuestServer::spawn`], serving `resumed` (a connection a
@@ -150,6 +152,7 @@ impl GuestServer {
         endpoint: Endpoint,
         limits: VhostUserLimits,
         resumed: Option<Resumed>,
+        checkpoint: Option<crate::frontend::Checkpoint>,
     ) -> io::Result<Arc<Self>> {
         fault_guard::install();
         let (thaw_sender, thaw) = mpsc::channel();
@@ -165,6 +168,7 @@ impl GuestServer {
             stop_event: EventFd::new(libc::EFD_NONBLOCK | libc::EFD_CLOEXEC)?,
             active: Mutex::new(None),
             freezing: AtomicBool::new(false),
+            checkpoint,
             frozen: Mutex::new(None),
             thaw: Mutex::new(thaw),
             thaw_sender: Mutex::new(thaw_sender),
@@ -174,8 +178,10 @@ impl GuestServer {
             .name(format!("guest-{}", server.guest.name()))
             .spawn(move || {
                 if let Some(Resumed { stream, handler }) = resumed {
+                    worker.report(Some((&stream, &handler)));
                     worker.serve_with(stream, handler, true);
                 }
+                worker.report(None);
                 match listener {
                     Some(listener) => worker.listen_loop(&listener),
                     None => worker.connect_loop(),
@@ -208,6 +214,37 @@ impl GuestServer {
                 .unwrap_or_else(|e| e.into_inner())
                 .send(());
         }
+    }
+
+    /// Tells the checkpoint watcher (if any) what the guest holds now.
+    fn report(&self, connection: Option<(&UnixStream, &Handler)>) {
+        let Some(checkpoint) = &self.checkpoint else {
+            return;
+        };
+        let listener = self.listener_duplicate().ok().flatten();
+        let connection = match connection {
+            None => None,
+            Some((stream, handler)) => {
+                let captured = stream
+                    .as_fd()
+                    .try_clone_to_owned()
+                    .and_then(|socket| handler.snapshot().map(|(state, fds)| (socket, state, fds)));
+                match captured {
+                    Ok((socket, state, fds)) => Some(FrozenConnection { socket, state, fds }),
+                    Err(e) => {
+                        warn!(
+                            "guest {}: cannot record its connection for crash survival: {e}",
+                            self.guest.name()
+                        );
+                        return;
+                    }
+                }
+            }
+        };
+        checkpoint(crate::frontend::Handover::VhostUser {
+            listener,
+            connection,
+        });
     }
 
     /// Called by the guest's thread at a safe point: if a freeze was asked
@@ -399,8 +436,18 @@ impl GuestServer {
         } else {
             info!("guest {name}: VMM connected on {path}");
         }
+        self.report(Some((&stream, &handler)));
+        if resumed {
+            handler.serve_pending();
+        }
         let ended = loop {
-            let ended = run_connection(&stream, &mut handler, self.stop_fd(), self.limits.timeout);
+            let ended = run_connection_reporting(
+                &stream,
+                &mut handler,
+                self.stop_fd(),
+                self.limits.timeout,
+                &|stream, handler| self.report(Some((stream, handler))),
+            );
             if matches!(ended, Ended::Stopped)
                 && !self.is_stopping()
                 && self.park_if_asked(Some((&stream, &handler)))
@@ -424,6 +471,8 @@ impl GuestServer {
         }
         // Dropping the handler unmaps the guest's memory and closes every
         // fd the VMM sent.
+        drop(handler);
+        self.report(None);
     }
 }
 
@@ -435,6 +484,18 @@ pub fn run_connection(
     handler: &mut Handler,
     stop: BorrowedFd<'_>,
     limit: Duration,
+) -> Ended {
+    run_connection_reporting(connection, handler, stop, limit, &|_, _| {})
+}
+
+/// [`run_connection`], calling `after_message` after each message the
+/// handler took (crash survival records the state it changed).
+pub fn run_connection_reporting(
+    connection: &UnixStream,
+    handler: &mut Handler,
+    stop: BorrowedFd<'_>,
+    limit: Duration,
+    after_message: &dyn Fn(&UnixStream, &Handler),
 ) -> Ended {
     let setup_deadline = Instant::now() + limit;
     // Set when part of a message has arrived: the rest must follow by
@@ -517,6 +578,7 @@ pub fn run_connection(
         if let Err(reason) = result {
             return Ended::Closed(reason);
         }
+        after_message(connection, handler);
         // A VMM that sends without reading the replies is closed long
         // before its socket fills and a reply would wait on it.
         if let Some(unread) = unread_replies(connection)

@@ -1,0 +1,531 @@
+// SPDX-License-Identifier: Apache-2.0
+//! Crash survival: `vhost-rng serve` is a small top process that holds
+//! every guest's descriptors and serves nothing itself; a child process
+//! (the worker, the same binary) maps guest memory and serves the guests.
+//!
+//! The worker tells the top process, after every change, what each guest
+//! holds ([`GuestState`]: its listening socket, its VMM connection with the
+//! negotiated vhost-user state and the descriptors it needs, its EGD or
+//! channel clients), passing duplicates of those descriptors. When the
+//! worker dies (a bug, a signal, the OOM killer), the top process starts a
+//! new one and hands it all of that exactly as an in-place upgrade would
+//! ([`super::upgrade`]): VMMs keep their connections and never see a
+//! disconnect, rings resume at the used index (a request the dead worker
+//! took and did not answer is answered now), token buckets start empty (a
+//! crash loop never hands out extra bytes), DRBGs are reseeded. A worker
+//! that keeps dying is restarted after 1 s, then 2, 4, ... up to 30 s.
+//!
+//! The top process parses nothing a guest or VMM sends and maps no guest
+//! memory: it reads the worker's JSON records and keeps descriptors.
+
+use std::collections::BTreeMap;
+use std::ffi::OsString;
+use std::io::{IoSlice, IoSliceMut};
+use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::unix::process::{CommandExt, ExitStatusExt};
+use std::path::PathBuf;
+use std::process::{Child, Command, ExitCode};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use log::{error, info, warn};
+use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
+use nix::sys::signal::{SigSet, Signal};
+use nix::sys::signalfd::{SfdFlags, SignalFd};
+use nix::sys::socket::{
+    AddressFamily, ControlMessage, ControlMessageOwned, MsgFlags, SockFlag, SockType, recvmsg,
+    sendmsg, socketpair,
+};
+use serde::{Deserialize, Serialize};
+
+use super::systemd::Notifier;
+use super::upgrade::{self, DaemonState, GuestState, UPGRADE_STATE_VERSION};
+
+/// The variable that makes `vhost-rng serve` a worker; it names the
+/// worker's end of the socket to the top process.
+pub const WORKER_ENV: &str = "VHOST_RNG_WORKER";
+/// Restarts so far and the last cause, for the worker's status.
+pub const RESTARTS_ENV: &str = "VHOST_RNG_WORKER_RESTARTS";
+
+/// Most descriptors one record carries: the kernel passes at most 253 in
+/// one message.
+const MAX_FDS: usize = 250;
+/// Largest record (a guest with hundreds of memory regions stays far below).
+const MAX_RECORD: usize = 256 * 1024;
+/// A worker that lived at least this long had no crash loop.
+const STABLE: Duration = Duration::from_secs(10);
+const FIRST_BACKOFF: Duration = Duration::from_secs(1);
+const MAX_BACKOFF: Duration = Duration::from_secs(30);
+
+/// What the worker tells the top process.
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "kebab-case")]
+pub enum Report {
+    /// A systemd notification (`READY=1`, `STATUS=...`, `WATCHDOG=1`): the
+    /// top process is the service's main process, so it passes them on.
+    Notify {
+        /// Newline-separated `KEY=VALUE` assignments.
+        state: String,
+    },
+    /// A guest's current state; its descriptors (indices into the
+    /// message's) come with it.
+    Guest {
+        /// The guest's name.
+        name: String,
+        /// The guest's state, descriptors as indices.
+        state: Box<GuestState>,
+    },
+    /// A guest no longer served.
+    Gone {
+        /// The guest's name.
+        name: String,
+    },
+    /// The daemon's life across upgrades.
+    Life {
+        /// First start, seconds since the epoch.
+        started_at: u64,
+        /// In-place upgrades so far.
+        upgrades: u64,
+    },
+}
+
+/// Whether this process is a worker (started by the top process).
+pub fn is_worker() -> bool {
+    std::env::var_os(WORKER_ENV).is_some()
+}
+
+/// The worker's end: sends [`Report`]s to the top process.
+pub struct WorkerLink {
+    socket: OwnedFd,
+    /// One report at a time: a record and its descriptors go together.
+    sending: Mutex<()>,
+}
+
+/// Restarts and last cause, as the top process passed them.
+#[derive(Debug, Clone, Default)]
+pub struct Restarts {
+    /// Workers started again after one died.
+    pub count: u64,
+    /// How the last one ended.
+    pub last_cause: Option<String>,
+}
+
+impl WorkerLink {
+    /// The link named by the environment, if this process is a worker. The
+    /// variables stay set, so that an in-place upgrade of the worker keeps
+    /// its link.
+    pub fn from_env() -> Option<(WorkerLink, Restarts)> {
+        let fd: RawFd = std::env::var(WORKER_ENV).ok()?.parse().ok()?;
+        // SAFETY: the top process passed this descriptor, open and meant
+        // for this process alone, under this name.
+        let socket = unsafe { OwnedFd::from_raw_fd(fd) };
+        let restarts = std::env::var(RESTARTS_ENV)
+            .ok()
+            .and_then(|value| {
+                let (count, cause) = value.split_once(';')?;
+                Some(Restarts {
+                    count: count.parse().ok()?,
+                    last_cause: (!cause.is_empty()).then(|| cause.to_owned()),
+                })
+            })
+            .unwrap_or_default();
+        Some((
+            WorkerLink {
+                socket,
+                sending: Mutex::new(()),
+            },
+            restarts,
+        ))
+    }
+
+    /// The raw descriptor, kept open across the worker's own upgrades.
+    pub fn raw_fd(&self) -> RawFd {
+        self.socket.as_raw_fd()
+    }
+
+    /// Sends `report` with `fds` (which its indices refer to).
+    pub fn send(&self, report: &Report, fds: &[OwnedFd]) {
+        if fds.len() > MAX_FDS {
+            warn!(
+                "a guest holds {} descriptors, more than a record carries ({MAX_FDS}); it would \
+                 not survive a crash of the serving process",
+                fds.len()
+            );
+            return;
+        }
+        let Ok(json) = serde_json::to_vec(report) else {
+            return;
+        };
+        let raw: Vec<RawFd> = fds.iter().map(AsRawFd::as_raw_fd).collect();
+        let rights = [ControlMessage::ScmRights(&raw)];
+        let cmsgs: &[ControlMessage] = if raw.is_empty() { &[] } else { &rights };
+        let _guard = self.sending.lock().unwrap_or_else(|e| e.into_inner());
+        if let Err(e) = sendmsg::<()>(
+            self.socket.as_raw_fd(),
+            &[IoSlice::new(&json)],
+            cmsgs,
+            MsgFlags::empty(),
+            None,
+        ) {
+            warn!("cannot tell the top process about a change ({e}); a crash now would lose it");
+        }
+    }
+}
+
+/// A guest as the top process holds it.
+struct Held {
+    state: GuestState,
+    fds: Vec<OwnedFd>,
+}
+
+/// The top process's loop: starts the worker and restarts it when it dies,
+/// until SIGTERM or SIGINT. Returns the worker's exit status when it is
+/// stopped, or when the first worker fails to start.
+pub fn run() -> ExitCode {
+    let signals = {
+        let mut set = SigSet::empty();
+        for signal in [
+            Signal::SIGTERM,
+            Signal::SIGINT,
+            Signal::SIGHUP,
+            Signal::SIGUSR2,
+            Signal::SIGCHLD,
+        ] {
+            set.add(signal);
+        }
+        set
+    };
+    if let Err(e) = signals.thread_block() {
+        error!("cannot set up signal handling: {e}");
+        return ExitCode::FAILURE;
+    }
+    let setup = (|| {
+        let signal_fd = SignalFd::with_flags(&signals, SfdFlags::SFD_CLOEXEC)?;
+        let (ours, theirs) = socketpair(
+            AddressFamily::Unix,
+            SockType::SeqPacket,
+            None,
+            SockFlag::SOCK_CLOEXEC,
+        )?;
+        Ok::<_, nix::Error>((signal_fd, ours, theirs))
+    })();
+    let (signal_fd, ours, theirs) = match setup {
+        Ok(setup) => setup,
+        Err(e) => {
+            error!("cannot set up the serving process: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let mut top = Top {
+        binary: std::env::current_exe().unwrap_or_else(|_| PathBuf::from("/proc/self/exe")),
+        args: std::env::args_os().skip(1).collect(),
+        notifier: Notifier::from_env(),
+        link: theirs,
+        held: BTreeMap::new(),
+        life: None,
+        restarts: Restarts::default(),
+        ready: false,
+        stopping: false,
+    };
+    let mut worker = match top.spawn(None) {
+        Ok(worker) => worker,
+        Err(e) => {
+            error!("cannot start the serving process: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let mut started = Instant::now();
+    let mut backoff = FIRST_BACKOFF;
+    loop {
+        let mut fds = [
+            PollFd::new(ours.as_fd(), PollFlags::POLLIN),
+            PollFd::new(signal_fd.as_fd(), PollFlags::POLLIN),
+        ];
+        match poll(&mut fds, PollTimeout::NONE) {
+            Ok(_) | Err(nix::errno::Errno::EINTR) => {}
+            Err(e) => {
+                error!("waiting for the serving process: {e}");
+                return ExitCode::FAILURE;
+            }
+        }
+        let (report, signal) = (
+            fds[0].revents().is_some_and(|r| !r.is_empty()),
+            fds[1].revents().is_some_and(|r| !r.is_empty()),
+        );
+        if report {
+            top.receive(&ours);
+        }
+        if !signal {
+            continue;
+        }
+        let Ok(Some(info)) = signal_fd.read_signal() else {
+            continue;
+        };
+        let Ok(signal) = Signal::try_from(info.ssi_signo as i32) else {
+            continue;
+        };
+        match signal {
+            Signal::SIGCHLD => {
+                // Reports the dead worker sent before it died count.
+                while top.receive_now(&ours) {}
+                let Ok(Some(status)) = worker.try_wait() else {
+                    continue;
+                };
+                if top.stopping {
+                    return exit_code(status);
+                }
+                if !top.ready {
+                    error!("the serving process could not start ({status}); stopping");
+                    return exit_code(status);
+                }
+                let cause = describe(status);
+                top.restarts.count += 1;
+                top.restarts.last_cause = Some(cause.clone());
+                let lived = started.elapsed();
+                let delay = if lived >= STABLE {
+                    backoff = FIRST_BACKOFF;
+                    Duration::ZERO
+                } else {
+                    let delay = backoff;
+                    backoff = (backoff * 2).min(MAX_BACKOFF);
+                    delay
+                };
+                warn!(
+                    "the serving process {cause} after {:.1} s; starting another{} with its {} \
+                     guest(s) (restart {})",
+                    lived.as_secs_f64(),
+                    if delay.is_zero() {
+                        String::new()
+                    } else {
+                        format!(" in {} s", delay.as_secs())
+                    },
+                    top.held.len(),
+                    top.restarts.count
+                );
+                top.notifier
+                    .status(&format!("restarting the serving process ({cause})"));
+                std::thread::sleep(delay);
+                match top.spawn_restored() {
+                    Ok(next) => {
+                        worker = next;
+                        started = Instant::now();
+                    }
+                    Err(e) => {
+                        error!("cannot start the serving process again: {e}");
+                        return ExitCode::FAILURE;
+                    }
+                }
+            }
+            Signal::SIGTERM | Signal::SIGINT => {
+                top.stopping = true;
+                top.notifier.stopping();
+                forward(&worker, signal);
+            }
+            other => forward(&worker, other),
+        }
+    }
+}
+
+struct Top {
+    binary: PathBuf,
+    args: Vec<OsString>,
+    notifier: Notifier,
+    /// The worker's end, inherited by every worker.
+    link: OwnedFd,
+    held: BTreeMap<String, Held>,
+    life: Option<(u64, u64)>,
+    restarts: Restarts,
+    ready: bool,
+    stopping: bool,
+}
+
+impl Top {
+    /// Starts a worker; `state` (a record's memfd and every descriptor it
+    /// names) for a restart.
+    fn spawn(&self, state: Option<(&OwnedFd, Vec<RawFd>)>) -> std::io::Result<Child> {
+        let mut command = Command::new(&self.binary);
+        command.args(&self.args);
+        command.env(WORKER_ENV, self.link.as_raw_fd().to_string());
+        command.env(
+            RESTARTS_ENV,
+            format!(
+                "{};{}",
+                self.restarts.count,
+                self.restarts.last_cause.clone().unwrap_or_default()
+            ),
+        );
+        // The worker's notifications go through the top process, the
+        // service's main process; the worker pings the watchdog (through it)
+        // at the interval systemd asked for.
+        command.env_remove("NOTIFY_SOCKET");
+        command.env_remove("WATCHDOG_PID");
+        command.env_remove(upgrade::STATE_ENV);
+        let mut inherit = vec![self.link.as_raw_fd()];
+        if let Some((record, fds)) = state {
+            command.env(upgrade::STATE_ENV, record.as_raw_fd().to_string());
+            inherit.push(record.as_raw_fd());
+            inherit.extend(fds);
+        }
+        // SAFETY: between fork and exec only async-signal-safe calls are
+        // made (fcntl, prctl, sigprocmask), on descriptors this process owns
+        // and keeps open until the child has started.
+        unsafe {
+            command.pre_exec(move || {
+                for &fd in &inherit {
+                    if libc::fcntl(fd, libc::F_SETFD, 0) != 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                }
+                // The worker goes when the top process does.
+                libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM);
+                let mut none: libc::sigset_t = std::mem::zeroed();
+                libc::sigemptyset(&mut none);
+                libc::sigprocmask(libc::SIG_SETMASK, &none, std::ptr::null_mut());
+                Ok(())
+            });
+        }
+        command.spawn()
+    }
+
+    /// Starts a worker with everything the dead one reported.
+    fn spawn_restored(&self) -> std::io::Result<Child> {
+        let mut kept = Vec::new();
+        let guests = self
+            .held
+            .values()
+            .map(|held| {
+                let mut at = |index: RawFd| {
+                    let raw = usize::try_from(index)
+                        .ok()
+                        .and_then(|i| held.fds.get(i))
+                        .map_or(-1, AsRawFd::as_raw_fd);
+                    kept.push(raw);
+                    raw
+                };
+                let mut state = held.state.clone();
+                state.listener = state.listener.map(&mut at);
+                if let Some(connection) = state.connection.as_mut() {
+                    connection.socket = at(connection.socket);
+                    connection.fds = connection.fds.iter().map(|&fd| at(fd)).collect();
+                }
+                state.clients = state.clients.iter().map(|&fd| at(fd)).collect();
+                // Start empty: tokens reported before the crash may have
+                // been spent since.
+                state.tokens = None;
+                state
+            })
+            .collect();
+        let (started_at, upgrades) = self.life.unwrap_or((0, 0));
+        let record = DaemonState {
+            version: UPGRADE_STATE_VERSION,
+            written_by: env!("CARGO_PKG_VERSION").into(),
+            started_at,
+            upgrades,
+            guests,
+        };
+        kept.retain(|&fd| fd >= 0);
+        let memfd = upgrade::write_record(&record)?;
+        let child = self.spawn(Some((&memfd, kept)));
+        // The child has its own copies now; ours stay held, with their
+        // close-on-exec flag back.
+        for held in self.held.values() {
+            for fd in &held.fds {
+                let _ = nix::fcntl::fcntl(
+                    fd,
+                    nix::fcntl::FcntlArg::F_SETFD(nix::fcntl::FdFlag::FD_CLOEXEC),
+                );
+            }
+        }
+        child
+    }
+
+    /// Takes one report if there is one; false if none was waiting.
+    fn receive_now(&mut self, socket: &OwnedFd) -> bool {
+        let mut buf = vec![0u8; MAX_RECORD];
+        let mut cmsg = nix::cmsg_space!([RawFd; MAX_FDS + 3]);
+        let mut iov = [IoSliceMut::new(&mut buf)];
+        let received = match recvmsg::<()>(
+            socket.as_raw_fd(),
+            &mut iov,
+            Some(&mut cmsg),
+            MsgFlags::MSG_DONTWAIT | MsgFlags::MSG_CMSG_CLOEXEC,
+        ) {
+            Ok(received) => received,
+            Err(_) => return false,
+        };
+        let bytes = received.bytes;
+        let mut fds = Vec::new();
+        if let Ok(messages) = received.cmsgs() {
+            for message in messages {
+                if let ControlMessageOwned::ScmRights(raw) = message {
+                    // SAFETY: the kernel installed these for us just now.
+                    fds.extend(
+                        raw.into_iter()
+                            .map(|fd| unsafe { OwnedFd::from_raw_fd(fd) }),
+                    );
+                }
+            }
+        }
+        if bytes == 0 {
+            return false;
+        }
+        match serde_json::from_slice::<Report>(&buf[..bytes]) {
+            Ok(report) => self.apply(report, fds),
+            Err(e) => warn!("an unreadable report from the serving process: {e}"),
+        }
+        true
+    }
+
+    fn receive(&mut self, socket: &OwnedFd) {
+        self.receive_now(socket);
+    }
+
+    fn apply(&mut self, report: Report, fds: Vec<OwnedFd>) {
+        match report {
+            Report::Notify { state } => {
+                if state.lines().any(|line| line == "READY=1") && !self.ready {
+                    info!("serving process ready");
+                    self.ready = true;
+                }
+                self.notifier.notify(&state);
+            }
+            Report::Guest { name, state } => {
+                self.held.insert(name, Held { state: *state, fds });
+            }
+            Report::Gone { name } => {
+                self.held.remove(&name);
+            }
+            Report::Life {
+                started_at,
+                upgrades,
+            } => self.life = Some((started_at, upgrades)),
+        }
+    }
+}
+
+fn forward(worker: &Child, signal: Signal) {
+    let pid = nix::unistd::Pid::from_raw(worker.id() as i32);
+    if let Err(e) = nix::sys::signal::kill(pid, signal) {
+        warn!("cannot pass {signal} to the serving process: {e}");
+    }
+}
+
+/// "was killed by SIGKILL", "exited with status 3".
+fn describe(status: std::process::ExitStatus) -> String {
+    match (status.code(), status.signal()) {
+        (_, Some(signal)) => format!(
+            "was killed by {}",
+            Signal::try_from(signal).map_or_else(|_| signal.to_string(), |s| s.to_string())
+        ),
+        (Some(code), None) => format!("exited with status {code}"),
+        (None, None) => "ended".into(),
+    }
+}
+
+fn exit_code(status: std::process::ExitStatus) -> ExitCode {
+    match status.code() {
+        Some(0) => ExitCode::SUCCESS,
+        Some(code) => ExitCode::from(u8::try_from(code).unwrap_or(1)),
+        None => ExitCode::FAILURE,
+    }
+}

@@ -1,0 +1,161 @@
+// SPDX-License-Identifier: Apache-2.0
+//! Crash survival through the real binary: the serving process is killed
+//! with SIGKILL again and again while VMMs (the test VMM over vhost-user,
+//! an EGD client) stay connected; the top process starts another, which
+//! takes every guest over: no VMM reconnects, every request posted is
+//! answered exactly once, and the top process holds no more than before.
+
+#![allow(missing_docs)]
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use std::collections::HashSet;
+use std::io::{Read, Write};
+use std::os::unix::net::UnixStream;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use common::{Daemon, wait_until};
+use nix::sys::signal::{self, Signal};
+use vhost_rng_testing::{Buffer, TestVmm, TestVmmConfig};
+
+const PATIENCE: Duration = Duration::from_secs(60);
+
+/// Descriptors and threads of a process.
+fn usage(pid: nix::unistd::Pid) -> (usize, usize) {
+    let count = |dir: &str| {
+        std::fs::read_dir(format!("/proc/{pid}/{dir}"))
+            .unwrap()
+            .count()
+    };
+    (count("fd"), count("task"))
+}
+
+fn status_json(daemon: &Daemon) -> serde_json::Value {
+    let output = common::run_cli([
+        "status".as_ref(),
+        "--json".as_ref(),
+        "--control".as_ref(),
+        daemon.control().as_os_str(),
+    ]);
+    serde_json::from_slice(&output.stdout).unwrap_or_default()
+}
+
+#[test]
+fn killed_serving_processes_are_replaced_and_no_vmm_notices() {
+    let dir = tempfile::tempdir().unwrap();
+    let sockets: Vec<PathBuf> = (1..=4)
+        .map(|n| dir.path().join(format!("vm{n}.sock")))
+        .collect();
+    let egd = dir.path().join("legacy.egd");
+    let mut args = vec!["serve".to_owned(), "--source".into(), "os".into()];
+    for socket in &sockets {
+        args.push("--socket".into());
+        args.push(socket.display().to_string());
+    }
+    args.push("--guest".into());
+    args.push(format!("name=legacy,egd={}", egd.display()));
+    // And one whose VMM listens (QEMU server=on): the daemon dialled it.
+    let dialled = dir.path().join("server.sock");
+    let listener = std::os::unix::net::UnixListener::bind(&dialled).unwrap();
+    args.push("--connect".into());
+    args.push(dialled.display().to_string());
+    let mut daemon = Daemon::start(args);
+    for path in sockets.iter().chain([&egd]) {
+        daemon.wait_for_socket(path);
+    }
+    let mut vmms: Vec<TestVmm> = sockets
+        .iter()
+        .map(|s| TestVmm::connect(s, TestVmmConfig::qemu()).unwrap())
+        .collect();
+    vmms.push(TestVmm::accept(&listener, TestVmmConfig::qemu()).unwrap());
+    let negotiated: Vec<usize> = vmms.iter().map(|v| v.sent_requests().len()).collect();
+    let mut egd_client = UnixStream::connect(&egd).unwrap();
+    egd_client.set_read_timeout(Some(PATIENCE)).unwrap();
+    let egd_level = |client: &mut UnixStream| {
+        client.write_all(&[0x00]).unwrap();
+        let mut answer = [0u8; 4];
+        client.read_exact(&mut answer).unwrap();
+    };
+    egd_level(&mut egd_client);
+    let mut answered: Vec<HashSet<u16>> = vec![HashSet::new(); vmms.len()];
+    let mut posted = vec![0usize; vmms.len()];
+    let top = daemon.pid();
+    let mut baseline = None;
+
+    for kill in 1..=3u64 {
+        let worker = daemon.serving_pid();
+        // Requests in flight when the serving process dies: posted and
+        // kicked, some answered, some perhaps taken and not answered.
+        for (n, vmm) in vmms.iter_mut().enumerate() {
+            for _ in 0..4 {
+                vmm.post(&[Buffer::writable(64)]).unwrap();
+                posted[n] += 1;
+            }
+            vmm.kick().unwrap();
+        }
+        signal::kill(worker, Signal::SIGKILL).unwrap();
+        wait_until("another serving process", || {
+            let now = daemon.serving_pid();
+            now != worker
+        });
+        daemon.wait_for_log("taking over 6 guest(s)", kill as usize);
+        for (n, vmm) in vmms.iter_mut().enumerate() {
+            // Every request posted so far comes back once, with 64 bytes.
+            while answered[n].len() < posted[n] {
+                for used in vmm.wait_used(1, PATIENCE).unwrap() {
+                    assert_eq!(used.len, 64);
+                    assert!(
+                        answered[n].insert(used.head),
+                        "request {} answered twice",
+                        used.head
+                    );
+                }
+            }
+            answered[n].clear();
+            posted[n] = 0;
+        }
+        egd_level(&mut egd_client);
+        let status = status_json(&daemon);
+        assert_eq!(status["worker_restarts"], kill, "{status}");
+        assert_eq!(
+            status["last_worker_exit"], "was killed by SIGKILL",
+            "{status}"
+        );
+        let now = usage(top);
+        match baseline {
+            None => baseline = Some(now),
+            Some(baseline) => assert_eq!(now, baseline, "the top process holds more"),
+        }
+    }
+    let after: Vec<usize> = vmms.iter().map(|v| v.sent_requests().len()).collect();
+    assert_eq!(after, negotiated, "no VMM had to set its device up again");
+    assert!(daemon.is_running());
+    assert!(daemon.log().contains("was killed by SIGKILL"));
+}
+
+#[test]
+fn a_serving_process_that_keeps_dying_is_restarted_later_and_later() {
+    let dir = tempfile::tempdir().unwrap();
+    let socket = dir.path().join("vm.sock");
+    let mut daemon = Daemon::serve(&[&socket]);
+    for _ in 0..3 {
+        let worker = daemon.serving_pid();
+        signal::kill(worker, Signal::SIGKILL).unwrap();
+        wait_until("another serving process", || daemon.serving_pid() != worker);
+    }
+    // The second and third died within seconds of starting: restarted
+    // after 1 s, then 2 s, and said so.
+    daemon.wait_for_log("starting another in 1 s", 1);
+    daemon.wait_for_log("starting another in 2 s", 1);
+    daemon.wait_for_socket(&socket);
+    let mut vmm = TestVmm::connect(&socket, TestVmmConfig::qemu()).unwrap();
+    vmm.post(&[Buffer::writable(64)]).unwrap();
+    vmm.kick().unwrap();
+    assert_eq!(vmm.wait_used(1, PATIENCE).unwrap()[0].len, 64);
+    // SIGTERM to the top process stops both, cleanly.
+    let status = daemon.stop_with(Signal::SIGTERM);
+    assert!(status.success(), "{status}");
+    assert!(!socket.exists());
+}
