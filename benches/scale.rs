@@ -593,10 +593,41 @@ struct Sample {
     /// utime + stime of the whole process (threads that exited included).
     ticks: u64,
     per_task: HashMap<u32, TaskSample>,
+    /// RSS and descriptors of the top process alone, when the backend runs
+    /// as a top process and a serving child (vhost-rng); the other fields
+    /// add the two up.
+    top: Option<(u64, usize)>,
 }
 
 impl Sample {
+    /// The process `pid` and its children (vhost-rng's serving process),
+    /// added up.
     fn take(pid: u32) -> Result<Self> {
+        let mut sample = Self::take_one(pid)?;
+        let children = std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children"))
+            .unwrap_or_default();
+        let mut any = false;
+        for child in children.split_whitespace().filter_map(|c| c.parse::<u32>().ok()) {
+            let Ok(part) = Self::take_one(child) else {
+                continue;
+            };
+            if !any {
+                sample.top = Some((sample.rss_kib, sample.fds));
+                any = true;
+            }
+            sample.rss_kib += part.rss_kib;
+            sample.anon_kib += part.anon_kib;
+            sample.shmem_kib += part.shmem_kib;
+            sample.threads += part.threads;
+            sample.tasks += part.tasks;
+            sample.fds += part.fds;
+            sample.ticks += part.ticks;
+            sample.per_task.extend(part.per_task);
+        }
+        Ok(sample)
+    }
+
+    fn take_one(pid: u32) -> Result<Self> {
         let proc_dir = format!("/proc/{pid}");
         let status = std::fs::read_to_string(format!("{proc_dir}/status"))
             .map_err(|e| format!("reading {proc_dir}/status: {e}"))?;
@@ -624,6 +655,7 @@ impl Sample {
             fds: count_dir(&format!("{proc_dir}/fd")),
             ticks: stat_ticks(&stat).unwrap_or(0),
             per_task,
+            top: None,
         })
     }
 }
@@ -886,6 +918,13 @@ fn print_report(options: &Options, reports: &[Report]) {
         rows.push((format!("**{phase}, idle**"), cells(&|_| String::new())));
         rows.extend([
             ("RSS (MiB)".into(), cells(&|r| mib(window(r).after.rss_kib))),
+            (
+                "  of which the top process: RSS (MiB) / fds".into(),
+                cells(&|r| match window(r).after.top {
+                    Some((rss, fds)) => format!("{} / {fds}", mib(rss)),
+                    None => "(one process)".into(),
+                }),
+            ),
             (
                 "  anon / shmem (MiB)".into(),
                 cells(&|r| {
