@@ -604,10 +604,13 @@ impl Sample {
     /// added up.
     fn take(pid: u32) -> Result<Self> {
         let mut sample = Self::take_one(pid)?;
-        let children = std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children"))
-            .unwrap_or_default();
+        let children =
+            std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children")).unwrap_or_default();
         let mut any = false;
-        for child in children.split_whitespace().filter_map(|c| c.parse::<u32>().ok()) {
+        for child in children
+            .split_whitespace()
+            .filter_map(|c| c.parse::<u32>().ok())
+        {
             let Ok(part) = Self::take_one(child) else {
                 continue;
             };

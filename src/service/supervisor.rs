@@ -56,6 +56,20 @@ const MAX_RECORD: usize = 256 * 1024;
 const STABLE: Duration = Duration::from_secs(10);
 const FIRST_BACKOFF: Duration = Duration::from_secs(1);
 const MAX_BACKOFF: Duration = Duration::from_secs(30);
+/// Tests set every restart delay to this many milliseconds, so that a
+/// hundred kills do not take an hour.
+pub const TEST_BACKOFF_ENV: &str = "VHOST_RNG_TEST_RESTART_BACKOFF_MS";
+
+/// The first and the largest restart delay.
+fn backoff_bounds() -> (Duration, Duration) {
+    match std::env::var(TEST_BACKOFF_ENV)
+        .ok()
+        .and_then(|ms| ms.parse::<u64>().ok())
+    {
+        Some(ms) => (Duration::from_millis(ms), Duration::from_millis(ms)),
+        None => (FIRST_BACKOFF, MAX_BACKOFF),
+    }
+}
 
 /// What the worker tells the top process.
 #[derive(Debug, Serialize, Deserialize)]
@@ -235,7 +249,8 @@ pub fn run() -> ExitCode {
         }
     };
     let mut started = Instant::now();
-    let mut backoff = FIRST_BACKOFF;
+    let (first_backoff, max_backoff) = backoff_bounds();
+    let mut backoff = first_backoff;
     loop {
         let mut fds = [
             PollFd::new(ours.as_fd(), PollFlags::POLLIN),
@@ -283,11 +298,11 @@ pub fn run() -> ExitCode {
                 top.restarts.last_cause = Some(cause.clone());
                 let lived = started.elapsed();
                 let delay = if lived >= STABLE {
-                    backoff = FIRST_BACKOFF;
+                    backoff = first_backoff;
                     Duration::ZERO
                 } else {
                     let delay = backoff;
-                    backoff = (backoff * 2).min(MAX_BACKOFF);
+                    backoff = (backoff * 2).min(max_backoff);
                     delay
                 };
                 warn!(
@@ -297,7 +312,7 @@ pub fn run() -> ExitCode {
                     if delay.is_zero() {
                         String::new()
                     } else {
-                        format!(" in {} s", delay.as_secs())
+                        format!(" in {:?}", delay)
                     },
                     top.held.len(),
                     top.restarts.count
