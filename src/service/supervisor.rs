@@ -133,6 +133,14 @@ impl WorkerLink {
         // SAFETY: the top process passed this descriptor, open and meant
         // for this process alone, under this name.
         let socket = unsafe { OwnedFd::from_raw_fd(fd) };
+        // A top process that does not read (stopped, say) must not hold up
+        // the guests' threads for long: a report that cannot go within a
+        // second is dropped, with a warning.
+        let _ = nix::sys::socket::setsockopt(
+            &socket,
+            nix::sys::socket::sockopt::SendTimeout,
+            &nix::sys::time::TimeVal::new(1, 0),
+        );
         let restarts = std::env::var(RESTARTS_ENV)
             .ok()
             .and_then(|value| {
