@@ -331,8 +331,18 @@ impl Handler {
     /// Answers what the guest has queued without waiting for a kick: a
     /// connection taken over from a process that died may have requests
     /// whose kick that process had already taken.
+    ///
+    /// Also interrupts the driver once: the process that died may have
+    /// published answers and died before it could notify, and a driver
+    /// waiting for that interrupt would wait forever. A spurious interrupt
+    /// costs a virtio driver one look at its used ring.
     pub fn serve_pending(&mut self) {
         self.serve();
+        if self.ring.running()
+            && let Some(call) = &self.ring.call
+        {
+            let _ = call.write(1);
+        }
     }
 
     /// The pool can serve a starved request again.
