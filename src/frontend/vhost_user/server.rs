@@ -222,23 +222,14 @@ impl GuestServer {
             return;
         };
         let listener = self.listener_duplicate().ok().flatten();
-        let connection = match connection {
-            None => None,
-            Some((stream, handler)) => {
-                let captured = stream
-                    .as_fd()
-                    .try_clone_to_owned()
-                    .and_then(|socket| handler.snapshot().map(|(state, fds)| (socket, state, fds)));
-                match captured {
-                    Ok((socket, state, fds)) => Some(FrozenConnection { socket, state, fds }),
-                    Err(e) => {
-                        warn!(
-                            "guest {}: cannot record its connection for crash survival: {e}",
-                            self.guest.name()
-                        );
-                        return;
-                    }
-                }
+        let connection = match connection.map(capture).transpose() {
+            Ok(connection) => connection,
+            Err(e) => {
+                warn!(
+                    "guest {}: cannot record its connection for crash survival: {e}",
+                    self.guest.name()
+                );
+                return;
             }
         };
         checkpoint(crate::frontend::Handover::VhostUser {
@@ -253,20 +244,10 @@ impl GuestServer {
         if !self.freezing.load(Ordering::SeqCst) {
             return false;
         }
-        let frozen = match connection {
-            None => Frozen::Idle,
-            Some((stream, handler)) => {
-                let captured = stream
-                    .as_fd()
-                    .try_clone_to_owned()
-                    .and_then(|socket| handler.snapshot().map(|(state, fds)| (socket, state, fds)));
-                match captured {
-                    Ok((socket, state, fds)) => {
-                        Frozen::Connected(FrozenConnection { socket, state, fds })
-                    }
-                    Err(e) => Frozen::Failed(format!("cannot capture the connection: {e}")),
-                }
-            }
+        let frozen = match connection.map(capture).transpose() {
+            Ok(None) => Frozen::Idle,
+            Ok(Some(connection)) => Frozen::Connected(connection),
+            Err(e) => Frozen::Failed(format!("cannot capture the connection: {e}")),
         };
         if let Some(sender) = self.frozen.lock().unwrap_or_else(|e| e.into_inner()).take() {
             let _ = sender.send(frozen);
@@ -605,6 +586,13 @@ fn unread_replies(connection: &UnixStream) -> Option<usize> {
 
 /// How often an incomplete message is looked at again.
 const PARTIAL_MESSAGE_POLL: Duration = Duration::from_millis(10);
+
+/// Duplicates of a connection's socket and of what its state needs.
+fn capture((stream, handler): (&UnixStream, &Handler)) -> io::Result<FrozenConnection> {
+    let socket = stream.as_fd().try_clone_to_owned()?;
+    let (state, fds) = handler.snapshot()?;
+    Ok(FrozenConnection { socket, state, fds })
+}
 
 /// How a connection ended.
 #[derive(Debug)]
