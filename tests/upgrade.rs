@@ -147,6 +147,10 @@ fn upgrades_keep_every_guest_served_without_a_reconnect() {
         setup
             .daemon
             .wait_for_log("taking over 5 guest(s)", round as usize);
+        // The top process follows the serving process to the new binary.
+        setup
+            .daemon
+            .wait_for_log("top process upgraded in place", round as usize);
 
         for vmm in &mut vmms {
             let used = vmm.wait_used(1, PATIENCE).unwrap();
@@ -173,6 +177,15 @@ fn upgrades_keep_every_guest_served_without_a_reconnect() {
             status["upgrades"].as_u64().unwrap()
         };
         assert_eq!(upgrades, round);
+    }
+    // The upgraded top process still restarts a serving process that dies.
+    let worker = setup.daemon.serving_pid();
+    nix::sys::signal::kill(worker, nix::sys::signal::Signal::SIGKILL).unwrap();
+    common::wait_until("another serving process", || {
+        setup.daemon.serving_pid() != worker
+    });
+    for vmm in &mut vmms {
+        serve_64(vmm);
     }
     let after: Vec<usize> = vmms.iter().map(|v| v.sent_requests().len()).collect();
     assert_eq!(after, negotiated, "no VMM had to set its device up again");

@@ -24,7 +24,7 @@ use std::io::{IoSlice, IoSliceMut};
 use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::process::{CommandExt, ExitStatusExt};
 use std::path::PathBuf;
-use std::process::{Child, Command, ExitCode};
+use std::process::{Command, ExitCode};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
@@ -36,7 +36,10 @@ use nix::sys::socket::{
     AddressFamily, ControlMessage, ControlMessageOwned, MsgFlags, SockFlag, SockType, recvmsg,
     sendmsg, socketpair,
 };
+use nix::sys::wait::{WaitPidFlag, WaitStatus, waitpid};
+use nix::unistd::Pid;
 use serde::{Deserialize, Serialize};
+use std::process::ExitStatus;
 
 use super::systemd::Notifier;
 use super::upgrade::{self, DaemonState, GuestState, UPGRADE_STATE_VERSION};
@@ -249,12 +252,25 @@ pub fn run() -> ExitCode {
         ready: false,
         stopping: false,
     };
-    let mut worker = match top.spawn(None) {
-        Ok(worker) => worker,
-        Err(e) => {
-            error!("cannot start the serving process: {e}");
-            return ExitCode::FAILURE;
+    let (mut top, ours, mut worker) = match TopRecord::inherited() {
+        // An upgrade re-executed this top process: the serving process,
+        // the sockets and what it holds carry on.
+        Some(record) => {
+            drop(ours);
+            let (ours, worker) = record.adopt(&mut top);
+            info!(
+                "top process upgraded in place: keeping serving process {worker} and {} guest(s)",
+                top.held.len()
+            );
+            (top, ours, worker)
         }
+        None => match top.spawn(None) {
+            Ok(worker) => (top, ours, worker),
+            Err(e) => {
+                error!("cannot start the serving process: {e}");
+                return ExitCode::FAILURE;
+            }
+        },
     };
     let mut started = Instant::now();
     let (first_backoff, max_backoff) = backoff_bounds();
@@ -276,7 +292,15 @@ pub fn run() -> ExitCode {
             fds[1].revents().is_some_and(|r| !r.is_empty()),
         );
         if report {
+            let upgrades = top.life.map(|(_, upgrades)| upgrades);
             top.receive(&ours);
+            // The serving process upgraded itself: this process follows, so
+            // that `vhost-rng serve` as a whole runs the new binary.
+            let now = top.life.map(|(_, upgrades)| upgrades);
+            if upgrades.is_some() && now > upgrades {
+                let error = top.exec_self(&ours, worker);
+                warn!("the top process keeps its old code: {error}");
+            }
         }
         if !signal {
             continue;
@@ -291,8 +315,10 @@ pub fn run() -> ExitCode {
             Signal::SIGCHLD => {
                 // Reports the dead worker sent before it died count.
                 while top.receive_now(&ours) {}
-                let Ok(Some(status)) = worker.try_wait() else {
-                    continue;
+                let status = match waitpid(worker, Some(WaitPidFlag::WNOHANG)) {
+                    Ok(WaitStatus::Exited(_, code)) => ExitStatus::from_raw(code << 8),
+                    Ok(WaitStatus::Signaled(_, signal, _)) => ExitStatus::from_raw(signal as i32),
+                    _ => continue,
                 };
                 if top.stopping {
                     return exit_code(status);
@@ -365,7 +391,7 @@ struct Top {
 impl Top {
     /// Starts a worker; `state` (a record's memfd and every descriptor it
     /// names) for a restart.
-    fn spawn(&self, state: Option<(&OwnedFd, Vec<RawFd>)>) -> std::io::Result<Child> {
+    fn spawn(&self, state: Option<(&OwnedFd, Vec<RawFd>)>) -> std::io::Result<Pid> {
         let mut command = Command::new(&self.binary);
         command.args(&self.args);
         command.env(WORKER_ENV, self.link.as_raw_fd().to_string());
@@ -407,11 +433,13 @@ impl Top {
                 Ok(())
             });
         }
-        command.spawn()
+        let child = command.spawn()?;
+        // Waited for with waitpid (SIGCHLD), by this image or the next one.
+        Ok(Pid::from_raw(child.id() as i32))
     }
 
     /// Starts a worker with everything the dead one reported.
-    fn spawn_restored(&self) -> std::io::Result<Child> {
+    fn spawn_restored(&self) -> std::io::Result<Pid> {
         let mut kept = Vec::new();
         let guests = self
             .held
@@ -526,9 +554,128 @@ impl Top {
     }
 }
 
-fn forward(worker: &Child, signal: Signal) {
-    let pid = nix::unistd::Pid::from_raw(worker.id() as i32);
-    if let Err(e) = nix::sys::signal::kill(pid, signal) {
+/// What a top process hands its next image (an upgrade): the serving
+/// process, the sockets to it, and what each guest holds.
+#[derive(Serialize, Deserialize)]
+struct TopRecord {
+    worker: i32,
+    ours: RawFd,
+    theirs: RawFd,
+    guests: Vec<(String, GuestState, Vec<RawFd>)>,
+    life: Option<(u64, u64)>,
+    restarts: u64,
+    last_cause: Option<String>,
+}
+
+/// The variable naming the memfd with a [`TopRecord`].
+const TOP_STATE_ENV: &str = "VHOST_RNG_TOP_STATE";
+
+impl TopRecord {
+    /// The record a previous image left, if this one was started by it.
+    fn inherited() -> Option<TopRecord> {
+        let fd: RawFd = std::env::var(TOP_STATE_ENV).ok()?.parse().ok()?;
+        // SAFETY: the previous image passed this memfd, ours alone, under
+        // this name; nothing else here refers to it.
+        let mut file = std::fs::File::from(unsafe { OwnedFd::from_raw_fd(fd) });
+        let mut json = Vec::new();
+        std::io::Read::read_to_end(&mut file, &mut json).ok()?;
+        // SAFETY: no other thread runs yet in the top process.
+        unsafe { std::env::remove_var(TOP_STATE_ENV) };
+        serde_json::from_slice(&json).ok()
+    }
+
+    /// Takes the record's descriptors into `top`; the socket to the serving
+    /// process and its pid.
+    fn adopt(self, top: &mut Top) -> (OwnedFd, Pid) {
+        // Only ever called here, once per descriptor the record names.
+        let take = |fd: RawFd| {
+            // SAFETY: the previous image handed these over in the record,
+            // each named once.
+            unsafe { upgrade::adopt(fd) }
+        };
+        top.link = take(self.theirs);
+        for (name, state, fds) in self.guests {
+            let fds = fds.into_iter().map(take).collect();
+            top.held.insert(name, Held { state, fds });
+        }
+        top.life = self.life;
+        top.restarts = Restarts {
+            count: self.restarts,
+            last_cause: self.last_cause,
+        };
+        top.ready = true;
+        (take(self.ours), Pid::from_raw(self.worker))
+    }
+}
+
+impl Top {
+    /// Re-executes this top process's binary with the same pid, keeping the
+    /// serving process (which stays its child) and every descriptor held.
+    /// Returns only if that failed, with everything as it was.
+    fn exec_self(&self, ours: &OwnedFd, worker: Pid) -> String {
+        let mut keep: Vec<RawFd> = vec![ours.as_raw_fd(), self.link.as_raw_fd()];
+        let guests = self
+            .held
+            .iter()
+            .map(|(name, held)| {
+                let fds: Vec<RawFd> = held.fds.iter().map(AsRawFd::as_raw_fd).collect();
+                keep.extend(&fds);
+                (name.clone(), held.state.clone(), fds)
+            })
+            .collect();
+        let record = TopRecord {
+            worker: worker.as_raw(),
+            ours: ours.as_raw_fd(),
+            theirs: self.link.as_raw_fd(),
+            guests,
+            life: self.life,
+            restarts: self.restarts.count,
+            last_cause: self.restarts.last_cause.clone(),
+        };
+        let set_cloexec = |on: bool| {
+            for &fd in &keep {
+                // SAFETY: each is a descriptor this process holds open for
+                // the call; F_SETFD only changes its close-on-exec flag.
+                let borrowed = unsafe { std::os::fd::BorrowedFd::borrow_raw(fd) };
+                let flag = if on {
+                    nix::fcntl::FdFlag::FD_CLOEXEC
+                } else {
+                    nix::fcntl::FdFlag::empty()
+                };
+                let _ = nix::fcntl::fcntl(borrowed, nix::fcntl::FcntlArg::F_SETFD(flag));
+            }
+        };
+        let memfd = match serde_json::to_vec(&record)
+            .map_err(std::io::Error::from)
+            .and_then(|json| {
+                let fd = nix::sys::memfd::memfd_create(
+                    c"vhost-rng-top",
+                    nix::sys::memfd::MFdFlags::empty(),
+                )?;
+                let mut file = std::fs::File::from(fd);
+                std::io::Write::write_all(&mut file, &json)?;
+                std::io::Seek::rewind(&mut file)?;
+                Ok(OwnedFd::from(file))
+            }) {
+            Ok(memfd) => memfd,
+            Err(e) => return format!("cannot write its state: {e}"),
+        };
+        set_cloexec(false);
+        // SAFETY: single-threaded top process; the variable is read by the
+        // next image only.
+        unsafe { std::env::set_var(TOP_STATE_ENV, memfd.as_raw_fd().to_string()) };
+        let mut args = vec![std::env::args_os().next().unwrap_or_default()];
+        args.extend(self.args.iter().cloned());
+        let error = upgrade::exec_plain(&self.binary, &args);
+        // SAFETY: as above.
+        unsafe { std::env::remove_var(TOP_STATE_ENV) };
+        set_cloexec(true);
+        format!("cannot execute {}: {error}", self.binary.display())
+    }
+}
+
+fn forward(worker: &Pid, signal: Signal) {
+    if let Err(e) = nix::sys::signal::kill(*worker, signal) {
         warn!("cannot pass {signal} to the serving process: {e}");
     }
 }

@@ -298,6 +298,26 @@ pub fn exec(binary: &Path, args: &[OsString], state_fd: &OwnedFd) -> UpgradeErro
     }
 }
 
+/// Replaces this process with `binary` and `args`, environment as it is.
+/// Returns only on failure.
+pub fn exec_plain(binary: &Path, args: &[OsString]) -> nix::Error {
+    let to_c = |s: OsString| CString::new(s.into_vec()).unwrap_or_default();
+    let path = to_c(binary.as_os_str().to_owned());
+    let argv: Vec<CString> = args.iter().cloned().map(to_c).collect();
+    let env: Vec<CString> = std::env::vars_os()
+        .map(|(key, value)| {
+            let mut pair = key.into_vec();
+            pair.push(b'=');
+            pair.extend(value.into_vec());
+            CString::new(pair).unwrap_or_default()
+        })
+        .collect();
+    match nix::unistd::execve(&path, &argv, &env) {
+        Err(error) => error,
+        Ok(never) => match never {},
+    }
+}
+
 /// The state a previous version handed over, if this process was started
 /// by an upgrade. The variable is removed so that children do not see it.
 pub fn inherited() -> Result<Option<DaemonState>, InheritError> {
