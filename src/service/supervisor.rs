@@ -116,6 +116,8 @@ pub struct WorkerLink {
     socket: OwnedFd,
     /// One report at a time: a record and its descriptors go together.
     sending: Mutex<()>,
+    /// A guest with too many descriptors would warn on every change.
+    too_many: vhost_rng_protocol::log_limit::RateLimitedLog,
 }
 
 /// Restarts and last cause, as the top process passed them.
@@ -158,6 +160,7 @@ impl WorkerLink {
             WorkerLink {
                 socket,
                 sending: Mutex::new(()),
+                too_many: vhost_rng_protocol::log_limit::RateLimitedLog::per_minute(4),
             },
             restarts,
         ))
@@ -171,7 +174,9 @@ impl WorkerLink {
     /// Sends `report` with `fds` (which its indices refer to).
     pub fn send(&self, report: &Report, fds: &[OwnedFd]) {
         if fds.len() > MAX_FDS {
-            warn!(
+            vhost_rng_protocol::log_limited!(
+                self.too_many,
+                log::Level::Warn,
                 "a guest holds {} descriptors, more than a record carries ({MAX_FDS}); it would \
                  not survive a crash of the serving process",
                 fds.len()

@@ -43,12 +43,13 @@ const VRING_NO_FD: u64 = 0x100;
 /// One memory region: guest address, size, VMM address, file offset.
 const REGION_LEN: usize = 32;
 
-/// Handles `message`; `Err` says why the connection must close.
+/// Handles `message`: `Ok(true)` if it changed the device's state (not a
+/// mere query), `Err` with why the connection must close.
 pub fn dispatch(
     handler: &mut Handler,
     stream: &UnixStream,
     message: Message,
-) -> Result<(), String> {
+) -> Result<bool, String> {
     let Message {
         code,
         flags,
@@ -125,7 +126,8 @@ pub fn dispatch(
         _ => None,
     };
     if let Some(answer) = answer {
-        return reply(&answer);
+        // GET_VRING_BASE stops the ring; the others only ask.
+        return reply(&answer).map(|()| code == GET_VRING_BASE);
     }
 
     let result = match code {
@@ -244,7 +246,7 @@ pub fn dispatch(
     if flags & NEED_REPLY != 0 && handler.reply_ack() {
         reply(&0u64.to_le_bytes())?;
     }
-    Ok(())
+    Ok(true)
 }
 
 fn region(payload: &mut Payload<'_>) -> VhostUserMemoryRegion {

@@ -556,10 +556,12 @@ pub fn run_connection_reporting(
                 "its guest memory file shrank under the daemon ({faults} fault(s))"
             ));
         }
-        if let Err(reason) = result {
-            return Ended::Closed(reason);
+        match result {
+            Err(reason) => return Ended::Closed(reason),
+            Ok(true) => after_message(connection, handler),
+            // A query changes nothing worth reporting.
+            Ok(false) => {}
         }
-        after_message(connection, handler);
         // A VMM that sends without reading the replies is closed long
         // before its socket fills and a reply would wait on it.
         if let Some(unread) = unread_replies(connection)
