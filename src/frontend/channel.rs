@@ -158,13 +158,8 @@ mod tests {
         client
     }
 
-    /// Threads of this process whose name is `name`.
     fn threads_named(name: &str) -> usize {
-        std::fs::read_dir("/proc/self/task")
-            .unwrap()
-            .filter_map(|task| std::fs::read_to_string(task.ok()?.path().join("comm")).ok())
-            .filter(|comm| comm.trim_end() == name)
-            .count()
+        vhost_rng_testing::threads_named(name).unwrap()
     }
 
     #[test]

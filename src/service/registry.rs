@@ -918,15 +918,16 @@ impl Registry {
     /// The whole daemon: version, uptime, guests, pool, sources and
     /// listeners.
     pub fn status(&self) -> DaemonStatus {
+        let life = self.lifecycle();
         DaemonStatus {
             version: env!("CARGO_PKG_VERSION").into(),
             uptime_seconds: self.started.elapsed().as_secs_f64(),
-            started_at: self.lifecycle().started_at,
-            upgrades: self.lifecycle().upgrades,
-            worker_restarts: self.lifecycle().worker_restarts,
-            last_worker_exit: self.lifecycle().last_worker_exit,
-            last_upgrade_error: self.lifecycle().last_upgrade_error,
-            upgrade_failures: self.lifecycle().upgrade_failures,
+            started_at: life.started_at,
+            upgrades: life.upgrades,
+            worker_restarts: life.worker_restarts,
+            last_worker_exit: life.last_worker_exit,
+            last_upgrade_error: life.last_upgrade_error,
+            upgrade_failures: life.upgrade_failures,
             max_rate: *self.max_rate.lock().unwrap_or_else(|e| e.into_inner()),
             guests: self.guest_statuses(),
             pool: PoolStatus {

@@ -298,7 +298,7 @@ pub fn run() -> ExitCode {
         );
         if report {
             let upgrades = top.life.map(|(_, upgrades)| upgrades);
-            top.receive(&ours);
+            top.receive_now(&ours);
             // The serving process upgraded itself: this process follows, so
             // that `vhost-rng serve` as a whole runs the new binary.
             let now = top.life.map(|(_, upgrades)| upgrades);
@@ -481,18 +481,9 @@ impl Top {
         };
         kept.retain(|&fd| fd >= 0);
         let memfd = upgrade::write_record(&record)?;
-        let child = self.spawn(Some((&memfd, kept)));
-        // The child has its own copies now; ours stay held, with their
-        // close-on-exec flag back.
-        for held in self.held.values() {
-            for fd in &held.fds {
-                let _ = nix::fcntl::fcntl(
-                    fd,
-                    nix::fcntl::FcntlArg::F_SETFD(nix::fcntl::FdFlag::FD_CLOEXEC),
-                );
-            }
-        }
-        child
+        // Close-on-exec is cleared in the child only (pre_exec): ours stay
+        // as they are.
+        self.spawn(Some((&memfd, kept)))
     }
 
     /// Takes one report if there is one; false if none was waiting.
@@ -530,10 +521,6 @@ impl Top {
             Err(e) => warn!("an unreadable report from the serving process: {e}"),
         }
         true
-    }
-
-    fn receive(&mut self, socket: &OwnedFd) {
-        self.receive_now(socket);
     }
 
     fn apply(&mut self, report: Report, fds: Vec<OwnedFd>) {
@@ -637,35 +624,17 @@ impl Top {
             restarts: self.restarts.count,
             last_cause: self.restarts.last_cause.clone(),
         };
-        let set_cloexec = |on: bool| {
-            for &fd in &keep {
-                // SAFETY: each is a descriptor this process holds open for
-                // the call; F_SETFD only changes its close-on-exec flag.
-                let borrowed = unsafe { std::os::fd::BorrowedFd::borrow_raw(fd) };
-                let flag = if on {
-                    nix::fcntl::FdFlag::FD_CLOEXEC
-                } else {
-                    nix::fcntl::FdFlag::empty()
-                };
-                let _ = nix::fcntl::fcntl(borrowed, nix::fcntl::FcntlArg::F_SETFD(flag));
-            }
-        };
-        let memfd = match serde_json::to_vec(&record)
-            .map_err(std::io::Error::from)
-            .and_then(|json| {
-                let fd = nix::sys::memfd::memfd_create(
-                    c"vhost-rng-top",
-                    nix::sys::memfd::MFdFlags::empty(),
-                )?;
-                let mut file = std::fs::File::from(fd);
-                std::io::Write::write_all(&mut file, &json)?;
-                std::io::Seek::rewind(&mut file)?;
-                Ok(OwnedFd::from(file))
-            }) {
+        let memfd = match upgrade::write_json(&record) {
             Ok(memfd) => memfd,
             Err(e) => return format!("cannot write its state: {e}"),
         };
-        set_cloexec(false);
+        keep.push(memfd.as_raw_fd());
+        let set_inherited = |inherited: bool| {
+            for &fd in &keep {
+                let _ = upgrade::set_inherited(fd, inherited);
+            }
+        };
+        set_inherited(true);
         // SAFETY: single-threaded top process; the variable is read by the
         // next image only.
         unsafe { std::env::set_var(TOP_STATE_ENV, memfd.as_raw_fd().to_string()) };
@@ -674,7 +643,7 @@ impl Top {
         let error = upgrade::exec_plain(&self.binary, &args);
         // SAFETY: as above.
         unsafe { std::env::remove_var(TOP_STATE_ENV) };
-        set_cloexec(true);
+        set_inherited(false);
         format!("cannot execute {}: {error}", self.binary.display())
     }
 }

@@ -248,12 +248,18 @@ pub fn write_state(state: &DaemonState, keep: &[RawFd]) -> Result<OwnedFd, Upgra
 /// `state` as JSON in a new memfd (close-on-exec), read from its start by
 /// whoever inherits it.
 pub fn write_record(state: &DaemonState) -> std::io::Result<OwnedFd> {
+    write_json(state)
+}
+
+/// `value` as JSON in a new memfd (close-on-exec), rewound, for the next
+/// process image to read (the daemon's record, or the top process's own).
+pub fn write_json<T: Serialize>(value: &T) -> std::io::Result<OwnedFd> {
     let fd = nix::sys::memfd::memfd_create(
         c"vhost-rng-upgrade",
         nix::sys::memfd::MFdFlags::MFD_CLOEXEC,
     )?;
     let mut file = File::from(fd);
-    let json = serde_json::to_vec(state)?;
+    let json = serde_json::to_vec(value)?;
     file.write_all(&json)?;
     file.rewind()?;
     Ok(OwnedFd::from(file))
@@ -261,50 +267,54 @@ pub fn write_record(state: &DaemonState) -> std::io::Result<OwnedFd> {
 
 /// Clears close-on-exec on `fd`.
 fn inherit(fd: RawFd) -> std::io::Result<()> {
-    // SAFETY: the caller owns `fd` for the duration of the call; F_SETFD
-    // only changes its close-on-exec flag.
+    set_inherited(fd, true)
+}
+
+/// Whether `fd` survives execve (clears or sets its close-on-exec flag).
+pub fn set_inherited(fd: RawFd, inherited: bool) -> std::io::Result<()> {
+    // SAFETY: the caller holds `fd` open for the duration of the call;
+    // F_SETFD only changes its close-on-exec flag.
     let borrowed = unsafe { std::os::fd::BorrowedFd::borrow_raw(fd) };
-    nix::fcntl::fcntl(
-        borrowed,
-        nix::fcntl::FcntlArg::F_SETFD(nix::fcntl::FdFlag::empty()),
-    )
-    .map(drop)
-    .map_err(std::io::Error::from)
+    let flag = if inherited {
+        nix::fcntl::FdFlag::empty()
+    } else {
+        nix::fcntl::FdFlag::FD_CLOEXEC
+    };
+    nix::fcntl::fcntl(borrowed, nix::fcntl::FcntlArg::F_SETFD(flag))
+        .map(drop)
+        .map_err(std::io::Error::from)
 }
 
 /// Replaces this process with `binary`, same arguments, with the state in
 /// `state_fd`. Returns only on failure.
 pub fn exec(binary: &Path, args: &[OsString], state_fd: &OwnedFd) -> UpgradeError {
-    let to_c = |s: OsString| CString::new(s.into_vec()).unwrap_or_default();
-    let path = to_c(binary.as_os_str().to_owned());
-    let argv: Vec<CString> = args.iter().cloned().map(to_c).collect();
-    let mut env: Vec<CString> = std::env::vars_os()
+    let env = std::env::vars_os()
         .filter(|(key, _)| key != STATE_ENV)
-        .map(|(key, value)| {
-            let mut pair = key.into_vec();
-            pair.push(b'=');
-            pair.extend(value.into_vec());
-            CString::new(pair).unwrap_or_default()
-        })
-        .collect();
-    env.push(to_c(format!("{STATE_ENV}={}", state_fd.as_raw_fd()).into()));
-    let error = match nix::unistd::execve(&path, &argv, &env) {
-        Err(error) => error,
-        Ok(never) => match never {},
-    };
+        .chain([(
+            OsString::from(STATE_ENV),
+            OsString::from(state_fd.as_raw_fd().to_string()),
+        )]);
     UpgradeError::Exec {
         path: binary.to_owned(),
-        error,
+        error: execve(binary, args, env),
     }
 }
 
 /// Replaces this process with `binary` and `args`, environment as it is.
 /// Returns only on failure.
 pub fn exec_plain(binary: &Path, args: &[OsString]) -> nix::Error {
+    execve(binary, args, std::env::vars_os())
+}
+
+fn execve(
+    binary: &Path,
+    args: &[OsString],
+    env: impl Iterator<Item = (OsString, OsString)>,
+) -> nix::Error {
     let to_c = |s: OsString| CString::new(s.into_vec()).unwrap_or_default();
     let path = to_c(binary.as_os_str().to_owned());
     let argv: Vec<CString> = args.iter().cloned().map(to_c).collect();
-    let env: Vec<CString> = std::env::vars_os()
+    let env: Vec<CString> = env
         .map(|(key, value)| {
             let mut pair = key.into_vec();
             pair.push(b'=');
@@ -368,14 +378,10 @@ pub fn parse_state(json: &[u8]) -> Result<DaemonState, InheritError> {
 /// `fd` must be a descriptor the previous version handed over, taken only
 /// once.
 pub unsafe fn adopt(fd: RawFd) -> OwnedFd {
-    // SAFETY: the caller's contract.
-    let owned = unsafe { OwnedFd::from_raw_fd(fd) };
     // Not inherited by anything this process runs later.
-    let _ = nix::fcntl::fcntl(
-        &owned,
-        nix::fcntl::FcntlArg::F_SETFD(nix::fcntl::FdFlag::FD_CLOEXEC),
-    );
-    owned
+    let _ = set_inherited(fd, false);
+    // SAFETY: the caller's contract.
+    unsafe { OwnedFd::from_raw_fd(fd) }
 }
 
 /// How long each guest has to reach a safe point: a vhost-user guest's
@@ -443,13 +449,7 @@ pub fn perform(registry: &Registry, also_inherit: Option<RawFd>) -> Result<(), U
         drop(unsafe { OwnedFd::from_raw_fd(fd) });
     }
     if let Some(fd) = also_inherit {
-        // SAFETY: the caller's descriptor, open for the call; F_SETFD
-        // only sets its close-on-exec flag back.
-        let borrowed = unsafe { std::os::fd::BorrowedFd::borrow_raw(fd) };
-        let _ = nix::fcntl::fcntl(
-            borrowed,
-            nix::fcntl::FcntlArg::F_SETFD(nix::fcntl::FdFlag::FD_CLOEXEC),
-        );
+        let _ = set_inherited(fd, false);
     }
     registry.thaw_all();
     Err(error)

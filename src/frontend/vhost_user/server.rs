@@ -177,8 +177,8 @@ impl GuestServer {
         thread::Builder::new()
             .name(format!("guest-{}", server.guest.name()))
             .spawn(move || {
+                // serve_with reports the resumed connection as it starts.
                 if let Some(Resumed { stream, handler }) = resumed {
-                    worker.report(Some((&stream, &handler)));
                     worker.serve_with(stream, handler, true);
                 }
                 worker.report(None);
