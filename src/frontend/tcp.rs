@@ -150,7 +150,10 @@ impl TcpListener {
         let accepting = Arc::clone(&listener);
         thread::Builder::new()
             .name("tcp-listener".into())
-            .spawn(move || accepting.accept_loop(socket))
+            .spawn(move || {
+                crate::service::sandbox::enter(crate::service::sandbox::ThreadRole::Peer);
+                accepting.accept_loop(socket)
+            })
             .map_err(TcpError::Spawn)?;
         info!(
             "listening on TCP {local_addr} (encrypted: {})",

@@ -119,7 +119,10 @@ impl VsockListener {
         let accepting = Arc::clone(&listener);
         thread::Builder::new()
             .name("vsock-listener".into())
-            .spawn(move || accepting.accept_loop(socket))
+            .spawn(move || {
+                crate::service::sandbox::enter(crate::service::sandbox::ThreadRole::Peer);
+                accepting.accept_loop(socket)
+            })
             .map_err(VsockError::Spawn)?;
         match listener.default.as_ref() {
             Some(default) => info!(

@@ -402,7 +402,10 @@ impl MetricsServer {
         let stop = Arc::new(AtomicBool::new(false));
         let thread = thread::Builder::new().name("metrics".into()).spawn({
             let stop = Arc::clone(&stop);
-            move || serve(&listener, &snapshot, io_timeout, &stop)
+            move || {
+                crate::service::sandbox::enter(crate::service::sandbox::ThreadRole::Peer);
+                serve(&listener, &snapshot, io_timeout, &stop)
+            }
         })?;
         Ok(MetricsServer {
             local_addr,
@@ -860,6 +863,7 @@ mod tests {
                     ],
                 ),
             ],
+            sandbox: None,
         }
     }
 

@@ -148,9 +148,14 @@ pub fn handle(registry: &Registry, request: Request) -> Response {
 /// signal loop): the answer says whether the upgrade was started, not
 /// whether it succeeded, which `vhost-rng upgrade` follows in the status.
 fn request_upgrade(registry: &Registry) -> Result<Response, String> {
-    let binary = registry.lifecycle().binary;
-    if let Err(e) = crate::service::upgrade::check_binary(&binary) {
-        let message = e.to_string();
+    // A serving process may not execute anything: its top process runs
+    // the check.
+    let checked = match registry.link() {
+        Some(link) => crate::service::supervisor::check_through_top(&link),
+        None => crate::service::upgrade::check_binary(&registry.lifecycle().binary)
+            .map_err(|e| e.to_string()),
+    };
+    if let Err(message) = checked {
         registry.update_lifecycle(|life| {
             life.last_upgrade_error = Some(message.clone());
             life.upgrade_failures += 1;
@@ -208,7 +213,11 @@ impl ControlServer {
         let shown = path.display().to_string();
         thread::Builder::new()
             .name("control".into())
-            .spawn(move || accept_loop(&listener, &registry, timeout))
+            .spawn(move || {
+                // No request is taken before the process has dropped root.
+                crate::service::sandbox::wait_for_gate();
+                accept_loop(&listener, &registry, timeout)
+            })
             .map_err(|error| SocketError::Io {
                 path: path.to_owned(),
                 action: "start the control thread",

@@ -16,10 +16,10 @@ use log::{error, info, warn};
 use nix::sys::signal::{SigSet, Signal};
 use nix::unistd::Gid;
 
-use crate::config::{self, ConfigError, ConfigFile, GuestSpec};
+use crate::config::{self, ConfigError, ConfigFile, GuestEndpoint, GuestSpec};
 use crate::entropy::drbg::ReseedPolicy;
 use crate::entropy::pool::{Mode, Pool, PoolConfig, PoolError};
-use crate::entropy::source::{self, SourceSpec};
+use crate::entropy::source::{self, SourceKind, SourceSpec};
 use crate::frontend::socket_file::{SocketAccess, SocketError};
 use crate::frontend::tcp::{TcpError, TcpListener};
 use crate::frontend::vhost_user::{MemoryLimits, VhostUserLimits};
@@ -28,7 +28,10 @@ use crate::guest::limiter::RateLimit;
 use crate::metrics::MetricsServer;
 use crate::service::control::{ControlServer, DEFAULT_CONTROL_PATH};
 use crate::service::registry::{Listeners, Registry, RegistryError};
-use crate::service::supervisor::{Report, WorkerLink};
+use crate::service::sandbox::{
+    self, PrivilegeError, RunAs, SandboxStatus, SeccompError, SeccompMode, seccomp,
+};
+use crate::service::supervisor::{self, Report, WorkerLink};
 use crate::service::systemd::Notifier;
 use crate::service::upgrade;
 
@@ -77,6 +80,15 @@ pub struct Settings {
     /// Seconds a vhost-user connection has to send SET_OWNER
     /// (`--vhost-user-setup-timeout`, `vhost-user-setup-timeout`).
     pub vhost_user_setup_timeout: Option<u64>,
+    /// `USER[:GROUP]` the serving process runs as after set-up (`--user`,
+    /// `user`).
+    pub user: Option<String>,
+    /// What a system call outside the allow-list does (`--seccomp`,
+    /// `seccomp`); kill when not given.
+    pub seccomp: Option<SeccompMode>,
+    /// Directories for the socket files of guests added later
+    /// (`--socket-dir`, `socket-dirs`), added to the config file's.
+    pub socket_dirs: Vec<PathBuf>,
 }
 
 /// What `serve` was asked for.
@@ -107,6 +119,9 @@ struct Resolved {
     /// The config file has the `guest` key (`guest = []` included): a
     /// reload may then end with no guests.
     guests_declared: bool,
+    user: Option<String>,
+    seccomp: SeccompMode,
+    socket_dirs: Vec<PathBuf>,
 }
 
 /// Why the daemon could not start, or a reload was refused.
@@ -146,6 +161,12 @@ pub enum DaemonError {
     /// The `--listen-tcp` listener could not start.
     #[error(transparent)]
     Tcp(#[from] TcpError),
+    /// `--user` cannot be honoured, or the privilege drop failed.
+    #[error(transparent)]
+    Privileges(#[from] PrivilegeError),
+    /// The seccomp filter could not be installed.
+    #[error(transparent)]
+    Seccomp(#[from] SeccompError),
     /// `vsock-default-rate` was given without `--vsock`.
     #[error("vsock-default-rate needs a vsock port to listen on: give --vsock PORT")]
     DefaultRateWithoutVsock,
@@ -208,6 +229,14 @@ fn resolve(config: &ServeConfig) -> Result<Resolved, DaemonError> {
         listen_tcp: cli.listen_tcp.or(file.listen_tcp),
         guests: config::merge_guests(config.guests.clone(), file.guests)?,
         guests_declared: file.guests_declared,
+        user: cli.user.clone().or(file.user),
+        seccomp: cli.seccomp.or(file.seccomp).unwrap_or_default(),
+        socket_dirs: cli
+            .socket_dirs
+            .iter()
+            .chain(&file.socket_dirs)
+            .cloned()
+            .collect(),
     })
 }
 
@@ -251,6 +280,8 @@ pub fn run(config: ServeConfig) -> Result<(), DaemonError> {
     let signals = daemon_signals();
     signals.thread_block().map_err(DaemonError::Signals)?;
     keep_out_of_core_dumps();
+    sandbox::prepare_process();
+    sandbox::privileges::clear_inheritable_capabilities();
     // Before any thread starts: it edits the environment.
     let inherited = upgrade::inherited()?;
     let link = WorkerLink::from_env().map(|(link, restarts)| (Arc::new(link), restarts));
@@ -261,6 +292,14 @@ pub fn run(config: ServeConfig) -> Result<(), DaemonError> {
     notifier.status("starting");
 
     let resolved = resolve(&config)?;
+    // Before anything is created: an unknown user starts nothing.
+    let run_as = resolved.user.as_deref().map(RunAs::resolve).transpose()?;
+    if run_as.is_none() && nix::unistd::geteuid().is_root() {
+        sandbox::privileges::warn_running_as_root();
+    }
+    sandbox::arm(resolved.seccomp);
+    // Before any thread starts, so that every thread is confined.
+    let landlock = sandbox::landlock::restrict(&reachable(&config, &resolved, inherited.as_ref()));
     info!("serving mode: {}", resolved.pool.mode.as_str());
     let pool = Pool::start(resolved.pool.clone())?;
     let registry = Registry::new(Arc::clone(&pool), resolved.access, resolved.vhost_user);
@@ -324,6 +363,15 @@ pub fn run(config: ServeConfig) -> Result<(), DaemonError> {
         }
         None => None,
     };
+    // Everything that needs root is done: drop it, then the filter; only
+    // then do the threads reading guest input start reading it.
+    if let Err(e) = enter_sandbox(run_as.as_ref(), resolved.seccomp, landlock) {
+        registry.stop_all();
+        if let Some(control) = &control {
+            control.stop();
+        }
+        return Err(e);
+    }
     let serving = format!("serving {} guest(s)", registry.names().len());
     info!("{serving}");
     // Every socket exists now: units ordered after this one can start.
@@ -351,10 +399,15 @@ pub fn run(config: ServeConfig) -> Result<(), DaemonError> {
         match signal {
             Signal::SIGUSR2 => {
                 notifier.status("upgrading");
-                if let Err(e) = upgrade::perform(&registry, link.as_ref().map(|(l, _)| l.raw_fd()))
-                {
+                // A serving process under a top process may not execute
+                // anything: the top process starts the new binary.
+                let upgraded = match &link {
+                    Some((link, _)) => supervisor::upgrade_through_top(&registry, link),
+                    None => upgrade::perform(&registry, None).map_err(|e| e.to_string()),
+                };
+                if let Err(e) = upgraded {
                     warn!("upgrade: {e}; going on as before");
-                    let message = e.to_string();
+                    let message = e;
                     registry.update_lifecycle(|life| {
                         life.last_upgrade_error = Some(message);
                         life.upgrade_failures += 1;
@@ -380,6 +433,79 @@ pub fn run(config: ServeConfig) -> Result<(), DaemonError> {
     }
     info!("stopped; socket files removed");
     Ok(())
+}
+
+/// Drops privileges (`--user`), installs the serving process's filter on
+/// every thread and opens the gate for the threads that read input.
+fn enter_sandbox(
+    run_as: Option<&RunAs>,
+    mode: SeccompMode,
+    landlock: String,
+) -> Result<(), DaemonError> {
+    if let Some(run_as) = run_as {
+        run_as.drop_privileges()?;
+        info!("running as {}", run_as.describe());
+    }
+    seccomp::install_process(seccomp::Role::Worker, mode)?;
+    let uid = nix::unistd::getuid();
+    let user = match run_as {
+        Some(run_as) => run_as.describe(),
+        None if uid.is_root() => "root (no --user)".into(),
+        None => format!("uid {uid} (started unprivileged)"),
+    };
+    info!("sandbox: user {user}, seccomp {mode}, Landlock {landlock}");
+    sandbox::open(SandboxStatus {
+        user,
+        seccomp: mode.to_string(),
+        landlock,
+    });
+    Ok(())
+}
+
+/// What the serving process may reach once Landlock is on: the socket
+/// directories, key files, devices and config file its configuration (and
+/// the guests handed over to it) name, and its TCP ports.
+fn reachable(
+    config: &ServeConfig,
+    resolved: &Resolved,
+    inherited: Option<&upgrade::DaemonState>,
+) -> sandbox::landlock::Allowed {
+    let mut allowed = sandbox::landlock::Allowed::default();
+    let carried = inherited
+        .into_iter()
+        .flat_map(|state| &state.guests)
+        .filter_map(|guest| guest.spec.parse::<GuestSpec>().ok());
+    for guest in resolved.guests.iter().cloned().chain(carried) {
+        match &guest.endpoint {
+            GuestEndpoint::Socket(path)
+            | GuestEndpoint::Egd(path)
+            | GuestEndpoint::VsockUds(path) => allowed.socket(path),
+            GuestEndpoint::TcpPsk(path) => allowed.read(path),
+            GuestEndpoint::Connect(_) | GuestEndpoint::Cid(_) => {}
+        }
+    }
+    if let Some(control) = &resolved.control {
+        allowed.socket(control);
+    }
+    for dir in &resolved.socket_dirs {
+        allowed.socket(&dir.join("socket"));
+    }
+    if let Some(file) = &config.config_file {
+        allowed.read(file);
+    }
+    for source in &resolved.pool.sources {
+        match (source.kind, &source.path) {
+            (SourceKind::Hwrng, None) => allowed.read(Path::new(source::DEFAULT_HWRNG_PATH)),
+            (_, Some(path)) => allowed.read(path),
+            _ => {}
+        }
+    }
+    allowed.tcp_ports = [resolved.metrics, resolved.listen_tcp]
+        .into_iter()
+        .flatten()
+        .map(|addr| addr.port())
+        .collect();
+    allowed
 }
 
 /// Starts the listeners shared by many guests (`--vsock`, `--listen-tcp`);

@@ -383,6 +383,11 @@ impl Registry {
         let _ = self.link.set(link);
     }
 
+    /// The link to the top process, in a serving process.
+    pub fn link(&self) -> Option<Arc<WorkerLink>> {
+        self.link.get().cloned()
+    }
+
     /// Tells the top process that `name` is no longer served.
     fn forget(&self, name: &str) {
         if let Some(link) = self.link.get() {
@@ -945,6 +950,7 @@ impl Registry {
                 .listeners()
                 .map(Listeners::statuses)
                 .unwrap_or_default(),
+            sandbox: crate::service::sandbox::status(),
         }
     }
 }

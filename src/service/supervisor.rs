@@ -44,6 +44,9 @@ use std::process::ExitStatus;
 use super::systemd::Notifier;
 use super::upgrade::{self, DaemonState, GuestState, UPGRADE_STATE_VERSION};
 
+mod handoff;
+pub use handoff::{Verdict, check_through_top, upgrade_through_top};
+
 /// The variable that makes `vhost-rng serve` a worker; it names the
 /// worker's end of the socket to the top process.
 pub const WORKER_ENV: &str = "VHOST_RNG_WORKER";
@@ -96,6 +99,18 @@ pub enum Report {
     Gone {
         /// The guest's name.
         name: String,
+    },
+    /// The serving process asks whether the binary on disk can take over
+    /// (an upgrade, see [`handoff`]); answered with a [`Verdict`].
+    CheckUpgrade {
+        /// Echoed in the answer.
+        id: u64,
+    },
+    /// Every guest is parked and reported: the serving process exits, and
+    /// the top process starts the new binary with them.
+    HandedOver {
+        /// The upgrade count of the next serving process.
+        upgrades: u64,
     },
     /// The daemon's life across upgrades.
     Life {
@@ -256,6 +271,7 @@ pub fn run() -> ExitCode {
         restarts: Restarts::default(),
         ready: false,
         stopping: false,
+        upgrading: None,
     };
     let (mut top, ours, mut worker) = match TopRecord::inherited() {
         // An upgrade re-executed this top process: the serving process,
@@ -328,6 +344,16 @@ pub fn run() -> ExitCode {
                 if top.stopping {
                     return exit_code(status);
                 }
+                if let Some(upgrades) = top.upgrading.take() {
+                    match top.start_upgraded(upgrades) {
+                        Ok(next) => {
+                            worker = next;
+                            started = Instant::now();
+                            continue;
+                        }
+                        Err(e) => error!("cannot start the upgraded serving process: {e}"),
+                    }
+                }
                 if !top.ready {
                     error!("the serving process could not start ({status}); stopping");
                     return exit_code(status);
@@ -391,6 +417,9 @@ struct Top {
     restarts: Restarts,
     ready: bool,
     stopping: bool,
+    /// The serving process handed over for an upgrade (the next one's
+    /// upgrade count).
+    upgrading: Option<u64>,
 }
 
 impl Top {
@@ -445,6 +474,12 @@ impl Top {
 
     /// Starts a worker with everything the dead one reported.
     fn spawn_restored(&self) -> std::io::Result<Pid> {
+        self.spawn_from_held(false, None)
+    }
+
+    /// Starts a worker with every guest held; token levels kept only after
+    /// a hand-over (`keep_tokens`), and `upgrades` for an upgrade.
+    fn spawn_from_held(&self, keep_tokens: bool, upgrades: Option<u64>) -> std::io::Result<Pid> {
         let mut kept = Vec::new();
         let guests = self
             .held
@@ -467,11 +502,16 @@ impl Top {
                 state.clients = state.clients.iter().map(|&fd| at(fd)).collect();
                 // Start empty: tokens reported before the crash may have
                 // been spent since.
-                state.tokens = None;
+                if !keep_tokens {
+                    state.tokens = None;
+                }
                 state
             })
             .collect();
-        let (started_at, upgrades) = self.life.unwrap_or((0, 0));
+        let (started_at, upgrades) = match (self.life.unwrap_or((0, 0)), upgrades) {
+            ((started_at, _), Some(upgrades)) => (started_at, upgrades),
+            (life, None) => life,
+        };
         let record = DaemonState {
             version: UPGRADE_STATE_VERSION,
             written_by: env!("CARGO_PKG_VERSION").into(),
@@ -517,6 +557,7 @@ impl Top {
             return false;
         }
         match serde_json::from_slice::<Report>(&buf[..bytes]) {
+            Ok(Report::CheckUpgrade { id }) => self.check_upgrade(id, socket),
             Ok(report) => self.apply(report, fds),
             Err(e) => warn!("an unreadable report from the serving process: {e}"),
         }
@@ -538,6 +579,9 @@ impl Top {
             Report::Gone { name } => {
                 self.held.remove(&name);
             }
+            Report::HandedOver { upgrades } => self.upgrading = Some(upgrades),
+            // Answered where the socket is (receive_now).
+            Report::CheckUpgrade { .. } => {}
             Report::Life {
                 started_at,
                 upgrades,

@@ -260,9 +260,10 @@ pub fn spawn(
         sink,
         failures_log: RateLimitedLog::per_minute(6),
     };
-    thread::Builder::new()
-        .name(name)
-        .spawn(move || runner.run())?;
+    thread::Builder::new().name(name).spawn(move || {
+        crate::service::sandbox::enter(crate::service::sandbox::ThreadRole::Source);
+        runner.run()
+    })?;
     Ok(())
 }
 

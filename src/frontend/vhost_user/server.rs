@@ -177,6 +177,11 @@ impl GuestServer {
         thread::Builder::new()
             .name(format!("guest-{}", server.guest.name()))
             .spawn(move || {
+                // Nothing from the VMM is read before the process has
+                // dropped root and installed its filter.
+                crate::service::sandbox::enter(crate::service::sandbox::ThreadRole::Vring {
+                    dials: listener.is_none(),
+                });
                 // serve_with reports the resumed connection as it starts.
                 if let Some(Resumed { stream, handler }) = resumed {
                     worker.serve_with(stream, handler, true);
