@@ -68,6 +68,13 @@ pub enum Request {
     /// Re-execute the daemon's binary from disk, keeping every guest
     /// (`vhost-rng upgrade`, like SIGUSR2).
     Upgrade,
+    /// For the sandbox's tests only: make a system call that no filter
+    /// allows, from a thread of the serving process. Refused unless the
+    /// daemon was started with `VHOST_RNG_TEST_PROBES=1`; the call
+    /// (personality(2) in its query form) changes nothing where it is
+    /// allowed.
+    #[doc(hidden)]
+    ForbiddenSyscallProbe,
 }
 
 /// The daemon's answer line, tagged by `result`.
@@ -121,6 +128,10 @@ pub enum ControlError {
     Refused(String),
 }
 
+/// Set to 1 in a daemon's environment, it answers
+/// [`Request::ForbiddenSyscallProbe`] (tests of the sandbox).
+pub const PROBES_ENV: &str = "VHOST_RNG_TEST_PROBES";
+
 /// Answers one request against the registry.
 pub fn handle(registry: &Registry, request: Request) -> Response {
     let result = match request {
@@ -140,6 +151,14 @@ pub fn handle(registry: &Registry, request: Request) -> Response {
             status: Box::new(registry.status()),
         }),
         Request::Upgrade => request_upgrade(registry),
+        Request::ForbiddenSyscallProbe => {
+            if std::env::var_os(PROBES_ENV).is_some_and(|v| v == "1") {
+                crate::service::sandbox::seccomp::forbidden_call();
+                Ok(Response::Ok)
+            } else {
+                Err("unknown command".into())
+            }
+        }
     };
     result.unwrap_or_else(|message| Response::Error { message })
 }
