@@ -276,3 +276,22 @@ fn an_upgrade_keeps_the_guest_and_the_sandbox() {
     assert_eq!(status["worker_restarts"], 0, "{status}");
     daemon.assert_sandboxed();
 }
+
+#[test]
+fn socket_files_the_unprivileged_process_cannot_remove_are_removed_at_stop() {
+    // Root's directory, which the --user user may not write.
+    let dir = tempfile::tempdir().unwrap();
+    let socket = dir.path().join("vm.sock");
+    let egd = dir.path().join("legacy.egd");
+    let daemon = start(
+        &socket,
+        &["--guest", &format!("name=legacy,egd={}", egd.display())],
+        &[],
+    );
+    let control = daemon.control().to_owned();
+    let status = daemon.stop_with(nix::sys::signal::Signal::SIGTERM);
+    assert!(status.success(), "{status}");
+    for path in [&socket, &egd, &control] {
+        assert!(!path.exists(), "{} left behind", path.display());
+    }
+}

@@ -336,7 +336,12 @@ pub fn run(config: ServeConfig) -> Result<(), DaemonError> {
 
     let control = match &resolved.control {
         Some(path) => match ControlServer::start(path, Arc::clone(&registry)) {
-            Ok(control) => Some(control),
+            Ok(control) => {
+                if let Some((link, _)) = &link {
+                    link.send(&Report::ControlSocket { path: path.clone() }, &[]);
+                }
+                Some(control)
+            }
             Err(e) => {
                 registry.stop_all();
                 return Err(e.into());

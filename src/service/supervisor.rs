@@ -45,6 +45,7 @@ use super::systemd::Notifier;
 use super::upgrade::{self, DaemonState, GuestState, UPGRADE_STATE_VERSION};
 
 mod handoff;
+mod leftovers;
 pub use handoff::{Verdict, check_through_top, upgrade_through_top};
 
 /// The variable that makes `vhost-rng serve` a worker; it names the
@@ -111,6 +112,12 @@ pub enum Report {
     HandedOver {
         /// The upgrade count of the next serving process.
         upgrades: u64,
+    },
+    /// The control socket's file, for the top process to remove at stop
+    /// if the serving process cannot ([`leftovers`]).
+    ControlSocket {
+        /// Its path.
+        path: PathBuf,
     },
     /// The daemon's life across upgrades.
     Life {
@@ -272,6 +279,7 @@ pub fn run() -> ExitCode {
         ready: false,
         stopping: false,
         upgrading: None,
+        leftovers: BTreeMap::new(),
     };
     let (mut top, ours, mut worker) = match TopRecord::inherited() {
         // An upgrade re-executed this top process: the serving process,
@@ -342,6 +350,7 @@ pub fn run() -> ExitCode {
                     _ => continue,
                 };
                 if top.stopping {
+                    leftovers::remove(top.leftovers.values());
                     return exit_code(status);
                 }
                 if let Some(upgrades) = top.upgrading.take() {
@@ -420,6 +429,8 @@ struct Top {
     /// The serving process handed over for an upgrade (the next one's
     /// upgrade count).
     upgrading: Option<u64>,
+    /// Socket files to remove once the serving process has stopped.
+    leftovers: BTreeMap<String, leftovers::SocketFile>,
 }
 
 impl Top {
@@ -574,12 +585,15 @@ impl Top {
                 self.notifier.notify(&state);
             }
             Report::Guest { name, state } => {
-                self.held.insert(name, Held { state: *state, fds });
+                self.held.insert(name.clone(), Held { state: *state, fds });
+                self.note_socket_file(&name);
             }
             Report::Gone { name } => {
                 self.held.remove(&name);
+                self.leftovers.remove(&name);
             }
             Report::HandedOver { upgrades } => self.upgrading = Some(upgrades),
+            Report::ControlSocket { path } => self.note_control_socket(path),
             // Answered where the socket is (receive_now).
             Report::CheckUpgrade { .. } => {}
             Report::Life {
