@@ -35,7 +35,7 @@ fn a_guest_reading_through_crashes_and_an_upgrade_gets_every_byte() {
     let dir = tempfile::tempdir().unwrap();
     let socket = dir.path().join("vm.sock");
     let received = dir.path().join("received.bin");
-    let daemon = Daemon::serve(&[&socket]);
+    let daemon = Daemon::serve_sandboxed(&[&socket]);
     let qemu = spawn_guest(
         &guest,
         &[
@@ -78,6 +78,9 @@ fn a_guest_reading_through_crashes_and_an_upgrade_gets_every_byte() {
         (read as usize) < BYTES,
         "the guest had finished before the last event; nothing was tested"
     );
+    // The serving process after kills and an upgrade is sandboxed as the
+    // first one was.
+    daemon.assert_sandboxed();
 
     let report = wait_guest(qemu);
     report.assert_read(BYTES);

@@ -196,6 +196,18 @@ impl Daemon {
     /// with `--user`, no capabilities, no_new_privs, a seccomp filter; and
     /// no_new_privs and a filter in the top process too.
     pub fn assert_sandboxed(&self) {
+        // The serving process drops root once its set-up is done.
+        let dropped = |status: &HashMap<String, String>| {
+            let filters: u32 = status
+                .get("Seccomp_filters")
+                .and_then(|n| n.parse().ok())
+                .unwrap_or(0);
+            let uid = status.get("Uid").and_then(|u| u.split_whitespace().next());
+            filters >= 2 && (test_user().is_none() || uid.is_some_and(|uid| uid != "0"))
+        };
+        wait_until("the serving process to drop privileges", || {
+            dropped(&proc_status(self.serving_pid()))
+        });
         let worker = proc_status(self.serving_pid());
         if test_user().is_some() {
             assert_ne!(
