@@ -239,3 +239,50 @@ pub fn warn_running_as_root() {
          --user USER (e.g. --user vhost-rng) so that it runs unprivileged after set-up"
     );
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn users_and_groups_are_resolved_by_name_or_number() {
+        assert!(matches!(RunAs::resolve(""), Err(PrivilegeError::Empty(_))));
+        assert!(matches!(
+            RunAs::resolve(":x"),
+            Err(PrivilegeError::Empty(_))
+        ));
+        let err = RunAs::resolve("no-such-user-vhost-rng").unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "--user: no user named 'no-such-user-vhost-rng' on this host (create it, e.g. \
+             useradd --system no-such-user-vhost-rng)"
+        );
+        assert!(matches!(
+            RunAs::resolve("root"),
+            Err(PrivilegeError::IsRoot(_))
+        ));
+        assert!(matches!(
+            RunAs::resolve("0"),
+            Err(PrivilegeError::IsRoot(_))
+        ));
+        if !Uid::current().is_root() {
+            return;
+        }
+        let Ok(Some(nobody)) = User::from_name("nobody") else {
+            return;
+        };
+        let by_name = RunAs::resolve("nobody").unwrap();
+        assert_eq!((by_name.uid, by_name.gid), (nobody.uid, nobody.gid));
+        let by_number = RunAs::resolve(&nobody.uid.to_string()).unwrap();
+        assert_eq!((by_number.uid, by_number.gid), (nobody.uid, nobody.gid));
+        let with_group = RunAs::resolve("nobody:0").unwrap();
+        assert_eq!(with_group.gid, Gid::from_raw(0));
+        assert!(matches!(
+            RunAs::resolve("nobody:no-such-group-vhost-rng"),
+            Err(PrivilegeError::UnknownGroup(_))
+        ));
+        // A uid with no passwd entry is its own group.
+        let unnamed = RunAs::resolve("4000000").unwrap();
+        assert_eq!(unnamed.gid, Gid::from_raw(4_000_000));
+    }
+}
