@@ -374,6 +374,19 @@ pub fn run(config: ServeConfig) -> Result<(), DaemonError> {
             }
         }
     }
+    if std::env::var_os(crate::service::fd_store::KEEPS_CONNECTIONS_ENV).is_some() {
+        // systemd's file descriptor store holds every guest's sockets: a
+        // restart finds them there and VMMs keep their connections; a stop
+        // closes them as systemd empties the store.
+        registry.report_counters();
+        if let Some(control) = &control {
+            control.stop();
+        }
+        info!(
+            "stopped; guests' connections and socket files left to systemd's file descriptor              store for the next start"
+        );
+        return Ok(());
+    }
     registry.stop_all();
     if let Some(control) = &control {
         control.stop();

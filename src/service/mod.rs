@@ -3,11 +3,13 @@
 //! ([`registry`]), the control socket ([`control`]), what they report
 //! ([`status`]), systemd notifications ([`systemd`]), in-place upgrades
 //! ([`upgrade`]), the top process that restarts a crashed serving process
-//! ([`supervisor`]), and `vhost-rng check` ([`check`]).
+//! ([`supervisor`]) and what it keeps in systemd's file descriptor store
+//! ([`fd_store`]), and `vhost-rng check` ([`check`]).
 
 pub mod check;
 pub mod control;
 pub mod daemon;
+pub mod fd_store;
 pub mod registry;
 pub mod status;
 pub mod supervisor;

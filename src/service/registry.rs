@@ -383,6 +383,22 @@ impl Registry {
         let _ = self.link.set(link);
     }
 
+    /// Tells the top process every guest's counters as they are now.
+    pub fn report_counters(&self) {
+        let Some(link) = self.link.get() else {
+            return;
+        };
+        for (name, entry) in self.lock().iter() {
+            link.send(
+                &Report::Counters {
+                    name: name.clone(),
+                    counters: Counters::of(&entry.server.guest().stats),
+                },
+                &[],
+            );
+        }
+    }
+
     /// Tells the top process that `name` is no longer served.
     fn forget(&self, name: &str) {
         if let Some(link) = self.link.get() {
@@ -798,6 +814,12 @@ impl Registry {
                 "guest {name}: handed over by the previous daemon but no longer configured; its \
                  connections are closed"
             );
+            // The top process must let go of its copies too, or the VMM
+            // would never see the connection close; a guest of the same
+            // name served at another endpoint is not gone.
+            if !self.lock().contains_key(&name) {
+                self.forget(&name);
+            }
         }
     }
 
