@@ -16,21 +16,6 @@ use nix::sys::signal::{self, Signal};
 
 const BYTES: usize = 4 << 20;
 
-/// Bytes the guest has read so far, if the daemon answers (it does not
-/// for a moment while a serving process is replaced).
-fn bytes_read(daemon: &Daemon) -> Option<u64> {
-    let output = run_cli([
-        "guest".as_ref(),
-        "list".as_ref(),
-        "--json".as_ref(),
-        "--control".as_ref(),
-        daemon.control().as_os_str(),
-    ]);
-    let guests: Vec<vhost_rng::service::status::GuestStatus> =
-        serde_json::from_slice(&output.stdout).ok()?;
-    guests.into_iter().find(|g| g.name == "vm").map(|g| g.bytes)
-}
-
 #[test]
 fn a_guest_reading_through_crashes_and_an_upgrade_gets_every_byte() {
     let Some(guest) = test_guest() else { return };
@@ -55,9 +40,9 @@ fn a_guest_reading_through_crashes_and_an_upgrade_gets_every_byte() {
     let mut read = 0;
     for event in ["kill", "kill", "upgrade", "kill"] {
         wait_until("the guest to read more", || {
-            bytes_read(&daemon).is_some_and(|bytes| bytes > read)
+            daemon.bytes_served("vm").is_some_and(|bytes| bytes > read)
         });
-        read = bytes_read(&daemon).unwrap_or(read);
+        read = daemon.bytes_served("vm").unwrap_or(read);
         if event == "kill" {
             let worker = daemon.serving_pid();
             signal::kill(worker, Signal::SIGKILL).unwrap();
@@ -133,7 +118,7 @@ fn a_guest_reading_through_restarts_of_the_whole_service_gets_every_byte() {
     let mut logs = String::new();
     for signal in [Signal::SIGTERM, Signal::SIGKILL] {
         let deadline = std::time::Instant::now() + common::PATIENCE;
-        while bytes_read(&daemon).is_none_or(|bytes| bytes <= read) {
+        while daemon.bytes_served("vm").is_none_or(|bytes| bytes <= read) {
             assert!(
                 std::time::Instant::now() < deadline,
                 "the guest read no more than {read} bytes:\n{logs}\n{}",
@@ -141,7 +126,7 @@ fn a_guest_reading_through_restarts_of_the_whole_service_gets_every_byte() {
             );
             std::thread::sleep(std::time::Duration::from_millis(50));
         }
-        read = bytes_read(&daemon).unwrap_or(read);
+        read = daemon.bytes_served("vm").unwrap_or(read);
         systemd.sync();
         let serving = daemon.serving_pid();
         logs.push_str(&daemon.log());

@@ -189,6 +189,21 @@ impl Daemon {
         serde_json::from_slice(&output.stdout).unwrap()
     }
 
+    /// Bytes served to guest `name` so far, if the daemon answers now (it
+    /// does not for a moment while a serving process is replaced).
+    pub fn bytes_served(&self, name: &str) -> Option<u64> {
+        let output = run_cli([
+            "guest".as_ref(),
+            "list".as_ref(),
+            "--json".as_ref(),
+            "--control".as_ref(),
+            self.control.as_os_str(),
+        ]);
+        let guests: Vec<vhost_rng::service::status::GuestStatus> =
+            serde_json::from_slice(&output.stdout).ok()?;
+        guests.into_iter().find(|g| g.name == name).map(|g| g.bytes)
+    }
+
     /// The listed guest named `name`.
     pub fn guest(&self, name: &str) -> vhost_rng::service::status::GuestStatus {
         self.guests()
