@@ -20,6 +20,8 @@ RNG source (at most one; with none the guest has no virtio-rng and reports
                    the daemon to connect before starting the guest
   --builtin        QEMU's own virtio-rng-pci fed from /dev/urandom
   --egd PATH       QEMU's virtio-rng-pci fed by an EGD server on PATH
+  --fifo PATH      QEMU's virtio-rng-pci fed from a file it reads (rng-random),
+                   such as a vhost-rng fifo= guest's named pipe
 
 vsock (may be combined with a source):
   --vsock PATH     vhost-user-vsock-pci; QEMU connects to a vsock device
@@ -73,7 +75,7 @@ shell=0
 need() { [ "$2" -ge "${3:-2}" ] || die "$1 needs ${4:-a value}"; }
 while [ $# -gt 0 ]; do
 	case "$1" in
-	--socket | --server | --egd | --vsock | --bytes | --out | --guest-dir | --timeout | --append | --log)
+	--socket | --server | --egd | --fifo | --vsock | --bytes | --out | --guest-dir | --timeout | --append | --log)
 		need "$1" $#
 		;;
 	--tcp-agent) need "$1" $# 4 "PORT NAME KEYFILE" ;;
@@ -97,6 +99,11 @@ while [ $# -gt 0 ]; do
 	--egd)
 		source_args=(-chardev "socket,id=egd0,path=$2"
 			-object rng-egd,id=r0,chardev=egd0 -device virtio-rng-pci,rng=r0)
+		sources=$((sources + 1))
+		;;
+	--fifo)
+		source_args=(-object "rng-random,filename=$2,id=r0"
+			-device virtio-rng-pci,rng=r0)
 		sources=$((sources + 1))
 		;;
 	--vsock)

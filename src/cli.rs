@@ -144,8 +144,9 @@ pub struct ServeArgs {
     /// One guest: name=NAME, then socket=PATH (vhost-user, the daemon listens),
     /// connect=PATH (vhost-user, the VMM listens), egd=PATH (EGD),
     /// vsock-uds=PATH (agent over hybrid vsock), cid=N (agent over AF_VSOCK,
-    /// needs --vsock) or tcp-psk=PATH (agent over TCP with the key in PATH,
-    /// needs --listen-tcp), then
+    /// needs --vsock), tcp-psk=PATH (agent over TCP with the key in PATH,
+    /// needs --listen-tcp) or fifo=PATH (a named pipe the daemon keeps
+    /// filled, for QEMU rng-random, libvirt random, Nova), then
     /// [,rate-bytes=N][,rate-period=MS][,burst=N][,weight=W]. Repeatable.
     #[allow(rustdoc::broken_intra_doc_links)] // the brackets are clap help text, not links
     #[arg(long = "guest", value_name = "SPEC")]

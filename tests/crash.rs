@@ -265,13 +265,33 @@ fn the_top_process_stays_the_same_size_over_a_hundred_kills() {
             }
         }
         if kill % 25 == 24 {
-            let (fds, threads) = usage(top);
-            measured.push((fds, threads, rss_kib(top)));
+            // A report the top process is taking in holds the old and the
+            // new copies for a moment: compare once it has settled (a leak
+            // never does, and times out).
+            let settled = match measured.first() {
+                None => {
+                    let mut last = usage(top);
+                    loop {
+                        std::thread::sleep(Duration::from_millis(100));
+                        let now = usage(top);
+                        if now == last {
+                            break now;
+                        }
+                        last = now;
+                    }
+                }
+                Some(&(fds, threads, _)) => {
+                    wait_until("the top process back to its first size", || {
+                        usage(top) == (fds, threads)
+                    });
+                    (fds, threads)
+                }
+            };
+            measured.push((settled.0, settled.1, rss_kib(top)));
         }
     }
-    let (fds, threads, rss) = measured[0];
-    for &(f, t, r) in &measured[1..] {
-        assert_eq!((f, t), (fds, threads), "{measured:?}");
+    let (_, _, rss) = measured[0];
+    for &(_, _, r) in &measured[1..] {
         // Freed memory the allocator keeps is not growth; a leak per kill
         // would be hundreds of KiB here.
         assert!(r <= rss + 256, "{measured:?}");

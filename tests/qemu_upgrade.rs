@@ -1,33 +1,20 @@
 // SPDX-License-Identifier: Apache-2.0
 //! A real QEMU guest keeps reading /dev/hwrng while the process serving it
 //! is killed with SIGKILL three times and the daemon is upgraded in place
-//! once: every byte arrives, QEMU never sees its vhost-user connection
-//! drop, and its log has no error.
+//! once, and while the whole service is restarted as systemd does with its
+//! file descriptor store: every byte arrives, QEMU never sees its
+//! vhost-user connection drop, and its log has no error.
 
 #![allow(missing_docs)]
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod common;
 
+use common::fake_systemd::FakeSystemd;
 use common::{Daemon, run_cli, sha256_prefix, spawn_guest, test_guest, wait_guest, wait_until};
 use nix::sys::signal::{self, Signal};
 
 const BYTES: usize = 4 << 20;
-
-/// Bytes the guest has read so far, if the daemon answers (it does not
-/// for a moment while a serving process is replaced).
-fn bytes_read(daemon: &Daemon) -> Option<u64> {
-    let output = run_cli([
-        "guest".as_ref(),
-        "list".as_ref(),
-        "--json".as_ref(),
-        "--control".as_ref(),
-        daemon.control().as_os_str(),
-    ]);
-    let guests: Vec<vhost_rng::service::status::GuestStatus> =
-        serde_json::from_slice(&output.stdout).ok()?;
-    guests.into_iter().find(|g| g.name == "vm").map(|g| g.bytes)
-}
 
 #[test]
 fn a_guest_reading_through_crashes_and_an_upgrade_gets_every_byte() {
@@ -53,9 +40,9 @@ fn a_guest_reading_through_crashes_and_an_upgrade_gets_every_byte() {
     let mut read = 0;
     for event in ["kill", "kill", "upgrade", "kill"] {
         wait_until("the guest to read more", || {
-            bytes_read(&daemon).is_some_and(|bytes| bytes > read)
+            daemon.bytes_served("vm").is_some_and(|bytes| bytes > read)
         });
-        read = bytes_read(&daemon).unwrap_or(read);
+        read = daemon.bytes_served("vm").unwrap_or(read);
         if event == "kill" {
             let worker = daemon.serving_pid();
             signal::kill(worker, Signal::SIGKILL).unwrap();
@@ -100,4 +87,79 @@ fn a_guest_reading_through_crashes_and_an_upgrade_gets_every_byte() {
         4,
         "{log}"
     );
+}
+
+/// The whole service restarted under a real guest, as systemd does it with
+/// the shipped unit: `systemctl restart` (SIGTERM), then a SIGKILL of the
+/// top process followed by systemd's restart; each new daemon gets the
+/// guest back from the file descriptor store. Every byte arrives and QEMU
+/// never sees its connection drop.
+#[test]
+fn a_guest_reading_through_restarts_of_the_whole_service_gets_every_byte() {
+    let Some(guest) = test_guest() else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let socket = dir.path().join("vm.sock");
+    let received = dir.path().join("received.bin");
+    let mut systemd = FakeSystemd::new();
+    let notify = systemd.path.clone();
+    let args = ["serve", "--socket", socket.to_str().unwrap()];
+    let env = [("NOTIFY_SOCKET", notify.as_os_str())];
+    let mut daemon = Daemon::start_with_fds(&args, &env, &[]);
+    systemd.wait_for("READY=1\nSTATUS=serving 1 guest(s)");
+    let qemu = spawn_guest(
+        &guest,
+        &[
+            "--socket",
+            socket.to_str().unwrap(),
+            "--bytes",
+            &BYTES.to_string(),
+            "--out",
+            received.to_str().unwrap(),
+        ],
+    );
+    let mut read = 0;
+    let mut logs = String::new();
+    for signal in [Signal::SIGTERM, Signal::SIGKILL] {
+        let deadline = std::time::Instant::now() + common::PATIENCE;
+        while daemon.bytes_served("vm").is_none_or(|bytes| bytes <= read) {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the guest read no more than {read} bytes:\n{logs}\n{}",
+                daemon.log()
+            );
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+        read = daemon.bytes_served("vm").unwrap_or(read);
+        systemd.sync();
+        let serving = daemon.serving_pid();
+        logs.push_str(&daemon.log());
+        daemon.stop_with(signal);
+        common::wait_gone(serving);
+        systemd.sync();
+        daemon = Daemon::start_with_fds(&args, &env, &systemd.passed());
+        systemd.wait_for("READY=1\nSTATUS=serving 1 guest(s)");
+        assert!(
+            daemon
+                .log()
+                .contains("systemd's file descriptor store gave back 1 guest(s)"),
+            "{}",
+            daemon.log()
+        );
+    }
+    assert!(
+        (read as usize) < BYTES,
+        "the guest had finished before the last restart; nothing was tested"
+    );
+    let report = wait_guest(qemu);
+    report.assert_read(BYTES);
+    assert_eq!(sha256_prefix(&received, BYTES), report.get("sha256"));
+    for bad in ["Failed", "ring restore", "Assertion", "vhost_dev_start"] {
+        assert!(
+            !report.console.contains(bad),
+            "QEMU said {bad}:\n{}",
+            report.console
+        );
+    }
+    logs.push_str(&daemon.log());
+    assert_eq!(logs.matches("VMM connected on").count(), 1, "{logs}");
 }

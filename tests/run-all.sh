@@ -36,5 +36,5 @@ cargo test --locked --workspace "$@"
 if [ $# -eq 0 ]; then
 	qemu/fetch-qemu10.sh
 	VHOST_RNG_QEMU=$PWD/target/qemu-10/root \
-		cargo test --locked -p vhost-rng --test qemu_guest --test qemu_upgrade
+		cargo test --locked -p vhost-rng --test qemu_guest --test qemu_upgrade --test qemu_fifo
 fi

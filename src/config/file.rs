@@ -756,6 +756,14 @@ mod tests {
                     burst: Some(16384),
                     weight: 1,
                 },
+                GuestSpec {
+                    name: "nova".into(),
+                    endpoint: GuestEndpoint::Fifo("/run/vhost-rng/nova.fifo".into()),
+                    rate_bytes: Some(1048576),
+                    rate_period_ms: 1000,
+                    burst: None,
+                    weight: 1,
+                },
             ]
         );
     }
@@ -949,7 +957,7 @@ mod tests {
         std::fs::write(&path, EXAMPLE).unwrap();
         let config = ConfigFile::load(&path).unwrap();
         assert_eq!(config.origin, path);
-        assert_eq!(config.guests.len(), 5);
+        assert_eq!(config.guests.len(), 6);
 
         let missing = dir.path().join("missing.toml");
         let err = load(&missing).unwrap_err();
@@ -1221,7 +1229,7 @@ mod tests {
         assert_eq!(
             err.to_string(),
             "/etc/vhost-rng.toml:12: guest \"vm3\": unknown key 'rate_bytes' (valid: name, \
-             socket, connect, egd, vsock-uds, cid, tcp-psk, rate-bytes, rate-period, burst, \
+             socket, connect, egd, vsock-uds, cid, tcp-psk, fifo, rate-bytes, rate-period, burst, \
              weight)"
         );
         assert_eq!((err.line(), err.key()), (Some(12), Some("rate_bytes")));
@@ -1246,7 +1254,7 @@ mod tests {
         assert_eq!(
             err.to_string(),
             "/etc/vhost-rng.toml:8: guest \"vm2\": more than one of 'socket', 'connect', \
-             'egd', 'vsock-uds', 'cid' and 'tcp-psk' is set; give only one"
+             'egd', 'vsock-uds', 'cid', 'tcp-psk' and 'fifo' is set; give only one"
         );
         assert!(
             matches!(
@@ -1288,7 +1296,7 @@ mod tests {
         assert_eq!(
             message("[[guest]]\nname = \"vm3\"\ncid = 3\ntcp-psk = \"/k\"\n"),
             "/etc/vhost-rng.toml:4: guest \"vm3\": more than one of 'socket', 'connect', \
-             'egd', 'vsock-uds', 'cid' and 'tcp-psk' is set; give only one"
+             'egd', 'vsock-uds', 'cid', 'tcp-psk' and 'fifo' is set; give only one"
         );
         assert_eq!(
             line("[[guest]]\nname = \"vm3\"\nsocket = \"/a\"\n\ncid = 3\n"),
@@ -1313,7 +1321,7 @@ mod tests {
             ),
             "/etc/vhost-rng.toml:5: guest \"b\": no endpoint: give socket=PATH for a \
              vhost-user socket the daemon listens on, connect=PATH for one the VMM listens \
-             on, egd=PATH for an EGD socket, vsock-uds=PATH for the agent over hybrid vsock, cid=N for the agent over AF_VSOCK, or tcp-psk=PATH for the agent over TCP"
+             on, egd=PATH for an EGD socket, vsock-uds=PATH for the agent over hybrid vsock, cid=N for the agent over AF_VSOCK, tcp-psk=PATH for the agent over TCP, or fifo=PATH for a named pipe"
         );
     }
 

@@ -39,6 +39,10 @@ pub enum GuestEndpoint {
     /// TCP: the guest that proves it holds the pre-shared key in this file,
     /// on the daemon's `--listen-tcp ADDR` listener (Noise, never plaintext).
     TcpPsk(PathBuf),
+    /// A named pipe the daemon keeps filled, for VMMs that read a path
+    /// (QEMU `rng-random`, libvirt `<backend model='random'>`, OpenStack
+    /// Nova's `rng_dev_path`, cloud-hypervisor `--rng src=`).
+    Fifo(PathBuf),
 }
 
 /// What a guest's endpoint takes for itself: a path on the host or a vsock
@@ -68,17 +72,21 @@ impl GuestEndpoint {
             | GuestEndpoint::Connect(path)
             | GuestEndpoint::Egd(path)
             | GuestEndpoint::VsockUds(path)
-            | GuestEndpoint::TcpPsk(path) => Some(path),
+            | GuestEndpoint::TcpPsk(path)
+            | GuestEndpoint::Fifo(path) => Some(path),
             GuestEndpoint::Cid(_) => None,
         }
     }
 
-    /// Whether serving it creates a socket file at its path (rather than
-    /// connecting to one, or using a key file or a CID).
+    /// Whether serving it creates a file at its path, a socket or a FIFO
+    /// (rather than connecting to one, or using a key file or a CID).
     pub fn creates_socket(&self) -> bool {
         matches!(
             self,
-            GuestEndpoint::Socket(_) | GuestEndpoint::Egd(_) | GuestEndpoint::VsockUds(_)
+            GuestEndpoint::Socket(_)
+                | GuestEndpoint::Egd(_)
+                | GuestEndpoint::VsockUds(_)
+                | GuestEndpoint::Fifo(_)
         )
     }
 
@@ -112,6 +120,7 @@ impl GuestEndpoint {
             GuestEndpoint::VsockUds(_) => GuestKey::VsockUds,
             GuestEndpoint::Cid(_) => GuestKey::Cid,
             GuestEndpoint::TcpPsk(_) => GuestKey::TcpPsk,
+            GuestEndpoint::Fifo(_) => GuestKey::Fifo,
         }
     }
 }
@@ -255,6 +264,8 @@ pub enum GuestKey {
     Cid,
     /// `tcp-psk`: the guest's pre-shared key file, for the agent over TCP.
     TcpPsk,
+    /// `fifo`: a named pipe the daemon keeps filled.
+    Fifo,
     /// `rate-bytes`: bytes allowed per rate period.
     RateBytes,
     /// `rate-period`: the rate limit's period, in milliseconds.
@@ -267,7 +278,7 @@ pub enum GuestKey {
 
 impl GuestKey {
     /// Every key of a guest, in canonical order.
-    pub const ALL: [GuestKey; 11] = [
+    pub const ALL: [GuestKey; 12] = [
         GuestKey::Name,
         GuestKey::Socket,
         GuestKey::Connect,
@@ -275,6 +286,7 @@ impl GuestKey {
         GuestKey::VsockUds,
         GuestKey::Cid,
         GuestKey::TcpPsk,
+        GuestKey::Fifo,
         GuestKey::RateBytes,
         GuestKey::RatePeriod,
         GuestKey::Burst,
@@ -300,6 +312,7 @@ impl GuestKey {
             GuestKey::VsockUds => "vsock-uds",
             GuestKey::Cid => "cid",
             GuestKey::TcpPsk => "tcp-psk",
+            GuestKey::Fifo => "fifo",
             GuestKey::RateBytes => "rate-bytes",
             GuestKey::RatePeriod => "rate-period",
             GuestKey::Burst => "burst",
@@ -378,13 +391,13 @@ pub enum GuestSpecError {
         "no endpoint: give socket=PATH for a vhost-user socket the daemon listens on, \
          connect=PATH for one the VMM listens on, egd=PATH for an EGD socket, \
          vsock-uds=PATH for the agent over hybrid vsock, cid=N for the agent over \
-         AF_VSOCK, or tcp-psk=PATH for the agent over TCP"
+         AF_VSOCK, tcp-psk=PATH for the agent over TCP, or fifo=PATH for a named pipe"
     )]
     NoEndpoint,
     /// A guest with more than one endpoint key.
     #[error(
-        "more than one of 'socket', 'connect', 'egd', 'vsock-uds', 'cid' and 'tcp-psk' is \
-         set; give only one"
+        "more than one of 'socket', 'connect', 'egd', 'vsock-uds', 'cid', 'tcp-psk' and \
+         'fifo' is set; give only one"
     )]
     BothEndpoints,
     /// `cid` outside the guest CIDs (the value as written is given).
@@ -579,6 +592,7 @@ pub(super) struct GuestTable {
     vsock_uds: Option<Spanned<Found>>,
     cid: Option<Spanned<Found>>,
     tcp_psk: Option<Spanned<Found>>,
+    fifo: Option<Spanned<Found>>,
     rate_bytes: Option<Spanned<Found>>,
     rate_period: Option<Spanned<Found>>,
     burst: Option<Spanned<Found>>,
@@ -620,6 +634,7 @@ impl GuestTable {
             GuestKey::VsockUds => &mut self.vsock_uds,
             GuestKey::Cid => &mut self.cid,
             GuestKey::TcpPsk => &mut self.tcp_psk,
+            GuestKey::Fifo => &mut self.fifo,
             GuestKey::RateBytes => &mut self.rate_bytes,
             GuestKey::RatePeriod => &mut self.rate_period,
             GuestKey::Burst => &mut self.burst,
@@ -660,6 +675,7 @@ impl GuestTable {
             }),
             first.check_at(self.cid, |v| reader.cid(&v).map(E::Cid)),
             first.check_at(self.tcp_psk, |v| reader.path(K::TcpPsk, v).map(E::TcpPsk)),
+            first.check_at(self.fifo, |v| reader.path(K::Fifo, v).map(E::Fifo)),
         ]
         .into_iter()
         .flatten()
@@ -1002,12 +1018,12 @@ mod tests {
             ),
             (
                 "name=vm1,socket=/a,rate_bytes=5",
-                "unknown key 'rate_bytes' (valid: name, socket, connect, egd, vsock-uds, cid, tcp-psk, rate-bytes, \
+                "unknown key 'rate_bytes' (valid: name, socket, connect, egd, vsock-uds, cid, tcp-psk, fifo, rate-bytes, \
                  rate-period, burst, weight)",
             ),
             (
                 "vm1",
-                "unknown key 'vm1' (valid: name, socket, connect, egd, vsock-uds, cid, tcp-psk, rate-bytes, rate-period, \
+                "unknown key 'vm1' (valid: name, socket, connect, egd, vsock-uds, cid, tcp-psk, fifo, rate-bytes, rate-period, \
                  burst, weight)",
             ),
             (
@@ -1022,11 +1038,11 @@ mod tests {
                 "no endpoint: give socket=PATH for a vhost-user socket the daemon listens on, \
                  connect=PATH for one the VMM listens on, egd=PATH for an EGD socket, \
                  vsock-uds=PATH for the agent over hybrid vsock, cid=N for the agent over \
-                 AF_VSOCK, or tcp-psk=PATH for the agent over TCP",
+                 AF_VSOCK, tcp-psk=PATH for the agent over TCP, or fifo=PATH for a named pipe",
             ),
             (
                 "name=vm1,socket=/a,connect=/b",
-                "more than one of 'socket', 'connect', 'egd', 'vsock-uds', 'cid' and 'tcp-psk' is set; give only one",
+                "more than one of 'socket', 'connect', 'egd', 'vsock-uds', 'cid', 'tcp-psk' and 'fifo' is set; give only one",
             ),
             (
                 "name=vm1,socket=/a,rate-bytes=64k",

@@ -130,7 +130,10 @@ weight = 1
 #            (vhost-vsock); the agent connects to vsock:2:PORT, or
 #   tcp-psk  TCP: the guest holding the pre-shared key in this file (made by
 #            vhost-rng psk new PATH), on the --listen-tcp ADDR listener; the
-#            agent connects to tcp:HOST:PORT --psk-file --name
+#            agent connects to tcp:HOST:PORT --psk-file --name, or
+#   fifo     a named pipe the daemon creates (or reuses) and keeps filled, for
+#            VMMs that read a path: QEMU rng-random, libvirt <backend
+#            model='random'>, Nova's rng_dev_path, cloud-hypervisor --rng src=
 #   rate-bytes, rate-period, burst, weight: as in [defaults], which they override
 # A file meant to have no guests says so with guest = [] instead of tables: a
 # reload of a file with neither, which would remove every running guest, is
@@ -155,6 +158,11 @@ cid = 3
 [[guest]]
 name = "xen1"
 tcp-psk = "/etc/vhost-rng/keys/xen1.psk"
+
+[[guest]]
+name = "nova"
+fifo = "/run/vhost-rng/nova.fifo"
+rate-bytes = 1048576
 "#;
 
 /// Rate-limit period when a guest has `rate-bytes` but no `rate-period`.
@@ -405,6 +413,6 @@ mod test_support {
         GuestSpec::unlimited(name.into(), GuestEndpoint::Socket(path.into()))
     }
 
-    pub(super) const GUEST_KEYS: &str = "name, socket, connect, egd, vsock-uds, cid, tcp-psk, rate-bytes, rate-period, burst, \
-         weight";
+    pub(super) const GUEST_KEYS: &str = "name, socket, connect, egd, vsock-uds, cid, tcp-psk, fifo, rate-bytes, rate-period, \
+         burst, weight";
 }

@@ -26,6 +26,12 @@ impl StopSignal {
         })
     }
 
+    /// Readable once the signal is raised, for loops that poll more.
+    pub fn fd(&self) -> BorrowedFd<'_> {
+        // SAFETY: the eventfd is owned by `self`, which outlives the borrow.
+        unsafe { BorrowedFd::borrow_raw(self.event.as_raw_fd()) }
+    }
+
     /// Raises the signal: the accept loop waiting on it returns. Raising it
     /// again does no harm.
     pub fn raise(&self) {

@@ -7,6 +7,8 @@
 //!   their built-in virtio-rng backends (QEMU `rng-egd`, libvirt).
 //! - [`channel`]: the vhost-rng channel protocol for the in-guest agent,
 //!   over hybrid vsock, [`vsock`] (AF_VSOCK) or [`tcp`] (Noise over TCP).
+//! - [`fifo`]: a named pipe the daemon keeps filled, for VMMs that read a
+//!   path (QEMU `rng-random`, libvirt `random`, Nova, cloud-hypervisor).
 //! - [`stream`]: what the stream-socket frontends share; [`shared`]: what
 //!   the listeners shared by many guests (vsock, TCP) share.
 //! - [`accept`]: what every accept loop shares.
@@ -16,6 +18,7 @@
 pub mod accept;
 pub mod channel;
 pub mod egd;
+pub mod fifo;
 pub mod shared;
 pub mod socket_file;
 pub mod stream;
@@ -35,6 +38,9 @@ pub trait GuestFrontend: Send + Sync {
     fn guest(&self) -> &Arc<Guest>;
     /// Closes the guest's connections and removes its socket file.
     fn stop(&self);
+    /// Removes files the guest keeps across daemon restarts (a `fifo=`
+    /// guest's FIFO), once the guest itself is removed.
+    fn remove_files(&self) {}
     /// Stops serving at a safe point and hands over the descriptors another
     /// daemon needs to go on (an in-place upgrade), closing nothing.
     fn handover(&self, _patience: Duration) -> Handover {

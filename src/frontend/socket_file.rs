@@ -64,6 +64,11 @@ pub enum SocketError {
     #[allow(missing_docs)] // its one field, `path`: the socket file's path
     #[error("{path}: path too long for a Unix socket (at most 107 bytes)")]
     PathTooLong { path: PathBuf },
+    /// Something other than a FIFO is at the path of a `fifo=` guest; the
+    /// daemon never replaces it.
+    #[allow(missing_docs)] // its one field, `path`: the FIFO's path
+    #[error("{path}: exists and is not a FIFO (named pipe); refusing to use it")]
+    NotAFifo { path: PathBuf },
     /// A system call on the way failed.
     #[error("{path}: cannot {action}: {error}")]
     Io {
@@ -284,6 +289,147 @@ fn bind_with_access(
         .map_err(|e| io_error(path, "move the socket into place")(e.into()))?;
     // `private` is dropped here, removing the now empty directory.
     Ok((UnixListener::from(fd), (stat.st_dev, stat.st_ino)))
+}
+
+/// The named pipe at `path`, opened for reading and writing (non-blocking,
+/// close-on-exec), with its identity (device, inode): an existing FIFO is
+/// used as it is (a VMM may have it open: that is the point of leaving it
+/// in place when the daemon stops), a missing one is made like a socket
+/// file (in a private directory, given its mode and group there, then
+/// moved into place without replacing anything). Anything else at `path`
+/// is refused, and a symlink is never followed.
+pub fn open_fifo(path: &Path, access: SocketAccess) -> Result<Fifo, SocketError> {
+    let name = path.file_name().ok_or_else(|| {
+        io_error(path, "create FIFO")(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            "the path does not end in a file name",
+        ))
+    })?;
+    let parent = match path.parent() {
+        Some(dir) if !dir.as_os_str().is_empty() => dir,
+        _ => Path::new("."),
+    };
+    let parent_fd = open(
+        parent,
+        OFlag::O_DIRECTORY | OFlag::O_RDONLY | OFlag::O_CLOEXEC,
+        Mode::empty(),
+    )
+    .map_err(|e| match e {
+        Errno::ENOENT => SocketError::NoDirectory {
+            path: path.to_owned(),
+        },
+        e => io_error(path, "open the FIFO's directory")(e.into()),
+    })?;
+    let flags = OFlag::O_RDWR | OFlag::O_NONBLOCK | OFlag::O_CLOEXEC | OFlag::O_NOFOLLOW;
+    let not_a_fifo = || SocketError::NotAFifo {
+        path: path.to_owned(),
+    };
+    let checked = |fd: OwnedFd, created: bool| {
+        let mut fifo = Fifo::from_fd(fd).map_err(|e| match e {
+            FifoFdError::NotAFifo => not_a_fifo(),
+            FifoFdError::Io(e) => io_error(path, "inspect FIFO")(e),
+        })?;
+        fifo.created = created;
+        Ok(fifo)
+    };
+    // Twice at most: a FIFO someone else makes between our look and our
+    // rename is then found and used.
+    for _ in 0..2 {
+        match fstatat(&parent_fd, name, AtFlags::AT_SYMLINK_NOFOLLOW) {
+            Ok(stat) if stat.st_mode & libc::S_IFMT == libc::S_IFIFO => {
+                let fd = openat(&parent_fd, name, flags, Mode::empty())
+                    .map_err(|e| io_error(path, "open FIFO")(e.into()))?;
+                return checked(fd, false);
+            }
+            Ok(_) => return Err(not_a_fifo()),
+            Err(Errno::ENOENT) => {}
+            Err(e) => return Err(io_error(path, "inspect FIFO")(e.into())),
+        }
+        let private = PrivateDir::create(&parent_fd).map_err(io_error(
+            path,
+            "create a private directory next to the FIFO",
+        ))?;
+        nix::unistd::mkfifoat(&private.fd, PRIVATE_NAME, Mode::S_IRUSR | Mode::S_IWUSR)
+            .map_err(|e| io_error(path, "create FIFO")(e.into()))?;
+        fchmodat(
+            &private.fd,
+            PRIVATE_NAME,
+            Mode::from_bits_truncate(access.mode),
+            FchmodatFlags::FollowSymlink,
+        )
+        .map_err(|e| io_error(path, "set FIFO permissions")(e.into()))?;
+        if let Some(group) = access.group {
+            fchownat(
+                &private.fd,
+                PRIVATE_NAME,
+                None,
+                Some(group),
+                AtFlags::AT_SYMLINK_NOFOLLOW,
+            )
+            .map_err(|e| io_error(path, "set FIFO group")(e.into()))?;
+        }
+        let fd = openat(&private.fd, PRIVATE_NAME, flags, Mode::empty())
+            .map_err(|e| io_error(path, "open FIFO")(e.into()))?;
+        match nix::fcntl::renameat2(
+            &private.fd,
+            PRIVATE_NAME,
+            &parent_fd,
+            name,
+            nix::fcntl::RenameFlags::RENAME_NOREPLACE,
+        ) {
+            Ok(()) => return checked(fd, true),
+            Err(Errno::EEXIST) => continue,
+            Err(e) => return Err(io_error(path, "move the FIFO into place")(e.into())),
+        }
+    }
+    Err(io_error(path, "create FIFO")(io::Error::other(
+        "the path keeps changing under the daemon",
+    )))
+}
+
+/// A `fifo=` guest's pipe, open for reading and writing.
+#[derive(Debug)]
+pub struct Fifo {
+    /// The pipe.
+    pub fd: OwnedFd,
+    /// Its device and inode.
+    pub identity: (u64, u64),
+    /// Made just now (not found in place).
+    pub created: bool,
+}
+
+/// Why a descriptor is no FIFO to serve.
+#[derive(Debug)]
+pub enum FifoFdError {
+    /// It is something else.
+    NotAFifo,
+    /// fstat failed.
+    Io(io::Error),
+}
+
+impl Fifo {
+    /// A pipe handed over (an upgrade, a restart of the serving process).
+    pub fn from_fd(fd: OwnedFd) -> Result<Fifo, FifoFdError> {
+        let stat = fstat(&fd).map_err(|e| FifoFdError::Io(e.into()))?;
+        if stat.st_mode & libc::S_IFMT != libc::S_IFIFO {
+            return Err(FifoFdError::NotAFifo);
+        }
+        Ok(Fifo {
+            fd,
+            identity: (stat.st_dev, stat.st_ino),
+            created: false,
+        })
+    }
+}
+
+/// Removes the FIFO at `path` if it is still the one with `identity`.
+pub fn remove_fifo(path: &Path, identity: (u64, u64)) {
+    let ours = fs::symlink_metadata(path)
+        .map(|m| m.file_type().is_fifo() && (m.dev(), m.ino()) == identity)
+        .unwrap_or(false);
+    if ours && let Err(e) = fs::remove_file(path) {
+        log::warn!("{}: cannot remove FIFO: {e}", path.display());
+    }
 }
 
 /// A directory only this process's user can enter, made next to a socket's

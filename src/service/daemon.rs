@@ -432,6 +432,19 @@ pub fn run(config: ServeConfig) -> Result<(), DaemonError> {
             }
         }
     }
+    if std::env::var_os(crate::service::fd_store::KEEPS_CONNECTIONS_ENV).is_some() {
+        // systemd's file descriptor store holds every guest's sockets: a
+        // restart finds them there and VMMs keep their connections; a stop
+        // closes them as systemd empties the store.
+        registry.report_counters();
+        if let Some(control) = &control {
+            control.stop();
+        }
+        info!(
+            "stopped; guests' connections and socket files left to systemd's file descriptor              store for the next start"
+        );
+        return Ok(());
+    }
     registry.stop_all();
     if let Some(control) = &control {
         control.stop();
@@ -486,6 +499,7 @@ fn reachable(
             | GuestEndpoint::Egd(path)
             | GuestEndpoint::VsockUds(path) => allowed.socket(path),
             GuestEndpoint::TcpPsk(path) => allowed.read(path),
+            GuestEndpoint::Fifo(path) => allowed.fifo(path),
             GuestEndpoint::Connect(_) | GuestEndpoint::Cid(_) => {}
         }
     }
@@ -494,6 +508,7 @@ fn reachable(
     }
     for dir in &resolved.socket_dirs {
         allowed.socket(&dir.join("socket"));
+        allowed.fifo(&dir.join("fifo"));
     }
     if let Some(file) = &config.config_file {
         allowed.read(file);

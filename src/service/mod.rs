@@ -3,12 +3,14 @@
 //! ([`registry`]), the control socket ([`control`]), what they report
 //! ([`status`]), systemd notifications ([`systemd`]), in-place upgrades
 //! ([`upgrade`]), the top process that restarts a crashed serving process
-//! ([`supervisor`]), the sandbox of both processes ([`sandbox`]), and
+//! ([`supervisor`]) and what it keeps in systemd's file descriptor store
+//! ([`fd_store`]), the sandbox of both processes ([`sandbox`]), and
 //! `vhost-rng check` ([`check`]).
 
 pub mod check;
 pub mod control;
 pub mod daemon;
+pub mod fd_store;
 pub mod registry;
 pub mod sandbox;
 pub mod status;

@@ -17,7 +17,10 @@ use log::{info, warn};
 
 use crate::config::{GuestEndpoint, GuestSpec};
 use crate::entropy::pool::Pool;
-use crate::frontend::socket_file::{GuestSocket, SocketAccess, SocketError};
+use crate::frontend::fifo::{self, FifoServer};
+use crate::frontend::socket_file::{
+    Fifo, FifoFdError, GuestSocket, SocketAccess, SocketError, open_fifo, remove_fifo,
+};
 use crate::frontend::stream::Clients;
 use crate::frontend::tcp::TcpListener;
 use crate::frontend::vhost_user::handler::Handler;
@@ -255,6 +258,7 @@ enum Opened {
     Channel(GuestSocket),
     Vsock(Arc<VsockListener>, u32),
     Tcp(Arc<TcpListener>, Psk),
+    Fifo(std::path::PathBuf, Fifo),
 }
 
 /// A socket opened for a guest that is not serving yet.
@@ -373,6 +377,7 @@ impl Registry {
             .remove(name)
             .ok_or_else(|| RegistryError::Unknown(name.to_owned()))?;
         entry.server.stop();
+        entry.server.remove_files();
         self.forget(name);
         info!("guest {name}: removed");
         Ok(())
@@ -386,6 +391,22 @@ impl Registry {
     /// The link to the top process, in a serving process.
     pub fn link(&self) -> Option<Arc<WorkerLink>> {
         self.link.get().cloned()
+    }
+
+    /// Tells the top process every guest's counters as they are now.
+    pub fn report_counters(&self) {
+        let Some(link) = self.link.get() else {
+            return;
+        };
+        for (name, entry) in self.lock().iter() {
+            link.send(
+                &Report::Counters {
+                    name: name.clone(),
+                    counters: Counters::of(&entry.server.guest().stats),
+                },
+                &[],
+            );
+        }
     }
 
     /// Tells the top process that `name` is no longer served.
@@ -524,6 +545,10 @@ impl Registry {
                 }
             }
         }
+        let kept_paths: Vec<std::path::PathBuf> = new_specs
+            .iter()
+            .filter_map(|spec| spec.endpoint.path().map(Path::to_owned))
+            .collect();
         let mut prepared = Vec::new();
         for spec in new_specs {
             // A new socket file may be at the path of a leaving guest's;
@@ -552,6 +577,15 @@ impl Registry {
         for name in &leaving {
             if let Some(entry) = guests.remove(name) {
                 entry.server.stop();
+                // A FIFO a new guest takes over stays: VMMs may read it.
+                let kept = entry
+                    .spec
+                    .endpoint
+                    .path()
+                    .is_some_and(|path| kept_paths.contains(&path.to_owned()));
+                if !kept {
+                    entry.server.remove_files();
+                }
                 self.forget(name);
                 info!("guest {name}: removed");
                 if !replaced.contains(name) {
@@ -621,6 +655,24 @@ impl Registry {
                         option: "--vsock PORT",
                     })?;
                 Opened::Vsock(listener, *cid)
+            }
+            GuestEndpoint::Fifo(path) => {
+                let fifo = match inherited_listener.take() {
+                    // The pipe the previous daemon filled: a VMM may have
+                    // it open, so it is this one, whatever is at the path.
+                    Some(fd) => Fifo::from_fd(fd).map_err(|e| {
+                        socket_error(match e {
+                            FifoFdError::NotAFifo => SocketError::NotAFifo { path: path.clone() },
+                            FifoFdError::Io(error) => SocketError::Io {
+                                path: path.clone(),
+                                action: "take over the FIFO",
+                                error,
+                            },
+                        })
+                    })?,
+                    None => open_fifo(path, self.access).map_err(socket_error)?,
+                };
+                Opened::Fifo(path.clone(), fifo)
             }
             GuestEndpoint::TcpPsk(path) => {
                 let listener = self
@@ -736,6 +788,16 @@ impl Registry {
                 server.resume_clients(channel::PROTOCOL, clients);
                 server
             }
+            Opened::Fifo(path, fifo) => {
+                fifo::announce(&guest, &path, &spec);
+                let checkpoint = self.checkpoint_for(&spec, runtime, &guest);
+                let server =
+                    FifoServer::spawn(guest, &path, fifo.fd, fifo.identity).map_err(spawn_error)?;
+                if let Some(checkpoint) = checkpoint {
+                    server.set_checkpoint(checkpoint);
+                }
+                server
+            }
             Opened::Vsock(listener, cid) => {
                 info!(
                     "guest {}: serving vsock CID {cid} on port {} (agent channel; {spec})",
@@ -803,6 +865,12 @@ impl Registry {
                 "guest {name}: handed over by the previous daemon but no longer configured; its \
                  connections are closed"
             );
+            // The top process must let go of its copies too, or the VMM
+            // would never see the connection close; a guest of the same
+            // name served at another endpoint is not gone.
+            if !self.lock().contains_key(&name) {
+                self.forget(&name);
+            }
         }
     }
 
@@ -1021,7 +1089,11 @@ fn close_prepared(prepared: Vec<Result<Prepared, GuestSpec>>) {
             Opened::VhostUser(Endpoint::Listen(socket))
             | Opened::Egd(socket)
             | Opened::Channel(socket) => socket.remove(),
-            Opened::VhostUser(Endpoint::Connect(_)) | Opened::Vsock(..) | Opened::Tcp(..) => {}
+            Opened::Fifo(path, fifo) if fifo.created => remove_fifo(&path, fifo.identity),
+            Opened::VhostUser(Endpoint::Connect(_))
+            | Opened::Vsock(..)
+            | Opened::Tcp(..)
+            | Opened::Fifo(..) => {}
         }
     }
 }

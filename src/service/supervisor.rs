@@ -16,9 +16,11 @@
 //! that keeps dying is restarted after 1 s, then 2, 4, ... up to 30 s.
 //!
 //! The top process parses nothing a guest or VMM sends and maps no guest
-//! memory: it reads the worker's JSON records and keeps descriptors.
+//! memory: it reads the worker's JSON records and keeps descriptors. Run
+//! by systemd, it also keeps them in systemd's file descriptor store
+//! ([`super::fd_store`]), so that a new top process gets them back.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::ffi::OsString;
 use std::io::{IoSlice, IoSliceMut};
 use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd, RawFd};
@@ -41,7 +43,8 @@ use nix::unistd::Pid;
 use serde::{Deserialize, Serialize};
 use std::process::ExitStatus;
 
-use super::systemd::Notifier;
+use super::fd_store::{self, FdStore};
+use super::systemd::{self, Notifier};
 use super::upgrade::{self, DaemonState, GuestState, UPGRADE_STATE_VERSION};
 
 mod handoff;
@@ -95,6 +98,14 @@ pub enum Report {
         name: String,
         /// The guest's state, descriptors as indices.
         state: Box<GuestState>,
+    },
+    /// A guest's counters now (sent as the serving process stops, so that
+    /// the next one's counters go on from here).
+    Counters {
+        /// The guest's name.
+        name: String,
+        /// Its counters.
+        counters: upgrade::Counters,
     },
     /// A guest no longer served.
     Gone {
@@ -280,7 +291,13 @@ pub fn run() -> ExitCode {
         stopping: false,
         upgrading: None,
         leftovers: BTreeMap::new(),
+        store: None,
+        unstored: BTreeSet::new(),
     };
+    let passed = systemd::listen_fds();
+    if FdStore::wanted(&top.notifier) {
+        top.store = Some(FdStore::default());
+    }
     let (mut top, ours, mut worker) = match TopRecord::inherited() {
         // An upgrade re-executed this top process: the serving process,
         // the sockets and what it holds carry on.
@@ -293,7 +310,7 @@ pub fn run() -> ExitCode {
             );
             (top, ours, worker)
         }
-        None => match top.spawn(None) {
+        None => match top.restore_from_systemd(passed) {
             Ok(worker) => (top, ours, worker),
             Err(e) => {
                 error!("cannot start the serving process: {e}");
@@ -309,7 +326,12 @@ pub fn run() -> ExitCode {
             PollFd::new(ours.as_fd(), PollFlags::POLLIN),
             PollFd::new(signal_fd.as_fd(), PollFlags::POLLIN),
         ];
-        match poll(&mut fds, PollTimeout::NONE) {
+        let timeout = if top.unstored.is_empty() {
+            PollTimeout::NONE
+        } else {
+            PollTimeout::from(1000u16)
+        };
+        match poll(&mut fds, timeout) {
             Ok(_) | Err(nix::errno::Errno::EINTR) => {}
             Err(e) => {
                 error!("waiting for the serving process: {e}");
@@ -320,6 +342,9 @@ pub fn run() -> ExitCode {
             fds[0].revents().is_some_and(|r| !r.is_empty()),
             fds[1].revents().is_some_and(|r| !r.is_empty()),
         );
+        if !report && !signal {
+            top.resync_store();
+        }
         if report {
             let upgrades = top.life.map(|(_, upgrades)| upgrades);
             top.receive_now(&ours);
@@ -350,7 +375,17 @@ pub fn run() -> ExitCode {
                     _ => continue,
                 };
                 if top.stopping {
-                    leftovers::remove(top.leftovers.values());
+                    // The next start gets what the store holds: give
+                    // systemd a moment to take what its queue refused.
+                    let deadline = Instant::now() + Duration::from_secs(2);
+                    while !top.unstored.is_empty() && Instant::now() < deadline {
+                        std::thread::sleep(Duration::from_millis(20));
+                        top.resync_store();
+                    }
+                    // Unless systemd keeps them for the next start.
+                    if top.store.is_none() {
+                        leftovers::remove(top.leftovers.values());
+                    }
                     return exit_code(status);
                 }
                 if let Some(upgrades) = top.upgrading.take() {
@@ -431,9 +466,63 @@ struct Top {
     upgrading: Option<u64>,
     /// Socket files to remove once the serving process has stopped.
     leftovers: BTreeMap<String, leftovers::SocketFile>,
+    /// What systemd's file descriptor store holds, when it is used.
+    store: Option<FdStore>,
+    /// Guests whose last change systemd's full queue did not take whole;
+    /// stored again from scratch a second later.
+    unstored: BTreeSet<String>,
 }
 
 impl Top {
+    /// Stores again the guests systemd's full queue did not take whole.
+    fn resync_store(&mut self) {
+        let Some(store) = &mut self.store else {
+            return;
+        };
+        let names = std::mem::take(&mut self.unstored);
+        for name in names {
+            let stored = match self.held.get(&name) {
+                Some(held) => store.resync(&self.notifier, &name, &held.state, &held.fds),
+                None => store.forget(&self.notifier, &name),
+            };
+            if !stored {
+                self.unstored.insert(name);
+            }
+        }
+        if self.unstored.is_empty() {
+            info!("systemd's file descriptor store holds every guest again");
+        } else {
+            warn!(
+                "systemd does not take what the file descriptor store should hold for {} \
+                 guest(s); a restart now would lose their connections; retrying",
+                self.unstored.len()
+            );
+        }
+    }
+
+    /// Starts the first worker, with the guests systemd's file descriptor
+    /// store gave back, if any.
+    fn restore_from_systemd(&mut self, passed: Vec<(String, OwnedFd)>) -> std::io::Result<Pid> {
+        if self.store.is_none() {
+            if !passed.is_empty() {
+                warn!(
+                    "systemd passed {} descriptor(s) but its file descriptor store is not used                      here; closing them",
+                    passed.len()
+                );
+            }
+            return self.spawn(None);
+        }
+        let (store, restored) = FdStore::restore(&self.notifier, passed);
+        self.store = Some(store);
+        if restored.is_empty() {
+            return self.spawn(None);
+        }
+        for (name, state, fds) in restored {
+            self.held.insert(name, Held { state, fds });
+        }
+        self.spawn_restored()
+    }
+
     /// Starts a worker; `state` (a record's memfd and every descriptor it
     /// names) for a restart.
     fn spawn(&self, state: Option<(&OwnedFd, Vec<RawFd>)>) -> std::io::Result<Pid> {
@@ -454,6 +543,11 @@ impl Top {
         command.env_remove("NOTIFY_SOCKET");
         command.env_remove("WATCHDOG_PID");
         command.env_remove(upgrade::STATE_ENV);
+        if self.store.is_some() {
+            command.env(fd_store::KEEPS_CONNECTIONS_ENV, "1");
+        } else {
+            command.env_remove(fd_store::KEEPS_CONNECTIONS_ENV);
+        }
         let mut inherit = vec![self.link.as_raw_fd()];
         if let Some((record, fds)) = state {
             command.env(upgrade::STATE_ENV, record.as_raw_fd().to_string());
@@ -585,10 +679,38 @@ impl Top {
                 self.notifier.notify(&state);
             }
             Report::Guest { name, state } => {
+                if let Some(store) = &mut self.store {
+                    let previous = self.held.get(&name).map(|held| held.fds.as_slice());
+                    if !store.put(&self.notifier, &name, previous, &state, &fds) {
+                        self.unstored.insert(name.clone());
+                    }
+                }
                 self.held.insert(name.clone(), Held { state: *state, fds });
                 self.note_socket_file(&name);
             }
+            Report::Counters { name, counters } => {
+                if let Some(held) = self.held.get_mut(&name) {
+                    held.state.counters = counters;
+                    if let Some(store) = &mut self.store
+                        && !store.put(
+                            &self.notifier,
+                            &name,
+                            Some(&held.fds),
+                            &held.state,
+                            &held.fds,
+                        )
+                    {
+                        self.unstored.insert(name);
+                    }
+                }
+            }
             Report::Gone { name } => {
+                if let Some(store) = &mut self.store
+                    && !store.forget(&self.notifier, &name)
+                {
+                    // Retried with the next change (or resync).
+                    self.unstored.insert(name.clone());
+                }
                 self.held.remove(&name);
                 self.leftovers.remove(&name);
             }
@@ -615,6 +737,12 @@ struct TopRecord {
     life: Option<(u64, u64)>,
     restarts: u64,
     last_cause: Option<String>,
+    /// What systemd's file descriptor store holds (an older image that
+    /// did not use it wrote none).
+    #[serde(default)]
+    store: Option<FdStore>,
+    #[serde(default)]
+    unstored: BTreeSet<String>,
 }
 
 /// The variable naming the memfd with a [`TopRecord`].
@@ -654,6 +782,10 @@ impl TopRecord {
             last_cause: self.last_cause,
         };
         top.ready = true;
+        if top.store.is_some() {
+            top.store = self.store.or_else(|| Some(FdStore::default()));
+            top.unstored = self.unstored;
+        }
         (take(self.ours), Pid::from_raw(self.worker))
     }
 }
@@ -681,6 +813,8 @@ impl Top {
             life: self.life,
             restarts: self.restarts.count,
             last_cause: self.restarts.last_cause.clone(),
+            store: self.store.clone(),
+            unstored: self.unstored.clone(),
         };
         let memfd = match upgrade::write_json(&record) {
             Ok(memfd) => memfd,

@@ -14,6 +14,8 @@ use std::time::{Duration, Instant};
 use nix::sys::signal::{self, Signal};
 use nix::unistd::Pid;
 
+pub mod fake_systemd;
+
 /// The user the real-guest tests pass to `--user` when run as root:
 /// vhost-rng-test (tests/run-all.sh creates it), else nobody. None when
 /// not root (nothing to drop).
@@ -54,6 +56,15 @@ pub fn wait_until(what: &str, mut condition: impl FnMut() -> bool) {
         assert!(Instant::now() < deadline, "timed out waiting for {what}");
         thread::sleep(Duration::from_millis(20));
     }
+}
+
+/// Waits until process `pid` has ended (gone, or a zombie nobody reaped).
+pub fn wait_gone(pid: Pid) {
+    wait_until(&format!("process {pid} to end"), || {
+        fs::read_to_string(format!("/proc/{pid}/stat"))
+            .map(|stat| stat.contains(") Z "))
+            .unwrap_or(true)
+    });
 }
 
 /// A `vhost-rng` process started by a test; SIGKILLed if the test forgets it.
@@ -120,6 +131,71 @@ impl Daemon {
         }
     }
 
+    /// [`Daemon::start_with_env`] as systemd starts a service with
+    /// descriptors to pass (its file descriptor store, socket units): `fds`
+    /// become descriptors 3, 4, ... with `LISTEN_FDS`, `LISTEN_FDNAMES` and
+    /// `LISTEN_PID` (the daemon's own pid, set by a shell that then
+    /// executes it) as sd_listen_fds(3) reads them.
+    pub fn start_with_fds(
+        args: &[&str],
+        env: &[(&str, &std::ffi::OsStr)],
+        fds: &[(String, std::os::fd::OwnedFd)],
+    ) -> Daemon {
+        use std::os::fd::AsRawFd;
+        use std::os::unix::process::CommandExt;
+        let log_dir = tempfile::tempdir().unwrap();
+        let log_path = log_dir.path().join("daemon.log");
+        let control = log_dir.path().join("control.sock");
+        let log = fs::File::create(&log_path).unwrap();
+        let names: Vec<&str> = fds.iter().map(|(name, _)| name.as_str()).collect();
+        let raw: Vec<i32> = fds.iter().map(|(_, fd)| fd.as_raw_fd()).collect();
+        let mut command = Command::new("/bin/sh");
+        command
+            .arg("-c")
+            .arg("LISTEN_PID=$$; export LISTEN_PID; exec \"$@\"")
+            .arg("sh")
+            .arg(env!("CARGO_BIN_EXE_vhost-rng"))
+            .args(args)
+            .arg("--control")
+            .arg(&control)
+            .env("RUST_LOG", "info")
+            .env("LISTEN_FDS", raw.len().to_string())
+            .env("LISTEN_FDNAMES", names.join(":"))
+            .envs(env.iter().copied())
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log);
+        // Out of the way first, then into place: the sources may sit where
+        // the targets go. (No allocation after fork: `moved` is ready.)
+        let high = raw.iter().copied().max().unwrap_or(0).max(3) + raw.len() as i32 + 3;
+        let mut moved = vec![-1; raw.len()];
+        // SAFETY: only fcntl, dup2 and close between fork and exec, on
+        // descriptors this process holds open until the child has started.
+        unsafe {
+            command.pre_exec(move || {
+                for (i, &fd) in raw.iter().enumerate() {
+                    moved[i] = libc::fcntl(fd, libc::F_DUPFD_CLOEXEC, high);
+                    if moved[i] < 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                }
+                for (i, &fd) in moved.iter().enumerate() {
+                    if libc::dup2(fd, 3 + i as i32) < 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                }
+                Ok(())
+            });
+        }
+        let child = command.spawn().expect("start vhost-rng");
+        Daemon {
+            child,
+            log_path,
+            control,
+            _log_dir: log_dir,
+        }
+    }
+
     /// The control socket given to a `serve` that named none.
     pub fn control(&self) -> &Path {
         &self.control
@@ -136,6 +212,21 @@ impl Daemon {
         ]);
         assert!(output.status.success(), "{output:?}");
         serde_json::from_slice(&output.stdout).unwrap()
+    }
+
+    /// Bytes served to guest `name` so far, if the daemon answers now (it
+    /// does not for a moment while a serving process is replaced).
+    pub fn bytes_served(&self, name: &str) -> Option<u64> {
+        let output = run_cli([
+            "guest".as_ref(),
+            "list".as_ref(),
+            "--json".as_ref(),
+            "--control".as_ref(),
+            self.control.as_os_str(),
+        ]);
+        let guests: Vec<vhost_rng::service::status::GuestStatus> =
+            serde_json::from_slice(&output.stdout).ok()?;
+        guests.into_iter().find(|g| g.name == name).map(|g| g.bytes)
     }
 
     /// The listed guest named `name`.

@@ -6,7 +6,9 @@
 //!
 //! Allowed: in each directory holding a socket the daemon binds (guests'
 //! sockets, the control socket), making, renaming and removing socket
-//! files and the private directory they are bound in; reading the config
+//! files and the private directory they are bound in; the same for the
+//! FIFOs of `fifo=` guests, which are also opened for reading and writing
+//! there; reading the config
 //! file, each key file and each entropy device; binding the TCP ports of
 //! `--listen-tcp` and `--metrics`. Everything else on the filesystem is
 //! out of reach (reading, writing, executing, creating), and so are TCP
@@ -28,6 +30,9 @@ const ABI_TESTED: ABI = ABI::V7;
 pub struct Allowed {
     /// Directories where socket files are made and removed.
     pub socket_dirs: Vec<PathBuf>,
+    /// Directories where FIFOs (`fifo=` guests) are made, opened and
+    /// removed.
+    pub fifo_dirs: Vec<PathBuf>,
     /// Files read after start (config file, keys, devices).
     pub read_files: Vec<PathBuf>,
     /// TCP ports bound.
@@ -37,12 +42,17 @@ pub struct Allowed {
 impl Allowed {
     /// Adds the directory of the socket file at `path`.
     pub fn socket(&mut self, path: &Path) {
-        let dir = match path.parent() {
-            Some(dir) if !dir.as_os_str().is_empty() => dir.to_owned(),
-            _ => PathBuf::from("."),
-        };
+        let dir = parent(path);
         if !self.socket_dirs.contains(&dir) {
             self.socket_dirs.push(dir);
+        }
+    }
+
+    /// Adds the directory of the FIFO at `path`.
+    pub fn fifo(&mut self, path: &Path) {
+        let dir = parent(path);
+        if !self.fifo_dirs.contains(&dir) {
+            self.fifo_dirs.push(dir);
         }
     }
 
@@ -51,6 +61,13 @@ impl Allowed {
         if !self.read_files.iter().any(|p| p == path) {
             self.read_files.push(path.to_owned());
         }
+    }
+}
+
+fn parent(path: &Path) -> PathBuf {
+    match path.parent() {
+        Some(dir) if !dir.as_os_str().is_empty() => dir.to_owned(),
+        _ => PathBuf::from("."),
     }
 }
 
@@ -82,6 +99,15 @@ fn try_restrict(allowed: &Allowed) -> Result<String, landlock::RulesetError> {
     for dir in &allowed.socket_dirs {
         match PathFd::new(dir) {
             Ok(fd) => ruleset = ruleset.add_rule(PathBeneath::new(fd, socket_rights))?,
+            Err(e) => log::warn!("Landlock: {}: {e}", dir.display()),
+        }
+    }
+    // A FIFO is made like a socket file, and opened for reading and
+    // writing (the daemon keeps it open both ways).
+    let fifo_rights = socket_rights | AccessFs::MakeFifo | AccessFs::ReadFile | AccessFs::WriteFile;
+    for dir in &allowed.fifo_dirs {
+        match PathFd::new(dir) {
+            Ok(fd) => ruleset = ruleset.add_rule(PathBeneath::new(fd, fifo_rights))?,
             Err(e) => log::warn!("Landlock: {}: {e}", dir.display()),
         }
     }

@@ -15,7 +15,7 @@
 //!   is what serving needs: memory (guest memory is mapped at runtime),
 //!   sockets (guests added at runtime listen or dial), files (a reload
 //!   reads the config file and keys; a device source reopens after an
-//!   error).
+//!   error; `mknodat` only for FIFOs, for `fifo=` guests).
 //! - [`ThreadRole`]s add a deny-list on top of the worker's for the threads
 //!   that read guest, VMM or network input: no opening, creating, renaming
 //!   or re-owning files, and no new sockets unless the thread dials.
@@ -275,6 +275,9 @@ const TOP_ONLY: &[i64] = &[
     libc::SYS_sched_getscheduler,
     libc::SYS_sched_setscheduler,
     libc::SYS_statfs,
+    libc::SYS_mknodat,
+    // systemd's file descriptor store: is this file one it holds already?
+    libc::SYS_kcmp,
 ];
 #[cfg(target_arch = "x86_64")]
 const TOP_ONLY_X86_64: &[i64] = &[libc::SYS_arch_prctl, libc::SYS_vfork, libc::SYS_getpgrp];
@@ -322,6 +325,21 @@ fn allowed(role: Role) -> Result<BTreeMap<i64, Vec<SeccompRule>>, SeccompError> 
         }
         Role::Worker => {
             let pid = u64::from(std::process::id());
+            // FIFOs (`fifo=` guests), and no other special file.
+            rules.insert(
+                libc::SYS_mknodat,
+                vec![
+                    SeccompRule::new(vec![condition(
+                        2,
+                        SeccompCmpOp::MaskedEq(u64::from(libc::S_IFMT)),
+                        u64::from(libc::S_IFIFO),
+                    )?])
+                    .map_err(|error| SeccompError::Build {
+                        role: "argument",
+                        error,
+                    })?,
+                ],
+            );
             // Signals to itself only: the control socket's upgrade request
             // (SIGUSR2), abort() on a panic in a thread that must not unwind.
             rules.insert(libc::SYS_kill, any_of(0, &[pid])?);
@@ -381,6 +399,7 @@ fn refused_with_eacces(role: ThreadRole) -> Vec<i64> {
 fn denied(role: ThreadRole) -> Vec<i64> {
     let mut calls = vec![
         libc::SYS_mkdirat,
+        libc::SYS_mknodat,
         libc::SYS_renameat,
         libc::SYS_renameat2,
         libc::SYS_fchmodat,
