@@ -306,7 +306,7 @@ impl Daemon {
                 Some("0"),
                 "{worker:?}"
             );
-            for set in ["CapInh", "CapPrm", "CapEff", "CapAmb"] {
+            for set in ["CapInh", "CapPrm", "CapEff", "CapBnd", "CapAmb"] {
                 assert_eq!(worker[set], "0000000000000000", "{set}: {worker:?}");
             }
             assert_eq!(worker["Groups"], "", "{worker:?}");

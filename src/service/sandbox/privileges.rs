@@ -171,10 +171,21 @@ impl RunAs {
     }
 }
 
-/// Empties the inheritable and ambient capability sets of this thread
-/// (call before any other thread starts, so that all inherit it): with
-/// the uid change later emptying the others, every set ends empty.
+/// Empties the inheritable and ambient capability sets and the bounding
+/// set of this thread (call before any other thread starts, so that all
+/// inherit it): with the uid change later emptying the permitted and
+/// effective sets, every set ends empty. The capabilities the set-up uses
+/// stay effective until then: the bounding set only limits what could be
+/// gained later (nothing: the serving process executes nothing).
 pub fn clear_inheritable_capabilities() {
+    // Up to the first capability this kernel does not know (EINVAL); EPERM
+    // without CAP_SETPCAP (not root), where there is nothing to drop.
+    for cap in 0..64 {
+        // SAFETY: prctl with integer arguments only.
+        if unsafe { libc::prctl(libc::PR_CAPBSET_DROP, cap, 0, 0, 0) } != 0 {
+            break;
+        }
+    }
     // SAFETY: prctl with integer arguments only.
     unsafe {
         libc::prctl(
