@@ -297,3 +297,68 @@ fn the_top_process_stays_the_same_size_over_a_hundred_kills() {
         assert!(r <= rss + 256, "{measured:?}");
     }
 }
+
+/// The listening sockets no single guest owns (here the metrics port and
+/// the control socket) are held like guests' sockets: while no serving
+/// process runs, a scrape or a `vhost-rng status` waits in the backlog and
+/// is answered by the next one instead of finding nobody listening.
+#[test]
+fn shared_listeners_take_connections_while_the_serving_process_is_replaced() {
+    let dir = tempfile::tempdir().unwrap();
+    let socket = dir.path().join("vm.sock");
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let metrics = format!("127.0.0.1:{port}");
+    let mut daemon = Daemon::start_with_env(
+        [
+            "serve",
+            "--source",
+            "os",
+            "--socket",
+            socket.to_str().unwrap(),
+            "--metrics",
+            &metrics,
+        ],
+        // Long enough to connect while no serving process runs.
+        &[("VHOST_RNG_TEST_RESTART_BACKOFF_MS", "1500".as_ref())],
+    );
+    daemon.wait_for_socket(&socket);
+    for round in 1..=2 {
+        let worker = daemon.serving_pid();
+        signal::kill(worker, Signal::SIGKILL).unwrap();
+        common::wait_gone(worker);
+        // Nobody serves now; the sockets are still there.
+        let mut scrape = std::net::TcpStream::connect(&metrics)
+            .unwrap_or_else(|e| panic!("round {round}: metrics port refused: {e}"));
+        scrape
+            .write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+            .unwrap();
+        let status = common::run_cli([
+            "status".as_ref(),
+            "--control".as_ref(),
+            daemon.control().as_os_str(),
+        ]);
+        assert!(status.status.success(), "round {round}: {status:?}");
+        scrape.set_read_timeout(Some(PATIENCE)).unwrap();
+        let mut answer = String::new();
+        scrape.read_to_string(&mut answer).unwrap();
+        assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+        assert!(answer.contains("vhost_rng_guest_bytes"), "{answer}");
+        daemon.wait_for_log(
+            "listening socket taken over from the previous process",
+            round * 2,
+        );
+    }
+    // An in-place upgrade keeps them too.
+    let upgrade = common::run_cli([
+        "upgrade".as_ref(),
+        "--control".as_ref(),
+        daemon.control().as_os_str(),
+    ]);
+    assert!(upgrade.status.success(), "{upgrade:?}");
+    daemon.wait_for_log("listening socket taken over from the previous process", 6);
+    assert!(daemon.is_running());
+}

@@ -36,6 +36,9 @@ use super::upgrade::{self, GuestState, UPGRADE_STATE_VERSION};
 pub const KEEPS_CONNECTIONS_ENV: &str = "VHOST_RNG_FD_STORE";
 
 const PREFIX: &str = "guest.";
+/// Shared listening sockets: `shared.<key>`, the key's `:` (which systemd
+/// does not allow in a name) written `|`.
+const SHARED_PREFIX: &str = "shared.";
 const STATE: &str = "state";
 
 /// What the store holds for one guest.
@@ -67,6 +70,9 @@ pub struct FdStore {
     /// Names to remove that systemd's full queue refused.
     #[serde(default)]
     unremoved: BTreeSet<String>,
+    /// Keys of the shared listening sockets stored.
+    #[serde(default)]
+    shared: BTreeSet<String>,
 }
 
 /// A guest as the store gave it back: its record and its descriptors (the
@@ -199,6 +205,24 @@ impl FdStore {
         sent && self.put(notifier, name, None, state, fds)
     }
 
+    /// Stores the shared listening sockets not stored yet, and removes the
+    /// ones no longer open (a setting changed). They never change while
+    /// they are open, so nothing is stored twice.
+    pub fn put_shared(&mut self, notifier: &Notifier, sockets: &[(String, OwnedFd)]) {
+        let now: BTreeSet<String> = sockets.iter().map(|(key, _)| key.clone()).collect();
+        for key in self.shared.difference(&now).cloned().collect::<Vec<_>>() {
+            let _ = self.remove(notifier, shared_name(&key));
+        }
+        for (key, fd) in sockets {
+            if !self.shared.contains(key) && !store(notifier, &shared_name(key), fd.as_raw_fd()) {
+                warn!(
+                    "{key}: systemd's file descriptor store did not take it; a restart reopens it"
+                );
+            }
+        }
+        self.shared = now;
+    }
+
     /// Removes everything stored for `name`. False if systemd did not take
     /// every message.
     #[must_use]
@@ -237,14 +261,19 @@ impl FdStore {
     pub fn restore(
         notifier: &Notifier,
         passed: Vec<(String, OwnedFd)>,
-    ) -> (FdStore, Vec<Restored>) {
+    ) -> (FdStore, Vec<Restored>, Vec<(String, OwnedFd)>) {
         #[derive(Default)]
         struct Found {
             files: BTreeMap<u32, OwnedFd>,
             states: BTreeMap<u64, OwnedFd>,
         }
         let mut found: BTreeMap<String, Found> = BTreeMap::new();
+        let mut shared = Vec::new();
         for (fd_name, fd) in passed {
+            if let Some(key) = fd_name.strip_prefix(SHARED_PREFIX) {
+                shared.push((key.replace('|', ":"), fd));
+                continue;
+            }
             match parse_name(&fd_name) {
                 Some((guest, Entry::File(id))) => {
                     found
@@ -266,7 +295,10 @@ impl FdStore {
                 ),
             }
         }
-        let mut store = FdStore::default();
+        let mut store = FdStore {
+            shared: shared.iter().map(|(key, _)| key.clone()).collect(),
+            ..FdStore::default()
+        };
         let mut restored = Vec::new();
         for (name, mut found) in found {
             // The newest record counts; older ones are a kill mid-update.
@@ -311,7 +343,7 @@ impl FdStore {
                 restored.len()
             );
         }
-        (store, restored)
+        (store, restored, shared)
     }
 }
 
@@ -393,6 +425,10 @@ fn read_record(fd: OwnedFd) -> Result<Record, String> {
 enum Entry {
     File(u32),
     State(u64),
+}
+
+fn shared_name(key: &str) -> String {
+    format!("{SHARED_PREFIX}{}", key.replace(':', "|"))
 }
 
 fn file_name(guest: &str, id: u32) -> String {
@@ -623,7 +659,7 @@ mod tests {
             passed.push(("someone-else".into(), nix::unistd::pipe().unwrap().0));
             passed
         };
-        let (_, restored) = FdStore::restore(&notifier, passed(None));
+        let (_, restored, _) = FdStore::restore(&notifier, passed(None));
         let (name, state, fds) = &restored[0];
         assert_eq!(name, "vm");
         assert_eq!(fds.len(), 5);
@@ -635,7 +671,7 @@ mod tests {
             &fds[connection.fds[1] as usize]
         ));
         let _ = drain(&systemd);
-        let (_, restored) = FdStore::restore(&notifier, passed(Some(1)));
+        let (_, restored, _) = FdStore::restore(&notifier, passed(Some(1)));
         let (_, state, fds) = &restored[0];
         assert!(state.connection.is_none());
         assert_eq!(state.listener, Some(0));

@@ -4,13 +4,16 @@
 //! ([`status`]), systemd notifications ([`systemd`]), in-place upgrades
 //! ([`upgrade`]), the top process that restarts a crashed serving process
 //! ([`supervisor`]) and what it keeps in systemd's file descriptor store
-//! ([`fd_store`]), and `vhost-rng check` ([`check`]).
+//! ([`fd_store`]), the listening sockets all guests share and that are
+//! handed over like theirs ([`shared_sockets`]), and `vhost-rng check`
+//! ([`check`]).
 
 pub mod check;
 pub mod control;
 pub mod daemon;
 pub mod fd_store;
 pub mod registry;
+pub mod shared_sockets;
 pub mod status;
 pub mod supervisor;
 pub mod systemd;
