@@ -209,19 +209,36 @@ impl ControlServer {
         registry: Arc<Registry>,
         timeout: Duration,
     ) -> Result<Self, SocketError> {
+        Self::prepare_directory(path);
+        Self::start_on(GuestSocket::bind(path, Self::ACCESS)?, registry, timeout)
+    }
+
+    /// Control is root's business only: 0600 whatever --socket-mode says.
+    pub const ACCESS: SocketAccess = SocketAccess {
+        mode: 0o600,
+        group: None,
+    };
+
+    /// Makes the default control socket's directory (one of our own under
+    /// /run) if it is missing.
+    pub fn prepare_directory(path: &Path) {
         if path == Path::new(DEFAULT_CONTROL_PATH)
             && let Some(dir) = path.parent()
             && !dir.exists()
         {
-            // The default lives in a directory of our own under /run.
             let _ = std::fs::create_dir_all(dir);
         }
-        // Control is root's business only: 0600 whatever --socket-mode says.
-        let access = SocketAccess {
-            mode: 0o600,
-            group: None,
-        };
-        let socket = GuestSocket::bind(path, access)?;
+    }
+
+    /// [`ControlServer::start_with_timeout`] on a socket already listening
+    /// (made here, or handed over by the previous process).
+    pub fn start_on(
+        socket: GuestSocket,
+        registry: Arc<Registry>,
+        timeout: Duration,
+    ) -> Result<Self, SocketError> {
+        let path = socket.path().to_owned();
+        let path = path.as_path();
         let listener = socket
             .try_clone_listener()
             .map_err(|error| SocketError::Io {

@@ -8,6 +8,7 @@
 //! already created are removed and the daemon exits with an error.
 
 use std::net::SocketAddr;
+use std::os::fd::{OwnedFd, RawFd};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
@@ -20,7 +21,7 @@ use crate::config::{self, ConfigError, ConfigFile, GuestEndpoint, GuestSpec};
 use crate::entropy::drbg::ReseedPolicy;
 use crate::entropy::pool::{Mode, Pool, PoolConfig, PoolError};
 use crate::entropy::source::{self, SourceKind, SourceSpec};
-use crate::frontend::socket_file::{SocketAccess, SocketError};
+use crate::frontend::socket_file::{GuestSocket, SocketAccess, SocketError};
 use crate::frontend::tcp::{TcpError, TcpListener};
 use crate::frontend::vhost_user::{MemoryLimits, VhostUserLimits};
 use crate::frontend::vsock::{VsockError, VsockListener};
@@ -31,6 +32,7 @@ use crate::service::registry::{Listeners, Registry, RegistryError};
 use crate::service::sandbox::{
     self, PrivilegeError, RunAs, SandboxStatus, SeccompError, SeccompMode, seccomp,
 };
+use crate::service::shared_sockets;
 use crate::service::supervisor::{self, Report, WorkerLink};
 use crate::service::systemd::Notifier;
 use crate::service::upgrade;
@@ -324,7 +326,9 @@ pub fn run(config: ServeConfig) -> Result<(), DaemonError> {
             life.started_at = state.started_at;
             life.upgrades = state.upgrades;
         });
-        registry.set_carried(upgrade::take_over(state));
+        let (guests, shared) = upgrade::take_over(state);
+        shared_sockets::set_inherited(shared);
+        registry.set_carried(guests);
     }
     registry.set_max_rate(resolved.max_rate)?;
     registry.set_listeners(open_listeners(&resolved, &pool, &registry)?);
@@ -335,7 +339,7 @@ pub fn run(config: ServeConfig) -> Result<(), DaemonError> {
     registry.take_up_runtime();
 
     let control = match &resolved.control {
-        Some(path) => match ControlServer::start(path, Arc::clone(&registry)) {
+        Some(path) => match open_control(path, Arc::clone(&registry)) {
             Ok(control) => {
                 if let Some((link, _)) = &link {
                     link.send(&Report::ControlSocket { path: path.clone() }, &[]);
@@ -352,7 +356,18 @@ pub fn run(config: ServeConfig) -> Result<(), DaemonError> {
     let _metrics = match resolved.metrics {
         Some(addr) => {
             let snapshot = Arc::clone(&registry);
-            match MetricsServer::start(addr, Arc::new(move || snapshot.status())) {
+            let key = format!("metrics@{addr}");
+            let started = shared_sockets::listen(&key, || {
+                std::net::TcpListener::bind(addr).map(OwnedFd::from)
+            })
+            .and_then(|socket| {
+                MetricsServer::start_on(
+                    std::net::TcpListener::from(socket),
+                    Arc::new(move || snapshot.status()),
+                    crate::metrics::IO_TIMEOUT,
+                )
+            });
+            match started {
                 Ok(server) => {
                     info!("metrics on http://{}/metrics", server.local_addr());
                     Some(server)
@@ -368,6 +383,7 @@ pub fn run(config: ServeConfig) -> Result<(), DaemonError> {
         }
         None => None,
     };
+    shared_sockets::drop_unused();
     // Everything that needs root is done: drop it, then the filter; only
     // then do the threads reading guest input start reading it.
     if let Err(e) = enter_sandbox(run_as.as_ref(), resolved.seccomp, landlock) {
@@ -382,6 +398,15 @@ pub fn run(config: ServeConfig) -> Result<(), DaemonError> {
     // Every socket exists now: units ordered after this one can start.
     notifier.ready(&serving);
     if let Some((link, _)) = &link {
+        let mut fds = Vec::new();
+        let keys = shared_sockets::hand_over(|fd| {
+            fds.push(fd);
+            (fds.len() - 1) as RawFd
+        })
+        .into_iter()
+        .map(|(key, _)| key)
+        .collect();
+        link.send(&Report::Shared { keys }, &fds);
         let life = registry.lifecycle();
         link.send(
             &Report::Life {
@@ -528,6 +553,23 @@ fn reachable(
     allowed
 }
 
+/// The control socket: the one handed over, or a new one.
+fn open_control(path: &Path, registry: Arc<Registry>) -> Result<ControlServer, SocketError> {
+    let key = format!("control@{}", path.display());
+    let socket = shared_sockets::listen(&key, || {
+        ControlServer::prepare_directory(path);
+        GuestSocket::bind(path, ControlServer::ACCESS).and_then(|socket| {
+            socket.duplicate().map_err(|error| SocketError::Io {
+                path: path.to_owned(),
+                action: "copy the control socket",
+                error,
+            })
+        })
+    })?;
+    let socket = GuestSocket::adopt(path, socket)?;
+    ControlServer::start_on(socket, registry, crate::service::control::CLIENT_TIMEOUT)
+}
+
 /// Starts the listeners shared by many guests (`--vsock`, `--listen-tcp`);
 /// all or none.
 fn open_listeners(
@@ -537,7 +579,10 @@ fn open_listeners(
 ) -> Result<Listeners, DaemonError> {
     let mut listeners = Listeners::default();
     if let Some(port) = resolved.vsock {
-        listeners.vsock = Some(VsockListener::start(
+        let socket =
+            shared_sockets::listen(&format!("vsock@{port}"), || VsockListener::bind(port))?;
+        listeners.vsock = Some(VsockListener::start_on(
+            socket,
             port,
             resolved.vsock_default_rate,
             Arc::clone(pool),
@@ -545,7 +590,18 @@ fn open_listeners(
         )?);
     }
     if let Some(addr) = resolved.listen_tcp {
-        match TcpListener::start(addr) {
+        let started = shared_sockets::listen(&format!("tcp@{addr}"), || {
+            std::net::TcpListener::bind(addr)
+                .map(OwnedFd::from)
+                .map_err(|error| TcpError::Listen { addr, error })
+        })
+        .and_then(|socket| {
+            TcpListener::start_on(
+                std::net::TcpListener::from(socket),
+                crate::frontend::tcp::HANDSHAKE_TIMEOUT,
+            )
+        });
+        match started {
             Ok(tcp) => listeners.tcp = Some(tcp),
             Err(e) => {
                 listeners.stop();

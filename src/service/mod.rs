@@ -4,8 +4,9 @@
 //! ([`status`]), systemd notifications ([`systemd`]), in-place upgrades
 //! ([`upgrade`]), the top process that restarts a crashed serving process
 //! ([`supervisor`]) and what it keeps in systemd's file descriptor store
-//! ([`fd_store`]), the sandbox of both processes ([`sandbox`]), and
-//! `vhost-rng check` ([`check`]).
+//! ([`fd_store`]), the listening sockets all guests share and that are
+//! handed over like theirs ([`shared_sockets`]), the sandbox of both
+//! processes ([`sandbox`]), and `vhost-rng check` ([`check`]).
 
 pub mod check;
 pub mod control;
@@ -13,6 +14,7 @@ pub mod daemon;
 pub mod fd_store;
 pub mod registry;
 pub mod sandbox;
+pub mod shared_sockets;
 pub mod status;
 pub mod supervisor;
 pub mod systemd;

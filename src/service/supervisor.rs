@@ -130,6 +130,13 @@ pub enum Report {
         /// Its path.
         path: PathBuf,
     },
+    /// The listening sockets shared by guests, the control socket and the
+    /// metrics port (see [`crate::service::shared_sockets`]); descriptors
+    /// in the order of `keys`.
+    Shared {
+        /// What each socket listens on.
+        keys: Vec<String>,
+    },
     /// The daemon's life across upgrades.
     Life {
         /// First start, seconds since the epoch.
@@ -291,6 +298,7 @@ pub fn run() -> ExitCode {
         stopping: false,
         upgrading: None,
         leftovers: BTreeMap::new(),
+        shared: Vec::new(),
         store: None,
         unstored: BTreeSet::new(),
     };
@@ -466,6 +474,8 @@ struct Top {
     upgrading: Option<u64>,
     /// Socket files to remove once the serving process has stopped.
     leftovers: BTreeMap<String, leftovers::SocketFile>,
+    /// The shared listening sockets, by key.
+    shared: Vec<(String, OwnedFd)>,
     /// What systemd's file descriptor store holds, when it is used.
     store: Option<FdStore>,
     /// Guests whose last change systemd's full queue did not take whole;
@@ -512,9 +522,10 @@ impl Top {
             }
             return self.spawn(None);
         }
-        let (store, restored) = FdStore::restore(&self.notifier, passed);
+        let (store, restored, shared) = FdStore::restore(&self.notifier, passed);
         self.store = Some(store);
-        if restored.is_empty() {
+        self.shared = shared;
+        if restored.is_empty() && self.shared.is_empty() {
             return self.spawn(None);
         }
         for (name, state, fds) in restored {
@@ -623,7 +634,17 @@ impl Top {
             started_at,
             upgrades,
             guests,
+            shared: Vec::new(),
         };
+        let shared = self
+            .shared
+            .iter()
+            .map(|(key, fd)| {
+                kept.push(fd.as_raw_fd());
+                (key.clone(), fd.as_raw_fd())
+            })
+            .collect();
+        let record = DaemonState { shared, ..record };
         kept.retain(|&fd| fd >= 0);
         let memfd = upgrade::write_record(&record)?;
         // Close-on-exec is cleared in the child only (pre_exec): ours stay
@@ -718,6 +739,13 @@ impl Top {
             Report::ControlSocket { path } => self.note_control_socket(path),
             // Answered where the socket is (receive_now).
             Report::CheckUpgrade { .. } => {}
+            Report::Shared { keys } => {
+                let shared: Vec<(String, OwnedFd)> = keys.into_iter().zip(fds).collect();
+                if let Some(store) = &mut self.store {
+                    store.put_shared(&self.notifier, &shared);
+                }
+                self.shared = shared;
+            }
             Report::Life {
                 started_at,
                 upgrades,
@@ -743,6 +771,8 @@ struct TopRecord {
     store: Option<FdStore>,
     #[serde(default)]
     unstored: BTreeSet<String>,
+    #[serde(default)]
+    shared: Vec<(String, RawFd)>,
 }
 
 /// The variable naming the memfd with a [`TopRecord`].
@@ -781,6 +811,11 @@ impl TopRecord {
             count: self.restarts,
             last_cause: self.last_cause,
         };
+        top.shared = self
+            .shared
+            .into_iter()
+            .map(|(key, fd)| (key, take(fd)))
+            .collect();
         top.ready = true;
         if top.store.is_some() {
             top.store = self.store.or_else(|| Some(FdStore::default()));
@@ -796,6 +831,7 @@ impl Top {
     /// Returns only if that failed, with everything as it was.
     fn exec_self(&self, ours: &OwnedFd, worker: Pid) -> String {
         let mut keep: Vec<RawFd> = vec![ours.as_raw_fd(), self.link.as_raw_fd()];
+        keep.extend(self.shared.iter().map(|(_, fd)| fd.as_raw_fd()));
         let guests = self
             .held
             .iter()
@@ -815,6 +851,11 @@ impl Top {
             last_cause: self.restarts.last_cause.clone(),
             store: self.store.clone(),
             unstored: self.unstored.clone(),
+            shared: self
+                .shared
+                .iter()
+                .map(|(key, fd)| (key.clone(), fd.as_raw_fd()))
+                .collect(),
         };
         let memfd = match upgrade::write_json(&record) {
             Ok(memfd) => memfd,

@@ -340,6 +340,22 @@ fn allowed(role: Role) -> Result<BTreeMap<i64, Vec<SeccompRule>>, SeccompError> 
                     })?,
                 ],
             );
+            // Whether two descriptors are one file (KCMP_FILE), in this
+            // process only: a VMM repeating a message with the same files.
+            rules.insert(
+                libc::SYS_kcmp,
+                vec![
+                    SeccompRule::new(vec![
+                        condition(0, SeccompCmpOp::Eq, pid)?,
+                        condition(1, SeccompCmpOp::Eq, pid)?,
+                        condition(2, SeccompCmpOp::Eq, 0)?,
+                    ])
+                    .map_err(|error| SeccompError::Build {
+                        role: "argument",
+                        error,
+                    })?,
+                ],
+            );
             // Signals to itself only: the control socket's upgrade request
             // (SIGUSR2), abort() on a panic in a thread that must not unwind.
             rules.insert(libc::SYS_kill, any_of(0, &[pid])?);
