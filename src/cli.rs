@@ -20,7 +20,7 @@ use crate::service::sandbox::SeccompMode;
 #[derive(Debug, Parser)]
 #[command(
     name = "vhost-rng",
-    version,
+    version = crate::LONG_VERSION,
     about = "Host entropy service for virtual machines",
     long_about = "vhost-rng gives virtual machines randomness from the host.\n\n\
                   It serves the virtio-rng device (the guest's /dev/hwrng) over vhost-user, \
@@ -101,6 +101,9 @@ pub struct EntropyArgs {
     pub sources: Vec<SourceSpec>,
 }
 
+// Not compiled by build.rs, which renders the man pages from the clap
+// definitions above (see build.rs).
+#[cfg(vhost_rng_lib)]
 impl EntropyArgs {
     /// The sources given, or the host's working hardware sources.
     pub fn sources_or_defaults(&self) -> Vec<SourceSpec> {
@@ -257,8 +260,17 @@ pub struct ServeArgs {
     /// the serving process make socket files nowhere else.
     #[arg(long = "socket-dir", value_name = "DIR")]
     pub socket_dirs: Vec<PathBuf>,
+
+    /// Check the configuration (the command line, the --config file, the
+    /// --user) and exit: 0 if the daemon would accept it, non-zero with
+    /// the reason if not. Starts nothing.
+    #[arg(long)]
+    pub check_config: bool,
 }
 
+// Not compiled by build.rs, which renders the man pages from the clap
+// definitions above (see build.rs).
+#[cfg(vhost_rng_lib)]
 impl ServeArgs {
     /// Checks what clap cannot see one argument at a time.
     pub fn validate(&self) -> Result<(), String> {
@@ -310,6 +322,9 @@ impl ServeArgs {
     }
 }
 
+// Not compiled by build.rs, which renders the man pages from the clap
+// definitions above (see build.rs).
+#[cfg(vhost_rng_lib)]
 /// Settings given on the command line, which override the config file's.
 impl From<&ServeArgs> for Settings {
     fn from(args: &ServeArgs) -> Settings {

@@ -29,3 +29,18 @@ pub mod guest;
 pub mod kcmp;
 pub mod metrics;
 pub mod service;
+
+/// What `--version` prints after the name: the version and the commit it
+/// was built from (build.rs; "unknown" when built outside git).
+pub const LONG_VERSION: &str = concat!(
+    env!("CARGO_PKG_VERSION"),
+    " (commit ",
+    env!("VHOST_RNG_COMMIT"),
+    ")"
+);
+
+#[cfg(test)]
+#[path = "../build/render.rs"]
+mod render;
+#[cfg(test)]
+mod render_tests;

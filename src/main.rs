@@ -25,6 +25,27 @@ fn main() -> ExitCode {
                     .error(clap::error::ErrorKind::ArgumentConflict, message)
                     .exit();
             }
+            if args.check_config {
+                let config = ServeConfig {
+                    guests: args.command_line_guests(),
+                    config_file: args.config.clone(),
+                    settings: Settings::from(&*args),
+                };
+                return match daemon::check_config(&config) {
+                    Ok(summary) => {
+                        let what = args.config.as_deref().map_or_else(
+                            || "the command line".to_owned(),
+                            |path| path.display().to_string(),
+                        );
+                        println!("{what}: configuration OK: {summary}");
+                        ExitCode::SUCCESS
+                    }
+                    Err(e) => {
+                        eprintln!("vhost-rng: configuration refused: {e}");
+                        ExitCode::FAILURE
+                    }
+                };
+            }
             if !vhost_rng::service::supervisor::is_worker() {
                 if let Err(e) =
                     vhost_rng::service::sandbox::enter_top(args.seccomp, args.config.as_deref())

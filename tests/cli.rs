@@ -215,3 +215,97 @@ fn assert_served(vmm: &mut TestVmm) {
     let used = vmm.wait_used(1, Duration::from_secs(10)).unwrap();
     assert_eq!((used[0].head, used[0].len), (head, 64));
 }
+
+#[test]
+fn version_names_the_commit() {
+    let output = run_cli(["--version"]);
+    assert!(output.status.success());
+    let version = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        version.starts_with(&format!("vhost-rng {} (commit ", env!("CARGO_PKG_VERSION"))),
+        "{version}"
+    );
+    assert!(version.trim_end().ends_with(')'), "{version}");
+}
+
+#[test]
+fn check_config_accepts_a_good_file_and_starts_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("config.toml");
+    let socket = dir.path().join("vm1.sock");
+    let control = dir.path().join("control.sock");
+    std::fs::write(
+        &config,
+        format!(
+            "sources = [\"os\"]\ncontrol = \"{}\"\n[[guest]]\nname = \"vm1\"\nsocket = \"{}\"\n",
+            control.display(),
+            socket.display()
+        ),
+    )
+    .unwrap();
+    let output = run_cli([
+        "serve".as_ref(),
+        "--config".as_ref(),
+        config.as_os_str(),
+        "--check-config".as_ref(),
+    ]);
+    assert!(output.status.success(), "{}", stderr(&output));
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(stdout.contains("configuration OK: 1 guest(s)"), "{stdout}");
+    assert!(
+        !socket.exists() && !control.exists(),
+        "--check-config made sockets"
+    );
+
+    // The file the package installs: no guests on purpose.
+    std::fs::write(&config, "sources = [\"os\"]\nguest = []\n").unwrap();
+    let output = run_cli([
+        "serve".as_ref(),
+        "--config".as_ref(),
+        config.as_os_str(),
+        "--check-config".as_ref(),
+    ]);
+    assert!(output.status.success(), "{}", stderr(&output));
+    assert!(String::from_utf8_lossy(&output.stdout).contains("none, on purpose"));
+}
+
+#[test]
+fn check_config_refuses_a_bad_file_with_the_reason() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("config.toml");
+    let check = |config: &std::path::Path, extra: &[&str]| {
+        let mut args = vec![
+            "serve".into(),
+            "--config".into(),
+            config.as_os_str().to_owned(),
+            "--check-config".into(),
+        ];
+        args.extend(extra.iter().map(std::ffi::OsString::from));
+        run_cli(args)
+    };
+    std::fs::write(&config, "sources = [\"os\"]\nno-such-key = 1\n").unwrap();
+    let output = check(&config, &[]);
+    assert_eq!(output.status.code(), Some(1));
+    let err = stderr(&output);
+    assert!(
+        err.contains("configuration refused") && err.contains("no-such-key"),
+        "{err}"
+    );
+
+    std::fs::write(&config, "sources = [\"os\"]\nguest = []\n").unwrap();
+    let output = check(&config, &["--user", "no-such-user-vhost-rng"]);
+    assert_eq!(output.status.code(), Some(1));
+    assert!(
+        stderr(&output).contains("no-such-user-vhost-rng"),
+        "{}",
+        stderr(&output)
+    );
+
+    let output = check(&dir.path().join("missing.toml"), &[]);
+    assert_eq!(output.status.code(), Some(1));
+    assert!(
+        stderr(&output).contains("missing.toml"),
+        "{}",
+        stderr(&output)
+    );
+}

@@ -14,6 +14,10 @@
 //! full-entropy output arrives. A guest's requests wait meanwhile; nothing
 //! else in the daemon does.
 
+mod mode;
+
+pub use mode::Mode;
+
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::mpsc::{Receiver, sync_channel};
@@ -30,26 +34,6 @@ use crate::entropy::fairness::{ACTIVE_WINDOW, Fairness};
 use crate::entropy::health::HealthConfig;
 use crate::entropy::source::runner::{self, Contribution, SourceBoard, SourceStats};
 use crate::entropy::source::{SourceError, SourceSpec};
-
-/// How guests are served.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
-pub enum Mode {
-    /// Per-guest DRBG seeded and reseeded from full-entropy output.
-    #[default]
-    Drbg,
-    /// Only conditioned full-entropy output, shared among the guests.
-    Raw,
-}
-
-impl Mode {
-    /// The mode as the `mode` key and `--mode` write it: `drbg` or `raw`.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Mode::Drbg => "drbg",
-            Mode::Raw => "raw",
-        }
-    }
-}
 
 /// Everything the pool needs to start.
 #[derive(Debug, Clone)]

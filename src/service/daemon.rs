@@ -242,6 +242,36 @@ fn resolve(config: &ServeConfig) -> Result<Resolved, DaemonError> {
     })
 }
 
+/// `serve --check-config`: everything the daemon checks before it starts
+/// anything (the config file, how it combines with the command line, the
+/// `--user`, that there is an entropy source), and a one-line summary of
+/// what it would serve. Opens no socket, starts no thread, drops nothing.
+pub fn check_config(config: &ServeConfig) -> Result<String, DaemonError> {
+    let resolved = resolve(config)?;
+    if let Some(user) = resolved.user.as_deref() {
+        RunAs::resolve(user)?;
+    }
+    if resolved.pool.sources.is_empty() {
+        return Err(PoolError::NoSources.into());
+    }
+    let sources: Vec<String> = resolved.pool.sources.iter().map(|s| s.label()).collect();
+    Ok(format!(
+        "{} guest(s){}, mode {}, sources {}, control socket {}",
+        resolved.guests.len(),
+        if resolved.guests.is_empty() && resolved.guests_declared {
+            " (none, on purpose)"
+        } else {
+            ""
+        },
+        resolved.pool.mode.as_str(),
+        sources.join(" "),
+        resolved
+            .control
+            .as_deref()
+            .map_or_else(|| "none".into(), |p| p.display().to_string()),
+    ))
+}
+
 fn vhost_user_limits(cli: &Settings, file: &ConfigFile) -> VhostUserLimits {
     let defaults = VhostUserLimits::default();
     VhostUserLimits {
