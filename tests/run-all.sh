@@ -31,6 +31,15 @@ qemu/build-guest.sh --out target/qemu-guest-agent --agent "$agent"
 unset VHOST_RNG_SKIP_QEMU VHOST_RNG_QEMU
 cargo test --locked --workspace "$@"
 
+# The Debian packages (cargo-deb), installed, upgraded under a running
+# daemon, removed and purged on this machine: as root only (CI's machine).
+if [ $# -eq 0 ] && [ "$(id -u)" = 0 ]; then
+	if ! cargo deb --version >/dev/null 2>&1; then
+		cargo install --locked cargo-deb
+	fi
+	tests/package.sh
+fi
+
 # The real-guest basics and in-place upgrades again on QEMU 10 (Debian
 # bookworm-backports, unpacked under target/, the system QEMU untouched).
 if [ $# -eq 0 ]; then
