@@ -63,6 +63,25 @@ pub enum Command {
     /// a running daemon before it upgrades to this binary).
     #[command(hide = true)]
     UpgradeStateVersion,
+    /// libvirt's qemu hook (install as /etc/libvirt/hooks/qemu.d/vhost-rng,
+    /// see contrib/libvirt/): with the domain XML on standard input, adds
+    /// the domain's guest on `prepare` and removes it on `release`.
+    LibvirtHook(LibvirtHookArgs),
+}
+
+/// `vhost-rng libvirt-hook`'s arguments, as libvirt passes them.
+#[derive(Debug, Args)]
+pub struct LibvirtHookArgs {
+    /// The domain's name (the guest is named from the XML).
+    pub domain: String,
+    /// The operation: prepare, start, started, stopped, release, ...
+    pub operation: String,
+    /// The sub-operation and extra argument libvirt adds.
+    #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+    pub rest: Vec<String>,
+    /// The running daemon's control socket.
+    #[command(flatten)]
+    pub control: ControlArgs,
 }
 
 /// `vhost-rng upgrade`'s options.

@@ -68,6 +68,9 @@ fn main() -> ExitCode {
         Command::Status(args) => ask(&args.control, Request::Status, args.json),
         Command::Agent(args) => vhost_rng_agent::run_command(&args),
         Command::Upgrade(args) => upgrade(&args),
+        Command::LibvirtHook(args) => {
+            vhost_rng::service::libvirt_hook::run(&args.control.control, &args.operation)
+        }
         Command::UpgradeStateVersion => {
             println!("{}", vhost_rng::service::upgrade::UPGRADE_STATE_VERSION);
             ExitCode::SUCCESS

@@ -12,6 +12,7 @@ pub mod check;
 pub mod control;
 pub mod daemon;
 pub mod fd_store;
+pub mod libvirt_hook;
 pub mod registry;
 pub mod sandbox;
 pub mod shared_sockets;
