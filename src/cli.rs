@@ -93,9 +93,9 @@ pub enum PskCommand {
 /// Entropy sources and how guests are served from them.
 #[derive(Debug, Args)]
 pub struct EntropyArgs {
-    /// Entropy source: hwrng[=PATH], rdseed, file=PATH or os, optionally
+    /// Entropy source: hwrng[=PATH], rdseed, jitter, file=PATH or os, optionally
     /// followed by ,min-entropy=BITS (per byte). Repeatable. Default: every
-    /// hardware source that works on this host.
+    /// hardware source that works on this host, or jitter when none does.
     #[arg(long = "source", value_name = "SPEC")]
     pub sources: Vec<SourceSpec>,
 }
@@ -565,7 +565,7 @@ mod tests {
         assert_eq!(args.reseed_bytes, Some(4096));
 
         for bad in [
-            &["serve", "--socket", "/a", "--source", "jitter"][..],
+            &["serve", "--socket", "/a", "--source", "havege"][..],
             &["serve", "--socket", "/a", "--mode", "fast"],
             &["serve", "--socket", "/a", "--reseed-bytes", "0"],
             &["serve", "--socket", "/a", "--reseed-secs", "-1"],

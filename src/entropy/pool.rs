@@ -67,8 +67,8 @@ pub struct PoolConfig {
 pub enum PoolError {
     /// No source was given, and none was found on this host.
     #[error(
-        "no hardware entropy source works on this host (no readable /dev/hwrng, no RDSEED); \
-         name one with --source, or use --source os to serve the operating system's CSPRNG"
+        "no entropy source works on this host (no readable /dev/hwrng, no RDSEED, no \
+         jitter RNG over AF_ALG); name one with --source, or use --source os to serve the operating system's CSPRNG"
     )]
     NoSources,
     /// A source could not be opened.
