@@ -58,10 +58,38 @@ pub enum Command {
     /// device go away. Exits non-zero, with the reason, if the new binary
     /// does not run or cannot take over (the daemon then goes on as it was).
     Upgrade(UpgradeArgs),
+    /// Print random bytes for a VM's boot (a seed for guests without an RNG
+    /// device, or for first-boot keys), from the running daemon's pool or,
+    /// when no daemon runs, from the entropy sources; --format cloud-init
+    /// prints a #cloud-config random_seed block for user-data.
+    Seed(SeedArgs),
     /// Print the in-place upgrade state version this binary reads (used by
     /// a running daemon before it upgrades to this binary).
     #[command(hide = true)]
     UpgradeStateVersion,
+}
+
+/// `vhost-rng seed`'s options.
+#[derive(Debug, Args)]
+pub struct SeedArgs {
+    /// How many bytes (at most 4096).
+    #[arg(long, value_name = "N", default_value_t = crate::service::seed::DEFAULT_SEED_BYTES,
+          value_parser = parse_seed_bytes)]
+    pub bytes: usize,
+    /// raw: the bytes as they are; base64: one line; cloud-init: a
+    /// #cloud-config document with a random_seed block.
+    #[arg(long, value_enum, default_value = "base64")]
+    pub format: crate::service::seed::SeedFormat,
+    /// With no daemon running: the sources to read (as for serve).
+    #[command(flatten)]
+    pub entropy: EntropyArgs,
+    /// With no daemon running: give up after this many seconds without a
+    /// healthy source.
+    #[arg(long, value_name = "SECS", default_value_t = 30, value_parser = parse_positive)]
+    pub timeout: u64,
+    /// The running daemon's control socket.
+    #[command(flatten)]
+    pub control: ControlArgs,
 }
 
 /// `vhost-rng upgrade`'s options.
@@ -367,6 +395,16 @@ fn parse_positive(value: &str) -> Result<u64, String> {
     match value.parse::<u64>() {
         Ok(n) if n > 0 => Ok(n),
         _ => Err(format!("'{value}' is not a positive whole number")),
+    }
+}
+
+fn parse_seed_bytes(value: &str) -> Result<usize, String> {
+    let max = crate::service::seed::MAX_SEED_BYTES;
+    match value.parse::<usize>() {
+        Ok(n) if (1..=max).contains(&n) => Ok(n),
+        _ => Err(format!(
+            "'{value}' is not a number of bytes from 1 to {max}"
+        )),
     }
 }
 

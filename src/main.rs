@@ -61,6 +61,13 @@ fn main() -> ExitCode {
         }
         Command::Status(args) => ask(&args.control, Request::Status, args.json),
         Command::Agent(args) => vhost_rng_agent::run_command(&args),
+        Command::Seed(args) => vhost_rng::service::seed::run(
+            &args.control.control,
+            &args.entropy.sources_or_defaults(),
+            args.bytes,
+            args.format,
+            std::time::Duration::from_secs(args.timeout),
+        ),
         Command::Upgrade(args) => upgrade(&args),
         Command::UpgradeStateVersion => {
             println!("{}", vhost_rng::service::upgrade::UPGRADE_STATE_VERSION);
@@ -164,6 +171,7 @@ fn ask(control: &ControlArgs, request: Request, json: bool) -> ExitCode {
         (Response::Guests { guests }, false) => status::render_guests(guests),
         (Response::Status { status }, true) => to_json(status),
         (Response::Status { status }, false) => status.render(),
+        (Response::Seed { data }, _) => format!("{data}\n"),
         (Response::Error { message }, _) => {
             eprintln!("vhost-rng: {message}");
             return ExitCode::FAILURE;

@@ -4,13 +4,15 @@
 //! ([`status`]), systemd notifications ([`systemd`]), in-place upgrades
 //! ([`upgrade`]), the top process that restarts a crashed serving process
 //! ([`supervisor`]) and what it keeps in systemd's file descriptor store
-//! ([`fd_store`]), and `vhost-rng check` ([`check`]).
+//! ([`fd_store`]), `vhost-rng check` ([`check`]) and `vhost-rng seed`
+//! ([`seed`]).
 
 pub mod check;
 pub mod control;
 pub mod daemon;
 pub mod fd_store;
 pub mod registry;
+pub mod seed;
 pub mod status;
 pub mod supervisor;
 pub mod systemd;

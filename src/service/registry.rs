@@ -328,6 +328,11 @@ impl Registry {
         })
     }
 
+    /// The pool every guest draws from (for `vhost-rng seed`).
+    pub fn pool(&self) -> &Arc<Pool> {
+        &self.pool
+    }
+
     /// The cap on all guests together, which guests let in by a listener's
     /// default policy share too.
     pub fn global_limit(&self) -> SharedBucket {
