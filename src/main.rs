@@ -15,18 +15,32 @@ use vhost_rng::service::daemon::{self, ServeConfig, Settings};
 use vhost_rng::service::status;
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    // QEMU's backend program conventions: print and exit, whatever else
+    // the command line says.
+    if std::env::args_os()
+        .skip(1)
+        .any(|arg| arg == "--print-capabilities")
+    {
+        println!("{}", vhost_rng::cli::CAPABILITIES);
+        return ExitCode::SUCCESS;
+    }
+    let command = match Cli::parse().into_command() {
+        Ok(command) => command,
+        Err(e) => e.exit(),
+    };
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
 
-    match cli.command {
+    match command {
         Command::Serve(args) => {
-            if let Err(message) = args.validate() {
+            let handed = vhost_rng::service::supervisor::is_worker()
+                || std::env::var_os("LISTEN_FDS").is_some();
+            if let Err(message) = args.validate(handed) {
                 Cli::command()
                     .error(clap::error::ErrorKind::ArgumentConflict, message)
                     .exit();
             }
             if !vhost_rng::service::supervisor::is_worker() {
-                return vhost_rng::service::supervisor::run();
+                return vhost_rng::service::supervisor::run(&args.fds);
             }
             let config = ServeConfig {
                 guests: args.command_line_guests(),

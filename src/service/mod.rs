@@ -1,5 +1,6 @@
 // SPDX-License-Identifier: Apache-2.0
-//! Running the daemon: `vhost-rng serve` ([`daemon`]), the running guests
+//! Running the daemon: `vhost-rng serve` ([`daemon`]), the sockets it is
+//! handed by systemd or `--fd` ([`activation`]), the running guests
 //! ([`registry`]), the control socket ([`control`]), what they report
 //! ([`status`]), systemd notifications ([`systemd`]), in-place upgrades
 //! ([`upgrade`]), the top process that restarts a crashed serving process
@@ -7,6 +8,7 @@
 //! ([`fd_store`]), `vhost-rng check` ([`check`]) and `vhost-rng seed`
 //! ([`seed`]).
 
+pub mod activation;
 pub mod check;
 pub mod control;
 pub mod daemon;

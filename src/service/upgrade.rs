@@ -68,6 +68,12 @@ pub struct GuestState {
     pub spec: String,
     /// Added over the control socket, so not in the config file.
     pub runtime: bool,
+    /// A listening socket passed by systemd or `--fd` that no serving
+    /// process has taken up yet (see [`crate::service::activation`]): a
+    /// configured guest of the same name and path takes it and stays
+    /// configured. Absent (false) in records of earlier versions.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub activated: bool,
     /// The listening socket (`socket=`, `egd=`, `vsock-uds=` guests).
     pub listener: Option<RawFd>,
     /// A vhost-user guest's VMM connection and its state.
@@ -489,6 +495,7 @@ pub fn guest_state(
     GuestState {
         spec: spec.to_string(),
         runtime,
+        activated: false,
         listener,
         connection,
         clients,
@@ -524,6 +531,7 @@ pub fn take_over(state: DaemonState) -> Vec<Carried> {
             Ok(spec) => carried.push(Carried {
                 spec,
                 runtime: guest.runtime,
+                activated: guest.activated,
                 listener,
                 connection,
                 clients,
@@ -569,6 +577,7 @@ mod tests {
             guests: vec![GuestState {
                 spec: "name=vm1,socket=/run/vhost-rng/vm1.sock".into(),
                 runtime: false,
+                activated: false,
                 listener: Some(7),
                 connection: None,
                 clients: vec![9],
