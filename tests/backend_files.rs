@@ -58,7 +58,7 @@ fn the_template_units_pass_systemd_analyze_verify() {
     let socket = contrib("systemd/vhost-rng@.socket");
     let service = contrib("systemd/vhost-rng@.service");
     assert!(
-        socket.contains("ListenStream=/run/vhost-rng/%i.sock"),
+        socket.contains("ListenStream=/run/vhost-rng-guests/%i.sock"),
         "{socket}"
     );
     assert!(socket.contains("FileDescriptorName=%i"), "{socket}");
