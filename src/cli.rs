@@ -15,6 +15,7 @@ use crate::entropy::pool::Mode;
 use crate::entropy::source::{self, SourceSpec};
 use crate::service::control::DEFAULT_CONTROL_PATH;
 use crate::service::daemon::Settings;
+use crate::service::sandbox::SeccompMode;
 
 /// The `vhost-rng` command line: one subcommand, with its options.
 #[derive(Debug, Parser)]
@@ -330,6 +331,28 @@ pub struct ServeArgs {
     /// connection is closed to make way for the next [default: 10].
     #[arg(long, value_name = "SECS", value_parser = parse_positive)]
     pub vhost_user_setup_timeout: Option<u64>,
+
+    /// Started as root: after creating its sockets and opening its devices
+    /// as root, the serving process (which maps guest memory) runs as
+    /// USER, with GROUP (default: USER's group) as its only group and no
+    /// capabilities. Without it, a daemon started as root serves as root
+    /// and says so.
+    #[arg(long, value_name = "USER[:GROUP]")]
+    pub user: Option<String>,
+
+    /// What a system call outside the daemon's allow-list does: kill (the
+    /// serving process dies with SIGSYS and is restarted), log (allowed,
+    /// logged by the kernel as audit type 1326: for finding what a new
+    /// kernel or libc needs) or none [default: kill].
+    #[arg(long, value_enum, value_name = "ACTION")]
+    pub seccomp: Option<SeccompMode>,
+
+    /// A directory where guests added later (vhost-rng guest add, a
+    /// reload) may have their socket files, besides those of the sockets
+    /// served at start and the control socket's; repeatable. Landlock lets
+    /// the serving process make socket files nowhere else.
+    #[arg(long = "socket-dir", value_name = "DIR")]
+    pub socket_dirs: Vec<PathBuf>,
 }
 
 impl ServeArgs {
@@ -406,6 +429,9 @@ impl From<&ServeArgs> for Settings {
             vhost_user_max_regions: args.vhost_user_max_regions,
             vhost_user_max_memory: args.vhost_user_max_memory,
             vhost_user_setup_timeout: args.vhost_user_setup_timeout,
+            user: args.user.clone(),
+            seccomp: args.seccomp,
+            socket_dirs: args.socket_dirs.clone(),
         }
     }
 }

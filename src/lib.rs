@@ -6,11 +6,12 @@
 //! ```text
 //! entropy/   sources -> health tests -> conditioner -> pool -> per-guest DRBG
 //! guest/     each guest: its token bucket, its counters, what it may draw
-//! frontend/  how guests are reached: vhost-user, EGD, the agent's channel
-//!            over Unix sockets, vsock and TCP, and the socket files
+//! frontend/  how guests are reached: vhost-user, EGD, FIFOs, the agent's
+//!            channel over Unix sockets, vsock and TCP, and the socket files
 //! service/   the daemon: the running guests, control socket, status, check
 //! config/    the configuration file and --guest specs
 //! metrics/   the Prometheus endpoint
+//! kcmp.rs    whether two descriptors are the same open file
 //! ```
 //!
 //! What the daemon shares with its in-guest agent (the channel's wire
@@ -25,5 +26,6 @@ pub mod config;
 pub mod entropy;
 pub mod frontend;
 pub mod guest;
+pub mod kcmp;
 pub mod metrics;
 pub mod service;

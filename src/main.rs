@@ -40,6 +40,12 @@ fn main() -> ExitCode {
                     .exit();
             }
             if !vhost_rng::service::supervisor::is_worker() {
+                if let Err(e) =
+                    vhost_rng::service::sandbox::enter_top(args.seccomp, args.config.as_deref())
+                {
+                    error!("{e}");
+                    return ExitCode::FAILURE;
+                }
                 return vhost_rng::service::supervisor::run(&args.fds);
             }
             let config = ServeConfig {

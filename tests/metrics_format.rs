@@ -87,6 +87,7 @@ fn status(bytes: u64) -> DaemonStatus {
                 ]),
             },
         ],
+        sandbox: None,
     }
 }
 

@@ -16,12 +16,13 @@ use nix::sys::signal::{self, Signal};
 const BYTES: usize = 2 << 20;
 
 fn start(fifo: &std::path::Path) -> Daemon {
-    let mut daemon = Daemon::start([
+    let mut daemon = Daemon::start_sandboxed([
         "serve".to_owned(),
         "--guest".into(),
         format!("name=vm,fifo={}", fifo.display()),
     ]);
     daemon.wait_for_log_while_running("filling FIFO", 1);
+    daemon.assert_sandboxed();
     daemon
 }
 

@@ -8,6 +8,8 @@
 mod common;
 
 use std::fs;
+use std::os::unix::fs::PermissionsExt;
+use std::path::Path;
 
 use common::{Daemon, boot_guest, sha256_prefix, spawn_guest, test_guest, wait_guest, wait_until};
 use nix::sys::signal::Signal;
@@ -20,7 +22,9 @@ fn guest_reads_one_mib_from_hwrng_through_the_daemon() {
     let dir = tempfile::tempdir().unwrap();
     let socket = dir.path().join("vm.sock");
     let received = dir.path().join("received.bin");
-    let daemon = Daemon::serve(&[&socket]);
+    let daemon = Daemon::serve_sandboxed(&[&socket]);
+    // Unprivileged (run as root: --user), no capabilities, filtered.
+    daemon.assert_sandboxed();
 
     let report = boot_guest(
         &guest,
@@ -53,7 +57,7 @@ fn three_power_cycles_against_one_daemon_socket() {
     let Some(guest) = test_guest() else { return };
     let dir = tempfile::tempdir().unwrap();
     let socket = dir.path().join("cycled.sock");
-    let mut daemon = Daemon::serve(&[&socket]);
+    let mut daemon = Daemon::serve_sandboxed(&[&socket]);
 
     let mut digests = Vec::new();
     for boot in 1..=3 {
@@ -86,17 +90,25 @@ fn connect_mode_serves_qemu_listening_and_reconnects() {
     let dir = tempfile::tempdir().unwrap();
     let socket = dir.path().join("server.sock");
     let socket_arg = socket.to_str().unwrap();
+    // The serving process (--user) dials QEMU's socket as that user: the
+    // directory and the socket must let it, as a group would in production.
+    fs::set_permissions(dir.path(), fs::Permissions::from_mode(0o755)).unwrap();
+    let reachable = |socket: &Path| {
+        wait_until("QEMU to listen", || socket.exists());
+        fs::set_permissions(socket, fs::Permissions::from_mode(0o666)).unwrap();
+    };
 
     // QEMU listens and holds the guest until the daemon connects.
     let first = spawn_guest(&guest, &["--server", socket_arg, "--bytes", "131072"]);
-    wait_until("QEMU to listen", || socket.exists());
-    let daemon = Daemon::start(["serve", "--connect", socket_arg]);
+    reachable(&socket);
+    let daemon = Daemon::start_sandboxed(["serve", "--connect", socket_arg]);
     wait_guest(first).assert_read(131072);
     daemon.wait_for_log("guest server: VMM disconnected from", 1);
 
     // The next VM on the same path is picked up without restarting the daemon.
     fs::remove_file(&socket).ok();
     let second = spawn_guest(&guest, &["--server", socket_arg, "--bytes", "65536"]);
+    reachable(&socket);
     wait_guest(second).assert_read(65536);
     daemon.wait_for_log("guest server: VMM connected on", 2);
 }
@@ -106,7 +118,7 @@ fn a_crashed_vm_does_not_need_a_daemon_restart() {
     let Some(guest) = test_guest() else { return };
     let dir = tempfile::tempdir().unwrap();
     let socket = dir.path().join("crash.sock");
-    let mut daemon = Daemon::serve(&[&socket]);
+    let mut daemon = Daemon::serve_sandboxed(&[&socket]);
     let socket_arg = socket.to_str().unwrap();
 
     // A large read keeps the queue busy when QEMU is killed.
@@ -146,7 +158,7 @@ fn bytes_a_guest_reads_from_the_default_sources_pass_fips_140_2() {
     let socket = dir.path().join("fips.sock");
     let received = dir.path().join("received.bin");
     // No --source: every hardware source that works on this host.
-    let daemon = Daemon::serve(&[&socket]);
+    let daemon = Daemon::serve_sandboxed(&[&socket]);
     // 8000 rngtest blocks of 2500 bytes: enough that the 0.2% bound sits far
     // above the ~0.08% failure rate of ideal random data.
     let bytes = 20_000_000;
@@ -198,7 +210,7 @@ fn a_rate_limited_guest_reads_at_its_configured_rate() {
     let Some(guest) = test_guest() else { return };
     let dir = tempfile::tempdir().unwrap();
     let socket = dir.path().join("limited.sock");
-    let mut daemon = Daemon::start([
+    let mut daemon = Daemon::start_sandboxed([
         "serve".to_owned(),
         "--guest".into(),
         format!(
@@ -241,7 +253,7 @@ fn a_guest_without_vhost_user_reads_through_qemu_rng_egd() {
     let Some(guest) = test_guest() else { return };
     let dir = tempfile::tempdir().unwrap();
     let egd = dir.path().join("legacy.egd");
-    let mut daemon = Daemon::start([
+    let mut daemon = Daemon::start_sandboxed([
         "serve".to_owned(),
         "--guest".into(),
         format!("name=legacy,egd={},rate-bytes=65536", egd.display()),

@@ -65,7 +65,7 @@ fn guest_agent_fetches_entropy_over_encrypted_tcp() {
     let key = new_psk(dir.path(), "xen1");
     let wrong_key = new_psk(dir.path(), "wrong");
 
-    let mut daemon = Daemon::start([
+    let mut daemon = Daemon::start_sandboxed([
         "serve".to_owned(),
         "--source".into(),
         "os".into(),

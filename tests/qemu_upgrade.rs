@@ -22,7 +22,7 @@ fn a_guest_reading_through_crashes_and_an_upgrade_gets_every_byte() {
     let dir = tempfile::tempdir().unwrap();
     let socket = dir.path().join("vm.sock");
     let received = dir.path().join("received.bin");
-    let daemon = Daemon::serve(&[&socket]);
+    let daemon = Daemon::serve_sandboxed(&[&socket]);
     let qemu = spawn_guest(
         &guest,
         &[
@@ -65,6 +65,9 @@ fn a_guest_reading_through_crashes_and_an_upgrade_gets_every_byte() {
         (read as usize) < BYTES,
         "the guest had finished before the last event; nothing was tested"
     );
+    // The serving process after kills and an upgrade is sandboxed as the
+    // first one was.
+    daemon.assert_sandboxed();
 
     let report = wait_guest(qemu);
     report.assert_read(BYTES);
@@ -99,7 +102,12 @@ fn a_guest_reading_through_restarts_of_the_whole_service_gets_every_byte() {
     let received = dir.path().join("received.bin");
     let mut systemd = FakeSystemd::new();
     let notify = systemd.path.clone();
-    let args = ["serve", "--socket", socket.to_str().unwrap()];
+    // With --user when run as root, as every real-guest test.
+    let user = common::test_user();
+    let mut args = vec!["serve", "--socket", socket.to_str().unwrap()];
+    if let Some(user) = &user {
+        args.extend(["--user", user.as_str()]);
+    }
     let env = [("NOTIFY_SOCKET", notify.as_os_str())];
     let mut daemon = Daemon::start_with_fds(&args, &env, &[]);
     systemd.wait_for("READY=1\nSTATUS=serving 1 guest(s)");
@@ -135,6 +143,7 @@ fn a_guest_reading_through_restarts_of_the_whole_service_gets_every_byte() {
         systemd.sync();
         daemon = Daemon::start_with_fds(&args, &env, &systemd.passed());
         systemd.wait_for("READY=1\nSTATUS=serving 1 guest(s)");
+        daemon.assert_sandboxed();
         assert!(
             daemon
                 .log()

@@ -104,7 +104,7 @@ fn guest_agent_fetches_entropy_over_hybrid_vsock() {
     let uds = dir.path().join("vm.vsock");
     let vhost_socket = dir.path().join("vhost.sock");
 
-    let mut daemon = Daemon::start([
+    let mut daemon = Daemon::start_sandboxed([
         "serve".to_owned(),
         "--source".into(),
         "os".into(),

@@ -10,6 +10,13 @@ cd "$(dirname "${BASH_SOURCE[0]}")/.."
 qemu/setup-host.sh
 qemu/build-guest.sh
 
+# The user the real-guest and sandbox tests pass to `serve --user` when run
+# as root (tests/common: test_user), so that guests are served by an
+# unprivileged serving process as in production.
+if [ "$(id -u)" = 0 ] && ! id vhost-rng-test >/dev/null 2>&1; then
+	useradd --system --no-create-home --shell /usr/sbin/nologin vhost-rng-test
+fi
+
 # The vsock test (tests/qemu_vsock.rs) needs a vhost-user vsock backend...
 if ! command -v vhost-device-vsock >/dev/null &&
 	[ ! -x "$HOME/.cargo/bin/vhost-device-vsock" ]; then

@@ -203,6 +203,11 @@ fn guests_keep_their_connections_through_restarts_by_systemd() {
             vm.is_some_and(|r| !r["state"]["connection"].is_null())
                 && legacy.is_some_and(|r| r["state"]["clients"].as_array().unwrap().len() == 1)
         });
+        // The control socket is kept too.
+        let control = format!("shared.control@{}", daemon.control().display());
+        common::wait_until("the control socket in the store", || {
+            systemd.names().contains(&control)
+        });
         let requests_before = daemon.guest("vm").requests;
         let serving = daemon.serving_pid();
         let status = daemon.stop_with(signal);

@@ -22,9 +22,10 @@ use super::{Address, ConfigError, GuestDefaults, GuestKey, GuestSpec, GuestSpecE
 use crate::entropy::pool::Mode;
 use crate::entropy::source::SourceSpec;
 use crate::guest::limiter::MAX_BYTES;
+use crate::service::sandbox::SeccompMode;
 
 /// The keys a configuration file may have at its top level.
-pub const FILE_KEYS: [&str; 17] = [
+pub const FILE_KEYS: [&str; 20] = [
     "sources",
     "mode",
     "reseed-bytes",
@@ -40,6 +41,9 @@ pub const FILE_KEYS: [&str; 17] = [
     "vhost-user-max-regions",
     "vhost-user-max-memory",
     "vhost-user-setup-timeout",
+    "user",
+    "seccomp",
+    "socket-dirs",
     "defaults",
     "guest",
 ];
@@ -82,6 +86,13 @@ pub struct ConfigFile {
     pub vhost_user_max_memory: Option<u64>,
     /// Seconds a vhost-user connection has to send SET_OWNER.
     pub vhost_user_setup_timeout: Option<u64>,
+    /// `user`: `USER[:GROUP]` the serving process runs as after set-up.
+    pub user: Option<String>,
+    /// `seccomp`: what a system call outside the allow-list does.
+    pub seccomp: Option<SeccompMode>,
+    /// `socket-dirs`: directories where guests added later (control
+    /// socket, reload) may have their socket files.
+    pub socket_dirs: Vec<PathBuf>,
     /// `[defaults]`: the limits of guests that do not set their own (already
     /// applied to `guests`).
     pub defaults: GuestDefaults,
@@ -165,6 +176,9 @@ struct FileTable {
     vhost_user_max_regions: Option<Spanned<Found>>,
     vhost_user_max_memory: Option<Spanned<Found>>,
     vhost_user_setup_timeout: Option<Spanned<Found>>,
+    user: Option<Spanned<Found>>,
+    seccomp: Option<Spanned<Found>>,
+    socket_dirs: Option<Spanned<ListOr<Found>>>,
     defaults: Option<Spanned<TableOr<DefaultsTable>>>,
     guest: Option<Spanned<ListOr<TableOr<GuestTable>>>>,
 }
@@ -223,6 +237,13 @@ impl FileTable {
             vhost_user_setup_timeout: first.check(self.vhost_user_setup_timeout, |v| {
                 file.positive("vhost-user-setup-timeout", v, 3600, "")
             }),
+            user: first.check(self.user, |v| {
+                file.text("user", v, "\"USER\" or \"USER:GROUP\" as a string")
+            }),
+            seccomp: first.check(self.seccomp, |v| file.seccomp(v)),
+            socket_dirs: first
+                .check(self.socket_dirs, |v| file.paths("socket-dirs", v))
+                .unwrap_or_default(),
             defaults: first
                 .check(self.defaults, |v| file.defaults(v))
                 .unwrap_or_default(),
@@ -455,6 +476,41 @@ impl FileText<'_> {
             .ok_or_else(|| {
                 self.value_error("mode", span, format!("unknown mode '{text}' (drbg or raw)"))
             })
+    }
+
+    fn paths(&self, key: &str, value: Spanned<ListOr<Found>>) -> Result<Vec<PathBuf>, ConfigError> {
+        let span = value.span();
+        let items = match value.into_inner() {
+            ListOr::List(items) => items,
+            ListOr::Other(found) => {
+                return Err(self.value_error(
+                    key,
+                    span,
+                    format!("expected a list of paths, e.g. [\"/run/vhost-rng\"], found {found}"),
+                ));
+            }
+        };
+        items
+            .into_iter()
+            .map(|item| {
+                let span = item.span();
+                match item.into_inner() {
+                    Found::Text(path) if !path.is_empty() => Ok(PathBuf::from(path)),
+                    other => Err(self.value_error(
+                        key,
+                        span,
+                        format!("expected a path as a string, found {}", other.type_name()),
+                    )),
+                }
+            })
+            .collect()
+    }
+
+    fn seccomp(&self, value: Spanned<Found>) -> Result<SeccompMode, ConfigError> {
+        let span = value.span();
+        let text = self.text("seccomp", value, "\"kill\", \"log\" or \"none\"")?;
+        text.parse()
+            .map_err(|message| self.value_error("seccomp", span, message))
     }
 
     fn socket_mode(&self, value: Spanned<Found>) -> Result<u32, ConfigError> {
@@ -924,7 +980,8 @@ mod tests {
             "/etc/vhost-rng.toml:3: unknown key 'max_rate' (valid: sources, mode, \
              reseed-bytes, reseed-secs, max-rate, socket-mode, socket-group, control, \
              metrics, vsock, vsock-default-rate, listen-tcp, vhost-user-max-regions, \
-             vhost-user-max-memory, vhost-user-setup-timeout, defaults, guest)"
+             vhost-user-max-memory, vhost-user-setup-timeout, user, seccomp, socket-dirs, \
+             defaults, guest)"
         );
         assert_eq!(err.line(), Some(3));
         assert_eq!(err.key(), Some("max_rate"));
@@ -1028,6 +1085,29 @@ mod tests {
             message("socket-mode = \"\"\n"),
             "/etc/vhost-rng.toml:1: key 'socket-mode': the value is empty"
         );
+    }
+
+    #[test]
+    fn sandbox_keys_are_read_and_checked() {
+        let config = parse_ok(
+            "user = \"vhost-rng:kvm\"\nseccomp = \"log\"\nsocket-dirs = [\"/run/a\", \"/run/b\"]\n",
+        );
+        assert_eq!(config.user.as_deref(), Some("vhost-rng:kvm"));
+        assert_eq!(config.seccomp, Some(SeccompMode::Log));
+        assert_eq!(
+            config.socket_dirs,
+            [PathBuf::from("/run/a"), PathBuf::from("/run/b")]
+        );
+        assert_eq!(
+            parse_err("seccomp = \"trap\"\n").to_string(),
+            "/etc/vhost-rng.toml:1: key 'seccomp': 'trap': expected kill, log or none"
+        );
+        assert!(
+            parse_err("socket-dirs = \"/run/a\"\n")
+                .to_string()
+                .contains("expected a list of paths")
+        );
+        assert!(parse_err("user = 0\n").to_string().contains("USER:GROUP"));
     }
 
     #[test]

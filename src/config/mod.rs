@@ -90,6 +90,20 @@ vhost-user-max-memory = 17592186044416
 # Seconds a new connection has to claim the device (SET_OWNER).
 vhost-user-setup-timeout = 10
 
+# Started as root, the serving process does what needs root (sockets, the
+# control socket, /dev/hwrng) and then runs as this USER[:GROUP], with no
+# capabilities and no supplementary groups (docs/security.md).
+user = "vhost-rng"
+# What a system call outside the daemon's allow-list does: "kill" (the
+# serving process is killed with SIGSYS and restarted), "log" (allowed and
+# logged by the kernel, to find what a new kernel or libc needs) or "none".
+seccomp = "kill"
+# Directories where guests added later (vhost-rng guest add, a reload) may
+# have their socket files, besides those of the sockets served at start and
+# the control socket's: with Landlock, the serving process can make and
+# remove socket files nowhere else.
+socket-dirs = ["/run/vhost-rng"]
+
 # Limits for every [[guest]] that does not set the key itself.
 [defaults]                         # applied to every [[guest]] that does not set the key
 # Rate limit: at most rate-bytes bytes every rate-period milliseconds. A

@@ -385,13 +385,13 @@ impl Pool {
 
     /// The conditioner thread: absorbs approved bytes, fills the reservoir.
     fn condition(&self, contributions: Receiver<Contribution>) {
-        let mut key = [0u8; 32];
-        if let Err(e) = getrandom::fill(&mut key) {
+        let mut key = Zeroizing::new([0u8; 32]);
+        if let Err(e) = getrandom::fill(key.as_mut()) {
             // The key need not be secret; a fixed one is still a valid
             // conditioning component.
             warn!("conditioner: no random key ({e}); using a fixed key");
         }
-        let mut conditioner = Conditioner::new(key);
+        let mut conditioner = Conditioner::new(*key);
         let mut blocks: Vec<[u8; BLOCK_BYTES]> = Vec::new();
         while let Ok(contribution) = contributions.recv() {
             conditioner.absorb(&contribution.bytes, contribution.min_entropy, &mut blocks);

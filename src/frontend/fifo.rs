@@ -121,6 +121,7 @@ impl FifoServer {
         let thread = thread::Builder::new()
             .name(format!("fifo-{}", self.guest.name()))
             .spawn(move || {
+                crate::service::sandbox::enter(crate::service::sandbox::ThreadRole::Peer);
                 if let Err(e) = fill(&guest, pipe.as_fd(), &signal) {
                     warn!("guest {}: stopped filling its FIFO: {e}", guest.name());
                 }

@@ -667,6 +667,7 @@ impl StreamServer {
         thread::Builder::new()
             .name(format!("{}-{}", protocol.name, clients.guest.name()))
             .spawn(move || {
+                crate::service::sandbox::enter(crate::service::sandbox::ThreadRole::Peer);
                 // Woken by the stop signal rather than by a connection to
                 // the socket file, which someone may have removed already.
                 while stop.wait_for_connection(listener.as_fd()) {
@@ -785,7 +786,10 @@ pub fn spawn_client<S: ClientStream + 'static>(
     };
     let spawned = thread::Builder::new()
         .name(format!("{}-{}-client", protocol.name, clients.guest.name()))
-        .spawn(move || slot.serve(&protocol, &peer, &mut stream));
+        .spawn(move || {
+            crate::service::sandbox::enter(crate::service::sandbox::ThreadRole::Peer);
+            slot.serve(&protocol, &peer, &mut stream)
+        });
     if let Err(e) = spawned {
         warn!(
             "guest {}: cannot start a {} client thread: {e}",

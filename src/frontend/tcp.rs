@@ -135,6 +135,18 @@ impl TcpListener {
     ) -> Result<Arc<Self>, TcpError> {
         let socket =
             StdTcpListener::bind(addr).map_err(|error| TcpError::Listen { addr, error })?;
+        Self::start_on(socket, handshake_timeout)
+    }
+
+    /// [`TcpListener::start_with_handshake_timeout`] on a socket already
+    /// listening (bound here, or handed over by the previous process).
+    pub fn start_on(
+        socket: StdTcpListener,
+        handshake_timeout: Duration,
+    ) -> Result<Arc<Self>, TcpError> {
+        let addr = socket
+            .local_addr()
+            .unwrap_or_else(|_| SocketAddr::from(([0, 0, 0, 0], 0)));
         let local_addr = socket
             .local_addr()
             .map_err(|error| TcpError::Listen { addr, error })?;
@@ -150,7 +162,10 @@ impl TcpListener {
         let accepting = Arc::clone(&listener);
         thread::Builder::new()
             .name("tcp-listener".into())
-            .spawn(move || accepting.accept_loop(socket))
+            .spawn(move || {
+                crate::service::sandbox::enter(crate::service::sandbox::ThreadRole::Peer);
+                accepting.accept_loop(socket)
+            })
             .map_err(TcpError::Spawn)?;
         info!(
             "listening on TCP {local_addr} (encrypted: {})",

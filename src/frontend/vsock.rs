@@ -105,6 +105,11 @@ impl VsockListener {
         pool: Arc<Pool>,
         global: SharedBucket,
     ) -> Result<Arc<Self>, VsockError> {
+        Self::start_on(Self::bind(port)?, port, default_rate, pool, global)
+    }
+
+    /// A socket listening on `port` for every CID.
+    pub fn bind(port: u32) -> Result<OwnedFd, VsockError> {
         let listen = |error| VsockError::Listen { port, error };
         let socket = socket::socket(
             AddressFamily::Vsock,
@@ -115,11 +120,26 @@ impl VsockListener {
         .map_err(listen)?;
         socket::bind(socket.as_raw_fd(), &VsockAddr::new(VSOCK_CID_ANY, port)).map_err(listen)?;
         socket::listen(&socket, Backlog::new(128).unwrap_or(Backlog::MAXCONN)).map_err(listen)?;
+        Ok(socket)
+    }
+
+    /// [`VsockListener::start`] on `socket`, already listening on `port`
+    /// (bound by [`VsockListener::bind`], or handed over).
+    pub fn start_on(
+        socket: OwnedFd,
+        port: u32,
+        default_rate: Option<u64>,
+        pool: Arc<Pool>,
+        global: SharedBucket,
+    ) -> Result<Arc<Self>, VsockError> {
         let listener = Self::new(port, default_rate, pool, global)?;
         let accepting = Arc::clone(&listener);
         thread::Builder::new()
             .name("vsock-listener".into())
-            .spawn(move || accepting.accept_loop(socket))
+            .spawn(move || {
+                crate::service::sandbox::enter(crate::service::sandbox::ThreadRole::Peer);
+                accepting.accept_loop(socket)
+            })
             .map_err(VsockError::Spawn)?;
         match listener.default.as_ref() {
             Some(default) => info!(

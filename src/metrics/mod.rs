@@ -397,12 +397,24 @@ impl MetricsServer {
         snapshot: SnapshotFn,
         io_timeout: Duration,
     ) -> io::Result<MetricsServer> {
-        let listener = TcpListener::bind(addr)?;
+        Self::start_on(TcpListener::bind(addr)?, snapshot, io_timeout)
+    }
+
+    /// [`MetricsServer::start_with_timeout`] on a socket already listening
+    /// (bound here, or handed over by the previous process).
+    pub fn start_on(
+        listener: TcpListener,
+        snapshot: SnapshotFn,
+        io_timeout: Duration,
+    ) -> io::Result<MetricsServer> {
         let local_addr = listener.local_addr()?;
         let stop = Arc::new(AtomicBool::new(false));
         let thread = thread::Builder::new().name("metrics".into()).spawn({
             let stop = Arc::clone(&stop);
-            move || serve(&listener, &snapshot, io_timeout, &stop)
+            move || {
+                crate::service::sandbox::enter(crate::service::sandbox::ThreadRole::Peer);
+                serve(&listener, &snapshot, io_timeout, &stop)
+            }
         })?;
         Ok(MetricsServer {
             local_addr,
@@ -860,6 +872,7 @@ mod tests {
                     ],
                 ),
             ],
+            sandbox: None,
         }
     }
 

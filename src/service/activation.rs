@@ -110,6 +110,16 @@ fn listening_path(fd: &OwnedFd) -> Result<PathBuf, String> {
     }
 }
 
+/// Whether `fd` is a Unix socket bound at `path` itself: one someone else
+/// made (this daemon binds its own in a private directory, then moves
+/// them into place), whose file the daemon must leave alone.
+pub fn bound_at(fd: &OwnedFd, path: &Path) -> bool {
+    socket::getsockname::<UnixAddr>(fd.as_raw_fd())
+        .ok()
+        .and_then(|address| address.path().map(Path::to_path_buf))
+        .is_some_and(|bound| bound == path)
+}
+
 /// The guest name for a socket at `path` passed as `fd_name`.
 fn guest_name(fd_name: Option<&str>, path: &Path) -> String {
     let file_name = || GuestSpec::from_socket_shorthand(GuestEndpoint::Socket(path.into())).name;

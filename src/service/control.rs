@@ -76,6 +76,13 @@ pub enum Request {
         /// How many bytes.
         bytes: usize,
     },
+    /// For the sandbox's tests only: make a system call that no filter
+    /// allows, from a thread of the serving process. Refused unless the
+    /// daemon was started with `VHOST_RNG_TEST_PROBES=1`; the call
+    /// (personality(2) in its query form) changes nothing where it is
+    /// allowed.
+    #[doc(hidden)]
+    ForbiddenSyscallProbe,
 }
 
 /// The daemon's answer line, tagged by `result`.
@@ -132,6 +139,10 @@ pub enum ControlError {
     Refused(String),
 }
 
+/// Set to 1 in a daemon's environment, it answers
+/// [`Request::ForbiddenSyscallProbe`] (tests of the sandbox).
+pub const PROBES_ENV: &str = "VHOST_RNG_TEST_PROBES";
+
 /// Answers one request against the registry.
 pub fn handle(registry: &Registry, request: Request) -> Response {
     let result = match request {
@@ -156,6 +167,14 @@ pub fn handle(registry: &Registry, request: Request) -> Response {
                 data: crate::service::seed::base64(&data),
             })
             .map_err(|e| e.to_string()),
+        Request::ForbiddenSyscallProbe => {
+            if std::env::var_os(PROBES_ENV).is_some_and(|v| v == "1") {
+                crate::service::sandbox::seccomp::forbidden_call();
+                Ok(Response::Ok)
+            } else {
+                Err("unknown command".into())
+            }
+        }
     };
     result.unwrap_or_else(|message| Response::Error { message })
 }
@@ -164,9 +183,14 @@ pub fn handle(registry: &Registry, request: Request) -> Response {
 /// signal loop): the answer says whether the upgrade was started, not
 /// whether it succeeded, which `vhost-rng upgrade` follows in the status.
 fn request_upgrade(registry: &Registry) -> Result<Response, String> {
-    let binary = registry.lifecycle().binary;
-    if let Err(e) = crate::service::upgrade::check_binary(&binary) {
-        let message = e.to_string();
+    // A serving process may not execute anything: its top process runs
+    // the check.
+    let checked = match registry.link() {
+        Some(link) => crate::service::supervisor::check_through_top(&link),
+        None => crate::service::upgrade::check_binary(&registry.lifecycle().binary)
+            .map_err(|e| e.to_string()),
+    };
+    if let Err(message) = checked {
         registry.update_lifecycle(|life| {
             life.last_upgrade_error = Some(message.clone());
             life.upgrade_failures += 1;
@@ -201,19 +225,36 @@ impl ControlServer {
         registry: Arc<Registry>,
         timeout: Duration,
     ) -> Result<Self, SocketError> {
+        Self::prepare_directory(path);
+        Self::start_on(GuestSocket::bind(path, Self::ACCESS)?, registry, timeout)
+    }
+
+    /// Control is root's business only: 0600 whatever --socket-mode says.
+    pub const ACCESS: SocketAccess = SocketAccess {
+        mode: 0o600,
+        group: None,
+    };
+
+    /// Makes the default control socket's directory (one of our own under
+    /// /run) if it is missing.
+    pub fn prepare_directory(path: &Path) {
         if path == Path::new(DEFAULT_CONTROL_PATH)
             && let Some(dir) = path.parent()
             && !dir.exists()
         {
-            // The default lives in a directory of our own under /run.
             let _ = std::fs::create_dir_all(dir);
         }
-        // Control is root's business only: 0600 whatever --socket-mode says.
-        let access = SocketAccess {
-            mode: 0o600,
-            group: None,
-        };
-        let socket = GuestSocket::bind(path, access)?;
+    }
+
+    /// [`ControlServer::start_with_timeout`] on a socket already listening
+    /// (made here, or handed over by the previous process).
+    pub fn start_on(
+        socket: GuestSocket,
+        registry: Arc<Registry>,
+        timeout: Duration,
+    ) -> Result<Self, SocketError> {
+        let path = socket.path().to_owned();
+        let path = path.as_path();
         let listener = socket
             .try_clone_listener()
             .map_err(|error| SocketError::Io {
@@ -224,7 +265,11 @@ impl ControlServer {
         let shown = path.display().to_string();
         thread::Builder::new()
             .name("control".into())
-            .spawn(move || accept_loop(&listener, &registry, timeout))
+            .spawn(move || {
+                // No request is taken before the process has dropped root.
+                crate::service::sandbox::wait_for_gate();
+                accept_loop(&listener, &registry, timeout)
+            })
             .map_err(|error| SocketError::Io {
                 path: path.to_owned(),
                 action: "start the control thread",

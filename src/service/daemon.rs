@@ -8,6 +8,7 @@
 //! already created are removed and the daemon exits with an error.
 
 use std::net::SocketAddr;
+use std::os::fd::{OwnedFd, RawFd};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
@@ -16,11 +17,11 @@ use log::{error, info, warn};
 use nix::sys::signal::{SigSet, Signal};
 use nix::unistd::Gid;
 
-use crate::config::{self, ConfigError, ConfigFile, GuestSpec};
+use crate::config::{self, ConfigError, ConfigFile, GuestEndpoint, GuestSpec};
 use crate::entropy::drbg::ReseedPolicy;
 use crate::entropy::pool::{Mode, Pool, PoolConfig, PoolError};
-use crate::entropy::source::{self, SourceSpec};
-use crate::frontend::socket_file::{SocketAccess, SocketError};
+use crate::entropy::source::{self, SourceKind, SourceSpec};
+use crate::frontend::socket_file::{GuestSocket, SocketAccess, SocketError};
 use crate::frontend::tcp::{TcpError, TcpListener};
 use crate::frontend::vhost_user::{MemoryLimits, VhostUserLimits};
 use crate::frontend::vsock::{VsockError, VsockListener};
@@ -28,7 +29,11 @@ use crate::guest::limiter::RateLimit;
 use crate::metrics::MetricsServer;
 use crate::service::control::{ControlServer, DEFAULT_CONTROL_PATH};
 use crate::service::registry::{Listeners, Registry, RegistryError};
-use crate::service::supervisor::{Report, WorkerLink};
+use crate::service::sandbox::{
+    self, PrivilegeError, RunAs, SandboxStatus, SeccompError, SeccompMode, seccomp,
+};
+use crate::service::shared_sockets;
+use crate::service::supervisor::{self, Report, WorkerLink};
 use crate::service::systemd::Notifier;
 use crate::service::upgrade;
 
@@ -77,6 +82,15 @@ pub struct Settings {
     /// Seconds a vhost-user connection has to send SET_OWNER
     /// (`--vhost-user-setup-timeout`, `vhost-user-setup-timeout`).
     pub vhost_user_setup_timeout: Option<u64>,
+    /// `USER[:GROUP]` the serving process runs as after set-up (`--user`,
+    /// `user`).
+    pub user: Option<String>,
+    /// What a system call outside the allow-list does (`--seccomp`,
+    /// `seccomp`); kill when not given.
+    pub seccomp: Option<SeccompMode>,
+    /// Directories for the socket files of guests added later
+    /// (`--socket-dir`, `socket-dirs`), added to the config file's.
+    pub socket_dirs: Vec<PathBuf>,
 }
 
 /// What `serve` was asked for.
@@ -107,6 +121,9 @@ struct Resolved {
     /// The config file has the `guest` key (`guest = []` included): a
     /// reload may then end with no guests.
     guests_declared: bool,
+    user: Option<String>,
+    seccomp: SeccompMode,
+    socket_dirs: Vec<PathBuf>,
 }
 
 /// Why the daemon could not start, or a reload was refused.
@@ -146,6 +163,12 @@ pub enum DaemonError {
     /// The `--listen-tcp` listener could not start.
     #[error(transparent)]
     Tcp(#[from] TcpError),
+    /// `--user` cannot be honoured, or the privilege drop failed.
+    #[error(transparent)]
+    Privileges(#[from] PrivilegeError),
+    /// The seccomp filter could not be installed.
+    #[error(transparent)]
+    Seccomp(#[from] SeccompError),
     /// `vsock-default-rate` was given without `--vsock`.
     #[error("vsock-default-rate needs a vsock port to listen on: give --vsock PORT")]
     DefaultRateWithoutVsock,
@@ -208,6 +231,14 @@ fn resolve(config: &ServeConfig) -> Result<Resolved, DaemonError> {
         listen_tcp: cli.listen_tcp.or(file.listen_tcp),
         guests: config::merge_guests(config.guests.clone(), file.guests)?,
         guests_declared: file.guests_declared,
+        user: cli.user.clone().or(file.user),
+        seccomp: cli.seccomp.or(file.seccomp).unwrap_or_default(),
+        socket_dirs: cli
+            .socket_dirs
+            .iter()
+            .chain(&file.socket_dirs)
+            .cloned()
+            .collect(),
     })
 }
 
@@ -251,6 +282,8 @@ pub fn run(config: ServeConfig) -> Result<(), DaemonError> {
     let signals = daemon_signals();
     signals.thread_block().map_err(DaemonError::Signals)?;
     keep_out_of_core_dumps();
+    sandbox::prepare_process();
+    sandbox::privileges::clear_inheritable_capabilities();
     // Before any thread starts: it edits the environment.
     let inherited = upgrade::inherited()?;
     let link = WorkerLink::from_env().map(|(link, restarts)| (Arc::new(link), restarts));
@@ -261,6 +294,14 @@ pub fn run(config: ServeConfig) -> Result<(), DaemonError> {
     notifier.status("starting");
 
     let resolved = resolve(&config)?;
+    // Before anything is created: an unknown user starts nothing.
+    let run_as = resolved.user.as_deref().map(RunAs::resolve).transpose()?;
+    if run_as.is_none() && nix::unistd::geteuid().is_root() {
+        sandbox::privileges::warn_running_as_root();
+    }
+    sandbox::arm(resolved.seccomp);
+    // Before any thread starts, so that every thread is confined.
+    let landlock = sandbox::landlock::restrict(&reachable(&config, &resolved, inherited.as_ref()));
     info!("serving mode: {}", resolved.pool.mode.as_str());
     let pool = Pool::start(resolved.pool.clone())?;
     let registry = Registry::new(Arc::clone(&pool), resolved.access, resolved.vhost_user);
@@ -285,7 +326,9 @@ pub fn run(config: ServeConfig) -> Result<(), DaemonError> {
             life.started_at = state.started_at;
             life.upgrades = state.upgrades;
         });
-        registry.set_carried(upgrade::take_over(state));
+        let (guests, shared) = upgrade::take_over(state);
+        shared_sockets::set_inherited(shared);
+        registry.set_carried(guests);
     }
     registry.set_max_rate(resolved.max_rate)?;
     registry.set_listeners(open_listeners(&resolved, &pool, &registry)?);
@@ -296,8 +339,13 @@ pub fn run(config: ServeConfig) -> Result<(), DaemonError> {
     registry.take_up_runtime();
 
     let control = match &resolved.control {
-        Some(path) => match ControlServer::start(path, Arc::clone(&registry)) {
-            Ok(control) => Some(control),
+        Some(path) => match open_control(path, Arc::clone(&registry)) {
+            Ok(control) => {
+                if let Some((link, _)) = &link {
+                    link.send(&Report::ControlSocket { path: path.clone() }, &[]);
+                }
+                Some(control)
+            }
             Err(e) => {
                 registry.stop_all();
                 return Err(e.into());
@@ -308,7 +356,18 @@ pub fn run(config: ServeConfig) -> Result<(), DaemonError> {
     let _metrics = match resolved.metrics {
         Some(addr) => {
             let snapshot = Arc::clone(&registry);
-            match MetricsServer::start(addr, Arc::new(move || snapshot.status())) {
+            let key = format!("metrics@{addr}");
+            let started = shared_sockets::listen(&key, || {
+                std::net::TcpListener::bind(addr).map(OwnedFd::from)
+            })
+            .and_then(|socket| {
+                MetricsServer::start_on(
+                    std::net::TcpListener::from(socket),
+                    Arc::new(move || snapshot.status()),
+                    crate::metrics::IO_TIMEOUT,
+                )
+            });
+            match started {
                 Ok(server) => {
                     info!("metrics on http://{}/metrics", server.local_addr());
                     Some(server)
@@ -324,11 +383,30 @@ pub fn run(config: ServeConfig) -> Result<(), DaemonError> {
         }
         None => None,
     };
+    shared_sockets::drop_unused();
+    // Everything that needs root is done: drop it, then the filter; only
+    // then do the threads reading guest input start reading it.
+    if let Err(e) = enter_sandbox(run_as.as_ref(), resolved.seccomp, landlock) {
+        registry.stop_all();
+        if let Some(control) = &control {
+            control.stop();
+        }
+        return Err(e);
+    }
     let serving = format!("serving {} guest(s)", registry.names().len());
     info!("{serving}");
     // Every socket exists now: units ordered after this one can start.
     notifier.ready(&serving);
     if let Some((link, _)) = &link {
+        let mut fds = Vec::new();
+        let keys = shared_sockets::hand_over(|fd| {
+            fds.push(fd);
+            (fds.len() - 1) as RawFd
+        })
+        .into_iter()
+        .map(|(key, _)| key)
+        .collect();
+        link.send(&Report::Shared { keys }, &fds);
         let life = registry.lifecycle();
         link.send(
             &Report::Life {
@@ -351,10 +429,15 @@ pub fn run(config: ServeConfig) -> Result<(), DaemonError> {
         match signal {
             Signal::SIGUSR2 => {
                 notifier.status("upgrading");
-                if let Err(e) = upgrade::perform(&registry, link.as_ref().map(|(l, _)| l.raw_fd()))
-                {
+                // A serving process under a top process may not execute
+                // anything: the top process starts the new binary.
+                let upgraded = match &link {
+                    Some((link, _)) => supervisor::upgrade_through_top(&registry, link),
+                    None => upgrade::perform(&registry, None).map_err(|e| e.to_string()),
+                };
+                if let Err(e) = upgraded {
                     warn!("upgrade: {e}; going on as before");
-                    let message = e.to_string();
+                    let message = e;
                     registry.update_lifecycle(|life| {
                         life.last_upgrade_error = Some(message);
                         life.upgrade_failures += 1;
@@ -395,6 +478,98 @@ pub fn run(config: ServeConfig) -> Result<(), DaemonError> {
     Ok(())
 }
 
+/// Drops privileges (`--user`), installs the serving process's filter on
+/// every thread and opens the gate for the threads that read input.
+fn enter_sandbox(
+    run_as: Option<&RunAs>,
+    mode: SeccompMode,
+    landlock: String,
+) -> Result<(), DaemonError> {
+    if let Some(run_as) = run_as {
+        run_as.drop_privileges()?;
+        info!("running as {}", run_as.describe());
+    }
+    seccomp::install_process(seccomp::Role::Worker, mode)?;
+    let uid = nix::unistd::getuid();
+    let user = match run_as {
+        Some(run_as) => run_as.describe(),
+        None if uid.is_root() => "root (no --user)".into(),
+        None => format!("uid {uid} (started unprivileged)"),
+    };
+    info!("sandbox: user {user}, seccomp {mode}, Landlock {landlock}");
+    sandbox::open(SandboxStatus {
+        user,
+        seccomp: mode.to_string(),
+        landlock,
+    });
+    Ok(())
+}
+
+/// What the serving process may reach once Landlock is on: the socket
+/// directories, key files, devices and config file its configuration (and
+/// the guests handed over to it) name, and its TCP ports.
+fn reachable(
+    config: &ServeConfig,
+    resolved: &Resolved,
+    inherited: Option<&upgrade::DaemonState>,
+) -> sandbox::landlock::Allowed {
+    let mut allowed = sandbox::landlock::Allowed::default();
+    let carried = inherited
+        .into_iter()
+        .flat_map(|state| &state.guests)
+        .filter_map(|guest| guest.spec.parse::<GuestSpec>().ok());
+    for guest in resolved.guests.iter().cloned().chain(carried) {
+        match &guest.endpoint {
+            GuestEndpoint::Socket(path)
+            | GuestEndpoint::Egd(path)
+            | GuestEndpoint::VsockUds(path) => allowed.socket(path),
+            GuestEndpoint::TcpPsk(path) => allowed.read(path),
+            GuestEndpoint::Fifo(path) => allowed.fifo(path),
+            GuestEndpoint::Connect(_) | GuestEndpoint::Cid(_) => {}
+        }
+    }
+    if let Some(control) = &resolved.control {
+        allowed.socket(control);
+    }
+    for dir in &resolved.socket_dirs {
+        allowed.socket(&dir.join("socket"));
+        allowed.fifo(&dir.join("fifo"));
+    }
+    if let Some(file) = &config.config_file {
+        allowed.read(file);
+    }
+    for source in &resolved.pool.sources {
+        match (source.kind, &source.path) {
+            (SourceKind::Hwrng, None) => allowed.read(Path::new(source::DEFAULT_HWRNG_PATH)),
+            (_, Some(path)) => allowed.read(path),
+            _ => {}
+        }
+    }
+    allowed.tcp_ports = [resolved.metrics, resolved.listen_tcp]
+        .into_iter()
+        .flatten()
+        .map(|addr| addr.port())
+        .collect();
+    allowed
+}
+
+/// The control socket: the one handed over, or a new one.
+fn open_control(path: &Path, registry: Arc<Registry>) -> Result<ControlServer, SocketError> {
+    let key = format!("control@{}", path.display());
+    let socket = shared_sockets::listen(&key, || {
+        ControlServer::prepare_directory(path);
+        GuestSocket::bind(path, ControlServer::ACCESS).and_then(|socket| {
+            socket.duplicate().map_err(|error| SocketError::Io {
+                path: path.to_owned(),
+                action: "copy the control socket",
+                error,
+            })
+        })
+    })?;
+    let socket = GuestSocket::adopt(path, socket)?;
+    ControlServer::start_on(socket, registry, crate::service::control::CLIENT_TIMEOUT)
+}
+
 /// Starts the listeners shared by many guests (`--vsock`, `--listen-tcp`);
 /// all or none.
 fn open_listeners(
@@ -404,7 +579,10 @@ fn open_listeners(
 ) -> Result<Listeners, DaemonError> {
     let mut listeners = Listeners::default();
     if let Some(port) = resolved.vsock {
-        listeners.vsock = Some(VsockListener::start(
+        let socket =
+            shared_sockets::listen(&format!("vsock@{port}"), || VsockListener::bind(port))?;
+        listeners.vsock = Some(VsockListener::start_on(
+            socket,
             port,
             resolved.vsock_default_rate,
             Arc::clone(pool),
@@ -412,7 +590,18 @@ fn open_listeners(
         )?);
     }
     if let Some(addr) = resolved.listen_tcp {
-        match TcpListener::start(addr) {
+        let started = shared_sockets::listen(&format!("tcp@{addr}"), || {
+            std::net::TcpListener::bind(addr)
+                .map(OwnedFd::from)
+                .map_err(|error| TcpError::Listen { addr, error })
+        })
+        .and_then(|socket| {
+            TcpListener::start_on(
+                std::net::TcpListener::from(socket),
+                crate::frontend::tcp::HANDSHAKE_TIMEOUT,
+            )
+        });
+        match started {
             Ok(tcp) => listeners.tcp = Some(tcp),
             Err(e) => {
                 listeners.stop();

@@ -21,13 +21,14 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::io::{Read, Seek};
-use std::os::fd::{AsRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsFd, AsRawFd, OwnedFd, RawFd};
 
 use log::{debug, info, warn};
 use serde::{Deserialize, Serialize};
 
 use super::systemd::Notifier;
 use super::upgrade::{self, GuestState, UPGRADE_STATE_VERSION};
+use crate::kcmp;
 
 /// Set for the serving process when the store holds every guest's
 /// descriptors: on SIGTERM it then leaves connections and socket files as
@@ -36,6 +37,9 @@ use super::upgrade::{self, GuestState, UPGRADE_STATE_VERSION};
 pub const KEEPS_CONNECTIONS_ENV: &str = "VHOST_RNG_FD_STORE";
 
 const PREFIX: &str = "guest.";
+/// Shared listening sockets: `shared.<key>`, the key's `:` (which systemd
+/// does not allow in a name) written `|`.
+const SHARED_PREFIX: &str = "shared.";
 const STATE: &str = "state";
 
 /// What the store holds for one guest.
@@ -67,6 +71,9 @@ pub struct FdStore {
     /// Names to remove that systemd's full queue refused.
     #[serde(default)]
     unremoved: BTreeSet<String>,
+    /// Keys of the shared listening sockets stored.
+    #[serde(default)]
+    shared: BTreeSet<String>,
 }
 
 /// A guest as the store gave it back: its record and its descriptors (the
@@ -199,6 +206,24 @@ impl FdStore {
         sent && self.put(notifier, name, None, state, fds)
     }
 
+    /// Stores the shared listening sockets not stored yet, and removes the
+    /// ones no longer open (a setting changed). They never change while
+    /// they are open, so nothing is stored twice.
+    pub fn put_shared(&mut self, notifier: &Notifier, sockets: &[(String, OwnedFd)]) {
+        let now: BTreeSet<String> = sockets.iter().map(|(key, _)| key.clone()).collect();
+        for key in self.shared.difference(&now).cloned().collect::<Vec<_>>() {
+            let _ = self.remove(notifier, shared_name(&key));
+        }
+        for (key, fd) in sockets {
+            if !self.shared.contains(key) && !store(notifier, &shared_name(key), fd.as_raw_fd()) {
+                warn!(
+                    "{key}: systemd's file descriptor store did not take it; a restart reopens it"
+                );
+            }
+        }
+        self.shared = now;
+    }
+
     /// Removes everything stored for `name`. False if systemd did not take
     /// every message.
     #[must_use]
@@ -237,14 +262,19 @@ impl FdStore {
     pub fn restore(
         notifier: &Notifier,
         passed: Vec<(String, OwnedFd)>,
-    ) -> (FdStore, Vec<Restored>) {
+    ) -> (FdStore, Vec<Restored>, Vec<(String, OwnedFd)>) {
         #[derive(Default)]
         struct Found {
             files: BTreeMap<u32, OwnedFd>,
             states: BTreeMap<u64, OwnedFd>,
         }
         let mut found: BTreeMap<String, Found> = BTreeMap::new();
+        let mut shared = Vec::new();
         for (fd_name, fd) in passed {
+            if let Some(key) = fd_name.strip_prefix(SHARED_PREFIX) {
+                shared.push((key.replace('|', ":"), fd));
+                continue;
+            }
             match parse_name(&fd_name) {
                 Some((guest, Entry::File(id))) => {
                     found
@@ -266,7 +296,10 @@ impl FdStore {
                 ),
             }
         }
-        let mut store = FdStore::default();
+        let mut store = FdStore {
+            shared: shared.iter().map(|(key, _)| key.clone()).collect(),
+            ..FdStore::default()
+        };
         let mut restored = Vec::new();
         for (name, mut found) in found {
             // The newest record counts; older ones are a kill mid-update.
@@ -311,7 +344,7 @@ impl FdStore {
                 restored.len()
             );
         }
-        (store, restored)
+        (store, restored, shared)
     }
 }
 
@@ -395,6 +428,10 @@ enum Entry {
     State(u64),
 }
 
+fn shared_name(key: &str) -> String {
+    format!("{SHARED_PREFIX}{}", key.replace(':', "|"))
+}
+
 fn file_name(guest: &str, id: u32) -> String {
     format!("{PREFIX}{guest}.{id}")
 }
@@ -406,9 +443,9 @@ fn state_name(guest: &str, generation: u64) -> String {
 /// `guest.<name>.<id>` or `guest.<name>.state<generation>` (guest names
 /// may hold dots, ids and generations do not).
 /// Whether `fd_name` is one the store uses (`guest.<name>.<id>`,
-/// `guest.<name>.state<generation>`).
+/// `guest.<name>.state<generation>`, `shared.<key>`).
 pub fn is_store_name(fd_name: &str) -> bool {
-    parse_name(fd_name).is_some()
+    parse_name(fd_name).is_some() || fd_name.starts_with(SHARED_PREFIX)
 }
 
 fn parse_name(fd_name: &str) -> Option<(&str, Entry)> {
@@ -440,29 +477,14 @@ fn remove(notifier: &Notifier, name: &str) -> bool {
         .is_ok()
 }
 
-/// Whether two descriptors of this process are the same open file (as
-/// systemd tells them apart: it keeps one copy of each).
+/// Whether two descriptors are the same open file, as systemd tells them
+/// apart (it keeps one copy of each).
 fn same_file(a: &OwnedFd, b: &OwnedFd) -> bool {
-    same_file_checked(a, b).unwrap_or(false)
+    kcmp::same_file(a.as_fd(), b.as_fd())
 }
 
 fn same_file_checked(a: &OwnedFd, b: &OwnedFd) -> Option<bool> {
-    /// `KCMP_FILE` from linux/kcmp.h.
-    const KCMP_FILE: libc::c_int = 0;
-    let pid = std::process::id() as libc::pid_t;
-    // SAFETY: kcmp only compares two descriptors of this process, both
-    // open for the duration of the call (borrowed); it writes no memory.
-    let result = unsafe {
-        libc::syscall(
-            libc::SYS_kcmp,
-            pid,
-            pid,
-            KCMP_FILE,
-            a.as_raw_fd() as libc::c_ulong,
-            b.as_raw_fd() as libc::c_ulong,
-        )
-    };
-    (result >= 0).then_some(result == 0)
+    kcmp::same_file_checked(a.as_fd(), b.as_fd())
 }
 
 #[cfg(test)]
@@ -554,6 +576,7 @@ mod tests {
                         call: None,
                         err: None,
                     },
+                    answered: None,
                 },
                 fds: (2..2 + memory_fds as RawFd + 1).collect(),
             }),
@@ -630,7 +653,7 @@ mod tests {
             passed.push(("someone-else".into(), nix::unistd::pipe().unwrap().0));
             passed
         };
-        let (_, restored) = FdStore::restore(&notifier, passed(None));
+        let (_, restored, _) = FdStore::restore(&notifier, passed(None));
         let (name, state, fds) = &restored[0];
         assert_eq!(name, "vm");
         assert_eq!(fds.len(), 5);
@@ -642,7 +665,7 @@ mod tests {
             &fds[connection.fds[1] as usize]
         ));
         let _ = drain(&systemd);
-        let (_, restored) = FdStore::restore(&notifier, passed(Some(1)));
+        let (_, restored, _) = FdStore::restore(&notifier, passed(Some(1)));
         let (_, state, fds) = &restored[0];
         assert!(state.connection.is_none());
         assert_eq!(state.listener, Some(0));
@@ -653,14 +676,5 @@ mod tests {
             names.contains(&"FDSTOREREMOVE=1\nFDNAME=guest.vm.2".to_owned()),
             "{names:?}"
         );
-    }
-
-    #[test]
-    fn the_same_open_file_is_told_from_another_one() {
-        let (a, b) = std::os::unix::net::UnixStream::pair().unwrap();
-        let (a, b): (OwnedFd, OwnedFd) = (a.into(), b.into());
-        let copy = a.try_clone().unwrap();
-        assert_eq!(same_file_checked(&a, &copy), Some(true));
-        assert_eq!(same_file_checked(&a, &b), Some(false));
     }
 }

@@ -5,8 +5,10 @@
 //! ([`status`]), systemd notifications ([`systemd`]), in-place upgrades
 //! ([`upgrade`]), the top process that restarts a crashed serving process
 //! ([`supervisor`]) and what it keeps in systemd's file descriptor store
-//! ([`fd_store`]), `vhost-rng check` ([`check`]) and `vhost-rng seed`
-//! ([`seed`]).
+//! ([`fd_store`]), the listening sockets all guests share and that are
+//! handed over like theirs ([`shared_sockets`]), the sandbox of both
+//! processes ([`sandbox`]), `vhost-rng check` ([`check`]) and `vhost-rng
+//! seed` ([`seed`]).
 
 pub mod activation;
 pub mod check;
@@ -14,7 +16,9 @@ pub mod control;
 pub mod daemon;
 pub mod fd_store;
 pub mod registry;
+pub mod sandbox;
 pub mod seed;
+pub mod shared_sockets;
 pub mod status;
 pub mod supervisor;
 pub mod systemd;

@@ -397,6 +397,11 @@ impl Registry {
         let _ = self.link.set(link);
     }
 
+    /// The link to the top process, in a serving process.
+    pub fn link(&self) -> Option<Arc<WorkerLink>> {
+        self.link.get().cloned()
+    }
+
     /// Tells the top process every guest's counters as they are now.
     pub fn report_counters(&self) {
         let Some(link) = self.link.get() else {
@@ -1032,6 +1037,7 @@ impl Registry {
                 .listeners()
                 .map(Listeners::statuses)
                 .unwrap_or_default(),
+            sandbox: crate::service::sandbox::status(),
         }
     }
 }

@@ -132,6 +132,10 @@ pub struct DaemonStatus {
     /// field.
     #[serde(default)]
     pub listeners: Vec<ListenerStatus>,
+    /// The serving process's sandbox: its user, seccomp mode and what
+    /// Landlock enforces; none from daemons before this field.
+    #[serde(default)]
+    pub sandbox: Option<crate::service::sandbox::SandboxStatus>,
 }
 
 impl SourceStatus {
@@ -188,6 +192,20 @@ impl DaemonStatus {
         );
         if let Some(error) = &self.last_upgrade_error {
             let _ = writeln!(out, "last upgrade refused: {error}");
+        }
+        if let Some(exit) = &self.last_worker_exit {
+            let _ = writeln!(
+                out,
+                "serving process restarted {} time(s); the last one {exit}",
+                self.worker_restarts
+            );
+        }
+        if let Some(sandbox) = &self.sandbox {
+            let _ = writeln!(
+                out,
+                "sandbox: user {}, seccomp {}, Landlock {}",
+                sandbox.user, sandbox.seccomp, sandbox.landlock
+            );
         }
         let _ = writeln!(out, "\nSOURCES");
         let _ = writeln!(
@@ -336,6 +354,7 @@ mod tests {
                 sources: vec![],
             },
             listeners: vec![],
+            sandbox: None,
         };
         let json = serde_json::to_string(&status).unwrap();
         assert_eq!(serde_json::from_str::<DaemonStatus>(&json).unwrap(), status);
@@ -387,6 +406,7 @@ mod tests {
                     &[("unknown_name", 2), ("not_protocol", 1)],
                 ),
             ],
+            sandbox: None,
         };
         let json = serde_json::to_string(&status).unwrap();
         assert_eq!(serde_json::from_str::<DaemonStatus>(&json).unwrap(), status);
@@ -438,6 +458,7 @@ mod tests {
                 sources: vec![],
             },
             listeners: vec![],
+            sandbox: None,
         };
         assert!(!status.render().contains("LISTENERS"));
     }
@@ -462,6 +483,7 @@ mod tests {
                 sources: vec![],
             },
             listeners: vec![listener("tcp", "127.0.0.1:5565", &[])],
+            sandbox: None,
         })
         .unwrap();
         status.as_object_mut().unwrap().remove("listeners");

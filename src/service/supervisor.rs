@@ -48,6 +48,10 @@ use super::fd_store::{self, FdStore};
 use super::systemd::{self, Notifier};
 use super::upgrade::{self, DaemonState, GuestState, UPGRADE_STATE_VERSION};
 
+mod handoff;
+mod leftovers;
+pub use handoff::{Verdict, check_through_top, upgrade_through_top};
+
 /// The variable that makes `vhost-rng serve` a worker; it names the
 /// worker's end of the socket to the top process.
 pub const WORKER_ENV: &str = "VHOST_RNG_WORKER";
@@ -108,6 +112,31 @@ pub enum Report {
     Gone {
         /// The guest's name.
         name: String,
+    },
+    /// The serving process asks whether the binary on disk can take over
+    /// (an upgrade, see [`handoff`]); answered with a [`Verdict`].
+    CheckUpgrade {
+        /// Echoed in the answer.
+        id: u64,
+    },
+    /// Every guest is parked and reported: the serving process exits, and
+    /// the top process starts the new binary with them.
+    HandedOver {
+        /// The upgrade count of the next serving process.
+        upgrades: u64,
+    },
+    /// The control socket's file, for the top process to remove at stop
+    /// if the serving process cannot ([`leftovers`]).
+    ControlSocket {
+        /// Its path.
+        path: PathBuf,
+    },
+    /// The listening sockets shared by guests, the control socket and the
+    /// metrics port (see [`crate::service::shared_sockets`]); descriptors
+    /// in the order of `keys`.
+    Shared {
+        /// What each socket listens on.
+        keys: Vec<String>,
     },
     /// The daemon's life across upgrades.
     Life {
@@ -282,6 +311,9 @@ pub fn run(handed_fds: &[RawFd]) -> ExitCode {
         restarts: Restarts::default(),
         ready: false,
         stopping: false,
+        upgrading: None,
+        leftovers: BTreeMap::new(),
+        shared: Vec::new(),
         store: None,
         unstored: BTreeSet::new(),
     };
@@ -373,7 +405,21 @@ pub fn run(handed_fds: &[RawFd]) -> ExitCode {
                         std::thread::sleep(Duration::from_millis(20));
                         top.resync_store();
                     }
+                    // Unless systemd keeps them for the next start.
+                    if top.store.is_none() {
+                        leftovers::remove(top.leftovers.values());
+                    }
                     return exit_code(status);
+                }
+                if let Some(upgrades) = top.upgrading.take() {
+                    match top.start_upgraded(upgrades) {
+                        Ok(next) => {
+                            worker = next;
+                            started = Instant::now();
+                            continue;
+                        }
+                        Err(e) => error!("cannot start the upgraded serving process: {e}"),
+                    }
                 }
                 if !top.ready {
                     error!("the serving process could not start ({status}); stopping");
@@ -438,6 +484,13 @@ struct Top {
     restarts: Restarts,
     ready: bool,
     stopping: bool,
+    /// The serving process handed over for an upgrade (the next one's
+    /// upgrade count).
+    upgrading: Option<u64>,
+    /// Socket files to remove once the serving process has stopped.
+    leftovers: BTreeMap<String, leftovers::SocketFile>,
+    /// The shared listening sockets, by key.
+    shared: Vec<(String, OwnedFd)>,
     /// What systemd's file descriptor store holds, when it is used.
     store: Option<FdStore>,
     /// Guests whose last change systemd's full queue did not take whole;
@@ -495,13 +548,14 @@ impl Top {
             }
             return self.spawn(None);
         }
-        let (store, restored) = FdStore::restore(&self.notifier, passed);
+        let (store, restored, shared) = FdStore::restore(&self.notifier, passed);
         self.store = Some(store);
+        self.shared = shared;
         for (name, state, fds) in restored {
             self.held.insert(name, Held { state, fds });
         }
         self.adopt_activated(activated);
-        if self.held.is_empty() {
+        if self.held.is_empty() && self.shared.is_empty() {
             return self.spawn(None);
         }
         self.spawn_restored()
@@ -584,6 +638,12 @@ impl Top {
 
     /// Starts a worker with everything the dead one reported.
     fn spawn_restored(&self) -> std::io::Result<Pid> {
+        self.spawn_from_held(false, None)
+    }
+
+    /// Starts a worker with every guest held; token levels kept only after
+    /// a hand-over (`keep_tokens`), and `upgrades` for an upgrade.
+    fn spawn_from_held(&self, keep_tokens: bool, upgrades: Option<u64>) -> std::io::Result<Pid> {
         let mut kept = Vec::new();
         let guests = self
             .held
@@ -606,18 +666,33 @@ impl Top {
                 state.clients = state.clients.iter().map(|&fd| at(fd)).collect();
                 // Start empty: tokens reported before the crash may have
                 // been spent since.
-                state.tokens = None;
+                if !keep_tokens {
+                    state.tokens = None;
+                }
                 state
             })
             .collect();
-        let (started_at, upgrades) = self.life.unwrap_or((0, 0));
+        let (started_at, upgrades) = match (self.life.unwrap_or((0, 0)), upgrades) {
+            ((started_at, _), Some(upgrades)) => (started_at, upgrades),
+            (life, None) => life,
+        };
         let record = DaemonState {
             version: UPGRADE_STATE_VERSION,
             written_by: env!("CARGO_PKG_VERSION").into(),
             started_at,
             upgrades,
             guests,
+            shared: Vec::new(),
         };
+        let shared = self
+            .shared
+            .iter()
+            .map(|(key, fd)| {
+                kept.push(fd.as_raw_fd());
+                (key.clone(), fd.as_raw_fd())
+            })
+            .collect();
+        let record = DaemonState { shared, ..record };
         kept.retain(|&fd| fd >= 0);
         let memfd = upgrade::write_record(&record)?;
         // Close-on-exec is cleared in the child only (pre_exec): ours stay
@@ -656,6 +731,7 @@ impl Top {
             return false;
         }
         match serde_json::from_slice::<Report>(&buf[..bytes]) {
+            Ok(Report::CheckUpgrade { id }) => self.check_upgrade(id, socket),
             Ok(report) => self.apply(report, fds),
             Err(e) => warn!("an unreadable report from the serving process: {e}"),
         }
@@ -678,7 +754,8 @@ impl Top {
                         self.unstored.insert(name.clone());
                     }
                 }
-                self.held.insert(name, Held { state: *state, fds });
+                self.held.insert(name.clone(), Held { state: *state, fds });
+                self.note_socket_file(&name);
             }
             Report::Counters { name, counters } => {
                 if let Some(held) = self.held.get_mut(&name) {
@@ -704,6 +781,18 @@ impl Top {
                     self.unstored.insert(name.clone());
                 }
                 self.held.remove(&name);
+                self.leftovers.remove(&name);
+            }
+            Report::HandedOver { upgrades } => self.upgrading = Some(upgrades),
+            Report::ControlSocket { path } => self.note_control_socket(path),
+            // Answered where the socket is (receive_now).
+            Report::CheckUpgrade { .. } => {}
+            Report::Shared { keys } => {
+                let shared: Vec<(String, OwnedFd)> = keys.into_iter().zip(fds).collect();
+                if let Some(store) = &mut self.store {
+                    store.put_shared(&self.notifier, &shared);
+                }
+                self.shared = shared;
             }
             Report::Life {
                 started_at,
@@ -730,6 +819,8 @@ struct TopRecord {
     store: Option<FdStore>,
     #[serde(default)]
     unstored: BTreeSet<String>,
+    #[serde(default)]
+    shared: Vec<(String, RawFd)>,
 }
 
 /// The variable naming the memfd with a [`TopRecord`].
@@ -768,6 +859,11 @@ impl TopRecord {
             count: self.restarts,
             last_cause: self.last_cause,
         };
+        top.shared = self
+            .shared
+            .into_iter()
+            .map(|(key, fd)| (key, take(fd)))
+            .collect();
         top.ready = true;
         if top.store.is_some() {
             top.store = self.store.or_else(|| Some(FdStore::default()));
@@ -783,6 +879,7 @@ impl Top {
     /// Returns only if that failed, with everything as it was.
     fn exec_self(&self, ours: &OwnedFd, worker: Pid) -> String {
         let mut keep: Vec<RawFd> = vec![ours.as_raw_fd(), self.link.as_raw_fd()];
+        keep.extend(self.shared.iter().map(|(_, fd)| fd.as_raw_fd()));
         let guests = self
             .held
             .iter()
@@ -802,6 +899,11 @@ impl Top {
             last_cause: self.restarts.last_cause.clone(),
             store: self.store.clone(),
             unstored: self.unstored.clone(),
+            shared: self
+                .shared
+                .iter()
+                .map(|(key, fd)| (key.clone(), fd.as_raw_fd()))
+                .collect(),
         };
         let memfd = match upgrade::write_json(&record) {
             Ok(memfd) => memfd,

@@ -13,10 +13,11 @@
 //! What is carried: every guest's listening socket, a vhost-user guest's
 //! VMM connection with its negotiated state ([`ConnectionState`]), an EGD or
 //! channel guest's connected clients, token-bucket levels and counters,
-//! guests added at runtime, the start time and the count of upgrades. Not
-//! carried: the shared vsock and TCP listeners and the control and metrics
-//! sockets, which the new process opens again (an agent mid-request
-//! reconnects); DRBG state, which is reseeded, never restored.
+//! guests added at runtime, the start time and the count of upgrades, and
+//! the listening sockets all guests share (vsock, TCP, control, metrics;
+//! [`crate::service::shared_sockets`]). Not carried: connections to those
+//! being answered (an agent mid-request reconnects), and DRBG state, which
+//! is reseeded, never restored.
 
 use std::ffi::{CString, OsString};
 use std::fs::File;
@@ -58,6 +59,11 @@ pub struct DaemonState {
     pub upgrades: u64,
     /// Every guest served.
     pub guests: Vec<GuestState>,
+    /// The listening sockets shared by guests (vsock, TCP), the control
+    /// socket and the metrics port, by key (see
+    /// [`crate::service::shared_sockets`]).
+    #[serde(default)]
+    pub shared: Vec<(String, RawFd)>,
 }
 
 /// One guest as handed over. Descriptors are the numbers they have in the
@@ -426,12 +432,18 @@ pub fn perform(registry: &Registry, also_inherit: Option<RawFd>) -> Result<(), U
             )
         })
         .collect();
+    let shared = crate::service::shared_sockets::hand_over(|fd| {
+        let raw = fd.into_raw_fd();
+        kept.push(raw);
+        raw
+    });
     let state = DaemonState {
         version: UPGRADE_STATE_VERSION,
         written_by: env!("CARGO_PKG_VERSION").into(),
         started_at: life.started_at,
         upgrades: life.upgrades + 1,
         guests,
+        shared,
     };
     info!(
         "upgrading in place: executing {} with {} guest(s)",
@@ -504,16 +516,21 @@ pub fn guest_state(
     }
 }
 
-/// Turns a handed-over record into guests this daemon takes up, owning
-/// their descriptors. A guest whose spec no longer parses is dropped, its
-/// descriptors closed.
-pub fn take_over(state: DaemonState) -> Vec<Carried> {
+/// Turns a handed-over record into guests this daemon takes up and the
+/// shared listening sockets, owning their descriptors. A guest whose spec
+/// no longer parses is dropped, its descriptors closed.
+pub fn take_over(state: DaemonState) -> (Vec<Carried>, Vec<(String, OwnedFd)>) {
     // Only ever called here, once per descriptor the record names.
     let take = |fd: RawFd| {
         // SAFETY: the previous version handed these descriptors over in
         // this record, each named once, and nothing else owns them.
         unsafe { adopt(fd) }
     };
+    let shared = state
+        .shared
+        .into_iter()
+        .map(|(key, fd)| (key, take(fd)))
+        .collect();
     let mut carried = Vec::new();
     for guest in state.guests {
         let listener = guest.listener.map(take);
@@ -545,7 +562,7 @@ pub fn take_over(state: DaemonState) -> Vec<Carried> {
             ),
         }
     }
-    carried
+    (carried, shared)
 }
 
 #[cfg(test)]
@@ -584,10 +601,12 @@ mod tests {
                 tokens: Some(100),
                 counters: Counters::default(),
             }],
+            shared: vec![("tcp@127.0.0.1:5565".into(), 8)],
         };
         let json = serde_json::to_vec(&state).unwrap();
         let back = parse_state(&json).unwrap();
         assert_eq!(back.guests[0].listener, Some(7));
         assert_eq!(back.upgrades, 2);
+        assert_eq!(back.shared, [("tcp@127.0.0.1:5565".to_owned(), 8)]);
     }
 }

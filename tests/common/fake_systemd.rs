@@ -92,6 +92,17 @@ impl FakeSystemd {
             .collect()
     }
 
+    /// The names of the stored descriptors.
+    pub fn names(&self) -> Vec<String> {
+        self.received
+            .lock()
+            .unwrap()
+            .store
+            .iter()
+            .map(|(name, _)| name.clone())
+            .collect()
+    }
+
     /// How many descriptors the store holds.
     pub fn stored(&self) -> usize {
         self.received.lock().unwrap().store.len()

@@ -16,6 +16,31 @@ use nix::unistd::Pid;
 
 pub mod fake_systemd;
 
+/// The user the real-guest tests pass to `--user` when run as root:
+/// vhost-rng-test (tests/run-all.sh creates it), else nobody. None when
+/// not root (nothing to drop).
+pub fn test_user() -> Option<String> {
+    if !nix::unistd::geteuid().is_root() {
+        return None;
+    }
+    ["vhost-rng-test", "nobody"]
+        .into_iter()
+        .find(|name| nix::unistd::User::from_name(name).ok().flatten().is_some())
+        .map(str::to_owned)
+}
+
+/// The `Key: value` lines of /proc/PID/status.
+pub fn proc_status(pid: Pid) -> HashMap<String, String> {
+    fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|line| {
+            let (key, value) = line.split_once(':')?;
+            Some((key.to_owned(), value.trim().to_owned()))
+        })
+        .collect()
+}
+
 /// Upper bound for anything a test waits on; only there so a broken build
 /// fails instead of hanging CI.
 pub const PATIENCE: Duration = Duration::from_secs(60);
@@ -225,6 +250,71 @@ impl Daemon {
             daemon.wait_for_socket(socket);
         }
         daemon
+    }
+
+    /// [`Daemon::start`] as the real-guest tests run it: started as root,
+    /// with `--user` ([`test_user`]), so that guests are served by an
+    /// unprivileged, filtered serving process exactly as in production.
+    pub fn start_sandboxed<I, S>(args: I) -> Daemon
+    where
+        I: IntoIterator<Item = S>,
+        S: AsRef<std::ffi::OsStr>,
+    {
+        let mut args: Vec<std::ffi::OsString> =
+            args.into_iter().map(|a| a.as_ref().to_owned()).collect();
+        if let Some(user) = test_user() {
+            args.push("--user".into());
+            args.push(user.into());
+        }
+        Daemon::start(args)
+    }
+
+    /// [`Daemon::serve`] with `--user` ([`Daemon::start_sandboxed`]).
+    pub fn serve_sandboxed(sockets: &[&Path]) -> Daemon {
+        let mut args = vec!["serve".to_owned()];
+        for socket in sockets {
+            args.push("--socket".into());
+            args.push(socket.display().to_string());
+        }
+        let mut daemon = Daemon::start_sandboxed(args);
+        for socket in sockets {
+            daemon.wait_for_socket(socket);
+        }
+        daemon
+    }
+
+    /// Checks the serving process's sandbox in /proc: not root when run
+    /// with `--user`, no capabilities, no_new_privs, a seccomp filter; and
+    /// no_new_privs and a filter in the top process too.
+    pub fn assert_sandboxed(&self) {
+        // The serving process drops root once its set-up is done.
+        let dropped = |status: &HashMap<String, String>| {
+            let filters: u32 = status
+                .get("Seccomp_filters")
+                .and_then(|n| n.parse().ok())
+                .unwrap_or(0);
+            let uid = status.get("Uid").and_then(|u| u.split_whitespace().next());
+            filters >= 2 && (test_user().is_none() || uid.is_some_and(|uid| uid != "0"))
+        };
+        wait_until("the serving process to drop privileges", || {
+            dropped(&proc_status(self.serving_pid()))
+        });
+        let worker = proc_status(self.serving_pid());
+        if test_user().is_some() {
+            assert_ne!(
+                worker["Uid"].split_whitespace().next(),
+                Some("0"),
+                "{worker:?}"
+            );
+            for set in ["CapInh", "CapPrm", "CapEff", "CapBnd", "CapAmb"] {
+                assert_eq!(worker[set], "0000000000000000", "{set}: {worker:?}");
+            }
+            assert_eq!(worker["Groups"], "", "{worker:?}");
+        }
+        for status in [worker, proc_status(self.pid())] {
+            assert_eq!(status["NoNewPrivs"], "1", "{status:?}");
+            assert_eq!(status["Seccomp"], "2", "{status:?}");
+        }
     }
 
     /// Waits until the daemon reports it listens on `path`. Watches the log

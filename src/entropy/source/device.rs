@@ -19,17 +19,32 @@ pub struct DeviceSource {
     path: PathBuf,
     hardware: bool,
     file: Option<File>,
+    /// A character device opened at start, while the daemon may still
+    /// have root: used again when reopening by path is no longer allowed
+    /// (after `--user`, /dev/hwrng is usually root's alone).
+    spare: Option<File>,
 }
 
 impl DeviceSource {
     /// A source named `name` (for logs) reading `path`, reported as hardware
     /// or not; nothing is opened until the first read.
     pub fn new(name: String, path: PathBuf, hardware: bool) -> Self {
+        // Character devices open at once (they do not block in open, as a
+        // FIFO would), so that the serving process keeps one after it
+        // drops root.
+        let is_char_device = std::fs::metadata(&path)
+            .is_ok_and(|meta| std::os::unix::fs::FileTypeExt::is_char_device(&meta.file_type()));
+        let spare = if is_char_device {
+            File::open(&path).ok()
+        } else {
+            None
+        };
         DeviceSource {
             name,
             path,
             hardware,
             file: None,
+            spare,
         }
     }
 
@@ -37,7 +52,16 @@ impl DeviceSource {
         if self.file.is_none() {
             // Opening a FIFO blocks until a writer appears: fine on the
             // source's own thread.
-            let file = File::open(&self.path).map_err(|error| SourceError::Open {
+            let file = match File::open(&self.path) {
+                Ok(file) => Ok(file),
+                Err(error) if error.kind() == ErrorKind::PermissionDenied => self
+                    .spare
+                    .as_ref()
+                    .and_then(|spare| spare.try_clone().ok())
+                    .ok_or(error),
+                Err(error) => Err(error),
+            }
+            .map_err(|error| SourceError::Open {
                 source_name: self.name.clone(),
                 path: self.path.clone(),
                 error,

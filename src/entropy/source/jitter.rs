@@ -14,7 +14,11 @@
 //!
 //! A read error (the kernel reports its own health-test failures that way)
 //! drops both descriptors; the next read binds anew, which gives a fresh
-//! instance that must pass the kernel's start-up test again.
+//! instance that must pass the kernel's start-up test again. Under the
+//! serving process's sandbox a source thread may not create, bind or
+//! accept sockets (its seccomp filter), so there the instance opened at
+//! start is kept and read again after the backoff; a fresh one comes with
+//! the next serving process (a restart or `vhost-rng upgrade`).
 
 use std::io::Read;
 use std::os::fd::{AsRawFd, OwnedFd};
@@ -116,7 +120,7 @@ impl RawSource for JitterSource {
         loop {
             match op.read(&mut buf[..limit]) {
                 Ok(0) => {
-                    self.open = None;
+                    self.drop_instance();
                     return Err(SourceError::Read {
                         source_name: NAME.into(),
                         error: std::io::Error::other("the kernel returned no bytes"),
@@ -125,7 +129,7 @@ impl RawSource for JitterSource {
                 Ok(n) => return Ok(n),
                 Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
                 Err(error) => {
-                    self.open = None;
+                    self.drop_instance();
                     return Err(SourceError::Read {
                         source_name: NAME.into(),
                         error,
@@ -136,8 +140,19 @@ impl RawSource for JitterSource {
     }
 
     fn recover(&mut self) -> Result<(), SourceError> {
-        self.open = None;
+        self.drop_instance();
         Ok(())
+    }
+}
+
+impl JitterSource {
+    /// Forgets the instance so that the next read opens a new one, unless
+    /// this thread runs under a seccomp filter (the sandbox), which forbids
+    /// a source thread the socket calls that takes.
+    fn drop_instance(&mut self) {
+        if !crate::service::sandbox::seccomp::already_filtered() {
+            self.open = None;
+        }
     }
 }
 

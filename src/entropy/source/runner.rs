@@ -241,6 +241,13 @@ pub struct Contribution {
     pub min_entropy: f64,
 }
 
+impl Drop for Contribution {
+    /// Raw entropy goes into DRBG seeds: no copy stays in freed memory.
+    fn drop(&mut self) {
+        zeroize::Zeroize::zeroize(&mut self.bytes);
+    }
+}
+
 /// Starts the thread that reads `source` for the rest of the process.
 pub fn spawn(
     source: Box<dyn RawSource>,
@@ -260,9 +267,10 @@ pub fn spawn(
         sink,
         failures_log: RateLimitedLog::per_minute(6),
     };
-    thread::Builder::new()
-        .name(name)
-        .spawn(move || runner.run())?;
+    thread::Builder::new().name(name).spawn(move || {
+        crate::service::sandbox::enter(crate::service::sandbox::ThreadRole::Source);
+        runner.run()
+    })?;
     Ok(())
 }
 
@@ -302,13 +310,14 @@ impl Runner {
     /// Reads, tests and forwards until a setback; `Ok` when nobody listens
     /// any more.
     fn contribute(&mut self) -> Result<(), Setback> {
-        let mut chunk = [0u8; READ_CHUNK];
+        // Both wiped when the source stops or fails: they hold raw entropy.
+        let mut chunk = zeroize::Zeroizing::new([0u8; READ_CHUNK]);
         // Read but not yet approved by a completed test window.
-        let mut unapproved: Vec<u8> = Vec::with_capacity(4 * READ_CHUNK);
+        let mut unapproved = zeroize::Zeroizing::new(Vec::<u8>::with_capacity(4 * READ_CHUNK));
         let mut rate_window = (Instant::now(), 0u64);
         self.stats.set_state(SourceState::Starting);
         loop {
-            let read = self.source.read(&mut chunk);
+            let read = self.source.read(chunk.as_mut());
             self.stats
                 .retries
                 .store(self.source.retries(), Ordering::Relaxed);

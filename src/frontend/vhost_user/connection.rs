@@ -6,10 +6,12 @@
 //! The daemon reads the messages itself rather than through the vhost
 //! crate's request handler: that reader retries a timed-out read or write
 //! forever, and keeps the negotiated protocol features where the daemon
-//! cannot see them. Here a message is only taken once it has arrived whole
-//! (a peek says so), a reply that cannot be written within the timeout
-//! ends the connection, and everything negotiated is in the
-//! [`Handler`](super::handler::Handler).
+//! cannot see them. Here a message is only read once it has arrived whole
+//! (a peek says so), and it stays on the socket until it has been handled
+//! and its effect recorded ([`consume`] takes it off): a serving process
+//! that dies meanwhile leaves it for the next one. A reply that cannot be
+//! written within the timeout ends the connection, and everything
+//! negotiated is in the [`Handler`](super::handler::Handler).
 //! The payload layouts are the vhost-user specification's (QEMU
 //! docs/interop/vhost-user.rst), little-endian.
 
@@ -44,12 +46,15 @@ pub struct Message {
     pub payload: Vec<u8>,
     /// The file descriptors that came with it (SCM_RIGHTS), in order.
     pub fds: Vec<OwnedFd>,
+    /// The message as it is on the socket, header and payload; [`consume`]
+    /// takes that many bytes off.
+    pub raw: Vec<u8>,
 }
 
 /// What a look at the connection found.
 #[derive(Debug)]
 pub enum Arrival {
-    /// A whole message, taken off the socket.
+    /// A whole message, read but still on the socket (see [`consume`]).
     Message(Message),
     /// Only part of a message has arrived; nothing was taken.
     Partial,
@@ -82,9 +87,10 @@ pub enum FramingError {
     Io(#[from] io::Error),
 }
 
-/// Looks whether a whole message is waiting and takes it if so. The
-/// connection must be readable (poll said so), or this reports `Partial`.
-pub fn take_message(stream: &UnixStream) -> Result<Arrival, FramingError> {
+/// Looks whether a whole message is waiting and reads it if so, leaving it
+/// on the socket. The connection must be readable (poll said so), or this
+/// reports `Partial`.
+pub fn peek_message(stream: &UnixStream) -> Result<Arrival, FramingError> {
     let mut peeked = [0u8; HEADER_LEN + MAX_MSG_SIZE];
     let peek = |buf: &mut [u8]| {
         recv(
@@ -123,11 +129,16 @@ pub fn take_message(stream: &UnixStream) -> Result<Arrival, FramingError> {
     let mut buf = vec![0u8; whole];
     let mut cmsg = nix::cmsg_space!([RawFd; MAX_FDS]);
     let mut iov = [IoSliceMut::new(&mut buf)];
+    // A peek passes the descriptors too (copies; the message keeps its
+    // own for whoever takes it off). But where the message has none, the
+    // kernel goes on to the next message and passes *its* descriptors: only
+    // a message that takes descriptors may use what a peek gives (see
+    // `dispatch::expects_fds`), and [`consume`] counts the real ones.
     let received = recvmsg::<()>(
         stream.as_raw_fd(),
         &mut iov,
         Some(&mut cmsg),
-        MsgFlags::MSG_DONTWAIT | MsgFlags::MSG_CMSG_CLOEXEC,
+        MsgFlags::MSG_PEEK | MsgFlags::MSG_DONTWAIT | MsgFlags::MSG_CMSG_CLOEXEC,
     )
     .map_err(io::Error::from)?;
     let mut fds = Vec::new();
@@ -151,24 +162,68 @@ pub fn take_message(stream: &UnixStream) -> Result<Arrival, FramingError> {
         // there is none.
         return Err(FramingError::Io(io::ErrorKind::UnexpectedEof.into()));
     }
+    let raw = buf.clone();
     Ok(Arrival::Message(Message {
         code: u32_at(&buf, 0),
         flags: u32_at(&buf, 4),
         payload: buf.split_off(HEADER_LEN),
         fds,
+        raw,
     }))
 }
 
-/// Writes a reply to `request` with `payload`. The socket's write timeout
-/// bounds how long a VMM that does not read can hold the thread.
-pub fn send_reply(mut stream: &UnixStream, request: u32, payload: &[u8]) -> io::Result<()> {
+/// Takes a message of `len` bytes (header and payload) off the socket once
+/// it is handled; the copies of its descriptors this read gets are closed,
+/// and counted.
+pub fn consume(stream: &UnixStream, len: usize) -> io::Result<usize> {
+    let mut buf = vec![0u8; len];
+    let mut cmsg = nix::cmsg_space!([RawFd; MAX_FDS]);
+    let mut iov = [IoSliceMut::new(&mut buf)];
+    let received = recvmsg::<()>(
+        stream.as_raw_fd(),
+        &mut iov,
+        Some(&mut cmsg),
+        MsgFlags::MSG_DONTWAIT | MsgFlags::MSG_CMSG_CLOEXEC,
+    )?;
+    let mut fds = 0;
+    for message in received.cmsgs()? {
+        if let ControlMessageOwned::ScmRights(raw) = message {
+            for fd in raw {
+                fds += 1;
+                // SAFETY: installed for this process just now; closed here.
+                drop(unsafe { OwnedFd::from_raw_fd(fd) });
+            }
+        }
+    }
+    if received.flags.contains(MsgFlags::MSG_CTRUNC) {
+        return Err(io::Error::other(
+            "more descriptors than a message may carry",
+        ));
+    }
+    if received.bytes == len {
+        Ok(fds)
+    } else {
+        // Peeked whole, so only a concurrent reader could take part of it;
+        // there is none.
+        Err(io::ErrorKind::UnexpectedEof.into())
+    }
+}
+
+/// A reply to `request` with `payload`, as it goes on the socket.
+pub fn reply_bytes(request: u32, payload: &[u8]) -> Vec<u8> {
     let mut reply = Vec::with_capacity(HEADER_LEN + payload.len());
     reply.extend_from_slice(&request.to_le_bytes());
     reply.extend_from_slice(&(VERSION_1 | REPLY).to_le_bytes());
     // Payloads are built here, a few dozen bytes at most.
     reply.extend_from_slice(&(payload.len() as u32).to_le_bytes());
     reply.extend_from_slice(payload);
-    stream.write_all(&reply)
+    reply
+}
+
+/// Writes a reply built by [`reply_bytes`]. The socket's write timeout
+/// bounds how long a VMM that does not read can hold the thread.
+pub fn send_reply(mut stream: &UnixStream, reply: &[u8]) -> io::Result<()> {
+    stream.write_all(reply)
 }
 
 /// Reads the little-endian u32 at `offset` of `bytes` (which holds it).
@@ -238,6 +293,7 @@ impl<'a> Payload<'a> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::os::fd::AsFd;
 
     fn header(code: u32, flags: u32, size: u32) -> Vec<u8> {
         [code, flags, size]
@@ -247,23 +303,54 @@ mod tests {
     }
 
     #[test]
-    fn a_message_is_taken_only_once_whole() {
+    fn a_message_is_read_only_once_whole_and_stays_until_consumed() {
         let (ours, mut theirs) = UnixStream::pair().unwrap();
         let mut message = header(2, VERSION_1, 8);
         message.extend_from_slice(&7u64.to_le_bytes());
         theirs.write_all(&message[..5]).unwrap();
-        assert!(matches!(take_message(&ours), Ok(Arrival::Partial)));
+        assert!(matches!(peek_message(&ours), Ok(Arrival::Partial)));
         theirs.write_all(&message[5..14]).unwrap();
-        assert!(matches!(take_message(&ours), Ok(Arrival::Partial)));
+        assert!(matches!(peek_message(&ours), Ok(Arrival::Partial)));
         theirs.write_all(&message[14..]).unwrap();
-        let Ok(Arrival::Message(taken)) = take_message(&ours) else {
-            panic!("the whole message was there");
-        };
-        assert_eq!((taken.code, taken.payload.len()), (2, 8));
-        let mut payload = Payload::exact(&taken.payload, 8).unwrap();
-        assert_eq!(payload.u64(), 7);
+        // A second message behind it, with a descriptor.
+        let (pipe, _) = nix::unistd::pipe().unwrap();
+        let second = header(13, VERSION_1, 8);
+        let fds = [pipe.as_raw_fd()];
+        nix::sys::socket::sendmsg::<()>(
+            theirs.as_raw_fd(),
+            &[std::io::IoSlice::new(
+                &[second, 0u64.to_le_bytes().to_vec()].concat(),
+            )],
+            &[nix::sys::socket::ControlMessage::ScmRights(&fds)],
+            MsgFlags::empty(),
+            None,
+        )
+        .unwrap();
+        for _ in 0..2 {
+            // Read, not taken: the same message again.
+            let Ok(Arrival::Message(read)) = peek_message(&ours) else {
+                panic!("the whole message was there");
+            };
+            assert_eq!(
+                (read.code, read.payload.len(), read.raw),
+                (2, 8, message.clone())
+            );
+            let mut payload = Payload::exact(&read.payload, 8).unwrap();
+            assert_eq!(payload.u64(), 7);
+        }
+        // (Its peek may have passed the next message's descriptor: only
+        // taking it off says what it really carried.)
+        assert_eq!(consume(&ours, message.len()).unwrap(), 0);
+        for _ in 0..2 {
+            let Ok(Arrival::Message(read)) = peek_message(&ours) else {
+                panic!("the second message was there");
+            };
+            assert_eq!((read.code, read.fds.len()), (13, 1));
+            assert!(crate::kcmp::same_file(read.fds[0].as_fd(), pipe.as_fd()));
+        }
+        assert_eq!(consume(&ours, HEADER_LEN + 8).unwrap(), 1);
         drop(theirs);
-        assert!(matches!(take_message(&ours), Ok(Arrival::Closed)));
+        assert!(matches!(peek_message(&ours), Ok(Arrival::Closed)));
     }
 
     #[test]
@@ -271,7 +358,7 @@ mod tests {
         for (flags, size) in [(2, 0), (VERSION_1 | REPLY, 0), (VERSION_1, 4097)] {
             let (ours, mut theirs) = UnixStream::pair().unwrap();
             theirs.write_all(&header(1, flags, size)).unwrap();
-            assert!(take_message(&ours).is_err(), "{flags} {size}");
+            assert!(peek_message(&ours).is_err(), "{flags} {size}");
         }
     }
 

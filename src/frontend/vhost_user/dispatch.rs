@@ -6,7 +6,6 @@
 //! when REPLY_ACK was negotiated and the VMM asked for one, go out here.
 
 use std::fs::File;
-use std::os::unix::net::UnixStream;
 
 use vhost::vhost_user::VhostUserBackendReqHandlerMut;
 use vhost::vhost_user::message::{
@@ -14,7 +13,7 @@ use vhost::vhost_user::message::{
     VhostUserVringAddrFlags,
 };
 
-use super::connection::{Message, NEED_REPLY, Payload, send_reply};
+use super::connection::{Message, NEED_REPLY, Payload, reply_bytes};
 use super::handler::Handler;
 
 // Request codes (vhost-user.rst, "Front-end message types").
@@ -36,25 +35,45 @@ const GET_QUEUE_NUM: u32 = 17;
 const SET_VRING_ENABLE: u32 = 18;
 const GET_MAX_MEM_SLOTS: u32 = 36;
 const ADD_MEM_REG: u32 = 37;
-const REM_MEM_REG: u32 = 38;
+pub(super) const REM_MEM_REG: u32 = 38;
 
 /// A vring fd message without an fd (polling mode) sets this bit.
 const VRING_NO_FD: u64 = 0x100;
 /// One memory region: guest address, size, VMM address, file offset.
 const REGION_LEN: usize = 32;
 
-/// Handles `message`: `Ok(true)` if it changed the device's state (not a
-/// mere query), `Err` with why the connection must close.
-pub fn dispatch(
-    handler: &mut Handler,
-    stream: &UnixStream,
-    message: Message,
-) -> Result<bool, String> {
+/// Whether a message with `code` and `payload` carries descriptors: the
+/// memory messages, and the vring fd messages unless they say "no fd"
+/// (polling mode). REM_MEM_REG may carry one or none.
+pub fn expects_fds(code: u32, payload: &[u8]) -> bool {
+    match code {
+        SET_MEM_TABLE | ADD_MEM_REG | REM_MEM_REG => true,
+        SET_VRING_KICK | SET_VRING_CALL | SET_VRING_ERR => {
+            Payload::exact(payload, 8).is_ok_and(|mut value| value.u64() & VRING_NO_FD == 0)
+        }
+        _ => false,
+    }
+}
+
+/// What handling a message came to.
+#[derive(Debug)]
+pub struct Handled {
+    /// The request code.
+    pub code: u32,
+    /// The reply to send, as it goes on the socket, if the message gets one.
+    pub reply: Option<Vec<u8>>,
+}
+
+/// Handles `message`; the reply is for the caller to send (after recording
+/// the effect: see `connection::consume`). `Err` says why the connection
+/// must close.
+pub fn dispatch(handler: &mut Handler, message: Message) -> Result<Handled, String> {
     let Message {
         code,
         flags,
         payload,
         fds,
+        raw: _,
     } = message;
     let mut files: Vec<File> = fds.into_iter().map(File::from).collect();
     let takes_fds = matches!(
@@ -68,9 +87,6 @@ pub fn dispatch(
         ));
     }
     let size = |expected| Payload::exact(&payload, expected).map_err(|e| e.to_string());
-    let reply = |bytes: &[u8]| {
-        send_reply(stream, code, bytes).map_err(|e| format!("cannot send a reply: {e}"))
-    };
     let refused =
         |handler: &mut Handler, error: vhost::vhost_user::Error| match handler.take_fatal() {
             Some(refusal) => format!("the VMM sent {refusal}"),
@@ -126,8 +142,10 @@ pub fn dispatch(
         _ => None,
     };
     if let Some(answer) = answer {
-        // GET_VRING_BASE stops the ring; the others only ask.
-        return reply(&answer).map(|()| code == GET_VRING_BASE);
+        return Ok(Handled {
+            code,
+            reply: Some(reply_bytes(code, &answer)),
+        });
     }
 
     let result = match code {
@@ -243,10 +261,9 @@ pub fn dispatch(
     }
     // Asked after the message, so that the SET_PROTOCOL_FEATURES that
     // turns REPLY_ACK on is acknowledged too, as the vhost crate does.
-    if flags & NEED_REPLY != 0 && handler.reply_ack() {
-        reply(&0u64.to_le_bytes())?;
-    }
-    Ok(true)
+    let reply = (flags & NEED_REPLY != 0 && handler.reply_ack())
+        .then(|| reply_bytes(code, &0u64.to_le_bytes()));
+    Ok(Handled { code, reply })
 }
 
 fn region(payload: &mut Payload<'_>) -> VhostUserMemoryRegion {

@@ -31,10 +31,14 @@ use virtio_bindings::bindings::virtio_ring::VIRTIO_RING_F_EVENT_IDX;
 use virtio_queue::{Queue, QueueT};
 use vmm_sys_util::eventfd::EventFd;
 
+use super::connection::Message;
 use super::device::{MAX_QUEUE_SIZE, NUM_QUEUES, RngDevice, VIRTIO_FEATURES, protocol_features};
+use super::dispatch::REM_MEM_REG;
 use super::fault_guard;
 use super::memory::{MemoryError, MemoryLimits, MemoryTable};
-use super::snapshot::{ConnectionState, RegionState, RestoreError, RingState, STATE_VERSION};
+use super::snapshot::{
+    Answered, ConnectionState, RegionState, RestoreError, RingState, STATE_VERSION,
+};
 use crate::guest::Guest;
 
 /// Why a connection is being closed on the daemon's side.
@@ -132,6 +136,11 @@ pub struct Handler {
     memory: MemoryTable,
     ring: Ring,
     fatal: Option<Refusal>,
+    /// The last message handled, for crash survival (see [`Answered`]).
+    answered: Option<Answered>,
+    /// Taken over from a process that died: the first message may be the
+    /// one it had handled and not yet taken off the socket.
+    check_repeat: bool,
 }
 
 impl Handler {
@@ -146,7 +155,55 @@ impl Handler {
             memory: MemoryTable::new(limits),
             ring: Ring::new(),
             fatal: None,
+            answered: None,
+            check_repeat: false,
         })
+    }
+
+    /// Records `message` (as it is on the socket) as handled, with the
+    /// reply it gets, before it is taken off the socket.
+    pub fn set_answered(&mut self, message: Vec<u8>, reply: Option<Vec<u8>>) {
+        self.answered = Some(Answered { message, reply });
+    }
+
+    /// For the first message after a take-over: if it is the one the
+    /// previous process recorded as handled (the same bytes, and any
+    /// descriptors it carries already held here), `Some` with the reply it
+    /// gets again; the message must then be taken off, not handled again.
+    pub fn repeat_of_answered(&mut self, message: &Message) -> Option<Option<Vec<u8>>> {
+        if !std::mem::take(&mut self.check_repeat) {
+            return None;
+        }
+        let answered = self.answered.as_ref()?;
+        if answered.message != message.raw {
+            return None;
+        }
+        let held = self.held_fds();
+        // REM_MEM_REG may carry the fd of the region it removed, which is
+        // no longer held.
+        let fds_held = message.code == REM_MEM_REG
+            || message
+                .fds
+                .iter()
+                .all(|fd| held.iter().any(|h| crate::kcmp::same_file(fd.as_fd(), *h)));
+        fds_held.then(|| answered.reply.clone())
+    }
+
+    /// Every descriptor the VMM gave that the handler holds.
+    fn held_fds(&self) -> Vec<BorrowedFd<'_>> {
+        let mut held: Vec<BorrowedFd<'_>> = self
+            .memory
+            .regions()
+            .map(|region| region.file.as_fd())
+            .collect();
+        for event in [&self.ring.kick, &self.ring.call, &self.ring._err]
+            .into_iter()
+            .flatten()
+        {
+            // SAFETY: the EventFd owns the fd for as long as `self` lives.
+            held.push(unsafe { BorrowedFd::borrow_raw(event.as_raw_fd()) });
+        }
+        held
     }
 
     /// Whether the VMM has claimed the device (SET_OWNER).
@@ -212,6 +269,7 @@ impl Handler {
                 call,
                 err,
             },
+            answered: self.answered.clone(),
         };
         Ok((state, fds))
     }
@@ -268,6 +326,8 @@ impl Handler {
         handler.ring.call = event("call", ring.call)?;
         handler.ring._err = event("error", ring.err)?;
         handler.ring.enabled = ring.enabled;
+        handler.answered = state.answered.clone();
+        handler.check_repeat = true;
         let queue = &mut handler.ring.queue;
         queue.set_size(ring.size);
         let split = |address: u64| (Some(address as u32), Some((address >> 32) as u32));

@@ -177,6 +177,11 @@ impl GuestServer {
         thread::Builder::new()
             .name(format!("guest-{}", server.guest.name()))
             .spawn(move || {
+                // Nothing from the VMM is read before the process has
+                // dropped root and installed its filter.
+                crate::service::sandbox::enter(crate::service::sandbox::ThreadRole::Vring {
+                    dials: listener.is_none(),
+                });
                 // serve_with reports the resumed connection as it starts.
                 if let Some(Resumed { stream, handler }) = resumed {
                     worker.serve_with(stream, handler, true);
@@ -534,7 +539,7 @@ pub fn run_connection_reporting(
         if !ready[0] {
             continue;
         }
-        let message = match connection::take_message(connection) {
+        let message = match connection::peek_message(connection) {
             Ok(Arrival::Message(message)) => message,
             Ok(Arrival::Closed) => return Ended::Disconnected,
             Ok(Arrival::Partial) => {
@@ -547,20 +552,51 @@ pub fn run_connection_reporting(
             Err(e) => return Ended::Closed(format!("bad message from the VMM: {e}")),
         };
         message_deadline = None;
+        let mut message = message;
+        // A peek of a message without descriptors may pass the next
+        // message's: dropped here, and what the message really carried is
+        // counted when it is taken off.
+        let expects_fds = dispatch::expects_fds(message.code, &message.payload);
+        if !expects_fds {
+            message.fds.clear();
+        }
+        let (code, peeked_fds) = (message.code, message.fds.len());
+        let len = message.raw.len();
+        // The message a process that died had handled and recorded, left
+        // on the socket: taken off and answered again, not handled twice.
+        let taken_off = |reply: Option<&[u8]>| {
+            finish(connection, len, reply, |fds| {
+                let expected = if expects_fds { peeked_fds } else { 0 };
+                fds == expected || (code == dispatch::REM_MEM_REG && fds <= 1)
+            })
+        };
+        if let Some(reply) = handler.repeat_of_answered(&message) {
+            if let Err(reason) = taken_off(reply.as_deref()) {
+                return Ended::Closed(reason);
+            }
+            continue;
+        }
+        let raw = message.raw.clone();
         // Guest memory is touched by some messages too (a kick fd set on
         // a ring with requests waiting).
-        let (result, faults) =
-            fault_guard::guarded(|| dispatch::dispatch(handler, connection, message));
+        let (result, faults) = fault_guard::guarded(|| dispatch::dispatch(handler, message));
         if faults > 0 {
             return Ended::Closed(format!(
                 "its guest memory file shrank under the daemon ({faults} fault(s))"
             ));
         }
-        match result {
+        let handled = match result {
             Err(reason) => return Ended::Closed(reason),
-            Ok(true) => after_message(connection, handler),
-            // A query changes nothing worth reporting.
-            Ok(false) => {}
+            Ok(handled) => handled,
+        };
+        // Recorded before the message leaves the socket: a process that
+        // dies from here on is replaced by one that knows it was handled.
+        // (Queries are recorded too: their reply must not be lost.)
+        handler.set_answered(raw, handled.reply.clone());
+        after_message(connection, handler);
+        test_hooks::after_report(&handled);
+        if let Err(reason) = taken_off(handled.reply.as_deref()) {
+            return Ended::Closed(reason);
         }
         // A VMM that sends without reading the replies is closed long
         // before its socket fills and a reply would wait on it.
@@ -568,6 +604,54 @@ pub fn run_connection_reporting(
             && unread > MAX_UNREAD_REPLIES
         {
             return Ended::Closed(format!("the VMM left {unread} bytes of replies unread"));
+        }
+    }
+}
+
+/// Takes a handled message of `len` bytes off the socket, checks the
+/// descriptors it really carried (`fds_ok`), then sends its reply. (Dying
+/// between taking it off and replying loses the reply: a window of two
+/// system calls; the other order would risk sending it twice.)
+fn finish(
+    connection: &UnixStream,
+    len: usize,
+    reply: Option<&[u8]>,
+    fds_ok: impl FnOnce(usize) -> bool,
+) -> Result<(), String> {
+    let fds = connection::consume(connection, len)
+        .map_err(|e| format!("cannot take a handled message off the socket: {e}"))?;
+    if !fds_ok(fds) {
+        return Err(format!(
+            "a message with {fds} file descriptor(s) where its request takes another number"
+        ));
+    }
+    if let Some(reply) = reply {
+        connection::send_reply(connection, reply)
+            .map_err(|e| format!("cannot send a reply: {e}"))?;
+    }
+    Ok(())
+}
+
+/// A hook for the crash-survival tests: with `VHOST_RNG_TEST_DIE_AFTER=CODE`
+/// in its environment, the first serving process (no restart before it)
+/// aborts right after recording a handled message with that request code,
+/// before taking it off the socket: the window this recording covers.
+mod test_hooks {
+    use super::dispatch::Handled;
+    use std::sync::OnceLock;
+
+    pub fn after_report(handled: &Handled) {
+        static CODE: OnceLock<Option<u32>> = OnceLock::new();
+        let code = CODE.get_or_init(|| {
+            let first = std::env::var(crate::service::supervisor::RESTARTS_ENV)
+                .map_or(true, |restarts| restarts.starts_with("0;"));
+            std::env::var("VHOST_RNG_TEST_DIE_AFTER")
+                .ok()
+                .filter(|_| first)
+                .and_then(|code| code.parse().ok())
+        });
+        if *code == Some(handled.code) {
+            std::process::abort();
         }
     }
 }

@@ -32,6 +32,22 @@ pub struct ConnectionState {
     pub regions: Vec<RegionState>,
     /// The request queue (virtio-rng has one).
     pub ring: RingState,
+    /// The last message handled, recorded before it was taken off the
+    /// socket (a writer that had none leaves it out).
+    #[serde(default)]
+    pub answered: Option<Answered>,
+}
+
+/// The last message a connection handled and the reply it got. A serving
+/// process that died after recording it but before taking the message off
+/// the socket leaves it first in line: the next one finds it there, takes
+/// it off and sends this reply, instead of handling it twice.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Answered {
+    /// The message as it was on the socket, header and payload.
+    pub message: Vec<u8>,
+    /// Its reply as it goes on the socket, if it gets one.
+    pub reply: Option<Vec<u8>>,
 }
 
 /// One memory region; `fd` indexes the descriptor list.
