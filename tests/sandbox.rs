@@ -86,6 +86,14 @@ fn the_serving_process_runs_unprivileged_with_no_capabilities_and_a_filter() {
             sandbox["user"].as_str().unwrap().starts_with(&user),
             "{status}"
         );
+        // The top process keeps only what the serving process's root
+        // set-up needs (chown, dac_override, dac_read_search, fowner, kill,
+        // setgid, setuid, setpcap, net_bind_service), in every set.
+        let top = std::fs::read_to_string(format!("/proc/{}/status", daemon.pid())).unwrap();
+        for set in ["CapEff", "CapPrm", "CapBnd"] {
+            assert!(top.contains(&format!("{set}:\t00000000000005ef")), "{top}");
+        }
+        assert!(top.contains("CapInh:\t0000000000000000"), "{top}");
         let worker = proc_status(daemon.serving_pid());
         let uid = worker["Uid"].split_whitespace().next().unwrap().to_owned();
         // Every thread, not just the first, dropped root and is filtered.

@@ -101,6 +101,38 @@ fn notifications_follow_the_daemon_through_start_reload_and_stop() {
     assert!(status.success(), "{status}: {log}");
 }
 
+/// The shipped unit's sandbox as systemd scores it: "OK" or better (an
+/// exposure below 5.0 of 10). Recorded in docs/security.md.
+#[test]
+fn the_shipped_unit_is_rated_ok_or_better_by_systemd_analyze_security() {
+    let unit =
+        std::fs::read_to_string(common::repo_root().join("contrib/systemd/vhost-rng.service"))
+            .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let copy = dir.path().join("vhost-rng.service");
+    std::fs::write(
+        &copy,
+        unit.replace("/usr/bin/vhost-rng", env!("CARGO_BIN_EXE_vhost-rng")),
+    )
+    .unwrap();
+    let output = std::process::Command::new("systemd-analyze")
+        .args(["security", "--offline=yes", "--no-pager"])
+        .arg(&copy)
+        .output()
+        .expect("systemd-analyze (package systemd) must be installed");
+    let text = String::from_utf8_lossy(&output.stdout);
+    let level = text
+        .lines()
+        .find_map(|line| {
+            line.split("Overall exposure level for vhost-rng.service: ")
+                .nth(1)
+        })
+        .unwrap_or_else(|| panic!("no overall exposure in:\n{text}"));
+    let exposure: f64 = level.split_whitespace().next().unwrap().parse().unwrap();
+    assert!(exposure < 5.0, "exposure {level}:\n{text}");
+    assert!(level.contains("OK") || level.contains("SAFE"), "{level}");
+}
+
 #[test]
 fn the_shipped_unit_passes_systemd_analyze_verify() {
     let unit =

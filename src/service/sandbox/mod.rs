@@ -180,6 +180,7 @@ pub fn enter_top(
     config_file: Option<&std::path::Path>,
 ) -> Result<(), SeccompError> {
     prepare_process();
+    privileges::narrow_top_capabilities();
     if seccomp::already_filtered() {
         return Ok(());
     }

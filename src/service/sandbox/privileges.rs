@@ -196,18 +196,117 @@ pub fn clear_inheritable_capabilities() {
             0,
         );
     }
-    #[repr(C)]
-    struct Header {
-        version: u32,
-        pid: i32,
+    let Some((mut header, mut data)) = capget() else {
+        return;
+    };
+    if data.iter().all(|d| d.inheritable == 0) {
+        return;
     }
-    #[repr(C)]
-    #[derive(Clone, Copy, Default)]
-    struct Data {
-        effective: u32,
-        permitted: u32,
-        inheritable: u32,
+    for d in &mut data {
+        d.inheritable = 0;
     }
+    // SAFETY: capset with the header and data capget filled in, only the
+    // inheritable set lowered (always allowed).
+    let set = unsafe { libc::syscall(libc::SYS_capset, &mut header as *mut Header, data.as_ptr()) };
+    if set != 0 {
+        log::warn!(
+            "cannot empty the inheritable capability set: {}",
+            std::io::Error::last_os_error()
+        );
+    }
+}
+
+/// The capabilities the top process keeps, and why: every serving process
+/// it starts (the first, and one after each crash) does the root set-up
+/// as its child and can only have what the top process has. (Numbers from
+/// linux/capability.h.)
+pub const TOP_CAPABILITIES: [(u32, &str); 9] = [
+    (0, "CAP_CHOWN: give socket files and FIFOs --socket-group"),
+    (
+        1,
+        "CAP_DAC_OVERRIDE: make sockets in directories root does not own (libvirt's)",
+    ),
+    (
+        2,
+        "CAP_DAC_READ_SEARCH: read /dev/hwrng and key files whatever their mode",
+    ),
+    (
+        3,
+        "CAP_FOWNER: remove stale socket files in sticky directories",
+    ),
+    (
+        5,
+        "CAP_KILL: signal the serving process, which runs as another user",
+    ),
+    (
+        6,
+        "CAP_SETGID: the serving process's setgroups and setresgid",
+    ),
+    (7, "CAP_SETUID: the serving process's setresuid"),
+    (
+        8,
+        "CAP_SETPCAP: the serving process empties its bounding set",
+    ),
+    (
+        10,
+        "CAP_NET_BIND_SERVICE: --metrics or --listen-tcp on a port below 1024",
+    ),
+];
+
+/// The top process lets go of every capability but [`TOP_CAPABILITIES`]:
+/// from the bounding set (so nothing it executes gains more) and from its
+/// permitted and effective sets. Does nothing when not started as root.
+pub fn narrow_top_capabilities() {
+    let keep: u64 = TOP_CAPABILITIES
+        .iter()
+        .fold(0, |mask, (cap, _)| mask | 1 << cap);
+    // Up to the first capability this kernel does not know (EINVAL); EPERM
+    // without CAP_SETPCAP, where there is nothing to drop.
+    for cap in 0..64u32 {
+        if keep & (1 << cap) != 0 {
+            continue;
+        }
+        // SAFETY: prctl with integer arguments only.
+        if unsafe { libc::prctl(libc::PR_CAPBSET_DROP, cap as libc::c_ulong, 0, 0, 0) } != 0 {
+            break;
+        }
+    }
+    let Some((mut header, mut data)) = capget() else {
+        return;
+    };
+    for (i, d) in data.iter_mut().enumerate() {
+        let keep = (keep >> (32 * i)) as u32;
+        d.effective &= keep;
+        d.permitted &= keep;
+        d.inheritable = 0;
+    }
+    // SAFETY: capset with the header and data capget filled in, every set
+    // only lowered (always allowed).
+    let set = unsafe { libc::syscall(libc::SYS_capset, &mut header as *mut Header, data.as_ptr()) };
+    if set != 0 {
+        log::warn!(
+            "cannot narrow the top process's capabilities: {}",
+            std::io::Error::last_os_error()
+        );
+    }
+}
+
+#[repr(C)]
+struct Header {
+    version: u32,
+    pid: i32,
+}
+
+#[repr(C)]
+#[derive(Clone, Copy, Default)]
+struct Data {
+    effective: u32,
+    permitted: u32,
+    inheritable: u32,
+}
+
+/// This thread's capability sets (version 3: two words each).
+fn capget() -> Option<(Header, [Data; 2])> {
     const VERSION_3: u32 = 0x2008_0522;
     let mut header = Header {
         version: VERSION_3,
@@ -223,21 +322,7 @@ pub fn clear_inheritable_capabilities() {
             data.as_mut_ptr(),
         )
     };
-    if got != 0 || data.iter().all(|d| d.inheritable == 0) {
-        return;
-    }
-    for d in &mut data {
-        d.inheritable = 0;
-    }
-    // SAFETY: capset with the header and data capget filled in, only the
-    // inheritable set lowered (always allowed).
-    let set = unsafe { libc::syscall(libc::SYS_capset, &mut header as *mut Header, data.as_ptr()) };
-    if set != 0 {
-        log::warn!(
-            "cannot empty the inheritable capability set: {}",
-            std::io::Error::last_os_error()
-        );
-    }
+    (got == 0).then_some((header, data))
 }
 
 /// Started as root without `--user`: says exactly what that exposes.
