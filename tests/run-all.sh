@@ -40,6 +40,9 @@ if zcat /proc/config.gz 2>/dev/null | grep -qx '# CONFIG_CRYPTO_USER_API_RNG is 
 	echo "note: this kernel has no AF_ALG rng interface: the jitter tests check its error only"
 fi
 
+# libvirt for tests/libvirt.rs (domains booted from libvirt's own XML).
+qemu/setup-libvirt.sh
+
 unset VHOST_RNG_SKIP_QEMU VHOST_RNG_QEMU
 cargo test --locked --workspace "$@"
 
