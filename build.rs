@@ -36,6 +36,9 @@ mod pool_mode;
 #[path = "src/service/sandbox/mode.rs"]
 #[allow(dead_code)]
 mod seccomp_mode;
+#[path = "src/service/seed/format.rs"]
+#[allow(dead_code)]
+mod seed_format;
 
 /// The version clap prints; replaced with the one naming the commit
 /// before pages are rendered.
@@ -92,6 +95,9 @@ mod service {
     }
     pub mod sandbox {
         pub use crate::seccomp_mode::SeccompMode;
+    }
+    pub mod seed {
+        pub use crate::seed_format::*;
     }
 }
 
@@ -152,9 +158,8 @@ fn main() -> Result<(), Box<dyn Error>> {
 }
 
 /// The files from contrib/ the package installs, where they go, and their
-/// mode. Those that do not exist in this tree yet are left out with a
-/// warning (the QEMU descriptor, the socket templates and the libvirt hook
-/// come with issue 13).
+/// mode. One that does not exist in this tree is left out with a warning
+/// (tests/package.sh expects whatever contrib/ has).
 fn stage_contrib(root: &Path) -> Result<(), Box<dyn Error>> {
     let mut wanted: Vec<(PathBuf, PathBuf, u32)> = vec![
         (
@@ -180,7 +185,7 @@ fn stage_contrib(root: &Path) -> Result<(), Box<dyn Error>> {
         }
     }
     // libvirt runs every executable in /etc/libvirt/hooks/qemu.d/.
-    if let Ok(entries) = fs::read_dir("contrib/libvirt") {
+    if let Ok(entries) = fs::read_dir("contrib/libvirt/qemu.d") {
         for entry in entries {
             let path = entry?.path();
             let executable = fs::metadata(&path)
@@ -193,7 +198,7 @@ fn stage_contrib(root: &Path) -> Result<(), Box<dyn Error>> {
         }
     } else {
         println!(
-            "cargo::warning=contrib/libvirt/ does not exist yet: the package has no libvirt hook"
+            "cargo::warning=contrib/libvirt/qemu.d/ does not exist: the package has no libvirt hook"
         );
     }
     for (source, dest, mode) in wanted {

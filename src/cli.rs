@@ -4,6 +4,7 @@
 
 use std::collections::HashSet;
 use std::net::SocketAddr;
+use std::os::fd::RawFd;
 use std::path::PathBuf;
 
 use clap::{Args, Parser, Subcommand};
@@ -30,10 +31,70 @@ use crate::service::sandbox::SeccompMode;
                   vsock, hybrid vsock or encrypted TCP. Logging follows RUST_LOG \
                   (default: info)."
 )]
+#[command(args_conflicts_with_subcommands = true)]
 pub struct Cli {
     /// What to do.
     #[command(subcommand)]
-    pub command: Command,
+    pub command: Option<Command>,
+    /// QEMU's vhost-user backend program options, used without a
+    /// subcommand.
+    #[command(flatten)]
+    pub backend: BackendArgs,
+}
+
+/// The options QEMU's vhost-user "backend program conventions" define
+/// (docs/interop/vhost-user.rst), so that management software can run
+/// `vhost-rng` like any vhost-user backend: `vhost-rng --socket-path PATH`
+/// is `vhost-rng serve --socket PATH`, `vhost-rng --fd N` is `vhost-rng
+/// serve --fd N`.
+#[derive(Debug, Args)]
+pub struct BackendArgs {
+    /// Print the backend's capabilities as QEMU's vhost-user.json defines
+    /// them ({"type":"rng"}) and exit, ignoring every other argument.
+    #[arg(long)]
+    pub print_capabilities: bool,
+    /// Serve one guest on a socket at PATH, named after the file (as
+    /// serve --socket PATH).
+    #[arg(long, value_name = "PATH", conflicts_with = "fd")]
+    pub socket_path: Option<PathBuf>,
+    /// Serve the listening Unix socket the parent passed as descriptor N
+    /// (as serve --fd N).
+    #[arg(long, value_name = "N")]
+    pub fd: Option<RawFd>,
+}
+
+/// What `--print-capabilities` prints: the `VHostUserBackendCapabilities`
+/// of QEMU's docs/interop/vhost-user.json for type `rng`, which defines no
+/// features.
+pub const CAPABILITIES: &str = "{\n  \"type\": \"rng\"\n}";
+
+impl Cli {
+    /// The subcommand, with the backend program form (no subcommand)
+    /// turned into the `serve` it stands for; an error (exit status 2) when
+    /// there is neither.
+    pub fn into_command(self) -> Result<Command, clap::Error> {
+        use clap::CommandFactory;
+        if let Some(command) = self.command {
+            return Ok(command);
+        }
+        let serve: Vec<std::ffi::OsString> = match (self.backend.socket_path, self.backend.fd) {
+            (Some(path), _) => vec!["--socket".into(), path.into()],
+            (None, Some(fd)) => vec!["--fd".into(), fd.to_string().into()],
+            (None, None) => {
+                return Err(Cli::command().error(
+                    clap::error::ErrorKind::MissingSubcommand,
+                    "give a subcommand (serve, check, status, ...; see --help), or \
+                     --socket-path PATH or --fd N to serve one vhost-user socket",
+                ));
+            }
+        };
+        let args = ["vhost-rng".into(), "serve".into()]
+            .into_iter()
+            .chain(serve);
+        Cli::try_parse_from(args)?
+            .command
+            .ok_or_else(|| Cli::command().error(clap::error::ErrorKind::MissingSubcommand, "serve"))
+    }
 }
 
 /// The subcommands of `vhost-rng`.
@@ -59,10 +120,57 @@ pub enum Command {
     /// device go away. Exits non-zero, with the reason, if the new binary
     /// does not run or cannot take over (the daemon then goes on as it was).
     Upgrade(UpgradeArgs),
+    /// Print random bytes for a VM's boot (a seed for guests without an RNG
+    /// device, or for first-boot keys), from the running daemon's pool or,
+    /// when no daemon runs, from the entropy sources; --format cloud-init
+    /// prints a #cloud-config random_seed block for user-data.
+    Seed(SeedArgs),
     /// Print the in-place upgrade state version this binary reads (used by
     /// a running daemon before it upgrades to this binary).
     #[command(hide = true)]
     UpgradeStateVersion,
+    /// libvirt's qemu hook (install as /etc/libvirt/hooks/qemu.d/vhost-rng,
+    /// see contrib/libvirt/): with the domain XML on standard input, adds
+    /// the domain's guest on `prepare` and removes it on `release`.
+    LibvirtHook(LibvirtHookArgs),
+}
+
+/// `vhost-rng libvirt-hook`'s arguments, as libvirt passes them.
+#[derive(Debug, Args)]
+pub struct LibvirtHookArgs {
+    /// The domain's name (the guest is named from the XML).
+    pub domain: String,
+    /// The operation: prepare, start, started, stopped, release, ...
+    pub operation: String,
+    /// The sub-operation and extra argument libvirt adds.
+    #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+    pub rest: Vec<String>,
+    /// The running daemon's control socket.
+    #[command(flatten)]
+    pub control: ControlArgs,
+}
+
+/// `vhost-rng seed`'s options.
+#[derive(Debug, Args)]
+pub struct SeedArgs {
+    /// How many bytes (at most 4096).
+    #[arg(long, value_name = "N", default_value_t = crate::service::seed::DEFAULT_SEED_BYTES,
+          value_parser = parse_seed_bytes)]
+    pub bytes: usize,
+    /// raw: the bytes as they are; base64: one line; cloud-init: a
+    /// #cloud-config document with a random_seed block.
+    #[arg(long, value_enum, default_value = "base64")]
+    pub format: crate::service::seed::SeedFormat,
+    /// With no daemon running: the sources to read (as for serve).
+    #[command(flatten)]
+    pub entropy: EntropyArgs,
+    /// With no daemon running: give up after this many seconds without a
+    /// healthy source.
+    #[arg(long, value_name = "SECS", default_value_t = 30, value_parser = parse_positive)]
+    pub timeout: u64,
+    /// The running daemon's control socket.
+    #[command(flatten)]
+    pub control: ControlArgs,
 }
 
 /// `vhost-rng upgrade`'s options.
@@ -94,9 +202,9 @@ pub enum PskCommand {
 /// Entropy sources and how guests are served from them.
 #[derive(Debug, Args)]
 pub struct EntropyArgs {
-    /// Entropy source: hwrng[=PATH], rdseed, file=PATH or os, optionally
+    /// Entropy source: hwrng[=PATH], rdseed, jitter, file=PATH or os, optionally
     /// followed by ,min-entropy=BITS (per byte). Repeatable. Default: every
-    /// hardware source that works on this host.
+    /// hardware source that works on this host, or jitter when none does.
     #[arg(long = "source", value_name = "SPEC")]
     pub sources: Vec<SourceSpec>,
 }
@@ -135,9 +243,16 @@ pub struct CheckArgs {
 #[derive(Debug, Args)]
 pub struct ServeArgs {
     /// Listen on PATH for one guest's VMM (QEMU: -chardev socket,path=PATH);
-    /// the guest is named after the file. Repeatable.
-    #[arg(long = "socket", value_name = "PATH")]
+    /// the guest is named after the file. Repeatable. (--socket-path is
+    /// the same.)
+    #[arg(long = "socket", visible_alias = "socket-path", value_name = "PATH")]
     pub sockets: Vec<PathBuf>,
+
+    /// Serve the listening Unix socket the parent process passed as
+    /// descriptor N (3 or above), as a guest named after the socket file,
+    /// which the daemon never removes. Repeatable.
+    #[arg(long = "fd", value_name = "N")]
+    pub fds: Vec<RawFd>,
 
     /// Connect to a VMM listening on PATH (QEMU: -chardev socket,path=PATH,server=on)
     /// and connect again whenever that connection ends. Repeatable.
@@ -272,8 +387,10 @@ pub struct ServeArgs {
 // definitions above (see build.rs).
 #[cfg(vhost_rng_lib)]
 impl ServeArgs {
-    /// Checks what clap cannot see one argument at a time.
-    pub fn validate(&self) -> Result<(), String> {
+    /// Checks what clap cannot see one argument at a time; `handed` when
+    /// sockets were passed another way (systemd's `LISTEN_FDS`, or this is
+    /// the serving process, which the top process hands every guest).
+    pub fn validate(&self, handed: bool) -> Result<(), String> {
         let mut seen = HashSet::new();
         for path in self
             .sockets
@@ -288,7 +405,9 @@ impl ServeArgs {
                 ));
             }
         }
-        let nothing = self.sockets.is_empty()
+        let nothing = !handed
+            && self.fds.is_empty()
+            && self.sockets.is_empty()
             && self.connects.is_empty()
             && self.vsock_uds.is_empty()
             && self.vsock_default_rate.is_none()
@@ -298,8 +417,8 @@ impl ServeArgs {
         if nothing {
             return Err(
                 "nothing to serve: give --socket <PATH>, --connect <PATH>, --vsock-uds \
-                 <PATH>, --guest <SPEC> or --config <FILE>, or --control <PATH> to add \
-                 guests at runtime"
+                 <PATH>, --guest <SPEC>, --fd <N> or --config <FILE>, or --control <PATH> \
+                 to add guests at runtime"
                     .into(),
             );
         }
@@ -411,6 +530,16 @@ fn parse_positive(value: &str) -> Result<u64, String> {
     }
 }
 
+fn parse_seed_bytes(value: &str) -> Result<usize, String> {
+    let max = crate::service::seed::MAX_SEED_BYTES;
+    match value.parse::<usize>() {
+        Ok(n) if (1..=max).contains(&n) => Ok(n),
+        _ => Err(format!(
+            "'{value}' is not a number of bytes from 1 to {max}"
+        )),
+    }
+}
+
 fn parse_vsock_port(value: &str) -> Result<u32, String> {
     match value.parse::<u32>() {
         Ok(port) if port != u32::MAX => Ok(port),
@@ -461,7 +590,7 @@ mod tests {
     }
 
     fn serve(args: &[&str]) -> ServeArgs {
-        match parse(args).unwrap().command {
+        match parse(args).unwrap().into_command().unwrap() {
             Command::Serve(serve) => *serve,
             other => panic!("parsed as {other:?}"),
         }
@@ -486,17 +615,17 @@ mod tests {
         assert_eq!(args.sockets, vec![PathBuf::from("/a"), PathBuf::from("/b")]);
         assert_eq!(args.connects, vec![PathBuf::from("/c")]);
         assert_eq!(args.socket_mode, None);
-        assert!(args.validate().is_ok());
+        assert!(args.validate(false).is_ok());
     }
 
     #[test]
     fn serve_needs_something_to_serve() {
-        let err = serve(&["serve"]).validate().unwrap_err();
+        let err = serve(&["serve"]).validate(false).unwrap_err();
         assert!(err.contains("--socket <PATH>"), "{err}");
-        assert!(serve(&["serve", "--control", "/c"]).validate().is_ok());
+        assert!(serve(&["serve", "--control", "/c"]).validate(false).is_ok());
         assert!(
             serve(&["serve", "--guest", "name=a,socket=/a"])
-                .validate()
+                .validate(false)
                 .is_ok()
         );
     }
@@ -523,7 +652,8 @@ mod tests {
     fn control_subcommands_parse() {
         match parse(&["guest", "add", "name=a,socket=/a", "--control", "/c"])
             .unwrap()
-            .command
+            .into_command()
+            .unwrap()
         {
             Command::Guest(GuestCommand::Add { spec, control }) => {
                 assert_eq!(spec.name, "a");
@@ -531,7 +661,11 @@ mod tests {
             }
             other => panic!("parsed as {other:?}"),
         }
-        match parse(&["status", "--json"]).unwrap().command {
+        match parse(&["status", "--json"])
+            .unwrap()
+            .into_command()
+            .unwrap()
+        {
             Command::Status(status) => {
                 assert!(status.json);
                 assert_eq!(status.control.control, PathBuf::from(DEFAULT_CONTROL_PATH));
@@ -606,7 +740,7 @@ mod tests {
         assert_eq!(args.reseed_bytes, Some(4096));
 
         for bad in [
-            &["serve", "--socket", "/a", "--source", "jitter"][..],
+            &["serve", "--socket", "/a", "--source", "havege"][..],
             &["serve", "--socket", "/a", "--mode", "fast"],
             &["serve", "--socket", "/a", "--reseed-bytes", "0"],
             &["serve", "--socket", "/a", "--reseed-secs", "-1"],
@@ -619,7 +753,8 @@ mod tests {
     fn check_takes_sources_and_limits() {
         match parse(&["check", "--source", "os", "--bytes", "1000"])
             .unwrap()
-            .command
+            .into_command()
+            .unwrap()
         {
             Command::Check(check) => {
                 assert_eq!(check.bytes, 1000);
@@ -631,8 +766,43 @@ mod tests {
     }
 
     #[test]
+    fn backend_program_options_stand_for_serve() {
+        let args = match parse(&["--socket-path", "/run/vm1.sock"])
+            .unwrap()
+            .into_command()
+            .unwrap()
+        {
+            Command::Serve(serve) => *serve,
+            other => panic!("parsed as {other:?}"),
+        };
+        assert_eq!(args.sockets, vec![PathBuf::from("/run/vm1.sock")]);
+        let args = match parse(&["--fd=5"]).unwrap().into_command().unwrap() {
+            Command::Serve(serve) => *serve,
+            other => panic!("parsed as {other:?}"),
+        };
+        assert_eq!(args.fds, vec![5]);
+        assert!(args.validate(false).is_ok());
+        assert_eq!(serve(&["serve", "--socket-path", "/a"]).sockets.len(), 1);
+        // Neither, both, or mixed with a subcommand: refused with status 2.
+        let err = parse(&[]).unwrap().into_command().unwrap_err();
+        assert_eq!(err.exit_code(), 2);
+        assert!(
+            err.to_string().contains("--socket-path PATH or --fd N"),
+            "{err}"
+        );
+        for bad in [
+            &["--socket-path", "/a", "--fd", "3"][..],
+            &["--fd", "3", "status"],
+        ] {
+            assert_eq!(parse(bad).unwrap_err().exit_code(), 2, "{bad:?}");
+        }
+        let capabilities: serde_json::Value = serde_json::from_str(CAPABILITIES).unwrap();
+        assert_eq!(capabilities, serde_json::json!({"type": "rng"}));
+    }
+
+    #[test]
     fn duplicate_socket_is_rejected() {
         let args = serve(&["serve", "--socket", "/a", "--connect", "/a"]);
-        assert!(args.validate().unwrap_err().contains("more than once"));
+        assert!(args.validate(false).unwrap_err().contains("more than once"));
     }
 }

@@ -15,12 +15,26 @@ use vhost_rng::service::daemon::{self, ServeConfig, Settings};
 use vhost_rng::service::status;
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    // QEMU's backend program conventions: print and exit, whatever else
+    // the command line says.
+    if std::env::args_os()
+        .skip(1)
+        .any(|arg| arg == "--print-capabilities")
+    {
+        println!("{}", vhost_rng::cli::CAPABILITIES);
+        return ExitCode::SUCCESS;
+    }
+    let command = match Cli::parse().into_command() {
+        Ok(command) => command,
+        Err(e) => e.exit(),
+    };
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
 
-    match cli.command {
+    match command {
         Command::Serve(args) => {
-            if let Err(message) = args.validate() {
+            let handed = vhost_rng::service::supervisor::is_worker()
+                || std::env::var_os("LISTEN_FDS").is_some();
+            if let Err(message) = args.validate(handed) {
                 Cli::command()
                     .error(clap::error::ErrorKind::ArgumentConflict, message)
                     .exit();
@@ -53,7 +67,7 @@ fn main() -> ExitCode {
                     error!("{e}");
                     return ExitCode::FAILURE;
                 }
-                return vhost_rng::service::supervisor::run();
+                return vhost_rng::service::supervisor::run(&args.fds);
             }
             let config = ServeConfig {
                 guests: args.command_line_guests(),
@@ -88,7 +102,17 @@ fn main() -> ExitCode {
         }
         Command::Status(args) => ask(&args.control, Request::Status, args.json),
         Command::Agent(args) => vhost_rng_agent::run_command(&args),
+        Command::Seed(args) => vhost_rng::service::seed::run(
+            &args.control.control,
+            &args.entropy.sources_or_defaults(),
+            args.bytes,
+            args.format,
+            std::time::Duration::from_secs(args.timeout),
+        ),
         Command::Upgrade(args) => upgrade(&args),
+        Command::LibvirtHook(args) => {
+            vhost_rng::service::libvirt_hook::run(&args.control.control, &args.operation)
+        }
         Command::UpgradeStateVersion => {
             println!("{}", vhost_rng::service::upgrade::UPGRADE_STATE_VERSION);
             ExitCode::SUCCESS
@@ -191,6 +215,7 @@ fn ask(control: &ControlArgs, request: Request, json: bool) -> ExitCode {
         (Response::Guests { guests }, false) => status::render_guests(guests),
         (Response::Status { status }, true) => to_json(status),
         (Response::Status { status }, false) => status.render(),
+        (Response::Seed { data }, _) => format!("{data}\n"),
         (Response::Error { message }, _) => {
             eprintln!("vhost-rng: {message}");
             return ExitCode::FAILURE;

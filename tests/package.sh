@@ -95,7 +95,7 @@ done
 if [ -e contrib/qemu/50-vhost-rng.json ]; then
 	expect+=(/usr/share/qemu/vhost-user/50-vhost-rng.json)
 fi
-for hook in contrib/libvirt/*; do
+for hook in contrib/libvirt/qemu.d/*; do
 	if [ -f "$hook" ] && [ -x "$hook" ]; then
 		expect+=("/etc/libvirt/hooks/qemu.d/$(basename "$hook")")
 	fi

@@ -28,6 +28,21 @@ RUSTFLAGS='-C target-feature=+crt-static' \
 	cargo build --locked --release --target x86_64-unknown-linux-gnu -p vhost-rng-agent
 qemu/build-guest.sh --out target/qemu-guest-agent --agent "$agent"
 
+# The jitter source reads the kernel's jitterentropy_rng over AF_ALG: load
+# the modules where the kernel has them as modules, and say what this
+# kernel offers (the tests read real bytes where it has the interface and
+# check the operator's error where its config says it has not).
+if command -v modprobe >/dev/null; then
+	modprobe -q algif_rng 2>/dev/null || true
+	modprobe -q jitterentropy_rng 2>/dev/null || true
+fi
+if zcat /proc/config.gz 2>/dev/null | grep -qx '# CONFIG_CRYPTO_USER_API_RNG is not set'; then
+	echo "note: this kernel has no AF_ALG rng interface: the jitter tests check its error only"
+fi
+
+# libvirt for tests/libvirt.rs (domains booted from libvirt's own XML).
+qemu/setup-libvirt.sh
+
 unset VHOST_RNG_SKIP_QEMU VHOST_RNG_QEMU
 cargo test --locked --workspace "$@"
 

@@ -104,6 +104,31 @@ fn cloud_hypervisor_profile_is_served() {
         VhostUserProtocolFeatures::REPLY_ACK | VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS
     ));
     assert!(vmm.sent_requests().contains(&FrontendReq::SET_MEM_TABLE));
+    // The profile leaves out what cloud-hypervisor asks for and the test
+    // VMM cannot do; the daemon offers none of it, so cloud-hypervisor
+    // negotiates the same set as the profile.
+    assert!(
+        !vhost_rng::frontend::vhost_user::device::protocol_features()
+            .intersects(vhost_rng_testing::CLOUD_HYPERVISOR_UNIMPLEMENTED_PROTOCOL_FEATURES)
+    );
+    // cloud-hypervisor's order (vu_common_ctrl.rs setup_vhost_user).
+    let order: Vec<FrontendReq> = vmm.sent_requests().to_vec();
+    let expected = [
+        FrontendReq::SET_OWNER,
+        FrontendReq::GET_FEATURES,
+        FrontendReq::GET_PROTOCOL_FEATURES,
+        FrontendReq::SET_PROTOCOL_FEATURES,
+        FrontendReq::GET_QUEUE_NUM,
+        FrontendReq::SET_FEATURES,
+        FrontendReq::SET_MEM_TABLE,
+        FrontendReq::SET_VRING_NUM,
+        FrontendReq::SET_VRING_ADDR,
+        FrontendReq::SET_VRING_BASE,
+        FrontendReq::SET_VRING_CALL,
+        FrontendReq::SET_VRING_KICK,
+        FrontendReq::SET_VRING_ENABLE,
+    ];
+    assert_eq!(&order[..expected.len()], expected, "{order:?}");
     check_fills_4k_and_64_byte_requests(&mut vmm);
 }
 

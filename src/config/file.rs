@@ -1004,9 +1004,9 @@ mod tests {
     #[test]
     fn bad_source_names_the_line_of_the_entry() {
         assert_eq!(
-            message("sources = [\n  \"os\",\n  \"jitter\",\n]\n"),
-            "/etc/vhost-rng.toml:3: key 'sources': \"jitter\": unknown source 'jitter': \
-             use hwrng[=PATH], rdseed, file=PATH or os"
+            message("sources = [\n  \"os\",\n  \"havege\",\n]\n"),
+            "/etc/vhost-rng.toml:3: key 'sources': \"havege\": unknown source 'havege': \
+             use hwrng[=PATH], rdseed, jitter, file=PATH or os"
         );
         assert_eq!(
             message("sources = [\"os\", 5]\n"),

@@ -39,8 +39,9 @@ use crate::guest::limiter;
 pub const EXAMPLE: &str = r#"# all top-level keys optional
 
 # Entropy sources, in the same SPEC form as --source: hwrng[=PATH], rdseed,
-# file=PATH or os, each optionally followed by ,min-entropy=BITS (per byte).
-# Leave the key out to use every hardware source that works on this host.
+# jitter, file=PATH or os, each optionally followed by ,min-entropy=BITS (per byte).
+# Leave the key out to use every hardware source that works on this host
+# (jitter when none does).
 sources = ["hwrng", "rdseed"]      # same SPEC strings as --source
 
 # How guests are served. drbg: each guest gets its own DRBG, seeded and

@@ -51,8 +51,8 @@ pub struct PoolConfig {
 pub enum PoolError {
     /// No source was given, and none was found on this host.
     #[error(
-        "no hardware entropy source works on this host (no readable /dev/hwrng, no RDSEED); \
-         name one with --source, or use --source os to serve the operating system's CSPRNG"
+        "no entropy source works on this host (no readable /dev/hwrng, no RDSEED, no \
+         jitter RNG over AF_ALG); name one with --source, or use --source os to serve the operating system's CSPRNG"
     )]
     NoSources,
     /// A source could not be opened.
@@ -313,6 +313,58 @@ impl Pool {
         reservoir.move_out(seed.as_mut());
         self.space.notify_one();
         Some(seed)
+    }
+
+    /// Fills `out` for a boot seed (`vhost-rng seed`), waiting at most
+    /// `timeout` for the pool to have what it takes; false if it did not.
+    ///
+    /// Drbg mode: one full-entropy seed, as a guest's DRBG takes, keys a
+    /// DRBG of its own that produces `out` and is then dropped: the same
+    /// strength a guest's bytes have, at the cost of one seed whatever the
+    /// length. Raw mode: `out` is full-entropy bytes straight from the
+    /// reservoir (the caller keeps `out` small: guests draw from the same
+    /// reservoir).
+    pub fn draw_seed(&self, out: &mut [u8], timeout: std::time::Duration) -> bool {
+        let deadline = Instant::now() + timeout;
+        let pause = std::time::Duration::from_millis(20);
+        match self.mode {
+            Mode::Drbg => loop {
+                if let Some(seed) = self.take_seed(None) {
+                    let now = Instant::now();
+                    // The default bound (1 MiB) is far above any seed
+                    // asked for; the operator's may be as low as a byte.
+                    let mut drbg = Drbg::new(ReseedPolicy::default());
+                    drbg.reseed(&seed, now);
+                    let mut filled = 0;
+                    while filled < out.len() {
+                        let n = drbg.generate(&mut out[filled..], now);
+                        if n == 0 {
+                            return false;
+                        }
+                        filled += n;
+                    }
+                    return true;
+                }
+                if Instant::now() >= deadline {
+                    return false;
+                }
+                thread::sleep(pause);
+            },
+            Mode::Raw => {
+                let mut filled = 0;
+                while filled < out.len() {
+                    filled += self.take_locked(&mut self.lock(), &mut out[filled..], None);
+                    if filled < out.len() {
+                        if Instant::now() >= deadline {
+                            out.zeroize();
+                            return false;
+                        }
+                        thread::sleep(pause);
+                    }
+                }
+                true
+            }
+        }
     }
 
     /// The conditioner thread: absorbs approved bytes, fills the reservoir.

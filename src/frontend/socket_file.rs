@@ -99,6 +99,9 @@ pub struct GuestSocket {
     /// Identity of the file we created, so we never remove a socket another
     /// process put at the same path after us.
     identity: (u64, u64),
+    /// Made by someone else (systemd's socket unit, a parent passing
+    /// `--fd`): its file is theirs to remove, never ours.
+    foreign: bool,
 }
 
 impl GuestSocket {
@@ -110,17 +113,26 @@ impl GuestSocket {
             path: path.to_owned(),
             listener,
             identity,
+            foreign: false,
         })
     }
 
     /// Takes over a listening socket a previous daemon created at `path`
-    /// and handed over (an in-place upgrade). It must still be a listening
-    /// Unix socket, and the file at `path` a socket. (Its bound name is the
-    /// private directory it was created in, so that is not compared.)
+    /// and handed over (an in-place upgrade), or one systemd or a parent
+    /// passed (socket activation, `--fd`). It must still be a listening
+    /// Unix socket, and the file at `path` a socket. A socket this daemon
+    /// made is bound in the private directory it was created in, never at
+    /// `path` itself; one bound at `path` was made by someone else, and its
+    /// file is left in place when the guest goes.
     pub fn adopt(path: &Path, listener: OwnedFd) -> Result<Self, SocketError> {
         let listening = socket::getsockopt(&listener, socket::sockopt::AcceptConn)
             .map_err(|e| io_error(path, "inspect handed-over socket")(e.into()))?;
-        let unix = socket::getsockname::<UnixAddr>(listener.as_raw_fd()).is_ok();
+        let bound = socket::getsockname::<UnixAddr>(listener.as_raw_fd()).ok();
+        let unix = bound.is_some();
+        let foreign = bound
+            .as_ref()
+            .and_then(|address| address.path())
+            .is_some_and(|bound| bound == path);
         if !listening || !unix {
             return Err(SocketError::Io {
                 path: path.to_owned(),
@@ -140,6 +152,7 @@ impl GuestSocket {
             path: path.to_owned(),
             listener: UnixListener::from(listener),
             identity: (metadata.dev(), metadata.ino()),
+            foreign,
         })
     }
 
@@ -159,8 +172,12 @@ impl GuestSocket {
         self.listener.try_clone()
     }
 
-    /// Removes the socket file if it is still the one we created.
+    /// Removes the socket file if it is still the one we created (never
+    /// one someone else made and passed to us).
     pub fn remove(&self) {
+        if self.foreign {
+            return;
+        }
         let ours = fs::symlink_metadata(&self.path)
             .map(|m| (m.dev(), m.ino()) == self.identity)
             .unwrap_or(false);

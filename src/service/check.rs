@@ -76,8 +76,8 @@ impl CheckReport {
 pub fn run(specs: &[SourceSpec], bytes: u64, timeout: Duration) -> ExitCode {
     if specs.is_empty() {
         eprintln!(
-            "vhost-rng check: no hardware entropy source works on this host (no readable \
-             /dev/hwrng, no RDSEED); name one with --source"
+            "vhost-rng check: no entropy source works on this host (no readable \
+             /dev/hwrng, no RDSEED, no jitter RNG over AF_ALG); name one with --source"
         );
         return ExitCode::FAILURE;
     }

@@ -12,6 +12,8 @@
 //! <- {"result":"guests","guests":[{"name":"vm1",...}]}
 //! -> {"command":"status"}
 //! <- {"result":"status","status":{...}}
+//! -> {"command":"seed","bytes":64}
+//! <- {"result":"seed","data":"<base64 of 64 bytes>"}
 //! <- {"result":"error","message":"no guest named vm9"}
 //! ```
 
@@ -68,6 +70,12 @@ pub enum Request {
     /// Re-execute the daemon's binary from disk, keeping every guest
     /// (`vhost-rng upgrade`, like SIGUSR2).
     Upgrade,
+    /// `seed`: `bytes` random bytes from the pool for a boot seed
+    /// (`vhost-rng seed`), at most [`crate::service::seed::MAX_SEED_BYTES`].
+    Seed {
+        /// How many bytes.
+        bytes: usize,
+    },
     /// For the sandbox's tests only: make a system call that no filter
     /// allows, from a thread of the serving process. Refused unless the
     /// daemon was started with `VHOST_RNG_TEST_PROBES=1`; the call
@@ -92,6 +100,9 @@ pub enum Response {
     /// The answer to `status`: `status`, the daemon as a whole.
     #[allow(missing_docs)] // its one field, `status`, is described above
     Status { status: Box<DaemonStatus> },
+    /// The answer to `seed`: `data`, the bytes in base64.
+    #[allow(missing_docs)] // its one field, `data`, is described above
+    Seed { data: String },
 }
 
 /// Why a control client got no answer, or was refused.
@@ -151,6 +162,11 @@ pub fn handle(registry: &Registry, request: Request) -> Response {
             status: Box::new(registry.status()),
         }),
         Request::Upgrade => request_upgrade(registry),
+        Request::Seed { bytes } => crate::service::seed::from_pool(registry.pool(), bytes)
+            .map(|data| Response::Seed {
+                data: crate::service::seed::base64(&data),
+            })
+            .map_err(|e| e.to_string()),
         Request::ForbiddenSyscallProbe => {
             if std::env::var_os(PROBES_ENV).is_some_and(|v| v == "1") {
                 crate::service::sandbox::seccomp::forbidden_call();

@@ -442,6 +442,12 @@ fn state_name(guest: &str, generation: u64) -> String {
 
 /// `guest.<name>.<id>` or `guest.<name>.state<generation>` (guest names
 /// may hold dots, ids and generations do not).
+/// Whether `fd_name` is one the store uses (`guest.<name>.<id>`,
+/// `guest.<name>.state<generation>`, `shared.<key>`).
+pub fn is_store_name(fd_name: &str) -> bool {
+    parse_name(fd_name).is_some() || fd_name.starts_with(SHARED_PREFIX)
+}
+
 fn parse_name(fd_name: &str) -> Option<(&str, Entry)> {
     let (guest, tail) = fd_name.strip_prefix(PREFIX)?.rsplit_once('.')?;
     if guest.is_empty() {
@@ -549,6 +555,7 @@ mod tests {
         GuestState {
             spec: "name=vm,socket=/run/vhost-rng/vm.sock".into(),
             runtime: false,
+            activated: false,
             listener: Some(0),
             connection: Some(upgrade::ConnectionHandover {
                 socket: 1,

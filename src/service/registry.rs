@@ -277,6 +277,10 @@ pub struct Carried {
     pub spec: GuestSpec,
     /// Added at runtime (in no file): added again without being configured.
     pub runtime: bool,
+    /// A socket passed by systemd or `--fd`, not taken up before: a
+    /// configured guest of the same name and path takes it and stays
+    /// configured.
+    pub activated: bool,
     /// Its listening socket, adopted instead of bound.
     pub listener: Option<OwnedFd>,
     /// A vhost-user VMM connection with its state and the descriptors the
@@ -326,6 +330,11 @@ impl Registry {
             }),
             link: OnceLock::new(),
         })
+    }
+
+    /// The pool every guest draws from (for `vhost-rng seed`).
+    pub fn pool(&self) -> &Arc<Pool> {
+        &self.pool
     }
 
     /// The cap on all guests together, which guests let in by a listener's
@@ -627,7 +636,17 @@ impl Registry {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .remove(&spec.name)
-            .filter(|carried| carried.spec.endpoint == spec.endpoint);
+            .filter(|carried| {
+                let same = carried.spec.endpoint == spec.endpoint;
+                if !same {
+                    warn!(
+                        "guest {}: what was handed over for it ({}) is closed: it is now \
+                         configured as {spec}",
+                        spec.name, carried.spec
+                    );
+                }
+                same
+            });
         let inherited_listener = carried.as_mut().and_then(|c| c.listener.take());
         let socket_error = |error| RegistryError::Socket {
             name: spec.name.clone(),
@@ -725,7 +744,7 @@ impl Registry {
                 (
                     carried.connection,
                     carried.clients,
-                    runtime || carried.runtime,
+                    runtime || (carried.runtime && !carried.activated),
                 )
             }
             None => (None, Vec::new(), runtime),

@@ -43,6 +43,7 @@ use nix::unistd::Pid;
 use serde::{Deserialize, Serialize};
 use std::process::ExitStatus;
 
+use super::activation;
 use super::fd_store::{self, FdStore};
 use super::systemd::{self, Notifier};
 use super::upgrade::{self, DaemonState, GuestState, UPGRADE_STATE_VERSION};
@@ -250,8 +251,22 @@ struct Held {
 
 /// The top process's loop: starts the worker and restarts it when it dies,
 /// until SIGTERM or SIGINT. Returns the worker's exit status when it is
-/// stopped, or when the first worker fails to start.
-pub fn run() -> ExitCode {
+/// stopped, or when the first worker fails to start. `handed_fds` are the
+/// listening sockets given with `--fd` (see [`super::activation`]).
+pub fn run(handed_fds: &[RawFd]) -> ExitCode {
+    // First, before this process opens anything that could take one of
+    // their numbers; not in an image an upgrade started (the numbers are
+    // the old image's then).
+    let handed = match std::env::var_os(TOP_STATE_ENV) {
+        Some(_) => Vec::new(),
+        None => match activation::from_fd_args(handed_fds) {
+            Ok(handed) => handed,
+            Err(e) => {
+                error!("{e}");
+                return ExitCode::FAILURE;
+            }
+        },
+    };
     let signals = {
         let mut set = SigSet::empty();
         for signal in [
@@ -318,7 +333,7 @@ pub fn run() -> ExitCode {
             );
             (top, ours, worker)
         }
-        None => match top.restore_from_systemd(passed) {
+        None => match top.restore_from_systemd(passed, handed) {
             Ok(worker) => (top, ours, worker),
             Err(e) => {
                 error!("cannot start the serving process: {e}");
@@ -512,8 +527,19 @@ impl Top {
 
     /// Starts the first worker, with the guests systemd's file descriptor
     /// store gave back, if any.
-    fn restore_from_systemd(&mut self, passed: Vec<(String, OwnedFd)>) -> std::io::Result<Pid> {
+    fn restore_from_systemd(
+        &mut self,
+        passed: Vec<(String, OwnedFd)>,
+        handed: Vec<activation::Activated>,
+    ) -> std::io::Result<Pid> {
+        // Listening sockets passed by a socket unit or --fd are guests.
+        let (passed, mut activated) = activation::from_systemd(passed, fd_store::is_store_name);
+        activated.extend(handed);
         if self.store.is_none() {
+            self.adopt_activated(activated);
+            if !self.held.is_empty() {
+                return self.spawn_restored();
+            }
             if !passed.is_empty() {
                 warn!(
                     "systemd passed {} descriptor(s) but its file descriptor store is not used                      here; closing them",
@@ -525,13 +551,35 @@ impl Top {
         let (store, restored, shared) = FdStore::restore(&self.notifier, passed);
         self.store = Some(store);
         self.shared = shared;
-        if restored.is_empty() && self.shared.is_empty() {
-            return self.spawn(None);
-        }
         for (name, state, fds) in restored {
             self.held.insert(name, Held { state, fds });
         }
+        self.adopt_activated(activated);
+        if self.held.is_empty() && self.shared.is_empty() {
+            return self.spawn(None);
+        }
         self.spawn_restored()
+    }
+
+    /// Holds the passed sockets as guests, unless their names are taken.
+    fn adopt_activated(&mut self, activated: Vec<activation::Activated>) {
+        let existing = (self.held.iter())
+            .map(|(name, held)| (name.clone(), held.state.spec.clone()))
+            .collect();
+        for guest in activation::without_clashes(activated, &existing) {
+            info!(
+                "guest {}: serving a passed socket ({})",
+                guest.spec.name, guest.spec
+            );
+            let (name, state, fd) = guest.into_held();
+            self.held.insert(
+                name,
+                Held {
+                    state,
+                    fds: vec![fd],
+                },
+            );
+        }
     }
 
     /// Starts a worker; `state` (a record's memfd and every descriptor it

@@ -74,6 +74,12 @@ pub struct GuestState {
     pub spec: String,
     /// Added over the control socket, so not in the config file.
     pub runtime: bool,
+    /// A listening socket passed by systemd or `--fd` that no serving
+    /// process has taken up yet (see [`crate::service::activation`]): a
+    /// configured guest of the same name and path takes it and stays
+    /// configured. Absent (false) in records of earlier versions.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub activated: bool,
     /// The listening socket (`socket=`, `egd=`, `vsock-uds=` guests).
     pub listener: Option<RawFd>,
     /// A vhost-user guest's VMM connection and its state.
@@ -501,6 +507,7 @@ pub fn guest_state(
     GuestState {
         spec: spec.to_string(),
         runtime,
+        activated: false,
         listener,
         connection,
         clients,
@@ -541,6 +548,7 @@ pub fn take_over(state: DaemonState) -> (Vec<Carried>, Vec<(String, OwnedFd)>) {
             Ok(spec) => carried.push(Carried {
                 spec,
                 runtime: guest.runtime,
+                activated: guest.activated,
                 listener,
                 connection,
                 clients,
@@ -586,6 +594,7 @@ mod tests {
             guests: vec![GuestState {
                 spec: "name=vm1,socket=/run/vhost-rng/vm1.sock".into(),
                 runtime: false,
+                activated: false,
                 listener: Some(7),
                 connection: None,
                 clients: vec![9],

@@ -42,8 +42,9 @@ pub use error::{Error, Result};
 pub use guest_memory::MemfdGuestMemory;
 pub use split_ring::{Buffer, RingLayout, SplitRingDriver, UsedElem};
 pub use vmm::{
-    CLOUD_HYPERVISOR_PROTOCOL_FEATURES, FrontendProfile, MemoryRegistration,
-    QEMU_PROTOCOL_FEATURES, TestVmm, TestVmmConfig, raise_fd_limit,
+    CLOUD_HYPERVISOR_PROTOCOL_FEATURES, CLOUD_HYPERVISOR_UNIMPLEMENTED_PROTOCOL_FEATURES,
+    FrontendProfile, MemoryRegistration, QEMU_PROTOCOL_FEATURES, TestVmm, TestVmmConfig,
+    raise_fd_limit,
 };
 
 /// A TCP connection to `to` from the loopback address `source` (all of

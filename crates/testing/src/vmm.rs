@@ -65,15 +65,33 @@ pub const QEMU_PROTOCOL_FEATURES: VhostUserProtocolFeatures =
             | VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS.bits(),
     );
 
-/// Protocol features cloud-hypervisor's generic vhost-user devices ask for
-/// (its net/blk/fs devices minus their device-specific extras), intersected
-/// with the backend's offer.
+/// Protocol features cloud-hypervisor's generic vhost-user device
+/// (`--generic-vhost-user`, virtio-devices/src/vhost_user/generic_vhost_user.rs)
+/// asks for, intersected with the backend's offer: CONFIG, MQ,
+/// CONFIGURE_MEM_SLOTS, REPLY_ACK, INFLIGHT_SHMFD, LOG_SHMFD, DEVICE_STATE
+/// and BACKEND_REQ, less the three whose messages this test VMM does not
+/// send (CONFIG: GET_CONFIG when the guest reads config space;
+/// INFLIGHT_SHMFD: GET/SET_INFLIGHT_FD; DEVICE_STATE: only for snapshots).
+/// vhost-rng offers none of those three, so the set negotiated with it is
+/// the one cloud-hypervisor negotiates.
 pub const CLOUD_HYPERVISOR_PROTOCOL_FEATURES: VhostUserProtocolFeatures =
     VhostUserProtocolFeatures::from_bits_retain(
         VhostUserProtocolFeatures::MQ.bits()
             | VhostUserProtocolFeatures::REPLY_ACK.bits()
             | VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS.bits()
-            | VhostUserProtocolFeatures::LOG_SHMFD.bits(),
+            | VhostUserProtocolFeatures::LOG_SHMFD.bits()
+            | VhostUserProtocolFeatures::BACKEND_REQ.bits(),
+    );
+
+/// The protocol features cloud-hypervisor's generic vhost-user device asks
+/// for that [`CLOUD_HYPERVISOR_PROTOCOL_FEATURES`] leaves out, because this
+/// test VMM does not implement their messages. A backend offering one of
+/// them is not driven exactly as cloud-hypervisor would drive it.
+pub const CLOUD_HYPERVISOR_UNIMPLEMENTED_PROTOCOL_FEATURES: VhostUserProtocolFeatures =
+    VhostUserProtocolFeatures::from_bits_retain(
+        VhostUserProtocolFeatures::CONFIG.bits()
+            | VhostUserProtocolFeatures::INFLIGHT_SHMFD.bits()
+            | VhostUserProtocolFeatures::DEVICE_STATE.bits(),
     );
 
 /// Which VMM's vhost-user behaviour to reproduce.
@@ -95,14 +113,19 @@ pub enum FrontendProfile {
     /// follows it, so the ring is enabled before the first kick.
     #[default]
     Qemu,
-    /// cloud-hypervisor's vhost-user devices
-    /// (virtio-devices/src/vhost_user/vu_common_ctrl.rs):
+    /// cloud-hypervisor's generic vhost-user device (`--generic-vhost-user`;
+    /// virtio-devices/src/vhost_user/generic_vhost_user.rs and
+    /// vu_common_ctrl.rs, checked against its main branch of 2026-08-22,
+    /// commit ae44c2971c83):
     ///
-    /// SET_OWNER, GET_FEATURES, GET_PROTOCOL_FEATURES, SET_PROTOCOL_FEATURES,
-    /// GET_QUEUE_NUM (if MQ), then at activation SET_FEATURES, SET_MEM_TABLE
-    /// (cloud-hypervisor uses ADD_MEM_REG only for hot-plugged memory),
-    /// SET_VRING_NUM, SET_VRING_ADDR, SET_VRING_BASE, SET_VRING_CALL,
-    /// SET_VRING_KICK, SET_VRING_ENABLE.
+    /// SET_OWNER, GET_FEATURES (connect_vhost_user), GET_PROTOCOL_FEATURES,
+    /// SET_PROTOCOL_FEATURES, GET_QUEUE_NUM (if MQ), then at activation
+    /// (setup_vhost_user) SET_FEATURES, SET_MEM_TABLE (cloud-hypervisor uses
+    /// ADD_MEM_REG only for hot-plugged memory), SET_VRING_NUM (every queue
+    /// first), then per queue SET_VRING_ADDR, SET_VRING_BASE, SET_VRING_CALL,
+    /// SET_VRING_KICK, then SET_VRING_ENABLE, and SET_BACKEND_REQ_FD last
+    /// (if BACKEND_REQ). A device reset (reset_vhost_user) sends
+    /// SET_VRING_ENABLE 0 and GET_VRING_BASE per queue.
     ///
     /// With REPLY_ACK, NEED_REPLY is set on every message after protocol
     /// negotiation. Without it a GET_FEATURES follows SET_VRING_ENABLE; real
@@ -432,7 +455,11 @@ impl TestVmm {
         })?;
         self.send_call_fd()?;
         self.send_kick_fd()?;
-        self.enable_ring(true)
+        self.enable_ring(true)?;
+        if self.negotiated(VhostUserProtocolFeatures::BACKEND_REQ) {
+            self.open_backend_channel()?;
+        }
+        Ok(())
     }
 
     fn offers_protocol_features(&self) -> bool {
@@ -819,18 +846,13 @@ impl TestVmm {
     }
 
     /// Shuts the device down as the profile's VMM does on guest shutdown and
-    /// closes the connection: QEMU disables the ring and fetches its base
-    /// (vhost_dev_stop); cloud-hypervisor only disables the ring.
+    /// closes the connection: both disable the ring and fetch its base
+    /// (QEMU's vhost_dev_stop, cloud-hypervisor's reset_vhost_user).
     ///
     /// Dropping a `TestVmm` instead closes the socket with no goodbye, like a
     /// VMM that crashed or was killed.
     pub fn disconnect(mut self) -> Result<()> {
-        match self.profile {
-            FrontendProfile::Qemu => self.stop_ring().map(drop),
-            FrontendProfile::CloudHypervisor => {
-                self.within_reply_timeout(|vmm| vmm.enable_ring(false))
-            }
-        }
+        self.stop_ring().map(drop)
     }
 
     /// Runs `op`, shutting the connection down if it takes longer than the

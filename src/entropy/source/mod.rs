@@ -11,13 +11,18 @@
 //! | `hwrng[=PATH]` | the kernel's hardware RNG, `/dev/hwrng` | 1 |
 //! | `rdseed` | the x86 RDSEED instruction | 4 |
 //! | `file=PATH` | any file, character device or FIFO | 1 |
+//! | `jitter` | the kernel's CPU-jitter RNG (`jitterentropy_rng`) over AF_ALG; not hardware | 1 |
 //! | `os` | `getrandom(2)`, not hardware; only when asked for | 4 |
 //!
 //! The defaults are deliberately low: a source is credited with at most
 //! what it is known to deliver, and the health-test cutoffs follow from the
 //! same figure.
+//!
+//! With no `--source`, the daemon uses every hardware source that works on
+//! the host, and `jitter` only when none does ([`default_sources`]).
 
 mod device;
+pub mod jitter;
 mod os;
 pub mod rdseed;
 pub mod runner;
@@ -27,6 +32,7 @@ use std::path::{Path, PathBuf};
 use std::str::FromStr;
 
 pub use device::DeviceSource;
+pub use jitter::JitterSource;
 pub use os::OsSource;
 pub use rdseed::RdseedSource;
 pub use runner::{SourceState, SourceStats, SourceStatsSnapshot};
@@ -106,6 +112,8 @@ pub enum SourceKind {
     File,
     /// `os`: getrandom(2), the kernel's CSPRNG; not hardware.
     Os,
+    /// `jitter`: the kernel's CPU-jitter RNG through AF_ALG; not hardware.
+    Jitter,
 }
 
 impl SourceKind {
@@ -113,7 +121,7 @@ impl SourceKind {
     /// give one; see docs/entropy.md for the reasoning.
     pub fn default_min_entropy(self) -> f64 {
         match self {
-            SourceKind::Hwrng | SourceKind::File => 1.0,
+            SourceKind::Hwrng | SourceKind::File | SourceKind::Jitter => 1.0,
             SourceKind::Rdseed | SourceKind::Os => 4.0,
         }
     }
@@ -162,6 +170,7 @@ impl SourceSpec {
             (SourceKind::File, None) => "file".into(),
             (SourceKind::Rdseed, _) => "rdseed".into(),
             (SourceKind::Os, _) => "os".into(),
+            (SourceKind::Jitter, _) => jitter::NAME.into(),
         }
     }
 
@@ -193,6 +202,9 @@ impl SourceSpec {
                     reason: e.to_string(),
                 }),
             SourceKind::Os => Ok(Box::new(OsSource)),
+            SourceKind::Jitter => {
+                JitterSource::detect().map(|source| Box::new(source) as Box<dyn RawSource>)
+            }
         }
     }
 }
@@ -221,14 +233,15 @@ impl FromStr for SourceSpec {
             ("hwrng", _) => SourceKind::Hwrng,
             ("file", Some(_)) => SourceKind::File,
             ("file", None) => return Err("'file' needs a path: file=PATH".into()),
-            ("rdseed" | "os", Some(_)) => {
+            ("rdseed" | "os" | "jitter", Some(_)) => {
                 return Err(format!("'{kind}' takes no path"));
             }
             ("rdseed", None) => SourceKind::Rdseed,
             ("os", None) => SourceKind::Os,
+            ("jitter", None) => SourceKind::Jitter,
             _ => {
                 return Err(format!(
-                    "unknown source '{kind}': use hwrng[=PATH], rdseed, file=PATH or os"
+                    "unknown source '{kind}': use hwrng[=PATH], rdseed, jitter, file=PATH or os"
                 ));
             }
         };
@@ -257,9 +270,27 @@ impl FromStr for SourceSpec {
     }
 }
 
+/// The sources used when the operator names none: the hardware sources
+/// that work on this host (`/dev/hwrng` if it can be opened, RDSEED if the
+/// CPU has it) or, when there is none, the kernel's CPU-jitter RNG if the
+/// kernel offers it (docs/entropy.md says why). Empty when nothing works.
+pub fn default_sources() -> Vec<SourceSpec> {
+    let mut specs = hardware_sources();
+    if specs.is_empty() && jitter::jitter_available() {
+        log::warn!(
+            "no hardware entropy source works on this host (no readable {DEFAULT_HWRNG_PATH}, \
+             no RDSEED): using the kernel's CPU-jitter RNG (--source jitter), credited \
+             {} bits/byte; name sources with --source to choose",
+            SourceKind::Jitter.default_min_entropy()
+        );
+        specs.push(SourceSpec::new(SourceKind::Jitter, None));
+    }
+    specs
+}
+
 /// The hardware sources that work on this host: `/dev/hwrng` if it can be
 /// opened, RDSEED if the CPU has it.
-pub fn default_sources() -> Vec<SourceSpec> {
+pub fn hardware_sources() -> Vec<SourceSpec> {
     let mut specs = Vec::new();
     if std::fs::File::open(DEFAULT_HWRNG_PATH).is_ok() {
         specs.push(SourceSpec::new(SourceKind::Hwrng, None));
@@ -293,12 +324,21 @@ mod tests {
 
         assert_eq!("rdseed".parse::<SourceSpec>().unwrap().min_entropy(), 4.0);
         assert_eq!("os".parse::<SourceSpec>().unwrap().kind, SourceKind::Os);
+
+        let jitter: SourceSpec = "jitter".parse().unwrap();
+        assert_eq!(
+            (jitter.kind, jitter.label(), jitter.min_entropy()),
+            (SourceKind::Jitter, "jitter".into(), 1.0)
+        );
+        let jitter: SourceSpec = "jitter,min-entropy=3".parse().unwrap();
+        assert_eq!(jitter.min_entropy(), 3.0);
     }
 
     #[test]
     fn rejects_bad_specs_with_a_reason() {
         for (spec, reason) in [
-            ("jitter", "unknown source"),
+            ("entropyd", "unknown source"),
+            ("jitter=/dev/x", "takes no path"),
             ("file", "needs a path"),
             ("file=", "empty"),
             ("rdseed=/x", "takes no path"),

@@ -71,6 +71,14 @@ impl Top {
             GuestEndpoint::VsockUds(path) => channel::uds_path(path, wire::DEFAULT_PORT),
             _ => return,
         };
+        // A socket someone else made and passed (socket activation, --fd)
+        // is bound at its path; its file is theirs.
+        let listener = usize::try_from(held.state.listener.unwrap_or(-1))
+            .ok()
+            .and_then(|i| held.fds.get(i));
+        if listener.is_some_and(|fd| crate::service::activation::bound_at(fd, &path)) {
+            return;
+        }
         if let Ok(there) = std::fs::symlink_metadata(&path)
             && there.file_type().is_socket()
         {
