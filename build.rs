@@ -9,9 +9,8 @@
 //!    assets name `target/release/vhost-rng-assets/root/**/*`): man pages
 //!    rendered from the clap definitions (src/cli.rs, compiled here too, see
 //!    below), completions, vhost-rng.toml(5) and the default config file
-//!    from the commented example in src/config/mod.rs, and the files under
-//!    contrib/ that exist in this tree (units, udev rule, QEMU descriptor,
-//!    libvirt hook).
+//!    from the commented example in src/config/mod.rs. (The files kept in
+//!    contrib/ are named in Cargo.toml's assets directly.)
 //!
 //! src/cli.rs is compiled into this script with its real value enums
 //! (src/entropy/pool/mode.rs, src/service/sandbox/mode.rs) and the agent's
@@ -111,7 +110,6 @@ fn main() -> Result<(), Box<dyn Error>> {
     println!("cargo::rerun-if-changed=build/render.rs");
     println!("cargo::rerun-if-changed=src/cli.rs");
     println!("cargo::rerun-if-changed=src/config/mod.rs");
-    println!("cargo::rerun-if-changed=contrib");
 
     let commit = commit();
     println!("cargo::rustc-env=VHOST_RNG_COMMIT={commit}");
@@ -152,65 +150,6 @@ fn main() -> Result<(), Box<dyn Error>> {
         render::default_config(example).as_bytes(),
         0o644,
     )?;
-
-    stage_contrib(&root)?;
-    Ok(())
-}
-
-/// The files from contrib/ the package installs, where they go, and their
-/// mode. One that does not exist in this tree is left out with a warning
-/// (tests/package.sh expects whatever contrib/ has).
-fn stage_contrib(root: &Path) -> Result<(), Box<dyn Error>> {
-    let mut wanted: Vec<(PathBuf, PathBuf, u32)> = vec![
-        (
-            "contrib/udev/60-vhost-rng.rules".into(),
-            "usr/lib/udev/rules.d/60-vhost-rng.rules".into(),
-            0o644,
-        ),
-        (
-            "contrib/qemu/50-vhost-rng.json".into(),
-            "usr/share/qemu/vhost-user/50-vhost-rng.json".into(),
-            0o644,
-        ),
-    ];
-    // Every unit and socket template.
-    for entry in fs::read_dir("contrib/systemd")? {
-        let path = entry?.path();
-        let is_unit = path
-            .extension()
-            .is_some_and(|ext| ext == "service" || ext == "socket");
-        if let (true, Some(name)) = (is_unit, path.file_name()) {
-            let dest = Path::new("usr/lib/systemd/system").join(name);
-            wanted.push((path.clone(), dest, 0o644));
-        }
-    }
-    // libvirt runs every executable in /etc/libvirt/hooks/qemu.d/.
-    if let Ok(entries) = fs::read_dir("contrib/libvirt/qemu.d") {
-        for entry in entries {
-            let path = entry?.path();
-            let executable = fs::metadata(&path)
-                .map(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
-                .unwrap_or(false);
-            if let (true, Some(name)) = (executable, path.file_name()) {
-                let dest = Path::new("etc/libvirt/hooks/qemu.d").join(name);
-                wanted.push((path.clone(), dest, 0o755));
-            }
-        }
-    } else {
-        println!(
-            "cargo::warning=contrib/libvirt/qemu.d/ does not exist: the package has no libvirt hook"
-        );
-    }
-    for (source, dest, mode) in wanted {
-        match fs::read(&source) {
-            Ok(bytes) => write(&root.join(dest), &bytes, mode)?,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => println!(
-                "cargo::warning={} does not exist yet: the package goes without it",
-                source.display()
-            ),
-            Err(e) => return Err(format!("{}: {e}", source.display()).into()),
-        }
-    }
     Ok(())
 }
 

@@ -38,6 +38,8 @@ fn man_pages_are_the_daemons_own() {
         "vhost-rng-agent.8",
         "vhost-rng-psk-new.8",
         "vhost-rng-upgrade.8",
+        "vhost-rng-seed.8",
+        "vhost-rng-libvirt-hook.8",
     ] {
         assert!(
             names.contains(&expected),
