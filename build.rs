@@ -131,8 +131,17 @@ fn main() -> Result<(), Box<dyn Error>> {
 
     let mut cmd = <cli::Cli as clap::CommandFactory>::command().version(version);
     cmd.build();
+    // Each page twice: as rendered in man/ (for reading from a source
+    // tree, and for the test), and gzipped where the package installs it
+    // (Debian policy; cargo-deb compresses no file it takes from target/).
+    let plain = assets.join("man");
+    if plain.exists() {
+        fs::remove_dir_all(&plain)?;
+    }
     for (name, page) in render::man_pages(&cmd, version)? {
-        write(&root.join("usr/share/man/man8").join(name), &page, 0o644)?;
+        write(&plain.join(&name), &page, 0o644)?;
+        let dest = root.join(format!("usr/share/man/man8/{name}.gz"));
+        write(&dest, &gzip(&page)?, 0o644)?;
     }
     for (path, script) in render::completions(&cmd) {
         write(&root.join(path), &script, 0o644)?;
@@ -140,9 +149,15 @@ fn main() -> Result<(), Box<dyn Error>> {
 
     let mod_rs = fs::read_to_string("src/config/mod.rs")?;
     let example = render::example_in(&mod_rs).ok_or("no EXAMPLE in src/config/mod.rs")?;
+    let config_page = render::config_page(example, version);
     write(
-        &root.join("usr/share/man/man5/vhost-rng.toml.5"),
-        render::config_page(example, version).as_bytes(),
+        &plain.join("vhost-rng.toml.5"),
+        config_page.as_bytes(),
+        0o644,
+    )?;
+    write(
+        &root.join("usr/share/man/man5/vhost-rng.toml.5.gz"),
+        &gzip(config_page.as_bytes())?,
         0o644,
     )?;
     write(
@@ -151,6 +166,15 @@ fn main() -> Result<(), Box<dyn Error>> {
         0o644,
     )?;
     Ok(())
+}
+
+/// `bytes` gzipped at the best compression, with no name and no time in
+/// the header, so that a build is reproducible.
+fn gzip(bytes: &[u8]) -> Result<Vec<u8>, Box<dyn Error>> {
+    use std::io::Write;
+    let mut encoder = flate2::GzBuilder::new().write(Vec::new(), flate2::Compression::best());
+    encoder.write_all(bytes)?;
+    Ok(encoder.finish()?)
 }
 
 fn write(path: &Path, bytes: &[u8], mode: u32) -> Result<(), Box<dyn Error>> {

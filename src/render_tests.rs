@@ -18,6 +18,26 @@ fn staged(path: &str) -> Vec<u8> {
     std::fs::read(&file).unwrap_or_else(|e| panic!("{}: {e}", file.display()))
 }
 
+/// A page as the package installs it: gzipped, and the same as the plain
+/// copy build.rs leaves in vhost-rng-assets/man/.
+fn installed_page(section: &str, name: &str) -> Vec<u8> {
+    use std::io::Read;
+    let gz = staged(&format!("usr/share/man/man{section}/{name}.gz"));
+    let mut page = Vec::new();
+    flate2::read::GzDecoder::new(&gz[..])
+        .read_to_end(&mut page)
+        .unwrap();
+    let plain = PathBuf::from(env!("VHOST_RNG_ASSETS"))
+        .join("man")
+        .join(name);
+    assert!(
+        std::fs::read(&plain).unwrap() == page,
+        "{}",
+        plain.display()
+    );
+    page
+}
+
 fn built() -> clap::Command {
     let mut cmd = Cli::command();
     cmd.build();
@@ -50,7 +70,10 @@ fn man_pages_are_the_daemons_own() {
     let dir = PathBuf::from(env!("VHOST_RNG_ASSETS")).join("root/usr/share/man/man8");
     let mut on_disk: Vec<String> = std::fs::read_dir(&dir)
         .unwrap()
-        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .map(|e| {
+            let name = e.unwrap().file_name().to_string_lossy().into_owned();
+            name.strip_suffix(".gz").unwrap().to_owned()
+        })
         .collect();
     on_disk.sort();
     let mut rendered: Vec<String> = names.iter().map(|n| n.to_string()).collect();
@@ -58,11 +81,11 @@ fn man_pages_are_the_daemons_own() {
     assert_eq!(on_disk, rendered);
     for (name, page) in &pages {
         assert!(
-            staged(&format!("usr/share/man/man8/{name}")) == *page,
+            installed_page("8", name) == *page,
             "{name}: build.rs rendered another page than Cli::command() gives"
         );
     }
-    let serve = String::from_utf8(staged("usr/share/man/man8/vhost-rng-serve.8")).unwrap();
+    let serve = String::from_utf8(installed_page("8", "vhost-rng-serve.8")).unwrap();
     assert!(serve.contains("check\\-config"), "{serve}");
     assert!(serve.contains(env!("VHOST_RNG_COMMIT")));
 }
@@ -85,7 +108,7 @@ fn the_example_is_found_in_the_source() {
 
 #[test]
 fn config_page_names_every_key() {
-    let page = String::from_utf8(staged("usr/share/man/man5/vhost-rng.toml.5")).unwrap();
+    let page = String::from_utf8(installed_page("5", "vhost-rng.toml.5")).unwrap();
     assert_eq!(page, render::config_page(config::EXAMPLE, &page_version()));
     let plain = page.replace("\\-", "-");
     for key in FILE_KEYS {

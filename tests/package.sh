@@ -71,15 +71,15 @@ expect=(
 	/usr/lib/systemd/system/vhost-rng.service
 	/etc/vhost-rng/config.toml
 	/usr/lib/udev/rules.d/60-vhost-rng.rules
-	/usr/share/man/man5/vhost-rng.toml.5
-	/usr/share/man/man8/vhost-rng.8
-	/usr/share/man/man8/vhost-rng-serve.8
-	/usr/share/man/man8/vhost-rng-check.8
-	/usr/share/man/man8/vhost-rng-guest.8
-	/usr/share/man/man8/vhost-rng-status.8
-	/usr/share/man/man8/vhost-rng-agent.8
-	/usr/share/man/man8/vhost-rng-psk.8
-	/usr/share/man/man8/vhost-rng-upgrade.8
+	/usr/share/man/man5/vhost-rng.toml.5.gz
+	/usr/share/man/man8/vhost-rng.8.gz
+	/usr/share/man/man8/vhost-rng-serve.8.gz
+	/usr/share/man/man8/vhost-rng-check.8.gz
+	/usr/share/man/man8/vhost-rng-guest.8.gz
+	/usr/share/man/man8/vhost-rng-status.8.gz
+	/usr/share/man/man8/vhost-rng-agent.8.gz
+	/usr/share/man/man8/vhost-rng-psk.8.gz
+	/usr/share/man/man8/vhost-rng-upgrade.8.gz
 	/usr/share/bash-completion/completions/vhost-rng
 	/usr/share/zsh/vendor-completions/_vhost-rng
 	/usr/share/fish/vendor_completions.d/vhost-rng.fish
@@ -147,7 +147,7 @@ for page in $(dpkg -L vhost-rng | grep '^/usr/share/man/man[0-9]/.'); do
 		ok "man -l $page ($(wc -l <"$work/page.txt") lines)"
 	fi
 done
-man -l /usr/share/man/man8/vhost-rng-serve.8 2>/dev/null | grep -q -- '--check-config' ||
+man -l /usr/share/man/man8/vhost-rng-serve.8.gz 2>/dev/null | grep -q -- '--check-config' ||
 	fail "vhost-rng-serve(8) does not describe --check-config"
 
 echo "== units"
@@ -194,7 +194,7 @@ echo "== remove keeps the user and config"
 listed=$(dpkg -L vhost-rng vhost-rng-agent | grep -v '^/\.$' || true)
 dpkg -r vhost-rng vhost-rng-agent
 for path in /usr/bin/vhost-rng /usr/bin/vhost-rng-agent /usr/lib/systemd/system/vhost-rng.service \
-	/usr/share/man/man8/vhost-rng.8 /usr/lib/udev/rules.d/60-vhost-rng.rules; do
+	/usr/share/man/man8/vhost-rng.8.gz /usr/lib/udev/rules.d/60-vhost-rng.rules; do
 	if [ -e "$path" ]; then fail "$path left after remove"; else ok "$path removed"; fi
 done
 for path in /etc/vhost-rng/config.toml /etc/default/vhost-rng-agent; do
