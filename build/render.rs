@@ -34,7 +34,12 @@ fn add_pages(
     clap_mangen::Man::new(page)
         .title(page_name.to_uppercase())
         .section(SECTION)
-        .source(format!("vhost-rng {version}"))
+        // The version without the commit, which the VERSION section has:
+        // the footer has little room.
+        .source(format!(
+            "vhost-rng {}",
+            version.split(' ').next().unwrap_or(version)
+        ))
         .manual("System Manager's Manual")
         .render(&mut out)?;
     pages.push((format!("{page_name}.{SECTION}"), out));
@@ -98,7 +103,8 @@ pub fn default_config(example: &str) -> String {
          #   vhost-rng serve --config /etc/vhost-rng/config.toml --check-config\n\
          \n\
          # No guests, on purpose. Delete this line when you add [[guest]] tables;\n\
-         # guests can also be added to a running daemon with `vhost-rng guest add`.\n\
+         # guests can also be added to a running daemon with `vhost-rng guest add`\n\
+         # (their sockets in a directory the vhost-rng user may write: socket-dirs).\n\
          guest = []\n\
          \n",
     );
