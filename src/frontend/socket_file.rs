@@ -237,27 +237,8 @@ fn bind_with_access(
     UnixAddr::new(path).map_err(|_| SocketError::PathTooLong {
         path: path.to_owned(),
     })?;
-    let name = path.file_name().ok_or_else(|| {
-        io_error(path, "bind socket")(io::Error::new(
-            io::ErrorKind::InvalidInput,
-            "the path does not end in a file name",
-        ))
-    })?;
-    let parent = match path.parent() {
-        Some(dir) if !dir.as_os_str().is_empty() => dir,
-        _ => Path::new("."),
-    };
-    let parent_fd = open(
-        parent,
-        OFlag::O_DIRECTORY | OFlag::O_RDONLY | OFlag::O_CLOEXEC,
-        Mode::empty(),
-    )
-    .map_err(|e| match e {
-        Errno::ENOENT => SocketError::NoDirectory {
-            path: path.to_owned(),
-        },
-        e => io_error(path, "open the socket's directory")(e.into()),
-    })?;
+    let (parent_fd, name) = open_parent(path, "socket")?;
+    let parent = parent_of(path);
     let private = PrivateDir::create(&parent_fd).map_err(io_error(
         path,
         "create a private directory next to the socket",
@@ -279,23 +260,7 @@ fn bind_with_access(
     // Through the directory's descriptor: if the socket is not in our
     // directory (someone renamed it and put theirs in its place before
     // bind), these fail rather than act on theirs.
-    fchmodat(
-        &private.fd,
-        PRIVATE_NAME,
-        Mode::from_bits_truncate(access.mode),
-        FchmodatFlags::FollowSymlink,
-    )
-    .map_err(|e| io_error(path, "set socket permissions")(e.into()))?;
-    if let Some(group) = access.group {
-        fchownat(
-            &private.fd,
-            PRIVATE_NAME,
-            None,
-            Some(group),
-            AtFlags::AT_SYMLINK_NOFOLLOW,
-        )
-        .map_err(|e| io_error(path, "set socket group")(e.into()))?;
-    }
+    private.give(access, path, "socket")?;
     socket::listen(&fd, Backlog::new(16).unwrap_or(Backlog::MAXCONN))
         .map_err(|e| io_error(path, "listen on socket")(e.into()))?;
     // Taken before the rename, which keeps device and inode: looked up at
@@ -308,6 +273,54 @@ fn bind_with_access(
     Ok((UnixListener::from(fd), (stat.st_dev, stat.st_ino)))
 }
 
+/// The directory `path` names its file in (`.` for a bare name).
+fn parent_of(path: &Path) -> &Path {
+    match path.parent() {
+        Some(dir) if !dir.as_os_str().is_empty() => dir,
+        _ => Path::new("."),
+    }
+}
+
+/// The directory `path` is in, opened, and the file name in it; `what`
+/// (`socket`, `FIFO`) names the file in errors.
+fn open_parent<'p>(
+    path: &'p Path,
+    what: &'static str,
+) -> Result<(OwnedFd, &'p std::ffi::OsStr), SocketError> {
+    let name = path.file_name().ok_or_else(|| SocketError::Io {
+        path: path.to_owned(),
+        action: if what == "socket" {
+            "bind socket"
+        } else {
+            "create FIFO"
+        },
+        error: io::Error::new(
+            io::ErrorKind::InvalidInput,
+            "the path does not end in a file name",
+        ),
+    })?;
+    let parent_fd = open(
+        parent_of(path),
+        OFlag::O_DIRECTORY | OFlag::O_RDONLY | OFlag::O_CLOEXEC,
+        Mode::empty(),
+    )
+    .map_err(|e| match e {
+        Errno::ENOENT => SocketError::NoDirectory {
+            path: path.to_owned(),
+        },
+        e => SocketError::Io {
+            path: path.to_owned(),
+            action: if what == "socket" {
+                "open the socket's directory"
+            } else {
+                "open the FIFO's directory"
+            },
+            error: e.into(),
+        },
+    })?;
+    Ok((parent_fd, name))
+}
+
 /// The named pipe at `path`, opened for reading and writing (non-blocking,
 /// close-on-exec), with its identity (device, inode): an existing FIFO is
 /// used as it is (a VMM may have it open: that is the point of leaving it
@@ -316,27 +329,7 @@ fn bind_with_access(
 /// moved into place without replacing anything). Anything else at `path`
 /// is refused, and a symlink is never followed.
 pub fn open_fifo(path: &Path, access: SocketAccess) -> Result<Fifo, SocketError> {
-    let name = path.file_name().ok_or_else(|| {
-        io_error(path, "create FIFO")(io::Error::new(
-            io::ErrorKind::InvalidInput,
-            "the path does not end in a file name",
-        ))
-    })?;
-    let parent = match path.parent() {
-        Some(dir) if !dir.as_os_str().is_empty() => dir,
-        _ => Path::new("."),
-    };
-    let parent_fd = open(
-        parent,
-        OFlag::O_DIRECTORY | OFlag::O_RDONLY | OFlag::O_CLOEXEC,
-        Mode::empty(),
-    )
-    .map_err(|e| match e {
-        Errno::ENOENT => SocketError::NoDirectory {
-            path: path.to_owned(),
-        },
-        e => io_error(path, "open the FIFO's directory")(e.into()),
-    })?;
+    let (parent_fd, name) = open_parent(path, "FIFO")?;
     let flags = OFlag::O_RDWR | OFlag::O_NONBLOCK | OFlag::O_CLOEXEC | OFlag::O_NOFOLLOW;
     let not_a_fifo = || SocketError::NotAFifo {
         path: path.to_owned(),
@@ -368,23 +361,7 @@ pub fn open_fifo(path: &Path, access: SocketAccess) -> Result<Fifo, SocketError>
         ))?;
         nix::unistd::mkfifoat(&private.fd, PRIVATE_NAME, Mode::S_IRUSR | Mode::S_IWUSR)
             .map_err(|e| io_error(path, "create FIFO")(e.into()))?;
-        fchmodat(
-            &private.fd,
-            PRIVATE_NAME,
-            Mode::from_bits_truncate(access.mode),
-            FchmodatFlags::FollowSymlink,
-        )
-        .map_err(|e| io_error(path, "set FIFO permissions")(e.into()))?;
-        if let Some(group) = access.group {
-            fchownat(
-                &private.fd,
-                PRIVATE_NAME,
-                None,
-                Some(group),
-                AtFlags::AT_SYMLINK_NOFOLLOW,
-            )
-            .map_err(|e| io_error(path, "set FIFO group")(e.into()))?;
-        }
+        private.give(access, path, "FIFO")?;
         let fd = openat(&private.fd, PRIVATE_NAME, flags, Mode::empty())
             .map_err(|e| io_error(path, "open FIFO")(e.into()))?;
         match nix::fcntl::renameat2(
@@ -500,6 +477,48 @@ impl<'a> PrivateDir<'a> {
             ));
         }
         Ok(dir)
+    }
+
+    /// Gives the file made here its mode and group, through the
+    /// directory's descriptor: if it is not in our directory (someone
+    /// renamed it and put theirs in its place), this fails rather than act
+    /// on theirs. `what` (`socket`, `FIFO`) names it in errors.
+    fn give(&self, access: SocketAccess, path: &Path, what: &str) -> Result<(), SocketError> {
+        let failed = |action: &'static str| {
+            let path = path.to_owned();
+            move |e: Errno| SocketError::Io {
+                path,
+                action,
+                error: e.into(),
+            }
+        };
+        let socket = what == "socket";
+        fchmodat(
+            &self.fd,
+            PRIVATE_NAME,
+            Mode::from_bits_truncate(access.mode),
+            FchmodatFlags::FollowSymlink,
+        )
+        .map_err(failed(if socket {
+            "set socket permissions"
+        } else {
+            "set FIFO permissions"
+        }))?;
+        if let Some(group) = access.group {
+            fchownat(
+                &self.fd,
+                PRIVATE_NAME,
+                None,
+                Some(group),
+                AtFlags::AT_SYMLINK_NOFOLLOW,
+            )
+            .map_err(failed(if socket {
+                "set socket group"
+            } else {
+                "set FIFO group"
+            }))?;
+        }
+        Ok(())
     }
 
     /// The address to bind: the socket's path inside this directory or,

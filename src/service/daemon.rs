@@ -330,6 +330,11 @@ pub fn run(config: ServeConfig) -> Result<(), DaemonError> {
         sandbox::privileges::warn_running_as_root();
     }
     sandbox::arm(resolved.seccomp);
+    // The default control socket's directory is ours to make, and must
+    // exist before Landlock, which allows what exists.
+    if let Some(control) = &resolved.control {
+        ControlServer::prepare_directory(control);
+    }
     // Before any thread starts, so that every thread is confined.
     let landlock = sandbox::landlock::restrict(&reachable(&config, &resolved, inherited.as_ref()));
     info!("serving mode: {}", resolved.pool.mode.as_str());

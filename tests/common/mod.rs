@@ -104,25 +104,33 @@ impl Daemon {
         I: IntoIterator<Item = S>,
         S: AsRef<std::ffi::OsStr>,
     {
+        let mut args: Vec<std::ffi::OsString> =
+            args.into_iter().map(|a| a.as_ref().to_owned()).collect();
+        Daemon::launch(Command::new(binary), |command, control| {
+            if args.first().is_some_and(|a| a == "serve") && !args.iter().any(|a| a == "--control")
+            {
+                args.push("--control".into());
+                args.push(control.into());
+            }
+            command.args(&args).envs(env.iter().copied());
+        })
+    }
+
+    /// Runs `command` (completed by `finish`, given the control socket a
+    /// `serve` without one gets) with RUST_LOG=info and its standard error
+    /// in a log of its own.
+    fn launch(mut command: Command, finish: impl FnOnce(&mut Command, &Path)) -> Daemon {
         let log_dir = tempfile::tempdir().unwrap();
         let log_path = log_dir.path().join("daemon.log");
         let control = log_dir.path().join("control.sock");
         let log = fs::File::create(&log_path).unwrap();
-        let mut args: Vec<std::ffi::OsString> =
-            args.into_iter().map(|a| a.as_ref().to_owned()).collect();
-        if args.first().is_some_and(|a| a == "serve") && !args.iter().any(|a| a == "--control") {
-            args.push("--control".into());
-            args.push(control.clone().into());
-        }
-        let child = Command::new(binary)
-            .args(args)
+        command
             .env("RUST_LOG", "info")
-            .envs(env.iter().copied())
             .stdin(Stdio::null())
             .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()
-            .expect("start vhost-rng");
+            .stderr(log);
+        finish(&mut command, &control);
+        let child = command.spawn().expect("start vhost-rng");
         Daemon {
             child,
             log_path,
@@ -143,10 +151,6 @@ impl Daemon {
     ) -> Daemon {
         use std::os::fd::AsRawFd;
         use std::os::unix::process::CommandExt;
-        let log_dir = tempfile::tempdir().unwrap();
-        let log_path = log_dir.path().join("daemon.log");
-        let control = log_dir.path().join("control.sock");
-        let log = fs::File::create(&log_path).unwrap();
         let names: Vec<&str> = fds.iter().map(|(name, _)| name.as_str()).collect();
         let raw: Vec<i32> = fds.iter().map(|(_, fd)| fd.as_raw_fd()).collect();
         let mut command = Command::new("/bin/sh");
@@ -156,21 +160,15 @@ impl Daemon {
             .arg("sh")
             .arg(env!("CARGO_BIN_EXE_vhost-rng"))
             .args(args)
-            .arg("--control")
-            .arg(&control)
-            .env("RUST_LOG", "info")
             .env("LISTEN_FDS", raw.len().to_string())
             .env("LISTEN_FDNAMES", names.join(":"))
-            .envs(env.iter().copied())
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(log);
+            .envs(env.iter().copied());
         // Out of the way first, then into place: the sources may sit where
         // the targets go. (No allocation after fork: `moved` is ready.)
         let high = raw.iter().copied().max().unwrap_or(0).max(3) + raw.len() as i32 + 3;
         let mut moved = vec![-1; raw.len()];
-        // SAFETY: only fcntl, dup2 and close between fork and exec, on
-        // descriptors this process holds open until the child has started.
+        // SAFETY: only fcntl and dup2 between fork and exec, on descriptors
+        // this process holds open until the child has started.
         unsafe {
             command.pre_exec(move || {
                 for (i, &fd) in raw.iter().enumerate() {
@@ -187,13 +185,9 @@ impl Daemon {
                 Ok(())
             });
         }
-        let child = command.spawn().expect("start vhost-rng");
-        Daemon {
-            child,
-            log_path,
-            control,
-            _log_dir: log_dir,
-        }
+        Daemon::launch(command, |command, control| {
+            command.arg("--control").arg(control);
+        })
     }
 
     /// The control socket given to a `serve` that named none.

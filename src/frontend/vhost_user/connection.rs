@@ -127,36 +127,12 @@ pub fn peek_message(stream: &UnixStream) -> Result<Arrival, FramingError> {
     }
 
     let mut buf = vec![0u8; whole];
-    let mut cmsg = nix::cmsg_space!([RawFd; MAX_FDS]);
-    let mut iov = [IoSliceMut::new(&mut buf)];
     // A peek passes the descriptors too (copies; the message keeps its
     // own for whoever takes it off). But where the message has none, the
     // kernel goes on to the next message and passes *its* descriptors: only
     // a message that takes descriptors may use what a peek gives (see
     // `dispatch::expects_fds`), and [`consume`] counts the real ones.
-    let received = recvmsg::<()>(
-        stream.as_raw_fd(),
-        &mut iov,
-        Some(&mut cmsg),
-        MsgFlags::MSG_PEEK | MsgFlags::MSG_DONTWAIT | MsgFlags::MSG_CMSG_CLOEXEC,
-    )
-    .map_err(io::Error::from)?;
-    let mut fds = Vec::new();
-    for message in received.cmsgs().map_err(io::Error::from)? {
-        if let ControlMessageOwned::ScmRights(raw) = message {
-            // SAFETY: the kernel just installed these descriptors in this
-            // process for us; nothing else owns them.
-            fds.extend(
-                raw.into_iter()
-                    .map(|fd| unsafe { OwnedFd::from_raw_fd(fd) }),
-            );
-        }
-    }
-    let truncated = received.flags.contains(MsgFlags::MSG_CTRUNC);
-    let got = received.bytes;
-    if truncated {
-        return Err(FramingError::TooManyFds);
-    }
+    let (got, fds) = read_with_fds(stream, &mut buf, MsgFlags::MSG_PEEK)?;
     if got != whole {
         // Peeked whole, so only a concurrent reader could take part of it;
         // there is none.
@@ -177,36 +153,51 @@ pub fn peek_message(stream: &UnixStream) -> Result<Arrival, FramingError> {
 /// and counted.
 pub fn consume(stream: &UnixStream, len: usize) -> io::Result<usize> {
     let mut buf = vec![0u8; len];
-    let mut cmsg = nix::cmsg_space!([RawFd; MAX_FDS]);
-    let mut iov = [IoSliceMut::new(&mut buf)];
-    let received = recvmsg::<()>(
-        stream.as_raw_fd(),
-        &mut iov,
-        Some(&mut cmsg),
-        MsgFlags::MSG_DONTWAIT | MsgFlags::MSG_CMSG_CLOEXEC,
-    )?;
-    let mut fds = 0;
-    for message in received.cmsgs()? {
-        if let ControlMessageOwned::ScmRights(raw) = message {
-            for fd in raw {
-                fds += 1;
-                // SAFETY: installed for this process just now; closed here.
-                drop(unsafe { OwnedFd::from_raw_fd(fd) });
-            }
-        }
-    }
-    if received.flags.contains(MsgFlags::MSG_CTRUNC) {
-        return Err(io::Error::other(
-            "more descriptors than a message may carry",
-        ));
-    }
-    if received.bytes == len {
-        Ok(fds)
+    let (got, fds) = read_with_fds(stream, &mut buf, MsgFlags::empty()).map_err(|e| match e {
+        FramingError::Io(e) => e,
+        other => io::Error::other(other.to_string()),
+    })?;
+    if got == len {
+        Ok(fds.len())
     } else {
         // Peeked whole, so only a concurrent reader could take part of it;
         // there is none.
         Err(io::ErrorKind::UnexpectedEof.into())
     }
+}
+
+/// One read of up to `buf.len()` bytes (`flags` added, e.g. a peek) with
+/// the descriptors that come with them; more than a message may carry is
+/// an error (they are closed).
+fn read_with_fds(
+    stream: &UnixStream,
+    buf: &mut [u8],
+    flags: MsgFlags,
+) -> Result<(usize, Vec<OwnedFd>), FramingError> {
+    let mut cmsg = nix::cmsg_space!([RawFd; MAX_FDS]);
+    let mut iov = [IoSliceMut::new(buf)];
+    let received = recvmsg::<()>(
+        stream.as_raw_fd(),
+        &mut iov,
+        Some(&mut cmsg),
+        flags | MsgFlags::MSG_DONTWAIT | MsgFlags::MSG_CMSG_CLOEXEC,
+    )
+    .map_err(io::Error::from)?;
+    let mut fds = Vec::new();
+    for message in received.cmsgs().map_err(io::Error::from)? {
+        if let ControlMessageOwned::ScmRights(raw) = message {
+            // SAFETY: the kernel just installed these descriptors in this
+            // process for us; nothing else owns them.
+            fds.extend(
+                raw.into_iter()
+                    .map(|fd| unsafe { OwnedFd::from_raw_fd(fd) }),
+            );
+        }
+    }
+    if received.flags.contains(MsgFlags::MSG_CTRUNC) {
+        return Err(FramingError::TooManyFds);
+    }
+    Ok((received.bytes, fds))
 }
 
 /// A reply to `request` with `payload`, as it goes on the socket.
