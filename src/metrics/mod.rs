@@ -34,6 +34,7 @@ use prometheus_client::registry::Registry;
 
 use crate::frontend::stream::{Places, read_by, write_all_by};
 use crate::service::status::{DaemonStatus, GuestStatus, ListenerStatus, SourceStatus};
+use vhost_rng_protocol::deadline::TimedStream;
 use vhost_rng_protocol::log_limit::RateLimitedLog;
 use vhost_rng_protocol::log_limited;
 
@@ -528,11 +529,31 @@ fn handle(
     failure_log: &RateLimitedLog,
     io_timeout: Duration,
 ) -> io::Result<()> {
+    let Some(response) = answer(&mut stream, snapshot, failure_log, io_timeout)? else {
+        return Ok(());
+    };
+    write_all_by(&mut stream, &response, Instant::now() + io_timeout)?;
+    linger(&mut stream);
+    Ok(())
+}
+
+/// Reads a client's request head from `stream` and returns the bytes of
+/// the response it gets, or `None` when there is nothing to answer (the
+/// client closed, or said nothing within `io_timeout`). The whole of what
+/// a client's bytes can do before the response goes out; public for the
+/// fuzz target that feeds it arbitrary heads.
+#[doc(hidden)]
+pub fn answer(
+    stream: &mut dyn TimedStream,
+    snapshot: &(dyn Fn() -> DaemonStatus + Send + Sync),
+    failure_log: &RateLimitedLog,
+    io_timeout: Duration,
+) -> io::Result<Option<Vec<u8>>> {
     let mut buf = [0u8; MAX_REQUEST_HEAD];
-    let response = match read_head(&mut stream, &mut buf, Instant::now() + io_timeout) {
+    let response = match read_head(stream, &mut buf, Instant::now() + io_timeout) {
         Ok(request) => respond(&request, snapshot, failure_log),
         // Nothing to answer: the client went away, or never said anything.
-        Err(HeadError::Closed) | Err(HeadError::Idle) => return Ok(()),
+        Err(HeadError::Closed) | Err(HeadError::Idle) => return Ok(None),
         Err(HeadError::Io(e)) => return Err(e),
         Err(HeadError::Truncated) | Err(HeadError::Malformed) => {
             Response::plain(400, "Bad Request", "bad request\n")
@@ -544,13 +565,7 @@ fn handle(
             "request head too large\n",
         ),
     };
-    write_all_by(
-        &mut stream,
-        &response.to_bytes(),
-        Instant::now() + io_timeout,
-    )?;
-    linger(&mut stream);
-    Ok(())
+    Ok(Some(response.to_bytes()))
 }
 
 /// What was asked, from a well-formed request line.
@@ -581,7 +596,7 @@ enum HeadError {
 /// line (header fields are read and ignored). Rejects a malformed request
 /// line as soon as it is complete, without waiting for the rest.
 fn read_head(
-    stream: &mut TcpStream,
+    stream: &mut dyn TimedStream,
     buf: &mut [u8],
     deadline: Instant,
 ) -> Result<Request, HeadError> {

@@ -33,6 +33,7 @@ use crate::frontend::socket_file::{GuestSocket, SocketAccess, SocketError};
 use crate::frontend::stream::{Places, read_by, refuse, write_all_by};
 use crate::service::registry::Registry;
 use crate::service::status::{DaemonStatus, GuestStatus};
+use vhost_rng_protocol::deadline::TimedStream;
 use vhost_rng_protocol::log_limit::RateLimitedLog;
 use vhost_rng_protocol::log_limited;
 
@@ -349,7 +350,7 @@ fn serve_client(mut stream: UnixStream, registry: &Registry, timeout: Duration) 
     let deadline = Instant::now() + timeout;
     let line = read_request_line(&mut stream, deadline)?;
     let read_at = Instant::now();
-    let response = match serde_json::from_slice::<Request>(line.trim_ascii_end()) {
+    let response = match parse_request(&line) {
         Ok(request) => handle(registry, request),
         Err(e) => Response::Error {
             message: format!("bad request: {e}"),
@@ -361,9 +362,15 @@ fn serve_client(mut stream: UnixStream, registry: &Registry, timeout: Duration) 
     write_all_by(&mut stream, &answer, Instant::now() + left)
 }
 
+/// A request line as the daemon reads it: JSON, trailing whitespace ignored.
+pub fn parse_request(line: &[u8]) -> Result<Request, serde_json::Error> {
+    serde_json::from_slice(line.trim_ascii_end())
+}
+
 /// Reads up to the end of the first line (or of the stream), at most
-/// [`MAX_REQUEST`] bytes, by `deadline`.
-fn read_request_line(stream: &mut UnixStream, deadline: Instant) -> io::Result<Vec<u8>> {
+/// [`MAX_REQUEST`] bytes, by `deadline`. Public for the fuzz target.
+#[doc(hidden)]
+pub fn read_request_line(stream: &mut dyn TimedStream, deadline: Instant) -> io::Result<Vec<u8>> {
     let mut line = Vec::new();
     let mut chunk = [0u8; 4096];
     while line.len() < MAX_REQUEST {
