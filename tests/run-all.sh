@@ -62,3 +62,11 @@ if [ $# -eq 0 ]; then
 	VHOST_RNG_QEMU=$PWD/target/qemu-10/root \
 		cargo test --locked -p vhost-rng --test qemu_guest --test qemu_upgrade --test qemu_fifo
 fi
+
+# Every fuzz target for 30 s, two at a time (fuzz/run.sh builds them with
+# cargo-fuzz, installed if missing, on the stable toolchain with
+# RUSTC_BOOTSTRAP=1; where they cannot be built it replays the corpus as
+# cargo test instead). About 2 minutes of build and 2 of fuzzing.
+if [ $# -eq 0 ]; then
+	FUZZ_JOBS="${FUZZ_JOBS:-$(nproc)}" fuzz/run.sh 30
+fi
