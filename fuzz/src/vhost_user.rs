@@ -8,11 +8,14 @@
 //! (SIGBUS, answered by the fault guard), and a hand-over of the
 //! connection's state to a new handler as an in-place upgrade does.
 //!
-//! Each message goes through the daemon's own path, as the guest's server
-//! thread runs it: [`take_message`] reads it off a real Unix socket with its
-//! descriptors, [`dispatch`] checks it and calls the connection's
-//! [`Handler`]. An error from either ends the connection, as it does in the
-//! daemon, and so ends the run.
+//! Each message goes through the daemon's own pieces, in the order the
+//! guest's server thread uses them: [`peek_message`] reads it on a real Unix
+//! socket with its descriptors, [`dispatch`] checks it and calls the
+//! connection's [`Handler`], which records it as answered, and [`consume`]
+//! takes it off the socket before the reply goes out. An error from any
+//! ends the connection, as it does in the daemon, and so ends the run.
+//! (The server's check of how many descriptors the consumed message really
+//! carried is not repeated here.)
 
 use std::fs::File;
 use std::io::{self, Read};
@@ -25,8 +28,10 @@ use std::time::Duration;
 use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
 use nix::sys::socket::{ControlMessage, MsgFlags, sendmsg};
 
-use vhost_rng::frontend::vhost_user::connection::{Arrival, HEADER_LEN, take_message};
-use vhost_rng::frontend::vhost_user::dispatch::dispatch;
+use vhost_rng::frontend::vhost_user::connection::{
+    Arrival, HEADER_LEN, Message, consume, peek_message, send_reply,
+};
+use vhost_rng::frontend::vhost_user::dispatch::{dispatch, expects_fds};
 use vhost_rng::frontend::vhost_user::fault_guard;
 use vhost_rng::frontend::vhost_user::handler::Handler;
 use vhost_rng::frontend::vhost_user::memory::MemoryLimits;
@@ -136,13 +141,9 @@ pub fn run(data: &[u8]) {
         }
         // The server thread's turn: every whole message that arrived.
         loop {
-            match take_message(&ours) {
+            match peek_message(&ours) {
                 Ok(Arrival::Message(message)) => {
-                    // Guarded as on the server thread: a message can touch
-                    // guest memory (a kick fd set with requests waiting).
-                    let (result, faults) =
-                        fault_guard::guarded(|| dispatch(&mut handler, &ours, message));
-                    if result.is_err() || faults > 0 {
+                    if handle_message(&mut handler, &ours, message).is_err() {
                         return;
                     }
                     drain(&theirs);
@@ -153,6 +154,40 @@ pub fn run(data: &[u8]) {
         }
         drain(&theirs);
     }
+}
+
+/// One message as the server thread handles it: descriptors a peek passed
+/// only where the request takes some, a repeat of the message a process
+/// before it answered answered again, otherwise dispatched under the fault
+/// guard and recorded, then taken off the socket and answered. `Err` ends
+/// the connection.
+fn handle_message(
+    handler: &mut Handler,
+    ours: &UnixStream,
+    mut message: Message,
+) -> Result<(), ()> {
+    if !expects_fds(message.code, &message.payload) {
+        message.fds.clear();
+    }
+    let len = message.raw.len();
+    let reply = match handler.repeat_of_answered(&message) {
+        Some(reply) => reply,
+        None => {
+            let raw = message.raw.clone();
+            let (result, faults) = fault_guard::guarded(|| dispatch(handler, message));
+            let handled = result.map_err(drop)?;
+            if faults > 0 {
+                return Err(());
+            }
+            handler.set_answered(raw, handled.reply.clone());
+            handled.reply
+        }
+    };
+    consume(ours, len).map_err(drop)?;
+    if let Some(reply) = reply {
+        send_reply(ours, &reply).map_err(drop)?;
+    }
+    Ok(())
 }
 
 /// What the server thread does when its poll returns: the kick, the pool's
