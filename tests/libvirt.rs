@@ -298,12 +298,7 @@ fn the_libvirt_hook_adds_and_removes_a_domains_guest() {
         fifo.display()
     );
     let name = "hooked-vm";
-    let guests = || {
-        let output = common::run_cli(["guest", "list", "--json", "--control", HOOK_CONTROL]);
-        assert!(output.status.success(), "{output:?}");
-        serde_json::from_slice::<Vec<vhost_rng::service::status::GuestStatus>>(&output.stdout)
-            .unwrap()
-    };
+    let guests = || common::guests_at(Path::new(HOOK_CONTROL)).unwrap_or_else(|e| panic!("{e}"));
     let domain = Domain::start(dir.path(), name, &devices, "");
     let guest = guests().into_iter().find(|g| g.name == name).unwrap();
     assert_eq!(guest.rate_bytes, Some(1048576), "{guest:?}");

@@ -47,12 +47,7 @@ fn a_guest_reading_a_fifo_through_a_crash_and_a_restart_gets_every_byte() {
     let mut read = 0;
     let mut served = 0;
     for event in ["kill", "restart"] {
-        wait_until("the guest to read more", || {
-            daemon
-                .bytes_served("vm")
-                .is_some_and(|bytes| bytes > read + 64 * 1024)
-        });
-        read = daemon.bytes_served("vm").unwrap_or(read);
+        read = daemon.wait_served_more("vm", read + 64 * 1024);
         if event == "kill" {
             let worker = daemon.serving_pid();
             signal::kill(worker, Signal::SIGKILL).unwrap();

@@ -39,10 +39,7 @@ fn a_guest_reading_through_crashes_and_an_upgrade_gets_every_byte() {
     // before the previous one.
     let mut read = 0;
     for event in ["kill", "kill", "upgrade", "kill"] {
-        wait_until("the guest to read more", || {
-            daemon.bytes_served("vm").is_some_and(|bytes| bytes > read)
-        });
-        read = daemon.bytes_served("vm").unwrap_or(read);
+        read = daemon.wait_served_more("vm", read);
         if event == "kill" {
             let worker = daemon.serving_pid();
             signal::kill(worker, Signal::SIGKILL).unwrap();
@@ -125,16 +122,7 @@ fn a_guest_reading_through_restarts_of_the_whole_service_gets_every_byte() {
     let mut read = 0;
     let mut logs = String::new();
     for signal in [Signal::SIGTERM, Signal::SIGKILL] {
-        let deadline = std::time::Instant::now() + common::PATIENCE;
-        while daemon.bytes_served("vm").is_none_or(|bytes| bytes <= read) {
-            assert!(
-                std::time::Instant::now() < deadline,
-                "the guest read no more than {read} bytes:\n{logs}\n{}",
-                daemon.log()
-            );
-            std::thread::sleep(std::time::Duration::from_millis(50));
-        }
-        read = daemon.bytes_served("vm").unwrap_or(read);
+        read = daemon.wait_served_more("vm", read);
         systemd.sync();
         let serving = daemon.serving_pid();
         logs.push_str(&daemon.log());

@@ -407,20 +407,7 @@ fn read_record(fd: OwnedFd) -> Result<Record, String> {
     file.rewind().map_err(|e| e.to_string())?;
     let mut json = Vec::new();
     file.read_to_end(&mut json).map_err(|e| e.to_string())?;
-    #[derive(Deserialize)]
-    struct Header {
-        version: u32,
-        #[serde(default)]
-        written_by: String,
-    }
-    let header: Header = serde_json::from_slice(&json).map_err(|e| e.to_string())?;
-    if header.version != UPGRADE_STATE_VERSION {
-        return Err(format!(
-            "record version {} written by vhost-rng {}; this version reads {}",
-            header.version, header.written_by, UPGRADE_STATE_VERSION
-        ));
-    }
-    serde_json::from_slice(&json).map_err(|e| e.to_string())
+    upgrade::parse_versioned(&json).map_err(|e| e.to_string())
 }
 
 enum Entry {

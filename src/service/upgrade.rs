@@ -367,6 +367,13 @@ pub fn inherited() -> Result<Option<DaemonState>, InheritError> {
 
 /// Parses a record, refusing versions other than this one.
 pub fn parse_state(json: &[u8]) -> Result<DaemonState, InheritError> {
+    parse_versioned(json)
+}
+
+/// Parses a versioned record (a `version` field, and `written_by`), refusing
+/// versions other than [`UPGRADE_STATE_VERSION`] before the rest is read:
+/// the upgrade record and each guest's record in systemd's store.
+pub fn parse_versioned<T: serde::de::DeserializeOwned>(json: &[u8]) -> Result<T, InheritError> {
     #[derive(Deserialize)]
     struct Header {
         version: u32,

@@ -187,7 +187,6 @@ fn receive(socket: &UnixDatagram, received: &Mutex<Received>) {
 }
 
 fn same_file(a: &OwnedFd, b: &OwnedFd) -> bool {
-    let pid = std::process::id() as libc::pid_t;
-    // SAFETY: kcmp compares two open descriptors of this process.
-    unsafe { libc::syscall(libc::SYS_kcmp, pid, pid, 0, a.as_raw_fd(), b.as_raw_fd()) == 0 }
+    use std::os::fd::AsFd;
+    vhost_rng::kcmp::same_file(a.as_fd(), b.as_fd())
 }

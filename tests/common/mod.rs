@@ -197,30 +197,35 @@ impl Daemon {
 
     /// `vhost-rng guest list --json` on this daemon's control socket.
     pub fn guests(&self) -> Vec<vhost_rng::service::status::GuestStatus> {
-        let output = run_cli([
-            "guest".as_ref(),
-            "list".as_ref(),
-            "--json".as_ref(),
-            "--control".as_ref(),
-            self.control.as_os_str(),
-        ]);
-        assert!(output.status.success(), "{output:?}");
-        serde_json::from_slice(&output.stdout).unwrap()
+        guests_at(&self.control).unwrap_or_else(|e| panic!("{e}"))
     }
 
     /// Bytes served to guest `name` so far, if the daemon answers now (it
     /// does not for a moment while a serving process is replaced).
     pub fn bytes_served(&self, name: &str) -> Option<u64> {
-        let output = run_cli([
-            "guest".as_ref(),
-            "list".as_ref(),
-            "--json".as_ref(),
-            "--control".as_ref(),
-            self.control.as_os_str(),
-        ]);
-        let guests: Vec<vhost_rng::service::status::GuestStatus> =
-            serde_json::from_slice(&output.stdout).ok()?;
-        guests.into_iter().find(|g| g.name == name).map(|g| g.bytes)
+        guests_at(&self.control)
+            .ok()?
+            .into_iter()
+            .find(|g| g.name == name)
+            .map(|g| g.bytes)
+    }
+
+    /// Waits until guest `name` has been served more than `than` bytes
+    /// (the daemon may not answer for a moment while its serving process
+    /// is replaced) and returns how many; fails with the log otherwise.
+    pub fn wait_served_more(&self, name: &str, than: u64) -> u64 {
+        let deadline = Instant::now() + PATIENCE;
+        loop {
+            if let Some(bytes) = self.bytes_served(name).filter(|&bytes| bytes > than) {
+                return bytes;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "guest {name} was served no more than {than} bytes:\n{}",
+                self.log()
+            );
+            thread::sleep(Duration::from_millis(50));
+        }
     }
 
     /// The listed guest named `name`.
@@ -397,6 +402,22 @@ impl Drop for Daemon {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+/// `vhost-rng guest list --json` against the daemon at `control`; what the
+/// command said if it did not answer.
+pub fn guests_at(control: &Path) -> Result<Vec<vhost_rng::service::status::GuestStatus>, String> {
+    let output = run_cli([
+        "guest".as_ref(),
+        "list".as_ref(),
+        "--json".as_ref(),
+        "--control".as_ref(),
+        control.as_os_str(),
+    ]);
+    if !output.status.success() {
+        return Err(format!("{output:?}"));
+    }
+    serde_json::from_slice(&output.stdout).map_err(|e| format!("{e}: {output:?}"))
 }
 
 /// Runs `vhost-rng` with `args` to completion (for commands that must exit).
