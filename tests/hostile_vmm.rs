@@ -650,3 +650,21 @@ fn file_descriptors_attached_where_none_belong_are_closed() {
     assert!(vmm.closed_by_daemon());
     target.assert_recovered();
 }
+
+/// A message that takes descriptors sent without them, the next message's
+/// right behind it: a peek of the first can pass the second's descriptor
+/// (the kernel goes on to the next message), so the daemon checks what the
+/// first really carried as it takes it off. The connection is closed, the
+/// memory the borrowed descriptor mapped is let go, the daemon lives.
+#[test]
+fn a_message_missing_its_descriptors_cannot_borrow_the_next_ones() {
+    let mut target = Target::start(&[]);
+    let mut vmm = RawVmm::connect(&target.victim);
+    vmm.claim();
+    vmm.sync();
+    let memory = GuestMemory::new(MEMORY_SIZE);
+    vmm.set_mem_table(&[(0, MEMORY_SIZE, VMM_BASE, 0)], &[]);
+    let _ = vmm.add_mem_reg(0, MEMORY_SIZE, VMM_BASE, memory.fd());
+    assert!(vmm.closed_by_daemon());
+    target.assert_recovered();
+}
