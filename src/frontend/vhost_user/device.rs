@@ -7,12 +7,11 @@
 //! vhost-user protocol around it is [`super::handler`].
 
 use std::io;
-use std::os::fd::{AsRawFd, BorrowedFd};
-use std::sync::Arc;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
-use log::{Level, debug, warn};
+use log::{Level, debug};
 use vhost::vhost_user::message::{VhostUserProtocolFeatures, VhostUserVirtioFeatures};
 use vhost_rng_protocol::log_limited;
 use virtio_bindings::bindings::virtio_config::VIRTIO_F_VERSION_1;
@@ -21,10 +20,6 @@ use virtio_bindings::bindings::virtio_ring::{
 };
 use virtio_queue::Queue;
 use vm_memory::GuestMemoryMmap;
-use vmm_sys_util::event::{
-    EventConsumer, EventFlag, EventNotifier, new_event_consumer_and_notifier,
-};
-use vmm_sys_util::timerfd::TimerFd;
 
 use super::request::{RequestProcessor, Supplied, Supply};
 use crate::entropy::pool::EntropyStream;
@@ -56,28 +51,56 @@ pub struct RngDevice {
     guest: Arc<Guest>,
     processor: RequestProcessor,
     stream: Box<dyn EntropyStream>,
-    /// Signalled by the pool when a starved guest can be served again.
-    wake: EventConsumer,
-    /// Fires when a throttled guest has tokens again; never slept on.
-    timer: TimerFd,
+    /// Set by the pool when a starved guest can be served again.
+    wake: Arc<Wake>,
+    /// When a throttled guest has tokens again; the serving loop's one
+    /// timer fires then (no descriptor of its own).
+    throttled_until: Option<Instant>,
+}
+
+/// The pool's wake-up for a starved device: a flag, and once the device is
+/// served by an event loop, that loop's hook (one eventfd per loop, not
+/// one per guest). Only the first wake-up after [`Wake::take`] calls the
+/// hook.
+#[derive(Default)]
+pub struct Wake {
+    woken: AtomicBool,
+    hook: OnceLock<Arc<dyn Fn() + Send + Sync>>,
+}
+
+impl Wake {
+    fn signal(&self) {
+        if !self.woken.swap(true, Ordering::SeqCst)
+            && let Some(hook) = self.hook.get()
+        {
+            hook();
+        }
+    }
+
+    /// Routes wake-ups to `hook` from now on; a wake-up that came before
+    /// stays in the flag ([`Wake::take`] after binding sees it).
+    pub fn bind(&self, hook: Arc<dyn Fn() + Send + Sync>) {
+        let _ = self.hook.set(hook);
+    }
+
+    /// Whether the pool woke the device since the last call.
+    pub fn take(&self) -> bool {
+        self.woken.swap(false, Ordering::SeqCst)
+    }
 }
 
 impl RngDevice {
-    /// The device of `guest`, with its own stream from the guest's pool, the
-    /// eventfd the pool wakes it with and its throttle timer.
+    /// The device of `guest`, with its own stream from the guest's pool and
+    /// the flag the pool wakes it with.
     pub fn new(guest: Arc<Guest>) -> io::Result<Self> {
-        let (wake, wake_notifier) =
-            new_event_consumer_and_notifier(EventFlag::NONBLOCK | EventFlag::CLOEXEC)?;
-        let timer = TimerFd::new()?;
-        let stream = guest
-            .pool()
-            .stream(waker(&guest, wake_notifier), guest.weight());
+        let wake = Arc::new(Wake::default());
+        let stream = guest.pool().stream(waker(&wake), guest.weight());
         Ok(RngDevice {
             guest,
             processor: RequestProcessor::default(),
             stream,
             wake,
-            timer,
+            throttled_until: None,
         })
     }
 
@@ -86,28 +109,19 @@ impl RngDevice {
         &self.guest
     }
 
-    /// Readable when the pool can serve a starved guest again.
-    pub fn wake_fd(&self) -> BorrowedFd<'_> {
-        // SAFETY: the consumer owns the fd for as long as `self` lives.
-        unsafe { BorrowedFd::borrow_raw(self.wake.as_raw_fd()) }
+    /// The pool's wake-up for this device.
+    pub fn wake(&self) -> &Arc<Wake> {
+        &self.wake
     }
 
-    /// Readable when a throttled guest has tokens again.
-    pub fn timer_fd(&self) -> BorrowedFd<'_> {
-        // SAFETY: the TimerFd owns the fd for as long as `self` lives.
-        unsafe { BorrowedFd::borrow_raw(self.timer.as_raw_fd()) }
+    /// When a throttled guest has tokens again, if it is throttled.
+    pub fn throttled_until(&self) -> Option<Instant> {
+        self.throttled_until
     }
 
-    /// Takes a wake-up; a spurious one finds nothing to read.
-    pub fn consume_wake(&self) {
-        let _ = self.wake.consume();
-    }
-
-    /// Takes a timer expiry.
-    pub fn clear_timer(&mut self) {
-        // Only called when poll reported the timer readable, so this read
-        // does not block.
-        let _ = self.timer.wait();
+    /// Forgets the throttle (its time came).
+    pub fn clear_throttle(&mut self) {
+        self.throttled_until = None;
     }
 
     /// Answers what the guest has queued; true when the driver must be
@@ -158,29 +172,15 @@ impl RngDevice {
             );
         }
         if let Some(wait) = outcome.throttled {
-            self.arm_timer(wait);
+            self.throttled_until = Some(Instant::now() + wait.max(Duration::from_nanos(1)));
         }
         outcome.notify
     }
-
-    fn arm_timer(&mut self, wait: Duration) {
-        // A zero duration would disarm the timer instead.
-        if let Err(e) = self.timer.reset(wait.max(Duration::from_nanos(1)), None) {
-            warn!(
-                "guest {}: cannot arm the rate-limit timer: {e}",
-                self.guest.name()
-            );
-        }
-    }
 }
 
-fn waker(guest: &Guest, notifier: EventNotifier) -> Arc<dyn Fn() + Send + Sync> {
-    let name = guest.name().to_owned();
-    Arc::new(move || {
-        if let Err(e) = notifier.notify() {
-            warn!("guest {name}: cannot wake the request queue: {e}");
-        }
-    })
+fn waker(wake: &Arc<Wake>) -> Arc<dyn Fn() + Send + Sync> {
+    let wake = Arc::clone(wake);
+    Arc::new(move || wake.signal())
 }
 
 /// A request's bytes: tokens from the guest's limits, then bytes from its
