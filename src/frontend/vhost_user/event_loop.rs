@@ -2,9 +2,9 @@
 //! The event loops that serve every vhost-user guest: a small fixed number
 //! of threads, however many guests there are.
 //!
-//! Guests that listen (`socket=`) are dealt out in turn to up to
-//! [`MAX_LOOPS`] loops (no more than the CPUs), threads named
-//! `vhost-user-N`; guests the daemon dials (`connect=`) share one more,
+//! Guests that listen (`socket=`) are dealt out in turn to one loop per
+//! CPU, at most [`MAX_LOOPS`], all started with the first guest (threads
+//! named `vhost-user-N`); guests the daemon dials (`connect=`) share one more,
 //! `vhost-user-dial`, the only one whose sandbox filter lets it open
 //! sockets. Each loop waits in `epoll` on, per guest, its listening socket
 //! (while no VMM is connected), its VMM connection and its kick eventfd,
@@ -153,16 +153,14 @@ pub fn assign(dials: bool) -> io::Result<(u64, LoopHandle)> {
             }
         }
     } else {
-        let index = loops.next % listen_loops();
-        loops.next = loops.next.wrapping_add(1);
-        match loops.listen.get(index) {
-            Some(handle) => handle.clone(),
-            None => {
-                let handle = start(format!("vhost-user-{}", loops.listen.len()), false)?;
-                loops.listen.push(handle.clone());
-                handle
-            }
+        // All of them with the first guest: a fixed pool from then on.
+        while loops.listen.len() < listen_loops() {
+            let handle = start(format!("vhost-user-{}", loops.listen.len()), false)?;
+            loops.listen.push(handle);
         }
+        let index = loops.next % loops.listen.len();
+        loops.next = loops.next.wrapping_add(1);
+        loops.listen[index].clone()
     };
     Ok((slot, handle))
 }
