@@ -821,11 +821,12 @@ impl EventLoop {
             return;
         };
         let next = Self::next_deadline(entry);
-        if let Some(at) = next
-            && entry.queued != Some(at)
-        {
-            entry.queued = Some(at);
-            self.deadlines.push(Reverse((at, slot)));
+        if next != entry.queued {
+            // An entry queued before is stale from now on (see `arm_timer`).
+            entry.queued = next;
+            if let Some(at) = next {
+                self.deadlines.push(Reverse((at, slot)));
+            }
         }
     }
 
@@ -891,8 +892,20 @@ impl EventLoop {
         self.queue_deadline(slot);
     }
 
-    /// Arms the timer for the earliest deadline queued.
+    /// Arms the timer for the earliest deadline queued, dropping stale
+    /// entries first (a set-up deadline the VMM met, a guest gone): the
+    /// timer fires only for something to do.
     fn arm_timer(&mut self) {
+        while let Some(Reverse((at, slot))) = self.deadlines.peek().copied() {
+            let current = self
+                .slots
+                .get(&slot)
+                .is_some_and(|entry| entry.queued == Some(at));
+            if current {
+                break;
+            }
+            self.deadlines.pop();
+        }
         let next = self.deadlines.peek().map(|Reverse((at, _))| *at);
         if next == self.armed {
             return;
