@@ -16,7 +16,8 @@
 //!    all zero (buffers are zeroed before posting): every guest is served.
 //! 3. Idle with every guest connected: measured the same way.
 //! 4. Every test VMM disconnects as QEMU does at guest shutdown; once the
-//!    thread count stops falling (at most 5 s), measured again, so a thread,
+//!    thread count stops falling (at most 5 s), measured again (in later
+//!    cycles, once the descriptor count stops falling too), so a thread,
 //!    descriptor or memory leak per connection shows up against step 1.
 //! 5. Steps 2 and 4 are repeated (`--cycles`, default 3 in all, without the
 //!    idle windows), sampling the process with every guest connected and
@@ -462,6 +463,9 @@ fn measure(spec: &BackendSpec, dir: &Path, options: &Options) -> Result<Report> 
         let connected = Sample::take(pid)?;
         disconnect_round(vmms);
         wait_for_threads(pid, unconnected.after.tasks);
+        // A backend that serves connections in a fixed set of threads has
+        // no thread count to watch: its descriptors say when it is done.
+        wait_for_fds(pid, unconnected.after.fds);
         backend.check_alive()?;
         cycles.push(Cycle {
             connected,
@@ -688,6 +692,30 @@ fn wait_for_threads(pid: u32, baseline: usize) -> Duration {
         std::thread::sleep(Duration::from_millis(20));
     }
     started.elapsed()
+}
+
+/// Waits until the backend's descriptors (both processes) are back to
+/// `baseline`, or stop falling for a second (at most
+/// [`DISCONNECT_SETTLE`]).
+fn wait_for_fds(pid: u32, baseline: usize) {
+    let started = Instant::now();
+    let mut last = usize::MAX;
+    let mut last_change = Instant::now();
+    while started.elapsed() < DISCONNECT_SETTLE {
+        let Ok(now) = Sample::take(pid).map(|sample| sample.fds) else {
+            return;
+        };
+        if now <= baseline {
+            return;
+        }
+        if now < last {
+            last = now;
+            last_change = Instant::now();
+        } else if last_change.elapsed() > Duration::from_secs(1) {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
 }
 
 /// One thread of the backend at one moment.
