@@ -392,6 +392,20 @@ fn proc_entries(pid: nix::unistd::Pid, what: &str) -> usize {
         .count()
 }
 
+/// The names of the process's threads but those that serve one control
+/// request each (`control-client`, started by the status queries below),
+/// sorted.
+fn threads_but_control(pid: nix::unistd::Pid) -> Vec<String> {
+    let mut names: Vec<String> = std::fs::read_dir(format!("/proc/{pid}/task"))
+        .unwrap()
+        .filter_map(|task| std::fs::read_to_string(task.unwrap().path().join("comm")).ok())
+        .map(|name| name.trim_end().to_owned())
+        .filter(|name| !name.starts_with("control-client"))
+        .collect();
+    names.sort();
+    names
+}
+
 #[test]
 fn sixty_four_connected_guests_cost_no_thread_and_at_most_six_descriptors_each() {
     const GUESTS: usize = 64;
@@ -402,7 +416,7 @@ fn sixty_four_connected_guests_cost_no_thread_and_at_most_six_descriptors_each()
     let refs: Vec<&Path> = sockets.iter().map(|p| p.as_path()).collect();
     let daemon = Daemon::serve(&refs);
     let (serving, top) = (daemon.serving_pid(), daemon.pid());
-    let threads = proc_entries(serving, "task");
+    let threads = threads_but_control(serving);
     // The top process holds a duplicate of each listening socket once the
     // serving process has reported it.
     common::wait_until("the top process to hold every listening socket", || {
@@ -441,14 +455,15 @@ fn sixty_four_connected_guests_cost_no_thread_and_at_most_six_descriptors_each()
     };
     common::wait_until("every guest connected", || served() == GUESTS);
 
-    let threads_now = proc_entries(serving, "task");
+    let threads_now = threads_but_control(serving);
     assert_eq!(
         threads_now, threads,
         "{GUESTS} connections changed the serving process's threads"
     );
+    let threads = threads.len();
     assert!(
         threads < GUESTS,
-        "{threads} threads for {GUESTS} guests: threads grow with guests"
+        "{threads:?} for {GUESTS} guests: threads grow with guests"
     );
     // Each guest held its listening socket before: the connection adds at
     // most five (connection, kick, call, and its memory's file here).
@@ -480,7 +495,7 @@ fn sixty_four_connected_guests_cost_no_thread_and_at_most_six_descriptors_each()
     common::wait_until("descriptors back to the baseline", || {
         proc_entries(serving, "fd") <= serving_fds && proc_entries(top, "fd") <= top_fds
     });
-    assert_eq!(proc_entries(serving, "task"), threads);
+    assert_eq!(threads_but_control(serving).len(), threads);
 }
 
 /// Sends `bytes` to the daemon on a raw connection.
@@ -661,7 +676,9 @@ fn a_starved_guest_is_woken_by_the_pool_without_polling() {
         }
     });
     let used = vmm.wait_used(1, Duration::from_secs(30)).unwrap();
-    assert_eq!((used[0].head, used[0].len), (head, 64));
+    // (Raw mode may answer with part of the request: virtio-rng allows it.)
+    assert_eq!(used[0].head, head);
+    assert!(used[0].len > 0 && used[0].len <= 64, "{:?}", used[0]);
     let (after, switches_after) = loop_threads_cost(&daemon);
     let (run, switches) = (after - before, switches_after - switches_before);
     eprintln!("event loops: {run} ns, {switches} context switches");

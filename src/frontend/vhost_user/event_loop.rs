@@ -383,7 +383,13 @@ impl EventLoop {
             return;
         }
         let event = EpollEvent::new(EpollFlags::EPOLLIN, token(slot, LISTENER));
-        match self.epoll.add(socket.listener().as_fd(), event) {
+        // Non-blocking: a connection taken by another holder of the socket
+        // (or given up) between epoll and accept must not hold the loop.
+        let added = socket
+            .listener()
+            .set_nonblocking(true)
+            .and_then(|()| Ok(self.epoll.add(socket.listener().as_fd(), event)?));
+        match added {
             Ok(()) => entry.listening = true,
             Err(e) => {
                 warn!(
@@ -439,9 +445,7 @@ impl EventLoop {
             return;
         }
         let path = entry.server.path().to_owned();
-        // A Unix socket's connect does not wait, unless the VMM's backlog
-        // is full.
-        match UnixStream::connect(&path) {
+        match dial_nonblocking(&path) {
             Ok(stream) => {
                 entry.dial_delay = CONNECT_RETRY_FIRST;
                 entry.waiting_logged = false;
@@ -928,6 +932,20 @@ impl EventLoop {
             Err(e) => warn!("vhost-user event loop: cannot arm its timer: {e}"),
         }
     }
+}
+
+/// Connects to the Unix socket at `path` without waiting: a VMM whose
+/// backlog is full is retried later like one that is not listening.
+fn dial_nonblocking(path: &std::path::Path) -> io::Result<UnixStream> {
+    use nix::sys::socket::{AddressFamily, SockFlag, SockType, UnixAddr, connect, socket};
+    let fd = socket(
+        AddressFamily::Unix,
+        SockType::Stream,
+        SockFlag::SOCK_NONBLOCK | SockFlag::SOCK_CLOEXEC,
+        None,
+    )?;
+    connect(fd.as_raw_fd(), &UnixAddr::new(path)?)?;
+    Ok(UnixStream::from(fd))
 }
 
 /// Puts the connection's kick in the epoll set, while its ring runs.
