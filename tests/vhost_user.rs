@@ -416,6 +416,13 @@ fn sixty_four_connected_guests_cost_no_thread_and_at_most_six_descriptors_each()
     let refs: Vec<&Path> = sockets.iter().map(|p| p.as_path()).collect();
     let daemon = Daemon::serve(&refs);
     let (serving, top) = (daemon.serving_pid(), daemon.pid());
+    // Threads take their names as they start: counted once start-up is
+    // over (only the main thread still named as the process).
+    common::wait_until("the serving process's threads to start", || {
+        let names = threads_but_control(serving);
+        names.iter().filter(|name| *name == "vhost-rng").count() == 1
+            && names.iter().any(|name| name == "control")
+    });
     let threads = threads_but_control(serving);
     // The top process holds a duplicate of each listening socket once the
     // serving process has reported it.
