@@ -25,6 +25,10 @@
 //! handles at most [`MESSAGE_BUDGET`] messages of one connection before
 //! turning to the others.
 //!
+//! A loop that panics ends the serving process (abort): the top process
+//! starts another, which takes every guest's connection over, rather than
+//! leaving that loop's guests unserved.
+//!
 //! A descriptor is taken out of the epoll set before it is closed (or
 //! before the message that may replace it is handled): the top process
 //! holds duplicates of them, and epoll forgets a descriptor only when every
@@ -204,7 +208,17 @@ fn start(name: String, dials: bool) -> io::Result<LoopHandle> {
         // Nothing from a VMM is read before the process has dropped root
         // and installed its filter.
         crate::service::sandbox::enter(crate::service::sandbox::ThreadRole::Vring { dials });
-        event_loop.run();
+        let run = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| event_loop.run()));
+        if run.is_err() {
+            // Its guests would go unserved, unseen: a new serving process
+            // takes them over instead (the top process restarts it with
+            // every guest's connection, as after any crash).
+            log::error!(
+                "a vhost-user event loop failed; ending the serving process for another to take \
+                 its guests over"
+            );
+            std::process::abort();
+        }
     })?;
     Ok(LoopHandle { shared })
 }
