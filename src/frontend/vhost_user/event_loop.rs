@@ -19,11 +19,12 @@
 //!
 //! Nothing a VMM does can block a loop: a connection is non-blocking and
 //! edge-triggered, a message is read only once it has arrived whole and
-//! handled alone ([`super::server::handle_message`]), replies are written
+//! handled alone (`server::handle_message`), replies are written
 //! without waiting, and a VMM that has sent part of a message has until its
 //! deadline to send the rest while the loop serves everyone else. A loop
-//! handles at most [`MESSAGE_BUDGET`] messages of one connection before
-//! turning to the others.
+//! handles at most [`MESSAGE_BUDGET`] messages of one connection, and a pass
+//! over a guest's queue answers at most 1024 requests or 1 MiB
+//! ([`super::device`]), before it turns to the others.
 //!
 //! A loop that panics ends the serving process (abort): the top process
 //! starts another, which takes every guest's connection over, rather than

@@ -7,7 +7,7 @@
 //! socket, VMM connection and queue are served by one of a few event loops
 //! shared by all guests ([`super::event_loop`]): it waits for the VMM, reads
 //! its messages ([`super::handler`], one at a time, each handled here by
-//! [`handle_message`]) and answers the guest's requests when it kicks, when
+//! `handle_message`) and answers the guest's requests when it kicks, when
 //! the pool can serve a starved request again, or when a throttled guest
 //! has tokens again. Nothing a VMM sends can block a loop: a message is
 //! read only once it has arrived whole, replies are written without
