@@ -63,7 +63,9 @@ pub struct VhostUserLimits {
     /// What a connection may map of the guest's memory.
     pub memory: MemoryLimits,
     /// From accepting a connection to its SET_OWNER; also how long the
-    /// rest of a begun message may take to arrive, and a reply to be taken.
+    /// rest of a begun message may take to arrive. (Replies are never waited
+    /// on: one that does not fit in the socket's buffer ends the
+    /// connection.)
     pub timeout: Duration,
 }
 
