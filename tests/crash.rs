@@ -325,6 +325,9 @@ fn shared_listeners_take_connections_while_the_serving_process_is_replaced() {
     );
     daemon.wait_for_socket(&socket);
     for round in 1..=2 {
+        // The top process holds the shared sockets once the serving
+        // process said it is ready (it hands them over first).
+        daemon.wait_for_log("serving process ready", 1);
         let worker = daemon.serving_pid();
         signal::kill(worker, Signal::SIGKILL).unwrap();
         common::wait_gone(worker);

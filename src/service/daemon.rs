@@ -430,8 +430,6 @@ pub fn run(config: ServeConfig) -> Result<(), DaemonError> {
     }
     let serving = format!("serving {} guest(s)", registry.names().len());
     info!("{serving}");
-    // Every socket exists now: units ordered after this one can start.
-    notifier.ready(&serving);
     if let Some((link, _)) = &link {
         let mut fds = Vec::new();
         let keys = shared_sockets::hand_over(|fd| {
@@ -451,6 +449,10 @@ pub fn run(config: ServeConfig) -> Result<(), DaemonError> {
             &[],
         );
     }
+    // Every socket exists now, and the top process holds the shared ones
+    // (a serving process that dies from here on loses none of them):
+    // units ordered after this one can start.
+    notifier.ready(&serving);
 
     let watchdog = notifier.watchdog_interval();
     loop {
