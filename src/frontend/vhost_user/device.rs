@@ -201,4 +201,8 @@ impl Supply for GuestSupply<'_> {
     fn supply(&mut self, buf: &mut [u8]) -> Supplied {
         self.guest.supply(self.stream, buf, self.now)
     }
+
+    fn supply_batch(&mut self, buf: &mut [u8]) -> Option<Supplied> {
+        self.guest.supply_batch(self.stream, buf, self.now)
+    }
 }
