@@ -169,6 +169,12 @@ impl Pool {
             opened.push((source, stats, spec.min_entropy()));
         }
         let board = SourceBoard::new(opened.iter().map(|(_, s, _)| Arc::clone(s)).collect());
+        if config.mode == Mode::Drbg && !crate::entropy::drbg::hardware_accelerated() {
+            warn!(
+                "this CPU has no AES instructions: guests' DRBGs run AES in software, \
+                 several times slower (constant-time, as safe)"
+            );
+        }
 
         let capacity = match config.mode {
             // Seeds for a burst of reseeds; a seed is taken per guest.
