@@ -80,7 +80,9 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use support::{Process, Result, cpu_seconds, machine_busy_seconds, median, peer_version};
+use support::{
+    Process, Result, cpu_seconds, machine_busy_seconds, median, peer_version, tree_cpu_seconds,
+};
 use vhost_rng::entropy::drbg::{Drbg, ReseedPolicy, SEED_BYTES};
 use vhost_rng_testing::{Buffer, TestVmm, TestVmmConfig, UsedElem};
 
@@ -549,7 +551,8 @@ struct Rate {
     kicks_per_request: f64,
     /// Call-eventfd signals received per request completed.
     calls_per_request: f64,
-    /// CPU time of the backend process per second of wall time (1.0 = one core busy).
+    /// CPU time of the backend process and its children per second of wall
+    /// time (1.0 = one core busy).
     backend_cpu: f64,
     /// The same for this process (the test VMM; nothing else runs meanwhile).
     driver_cpu: f64,
@@ -584,7 +587,7 @@ impl Snapshot {
             at: Instant::now(),
             kicks: vmm.kicks(),
             calls: vmm.notifications().map_err(fail)?,
-            backend_cpu: cpu_seconds(&format!("/proc/{}/stat", backend.process.pid())),
+            backend_cpu: tree_cpu_seconds(backend.process.pid()),
             driver_cpu: cpu_seconds("/proc/self/stat"),
             machine_busy: machine_busy_seconds(),
             credited,
@@ -922,9 +925,9 @@ fn print_report(backends: &[Backend], results: &[BackendRates], sources: &[Sourc
     );
     println!();
     println!(
-        "| backend | request | runs | kicks/req | calls/req | backend CPU | driver CPU | other CPU (max) |"
+        "| backend | request | runs | kicks/req | calls/req | backend CPU | per backend core | driver CPU | other CPU (max) |"
     );
-    println!("| --- | --- | --- | ---: | ---: | ---: | ---: | ---: |");
+    println!("| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |");
     for (backend, rates) in backends.iter().zip(results) {
         for (label, runs, unit, scale) in [
             ("4 KiB", &rates.bulk, "MB/s", MB),
@@ -939,8 +942,18 @@ fn print_report(backends: &[Backend], results: &[BackendRates], sources: &[Sourc
             });
             let pick = |f: fn(&Rate) -> f64| median(runs.iter().map(f));
             let most_other = runs.iter().map(|r| r.other_cpu).fold(0.0, f64::max);
+            // The rate divided by the backend's CPU use: what one core of
+            // it would serve, when the machine's load kept it from a whole core.
+            let per_core = median(runs.iter().map(|r| {
+                let rate = if scale == MB {
+                    r.bytes_per_s
+                } else {
+                    r.requests_per_s
+                };
+                rate / r.backend_cpu / scale
+            }));
             println!(
-                "| {} | {label} | {} {unit} | {:.4} | {:.4} | {:.2} | {:.2} | {:.2} |",
+                "| {} | {label} | {} {unit} | {:.4} | {:.4} | {:.2} | {per_core:.1} {unit} | {:.2} | {:.2} |",
                 backend.name,
                 all_runs(values, scale),
                 pick(|r| r.kicks_per_request),
