@@ -384,3 +384,314 @@ fn reconnects_leave_no_descriptors_or_threads_behind() {
         .count();
     assert!(after <= threads, "{threads} threads before, {after} after");
 }
+
+/// Entries of /proc/PID/`what` (`fd` or `task`).
+fn proc_entries(pid: nix::unistd::Pid, what: &str) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/{what}"))
+        .unwrap()
+        .count()
+}
+
+/// The names of the process's threads but those that serve one control
+/// request each (`control-client`, started by the status queries below),
+/// sorted.
+fn threads_but_control(pid: nix::unistd::Pid) -> Vec<String> {
+    let mut names: Vec<String> = std::fs::read_dir(format!("/proc/{pid}/task"))
+        .unwrap()
+        .filter_map(|task| std::fs::read_to_string(task.unwrap().path().join("comm")).ok())
+        .map(|name| name.trim_end().to_owned())
+        .filter(|name| !name.starts_with("control-client"))
+        .collect();
+    names.sort();
+    names
+}
+
+#[test]
+fn sixty_four_connected_guests_cost_no_thread_and_at_most_six_descriptors_each() {
+    const GUESTS: usize = 64;
+    let dir = tempfile::tempdir().unwrap();
+    let sockets: Vec<_> = (0..GUESTS)
+        .map(|i| socket_in(&dir, &format!("g{i}.sock")))
+        .collect();
+    let refs: Vec<&Path> = sockets.iter().map(|p| p.as_path()).collect();
+    let daemon = Daemon::serve(&refs);
+    let (serving, top) = (daemon.serving_pid(), daemon.pid());
+    // Threads take their names as they start: counted once start-up is
+    // over (only the main thread still named as the process).
+    common::wait_until("the serving process's threads to start", || {
+        let names = threads_but_control(serving);
+        names.iter().filter(|name| *name == "vhost-rng").count() == 1
+            && names.iter().any(|name| name == "control")
+    });
+    let threads = threads_but_control(serving);
+    // The top process holds a duplicate of each listening socket once the
+    // serving process has reported it.
+    common::wait_until("the top process to hold every listening socket", || {
+        proc_entries(top, "fd") >= GUESTS
+    });
+    // (and no more reports on their way: the count holds still)
+    let mut top_fds = proc_entries(top, "fd");
+    loop {
+        std::thread::sleep(Duration::from_millis(200));
+        let now = proc_entries(top, "fd");
+        if now == top_fds {
+            break;
+        }
+        top_fds = now;
+    }
+    let serving_fds = proc_entries(serving, "fd");
+
+    let mut vmms: Vec<TestVmm> = sockets
+        .iter()
+        .map(|socket| TestVmm::connect(socket, TestVmmConfig::qemu()).unwrap())
+        .collect();
+    for vmm in &mut vmms {
+        let (head, used) = request(vmm, &[Buffer::writable(64)]);
+        assert_eq!(used.len, 64);
+        assert_random(&vmm.read_buffer(head, 0).unwrap());
+    }
+    // The top process takes each guest's descriptors from the reports the
+    // serving process sends after every change: settled once every
+    // connection's are there.
+    let served = || {
+        daemon
+            .guests()
+            .iter()
+            .filter(|guest| guest.connected)
+            .count()
+    };
+    common::wait_until("every guest connected", || served() == GUESTS);
+
+    let threads_now = threads_but_control(serving);
+    assert_eq!(
+        threads_now, threads,
+        "{GUESTS} connections changed the serving process's threads"
+    );
+    let threads = threads.len();
+    assert!(
+        threads < GUESTS,
+        "{threads:?} for {GUESTS} guests: threads grow with guests"
+    );
+    // Each guest held its listening socket before: the connection adds at
+    // most five (connection, kick, call, and its memory's file here).
+    let serving_per_guest = (proc_entries(serving, "fd") - serving_fds) as f64 / GUESTS as f64;
+    eprintln!(
+        "serving process: {threads} threads, {serving_fds} fds idle, +{serving_per_guest} per connected guest"
+    );
+    assert!(
+        serving_per_guest + 1.0 <= 6.0,
+        "{serving_per_guest} more descriptors per connected guest"
+    );
+    // The top process keeps duplicates for crash survival: the connection,
+    // the kick and call eventfds and the memory's file.
+    common::wait_until("the top process to hold every connection", || {
+        proc_entries(top, "fd") - top_fds >= 4 * GUESTS
+    });
+    let top_per_guest = (proc_entries(top, "fd") - top_fds) as f64 / GUESTS as f64;
+    eprintln!("top process: {top_fds} fds idle, +{top_per_guest} per connected guest");
+    assert!(
+        top_per_guest <= 4.0,
+        "the top process holds {top_per_guest} more per connected guest"
+    );
+
+    // And all of it goes when the VMMs do.
+    for vmm in vmms {
+        vmm.disconnect().unwrap();
+    }
+    daemon.wait_for_log("VMM disconnected", GUESTS);
+    common::wait_until("descriptors back to the baseline", || {
+        proc_entries(serving, "fd") <= serving_fds && proc_entries(top, "fd") <= top_fds
+    });
+    assert_eq!(threads_but_control(serving).len(), threads);
+}
+
+/// Sends `bytes` to the daemon on a raw connection.
+fn send_raw(stream: &mut std::os::unix::net::UnixStream, bytes: &[u8]) {
+    use std::io::Write;
+    stream.write_all(bytes).unwrap();
+}
+
+#[test]
+fn a_vmm_stalled_mid_message_does_not_delay_other_guests() {
+    // More stalled guests than the daemon has event loops (at most four),
+    // dealt out in turn: every loop has a stalled connection.
+    const STALLED: usize = 8;
+    let dir = tempfile::tempdir().unwrap();
+    let sockets: Vec<_> = (0..=STALLED)
+        .map(|i| socket_in(&dir, &format!("s{i}.sock")))
+        .collect();
+    let refs: Vec<&Path> = sockets.iter().map(|p| p.as_path()).collect();
+    let daemon = Daemon::serve(&refs);
+
+    // GET_FEATURES: a header and no payload; half of it sent.
+    let get_features: Vec<u8> = [1u32, 1, 0].iter().flat_map(|w| w.to_le_bytes()).collect();
+    let mut stalled: Vec<_> = sockets[..STALLED]
+        .iter()
+        .map(|socket| {
+            let mut stream = std::os::unix::net::UnixStream::connect(socket).unwrap();
+            send_raw(&mut stream, &get_features[..6]);
+            stream
+        })
+        .collect();
+    daemon.wait_for_log("VMM connected", STALLED);
+
+    // Another guest negotiates (a dozen messages with replies) and is
+    // served, on every loop's turn, while the halves wait.
+    let mut vmm = TestVmm::connect(&sockets[STALLED], TestVmmConfig::qemu()).unwrap();
+    for _ in 0..20 {
+        let (_, used) = request(&mut vmm, &[Buffer::writable(64)]);
+        assert_eq!(used.len, 64);
+    }
+
+    // The rest of a half message arrives: answered, nothing lost.
+    for stream in &mut stalled {
+        use std::io::Read;
+        send_raw(stream, &get_features[6..]);
+        stream.set_read_timeout(Some(TIMEOUT)).unwrap();
+        let mut reply = [0u8; 20];
+        stream.read_exact(&mut reply).unwrap();
+        assert_eq!(reply[..4], 1u32.to_le_bytes(), "a reply to GET_FEATURES");
+        assert_eq!(reply[8..12], 8u32.to_le_bytes());
+        assert_ne!(u64::from_le_bytes(reply[12..].try_into().unwrap()), 0);
+    }
+    assert!(
+        !daemon.log().contains("closed:"),
+        "a connection was closed: {}",
+        daemon.log()
+    );
+}
+
+/// Run time (ns) and context switches of the serving process's event-loop
+/// threads (`vhost-user-*`), summed.
+fn loop_threads_cost(daemon: &Daemon) -> (u64, u64) {
+    let pid = daemon.serving_pid();
+    let mut cost = (0, 0);
+    for task in std::fs::read_dir(format!("/proc/{pid}/task")).unwrap() {
+        let task = task.unwrap().path();
+        let Ok(name) = std::fs::read_to_string(task.join("comm")) else {
+            continue;
+        };
+        if !name.starts_with("vhost-user") {
+            continue;
+        }
+        let schedstat = std::fs::read_to_string(task.join("schedstat")).unwrap();
+        cost.0 += schedstat
+            .split_whitespace()
+            .next()
+            .unwrap()
+            .parse::<u64>()
+            .unwrap();
+        let status = std::fs::read_to_string(task.join("status")).unwrap();
+        for line in status.lines() {
+            if line.starts_with("voluntary_ctxt_switches")
+                || line.starts_with("nonvoluntary_ctxt_switches")
+            {
+                cost.1 += line
+                    .split_whitespace()
+                    .last()
+                    .unwrap()
+                    .parse::<u64>()
+                    .unwrap();
+            }
+        }
+    }
+    cost
+}
+
+/// Most context switches the event loops may make while a guest waits for
+/// one throttle period or for the pool: a handful of wake-ups, where a loop
+/// that polled would make hundreds.
+const WAITING_SWITCHES: u64 = 40;
+/// Most run time (ns) of the event loops over such a wait: a few
+/// milliseconds of work, where a loop that spun would run for most of it.
+const WAITING_RUN_TIME: u64 = 250_000_000;
+
+#[test]
+fn a_throttled_guest_is_woken_by_the_timer_without_polling() {
+    let dir = tempfile::tempdir().unwrap();
+    let socket = socket_in(&dir, "slow.sock");
+    let spec = format!(
+        "name=slow,socket={},rate-bytes=64,rate-period=1000",
+        socket.display()
+    );
+    let mut daemon = Daemon::start(["serve", "--source", "os", "--guest", &spec]);
+    daemon.wait_for_socket(&socket);
+    let mut vmm = TestVmm::connect(&socket, TestVmmConfig::qemu()).unwrap();
+    // 64 bytes a second: the first request waits for the bucket to fill
+    // (it starts empty), the second for the next period.
+    let (before, switches_before) = loop_threads_cost(&daemon);
+    let first = vmm.post(&[Buffer::writable(64)]).unwrap();
+    let second = vmm.post(&[Buffer::writable(64)]).unwrap();
+    vmm.kick().unwrap();
+    let used = vmm.wait_used(2, Duration::from_secs(30)).unwrap();
+    assert_eq!(
+        used.iter().map(|u| (u.head, u.len)).collect::<Vec<_>>(),
+        [(first, 64), (second, 64)]
+    );
+    let (after, switches_after) = loop_threads_cost(&daemon);
+    let (run, switches) = (after - before, switches_after - switches_before);
+    eprintln!("event loops: {run} ns, {switches} context switches");
+    assert!(switches <= WAITING_SWITCHES, "{switches} context switches");
+    assert!(run <= WAITING_RUN_TIME, "{run} ns of run time");
+}
+
+#[test]
+fn a_starved_guest_is_woken_by_the_pool_without_polling() {
+    let dir = tempfile::tempdir().unwrap();
+    let fifo = dir.path().join("entropy.fifo");
+    nix::unistd::mkfifo(&fifo, nix::sys::stat::Mode::S_IRWXU).unwrap();
+    let socket = socket_in(&dir, "starved.sock");
+    let source = format!("file={}", fifo.display());
+    let mut daemon = Daemon::start([
+        "serve",
+        "--mode",
+        "raw",
+        "--source",
+        &source,
+        "--socket",
+        socket.to_str().unwrap(),
+    ]);
+    daemon.wait_for_socket(&socket);
+    let mut vmm = TestVmm::connect(&socket, TestVmmConfig::qemu()).unwrap();
+
+    let (before, switches_before) = loop_threads_cost(&daemon);
+    let head = vmm.post(&[Buffer::writable(64)]).unwrap();
+    vmm.kick().unwrap();
+    // Nothing to give: the request waits (and nothing in the loops runs).
+    assert!(
+        vmm.wait_used(1, Duration::from_secs(2)).is_err(),
+        "served with no source data"
+    );
+    // The source delivers: answered without another kick.
+    let writer = std::thread::spawn(move || {
+        use std::io::Write;
+        let mut fifo = std::fs::OpenOptions::new().write(true).open(&fifo).unwrap();
+        let mut state = 42u64;
+        let mut chunk = [0u8; 4096];
+        loop {
+            for word in chunk.chunks_mut(8) {
+                // splitmix64: uniform test bytes the health tests accept.
+                state = state.wrapping_add(0x9e37_79b9_7f4a_7c15);
+                let mut z = state;
+                z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+                z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+                word.copy_from_slice(&(z ^ (z >> 31)).to_le_bytes());
+            }
+            if fifo.write_all(&chunk).is_err() {
+                return;
+            }
+        }
+    });
+    let used = vmm.wait_used(1, Duration::from_secs(30)).unwrap();
+    // (Raw mode may answer with part of the request: virtio-rng allows it.)
+    assert_eq!(used[0].head, head);
+    assert!(used[0].len > 0 && used[0].len <= 64, "{:?}", used[0]);
+    let (after, switches_after) = loop_threads_cost(&daemon);
+    let (run, switches) = (after - before, switches_after - switches_before);
+    eprintln!("event loops: {run} ns, {switches} context switches");
+    assert!(switches <= WAITING_SWITCHES, "{switches} context switches");
+    assert!(run <= WAITING_RUN_TIME, "{run} ns of run time");
+    drop(vmm);
+    drop(daemon);
+    writer.join().unwrap();
+}

@@ -148,7 +148,7 @@ pub fn run(data: &[u8]) {
                     }
                     drain(&theirs);
                 }
-                Ok(Arrival::Partial) => break,
+                Ok(Arrival::Partial | Arrival::Empty) => break,
                 Ok(Arrival::Closed) | Err(_) => return,
             }
         }
@@ -190,33 +190,22 @@ fn handle_message(
     Ok(())
 }
 
-/// What the server thread does when its poll returns: the kick, the pool's
-/// wake-up and the rate-limit timer, each handled if it is ready (the
-/// handler reads the timer only when it is).
+/// What the server's event loop does when its epoll returns: the kick if
+/// it is readable, the pool's wake-up (the handler serves only if the pool
+/// woke it) and the rate-limit deadline if it has come.
 fn events(handler: &mut Handler) {
-    let (kick, wake, timer) = handler.wait_fds();
-    let mut fds = vec![
-        PollFd::new(wake, PollFlags::POLLIN),
-        PollFd::new(timer, PollFlags::POLLIN),
-    ];
-    if let Some(kick) = kick {
-        fds.push(PollFd::new(kick, PollFlags::POLLIN));
-    }
-    if poll(&mut fds, PollTimeout::ZERO).is_err() {
-        return;
-    }
-    let ready: Vec<bool> = fds
-        .iter()
-        .map(|fd| fd.revents().is_some_and(|r| !r.is_empty()))
-        .collect();
-    drop(fds);
-    if ready.get(2) == Some(&true) {
+    let kicked = handler.kick_fd().is_some_and(|kick| {
+        let mut fds = [PollFd::new(kick, PollFlags::POLLIN)];
+        poll(&mut fds, PollTimeout::ZERO).is_ok_and(|ready| ready > 0)
+    });
+    if kicked {
         handler.on_kick();
     }
-    if ready[0] {
-        handler.on_wake();
-    }
-    if ready[1] {
+    handler.on_wake();
+    if handler
+        .throttled_until()
+        .is_some_and(|at| at <= std::time::Instant::now())
+    {
         handler.on_timer();
     }
 }

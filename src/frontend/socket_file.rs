@@ -167,6 +167,11 @@ impl GuestSocket {
         self.listener.as_fd().try_clone_to_owned()
     }
 
+    /// The listening socket, for the loop that accepts on it.
+    pub fn listener(&self) -> &UnixListener {
+        &self.listener
+    }
+
     /// A second handle on the listening socket, for the thread that accepts.
     pub fn try_clone_listener(&self) -> io::Result<UnixListener> {
         self.listener.try_clone()

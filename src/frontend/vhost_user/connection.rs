@@ -1,7 +1,7 @@
 // SPDX-License-Identifier: Apache-2.0
 //! vhost-user framing on one VMM connection: whole messages in, with their
-//! file descriptors, and replies out, without ever blocking the guest's
-//! thread for longer than its timeout.
+//! file descriptors, and replies out, without ever blocking the event loop
+//! that serves the guest.
 //!
 //! The daemon reads the messages itself rather than through the vhost
 //! crate's request handler: that reader retries a timed-out read or write
@@ -10,7 +10,7 @@
 //! (a peek says so), and it stays on the socket until it has been handled
 //! and its effect recorded ([`consume`] takes it off): a serving process
 //! that dies meanwhile leaves it for the next one. A reply that cannot be
-//! written within the timeout ends the connection, and everything
+//! written at once ends the connection, and everything
 //! negotiated is in the [`Handler`](super::handler::Handler).
 //! The payload layouts are the vhost-user specification's (QEMU
 //! docs/interop/vhost-user.rst), little-endian.
@@ -58,6 +58,8 @@ pub enum Arrival {
     Message(Message),
     /// Only part of a message has arrived; nothing was taken.
     Partial,
+    /// Nothing is waiting.
+    Empty,
     /// The VMM closed the connection.
     Closed,
 }
@@ -88,8 +90,7 @@ pub enum FramingError {
 }
 
 /// Looks whether a whole message is waiting and reads it if so, leaving it
-/// on the socket. The connection must be readable (poll said so), or this
-/// reports `Partial`.
+/// on the socket; never waits.
 pub fn peek_message(stream: &UnixStream) -> Result<Arrival, FramingError> {
     let mut peeked = [0u8; HEADER_LEN + MAX_MSG_SIZE];
     let peek = |buf: &mut [u8]| {
@@ -103,7 +104,7 @@ pub fn peek_message(stream: &UnixStream) -> Result<Arrival, FramingError> {
         Ok(0) => return Ok(Arrival::Closed),
         Ok(n) if n < HEADER_LEN => return Ok(Arrival::Partial),
         Ok(_) => {}
-        Err(nix::errno::Errno::EAGAIN | nix::errno::Errno::EINTR) => return Ok(Arrival::Partial),
+        Err(nix::errno::Errno::EAGAIN | nix::errno::Errno::EINTR) => return Ok(Arrival::Empty),
         Err(e) => return Err(FramingError::Io(e.into())),
     }
     let flags = u32_at(&peeked, 4);
@@ -211,8 +212,9 @@ pub fn reply_bytes(request: u32, payload: &[u8]) -> Vec<u8> {
     reply
 }
 
-/// Writes a reply built by [`reply_bytes`]. The socket's write timeout
-/// bounds how long a VMM that does not read can hold the thread.
+/// Writes a reply built by [`reply_bytes`]. The daemon's connections are
+/// non-blocking: a reply that does not fit in the socket's buffer now fails
+/// (a VMM that leaves that much unread is closed), it is never waited on.
 pub fn send_reply(mut stream: &UnixStream, reply: &[u8]) -> io::Result<()> {
     stream.write_all(reply)
 }

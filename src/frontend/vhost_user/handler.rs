@@ -7,7 +7,8 @@
 //! request ring. Rules beyond what the crate checks:
 //! - nothing but feature queries before SET_OWNER;
 //! - kick, call and error fds must be eventfds, and are made non-blocking, so
-//!   nothing a VMM hands over can block the thread that serves the guest;
+//!   nothing a VMM hands over can block the loop that serves the guest (the
+//!   error fd is then closed: virtio-rng never writes it);
 //! - a refused message ends the connection ([`Handler::take_fatal`]): a VMM
 //!   that sends one is broken or hostile, and a half-configured device is
 //!   worse than a clean disconnect it can see.
@@ -32,7 +33,9 @@ use virtio_queue::{Queue, QueueT};
 use vmm_sys_util::eventfd::EventFd;
 
 use super::connection::Message;
-use super::device::{MAX_QUEUE_SIZE, NUM_QUEUES, RngDevice, VIRTIO_FEATURES, protocol_features};
+use super::device::{
+    MAX_QUEUE_SIZE, NUM_QUEUES, RngDevice, VIRTIO_FEATURES, Wake, protocol_features,
+};
 use super::dispatch::REM_MEM_REG;
 use super::fault_guard;
 use super::memory::{MemoryError, MemoryLimits, MemoryTable};
@@ -102,9 +105,6 @@ struct Ring {
     queue: Queue,
     kick: Option<EventFd>,
     call: Option<EventFd>,
-    /// Kept only so the VMM's error eventfd stays valid; virtio-rng reports
-    /// nothing through it.
-    _err: Option<EventFd>,
     /// SET_VRING_ENABLE, or implied when PROTOCOL_FEATURES is not acked.
     enabled: bool,
 }
@@ -116,7 +116,6 @@ impl Ring {
             queue: Queue::new(MAX_QUEUE_SIZE).unwrap_or_else(|_| unreachable!()),
             kick: None,
             call: None,
-            _err: None,
             enabled: false,
         }
     }
@@ -196,10 +195,7 @@ impl Handler {
             .regions()
             .map(|region| region.file.as_fd())
             .collect();
-        for event in [&self.ring.kick, &self.ring.call, &self.ring._err]
-            .into_iter()
-            .flatten()
-        {
+        for event in [&self.ring.kick, &self.ring.call].into_iter().flatten() {
             // SAFETY: the EventFd owns the fd for as long as `self` lives.
             held.push(unsafe { BorrowedFd::borrow_raw(event.as_raw_fd()) });
         }
@@ -246,11 +242,7 @@ impl Handler {
                 .map(|fd| keep(unsafe { BorrowedFd::borrow_raw(fd.as_raw_fd()) }))
                 .transpose()
         };
-        let (kick, call, err) = (
-            event(&self.ring.kick)?,
-            event(&self.ring.call)?,
-            event(&self.ring._err)?,
-        );
+        let (kick, call) = (event(&self.ring.kick)?, event(&self.ring.call)?);
         let queue = &self.ring.queue;
         let state = ConnectionState {
             version: STATE_VERSION,
@@ -267,7 +259,9 @@ impl Handler {
                 enabled: self.ring.enabled,
                 kick,
                 call,
-                err,
+                // The error eventfd is checked and closed on arrival (see
+                // `set_vring_err`): nothing to hand over.
+                err: None,
             },
             answered: self.answered.clone(),
         };
@@ -324,7 +318,8 @@ impl Handler {
         let ring = &state.ring;
         handler.ring.kick = event("kick", ring.kick)?;
         handler.ring.call = event("call", ring.call)?;
-        handler.ring._err = event("error", ring.err)?;
+        // Checked like the others and closed (see `set_vring_err`).
+        drop(event("error", ring.err)?);
         handler.ring.enabled = ring.enabled;
         handler.answered = state.answered.clone();
         handler.check_repeat = true;
@@ -366,17 +361,25 @@ impl Handler {
         self.fatal.take()
     }
 
-    /// The fds to wait on besides the connection: the kick (while the ring
-    /// runs), the pool's wake-up and the rate-limit timer.
-    pub fn wait_fds(&self) -> (Option<BorrowedFd<'_>>, BorrowedFd<'_>, BorrowedFd<'_>) {
-        let kick = self
-            .ring
+    /// The kick fd to wait on, while the ring runs.
+    pub fn kick_fd(&self) -> Option<BorrowedFd<'_>> {
+        self.ring
             .kick
             .as_ref()
             .filter(|_| self.ring.running())
             // SAFETY: the EventFd owns the fd for as long as `self` lives.
-            .map(|kick| unsafe { BorrowedFd::borrow_raw(kick.as_raw_fd()) });
-        (kick, self.device.wake_fd(), self.device.timer_fd())
+            .map(|kick| unsafe { BorrowedFd::borrow_raw(kick.as_raw_fd()) })
+    }
+
+    /// The pool's wake-up for this connection's device (see
+    /// [`Wake::bind`]).
+    pub fn wake(&self) -> &Arc<Wake> {
+        self.device.wake()
+    }
+
+    /// When a throttled guest has tokens again ([`Handler::on_timer`] then).
+    pub fn throttled_until(&self) -> Option<std::time::Instant> {
+        self.device.throttled_until()
     }
 
     /// The guest kicked: take the kick and serve the queue.
@@ -405,15 +408,18 @@ impl Handler {
         }
     }
 
-    /// The pool can serve a starved request again.
+    /// The pool may be able to serve a starved request again: serves the
+    /// queue if the pool woke this device (a spurious call does nothing).
     pub fn on_wake(&mut self) {
-        self.device.consume_wake();
-        self.serve();
+        if self.device.wake().take() {
+            self.serve();
+        }
     }
 
-    /// A throttled guest has tokens again.
+    /// A throttled guest has tokens again (its
+    /// [`Handler::throttled_until`] came).
     pub fn on_timer(&mut self) {
-        self.device.clear_timer();
+        self.device.clear_throttle();
         self.serve();
     }
 
@@ -639,10 +645,12 @@ impl VhostUserBackendReqHandlerMut for Handler {
 
     fn set_vring_err(&mut self, index: u8, fd: Option<File>) -> VhostUserResult<()> {
         self.require_queue("SET_VRING_ERR", index.into())?;
-        self.ring._err = match fd {
-            Some(file) => Some(self.eventfd("error", file)?),
-            None => None,
-        };
+        // Checked as the others are, then closed: virtio-rng reports nothing
+        // through it, and keeping it would cost a descriptor per guest in
+        // both processes.
+        if let Some(file) = fd {
+            drop(self.eventfd("error", file)?);
+        }
         Ok(())
     }
 

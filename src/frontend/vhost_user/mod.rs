@@ -3,7 +3,9 @@
 //! QEMU (`-device vhost-user-rng-pci`) and cloud-hypervisor
 //! (`--generic-vhost-user`).
 //!
-//! - [`server`]: one guest's connections, one after another, on one thread.
+//! - [`server`]: one guest's connections, one after another.
+//! - [`event_loop`]: the few threads that serve every guest's socket,
+//!   connection and queue.
 //! - [`connection`]: vhost-user framing: whole messages in, replies out.
 //! - [`dispatch`]: each message to the handler, sizes and fds checked.
 //! - [`handler`]: the device state the messages change, checked.
@@ -16,6 +18,7 @@
 pub mod connection;
 pub mod device;
 pub mod dispatch;
+pub mod event_loop;
 pub mod fault_guard;
 pub mod handler;
 pub mod memory;

@@ -49,17 +49,17 @@ pub trait Supply {
     /// Fills the start of `buf` for one request, or says why not now.
     fn supply(&mut self, buf: &mut [u8]) -> Supplied;
 
-    /// Fills the start of `buf` for several requests at once (their
+    /// Fills the start of `buf` for `requests` requests at once (their
     /// lengths together, at most [`MAX_REQUEST_BYTES`]), when that answers
     /// each of them exactly as asking for it alone would: nothing (a rate
-    /// limit, a fair share) decides request by request. `None` when the
-    /// requests must be asked for one by one.
+    /// limit, a fair share, a budget about to run out) decides request by
+    /// request. `None` when the requests must be asked for one by one.
     ///
     /// The bytes are handed to the requests in order; a short fill ends
     /// in the middle of one request, which gets what there is (as a short
     /// fill of its own would), and the next is asked for on its own.
-    fn supply_batch(&mut self, buf: &mut [u8]) -> Option<Supplied> {
-        let _ = buf;
+    fn supply_batch(&mut self, buf: &mut [u8], requests: usize) -> Option<Supplied> {
+        let _ = (buf, requests);
         None
     }
 }
@@ -341,7 +341,7 @@ impl RequestProcessor {
         // order, from one call of the supply; or why none.
         let (mut ready, mut refusal) = (0, None);
         if asking > 1 {
-            match supply.supply_batch(&mut self.scratch[..total]) {
+            match supply.supply_batch(&mut self.scratch[..total], asking) {
                 Some(Supplied::Bytes(n)) if n > 0 => ready = n.min(total),
                 Some(Supplied::Bytes(_)) => refusal = Some(Supplied::Starved),
                 Some(waiting) => refusal = Some(waiting),
@@ -1037,7 +1037,8 @@ mod tests {
             self.inner.supply(buf)
         }
 
-        fn supply_batch(&mut self, buf: &mut [u8]) -> Option<Supplied> {
+        fn supply_batch(&mut self, buf: &mut [u8], requests: usize) -> Option<Supplied> {
+            assert!(requests > 1, "a batch is several requests");
             self.batches.push(buf.len());
             if let Some(refusal) = self.refuse {
                 return Some(refusal);

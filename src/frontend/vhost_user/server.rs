@@ -3,35 +3,39 @@
 //! long as the daemon runs: a VM shutting down, rebooting or crashing ends a
 //! connection, never the guest's service.
 //!
-//! One thread per guest does everything for it: waits for the VMM, reads its
-//! messages ([`super::handler`]) and answers the guest's requests when it
-//! kicks, when the pool can serve a starved request again, or when a
-//! throttled guest has tokens again. Nothing a VMM sends can block that
-//! thread for long: a connection must claim the device (SET_OWNER), and a
-//! begun message must arrive whole, within [`VhostUserLimits::timeout`], or
-//! the connection is closed to make way for the next one.
+//! A [`GuestServer`] is the daemon's handle on one guest; the guest's
+//! socket, VMM connection and queue are served by one of a few event loops
+//! shared by all guests ([`super::event_loop`]): it waits for the VMM, reads
+//! its messages ([`super::handler`], one at a time, each handled here by
+//! `handle_message`) and answers the guest's requests when it kicks, when
+//! the pool can serve a starved request again, or when a throttled guest
+//! has tokens again. Nothing a VMM sends can block a loop: a message is
+//! read only once it has arrived whole, replies are written without
+//! waiting, a connection must claim the device (SET_OWNER), and a begun
+//! message must arrive whole, within [`VhostUserLimits::timeout`], or the
+//! connection is closed to make way for the next one.
 
 use std::io;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
-use std::os::unix::net::{UnixListener, UnixStream};
+use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex, mpsc};
-use std::thread;
+use std::sync::{Arc, mpsc};
 use std::time::{Duration, Instant};
 
-use log::{Level, debug, info, warn};
+use log::warn;
 use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
-use vhost_rng_protocol::log_limited;
 use vmm_sys_util::eventfd::EventFd;
 
 use super::connection::{self, Arrival};
+use super::event_loop::{self, Command, LoopHandle};
 use super::handler::Handler;
 use super::memory::MemoryLimits;
 use super::snapshot::ConnectionState;
 use super::{dispatch, fault_guard};
 use crate::frontend::socket_file::GuestSocket;
 use crate::guest::Guest;
+
 /// How a guest's VMM reaches the daemon.
 #[derive(Debug)]
 pub enum Endpoint {
@@ -59,7 +63,9 @@ pub struct VhostUserLimits {
     /// What a connection may map of the guest's memory.
     pub memory: MemoryLimits,
     /// From accepting a connection to its SET_OWNER; also how long the
-    /// rest of a begun message may take to arrive, and a reply to be taken.
+    /// rest of a begun message may take to arrive. (Replies are never waited
+    /// on: one that does not fit in the socket's buffer ends the
+    /// connection.)
     pub timeout: Duration,
 }
 
@@ -77,32 +83,19 @@ impl Default for VhostUserLimits {
     }
 }
 
-/// Retry delays while a VMM is not there to connect to: short at first, so
-/// a VM that is starting is served quickly, capped so the wait stays cheap.
-const CONNECT_RETRY_FIRST: Duration = Duration::from_millis(50);
-const CONNECT_RETRY_MAX: Duration = Duration::from_secs(1);
-/// Pause after a failure to accept or set up a connection, so a persistent
-/// failure (e.g. out of file descriptors) does not spin.
-const SETUP_RETRY: Duration = Duration::from_millis(500);
-
-/// A running guest server; the daemon keeps it to stop it.
+/// A running guest server; the daemon keeps it to stop it. Its socket,
+/// VMM connection and queue are served by one of a few event loops shared
+/// by every vhost-user guest ([`super::event_loop`]).
 pub struct GuestServer {
     guest: Arc<Guest>,
     endpoint: Endpoint,
     limits: VhostUserLimits,
     stopping: AtomicBool,
-    /// Wakes the guest's thread when the guest is stopped.
-    stop_event: EventFd,
-    /// A second handle on the current connection, to end it from stop().
-    active: Mutex<Option<UnixStream>>,
-    /// Set by [`GuestServer::freeze`]: the thread parks at its next safe
-    /// point and hands over its connection.
-    freezing: AtomicBool,
     /// Told what the guest holds after every change (crash survival).
     checkpoint: Option<crate::frontend::Checkpoint>,
-    frozen: Mutex<Option<mpsc::Sender<Frozen>>>,
-    thaw: Mutex<mpsc::Receiver<()>>,
-    thaw_sender: Mutex<mpsc::Sender<()>>,
+    /// Its place in its loop.
+    slot: u64,
+    event_loop: LoopHandle,
 }
 
 /// A guest's VMM connection, handed over by its parked thread: the socket,
@@ -116,7 +109,7 @@ pub struct FrozenConnection {
     pub fds: Vec<OwnedFd>,
 }
 
-/// What a parked guest thread hands over.
+/// What a parked guest hands over.
 pub enum Frozen {
     /// No VMM was connected.
     Idle,
@@ -136,7 +129,8 @@ pub struct Resumed {
 }
 
 impl GuestServer {
-    /// Starts serving `guest` on `endpoint` in a thread of its own.
+    /// Starts serving `guest` on `endpoint`, in one of the shared event
+    /// loops.
     pub fn spawn(
         guest: Arc<Guest>,
         endpoint: Endpoint,
@@ -155,74 +149,49 @@ impl GuestServer {
         checkpoint: Option<crate::frontend::Checkpoint>,
     ) -> io::Result<Arc<Self>> {
         fault_guard::install();
-        let (thaw_sender, thaw) = mpsc::channel();
-        let listener = match &endpoint {
-            Endpoint::Listen(socket) => Some(socket.try_clone_listener()?),
-            Endpoint::Connect(_) => None,
-        };
+        let dials = matches!(endpoint, Endpoint::Connect(_));
+        let (slot, event_loop) = event_loop::assign(dials)?;
         let server = Arc::new(GuestServer {
             guest,
             endpoint,
             limits,
             stopping: AtomicBool::new(false),
-            stop_event: EventFd::new(libc::EFD_NONBLOCK | libc::EFD_CLOEXEC)?,
-            active: Mutex::new(None),
-            freezing: AtomicBool::new(false),
             checkpoint,
-            frozen: Mutex::new(None),
-            thaw: Mutex::new(thaw),
-            thaw_sender: Mutex::new(thaw_sender),
+            slot,
+            event_loop,
         });
-        let worker = Arc::clone(&server);
-        thread::Builder::new()
-            .name(format!("guest-{}", server.guest.name()))
-            .spawn(move || {
-                // Nothing from the VMM is read before the process has
-                // dropped root and installed its filter.
-                crate::service::sandbox::enter(crate::service::sandbox::ThreadRole::Vring {
-                    dials: listener.is_none(),
-                });
-                // serve_with reports the resumed connection as it starts.
-                if let Some(Resumed { stream, handler }) = resumed {
-                    worker.serve_with(stream, handler, true);
-                }
-                worker.report(None);
-                match listener {
-                    Some(listener) => worker.listen_loop(&listener),
-                    None => worker.connect_loop(),
-                }
-            })?;
+        server
+            .event_loop
+            .send(Command::Add(Arc::clone(&server), resumed.map(Box::new)))?;
         Ok(server)
     }
 
-    /// Parks the guest's thread at its next safe point (between two vhost-
-    /// user messages) and returns what it hands over; it stays parked until
-    /// [`GuestServer::thaw`], or until the process is replaced.
+    /// Parks the guest at its next safe point (between two vhost-user
+    /// messages: its loop handles one message at a time) and returns what
+    /// it hands over; it stays parked until [`GuestServer::thaw`], or until
+    /// the process is replaced.
     pub fn freeze(&self, patience: Duration) -> Frozen {
         let (sender, receiver) = mpsc::channel();
-        *self.frozen.lock().unwrap_or_else(|e| e.into_inner()) = Some(sender);
-        self.freezing.store(true, Ordering::SeqCst);
-        if let Err(e) = self.stop_event.write(1) {
-            return Frozen::Failed(format!("cannot wake the guest's thread: {e}"));
+        if let Err(e) = self.event_loop.send(Command::Freeze(self.slot, sender)) {
+            return Frozen::Failed(format!("cannot wake the guest's event loop: {e}"));
         }
-        receiver
-            .recv_timeout(patience)
-            .unwrap_or_else(|_| Frozen::Failed("the guest's thread did not park in time".into()))
+        receiver.recv_timeout(patience).unwrap_or_else(|_| {
+            Frozen::Failed("the guest's event loop did not park it in time".into())
+        })
     }
 
-    /// Lets a parked thread go on serving (an upgrade that did not happen).
+    /// Lets a parked guest go on serving (an upgrade that did not happen).
     pub fn thaw(&self) {
-        if self.freezing.load(Ordering::SeqCst) {
-            let _ = self
-                .thaw_sender
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .send(());
+        if let Err(e) = self.event_loop.send(Command::Thaw(self.slot)) {
+            warn!(
+                "guest {}: cannot wake its event loop to go on: {e}",
+                self.guest.name()
+            );
         }
     }
 
     /// Tells the checkpoint watcher (if any) what the guest holds now.
-    fn report(&self, connection: Option<(&UnixStream, &Handler)>) {
+    pub(super) fn report(&self, connection: Option<(&UnixStream, &Handler)>) {
         let Some(checkpoint) = &self.checkpoint else {
             return;
         };
@@ -241,29 +210,6 @@ impl GuestServer {
             listener,
             connection,
         });
-    }
-
-    /// Called by the guest's thread at a safe point: if a freeze was asked
-    /// for, hands over `connection` and waits to be thawed.
-    fn park_if_asked(&self, connection: Option<(&UnixStream, &Handler)>) -> bool {
-        if !self.freezing.load(Ordering::SeqCst) {
-            return false;
-        }
-        let frozen = match connection.map(capture).transpose() {
-            Ok(None) => Frozen::Idle,
-            Ok(Some(connection)) => Frozen::Connected(connection),
-            Err(e) => Frozen::Failed(format!("cannot capture the connection: {e}")),
-        };
-        if let Some(sender) = self.frozen.lock().unwrap_or_else(|e| e.into_inner()).take() {
-            let _ = sender.send(frozen);
-        }
-        let _ = self.thaw.lock().unwrap_or_else(|e| e.into_inner()).recv();
-        // Take the wake-up freeze() sent, unless a stop came meanwhile.
-        if !self.is_stopping() {
-            let _ = self.stop_event.read();
-        }
-        self.freezing.store(false, Ordering::SeqCst);
-        true
     }
 
     /// The guest this server serves.
@@ -288,204 +234,113 @@ impl GuestServer {
     /// removes the socket file if the daemon created it.
     pub fn stop(&self) {
         self.stopping.store(true, Ordering::SeqCst);
-        if let Err(e) = self.stop_event.write(1) {
+        if let Err(e) = self.event_loop.send(Command::Stop(self.slot)) {
             warn!(
-                "guest {}: cannot wake its thread to stop: {e}",
+                "guest {}: cannot wake its event loop to stop: {e}",
                 self.guest.name()
             );
-        }
-        if let Some(connection) = self.lock_active().take() {
-            let _ = connection.shutdown(std::net::Shutdown::Both);
         }
         if let Endpoint::Listen(socket) = &self.endpoint {
             socket.remove();
         }
     }
 
-    fn is_stopping(&self) -> bool {
+    pub(super) fn is_stopping(&self) -> bool {
         self.stopping.load(Ordering::SeqCst)
     }
 
-    fn lock_active(&self) -> std::sync::MutexGuard<'_, Option<UnixStream>> {
-        self.active.lock().unwrap_or_else(|e| e.into_inner())
+    pub(super) fn endpoint(&self) -> &Endpoint {
+        &self.endpoint
     }
 
-    fn stop_fd(&self) -> BorrowedFd<'_> {
-        // SAFETY: the EventFd lives as long as `self`.
-        unsafe { BorrowedFd::borrow_raw(self.stop_event.as_raw_fd()) }
+    pub(super) fn slot(&self) -> u64 {
+        self.slot
     }
 
-    fn listen_loop(&self, listener: &UnixListener) {
-        while !self.is_stopping() {
-            let waited = wait_readable(&[listener.as_fd(), self.stop_fd()], PollTimeout::NONE);
-            if self.is_stopping() {
-                return;
-            }
-            if self.park_if_asked(None) {
-                continue;
-            }
-            let accepted = waited
-                .map_err(io::Error::from)
-                .and_then(|_| listener.accept());
-            match accepted {
-                Ok((stream, _)) => self.serve_connection(stream),
-                // Another thread cannot take it, but a VMM that gave up
-                // between poll and accept leaves nothing to take.
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
-                Err(e) => {
-                    warn!(
-                        "guest {}: accepting on {}: {e}",
-                        self.guest.name(),
-                        self.path().display()
-                    );
-                    thread::sleep(SETUP_RETRY);
-                }
-            }
-        }
-    }
-
-    fn connect_loop(&self) {
-        let path = self.path().to_owned();
-        let mut delay = CONNECT_RETRY_FIRST;
-        let mut waiting_logged = false;
-        while !self.is_stopping() {
-            match UnixStream::connect(&path) {
-                Ok(stream) => {
-                    delay = CONNECT_RETRY_FIRST;
-                    waiting_logged = false;
-                    self.serve_connection(stream);
-                }
-                Err(e) => {
-                    if !waiting_logged {
-                        info!(
-                            "guest {}: waiting for the VMM to listen on {}: {e}",
-                            self.guest.name(),
-                            path.display()
-                        );
-                        waiting_logged = true;
-                    } else {
-                        debug!(
-                            "guest {}: connect to {}: {e}",
-                            self.guest.name(),
-                            path.display()
-                        );
-                    }
-                    // Woken early by stop() and freeze().
-                    let _ = wait_readable(&[self.stop_fd()], timeout_of(delay));
-                    self.park_if_asked(None);
-                    delay = (delay * 2).min(CONNECT_RETRY_MAX);
-                }
-            }
-        }
-    }
-
-    fn serve_connection(&self, stream: UnixStream) {
-        match Handler::new(Arc::clone(&self.guest), self.limits.memory) {
-            Ok(handler) => self.serve_with(stream, handler, false),
-            Err(e) => {
-                warn!(
-                    "guest {}: cannot set up a connection on {}: {e}",
-                    self.guest.name(),
-                    self.path().display()
-                );
-                thread::sleep(SETUP_RETRY);
-            }
-        }
-    }
-
-    /// Serves `stream` with `handler` until the connection ends; `resumed`
-    /// for a connection a previous daemon handed over.
-    fn serve_with(&self, stream: UnixStream, mut handler: Handler, resumed: bool) {
-        let name = self.guest.name();
-        let path = self.path().display();
-        let handle = stream
-            .set_write_timeout(Some(self.limits.timeout))
-            .and_then(|()| stream.try_clone());
-        match handle {
-            Ok(handle) => *self.lock_active() = Some(handle),
-            Err(e) => {
-                warn!("guest {name}: cannot set up a connection on {path}: {e}");
-                thread::sleep(SETUP_RETRY);
-                return;
-            }
-        }
-        if self.is_stopping() {
-            // stop() ran between accept and registering the connection.
-            return;
-        }
-        if !resumed {
-            self.guest.stats.connections.fetch_add(1, Ordering::Relaxed);
-        }
-        self.guest.stats.connected.store(true, Ordering::Relaxed);
-        if resumed {
-            info!("guest {name}: VMM connection on {path} taken over from the previous daemon");
-        } else {
-            info!("guest {name}: VMM connected on {path}");
-        }
-        self.report(Some((&stream, &handler)));
-        if resumed {
-            handler.serve_pending();
-        }
-        let ended = loop {
-            let ended = run_connection_reporting(
-                &stream,
-                &mut handler,
-                self.stop_fd(),
-                self.limits.timeout,
-                &|stream, handler| self.report(Some((stream, handler))),
-            );
-            if matches!(ended, Ended::Stopped)
-                && !self.is_stopping()
-                && self.park_if_asked(Some((&stream, &handler)))
-            {
-                continue;
-            }
-            break ended;
-        };
-        self.lock_active().take();
-        self.guest.stats.connected.store(false, Ordering::Relaxed);
-        match ended {
-            Ended::Disconnected => info!("guest {name}: VMM disconnected from {path}"),
-            Ended::Stopped => info!("guest {name}: connection on {path} closed (guest stopped)"),
-            Ended::Closed(reason) => {
-                log_limited!(
-                    self.guest.defect_log,
-                    Level::Warn,
-                    "guest {name}: connection on {path} closed: {reason}"
-                );
-            }
-        }
-        // Dropping the handler unmaps the guest's memory and closes every
-        // fd the VMM sent.
-        drop(handler);
-        self.report(None);
+    pub(super) fn limits(&self) -> VhostUserLimits {
+        self.limits
     }
 }
 
-/// Serves one connection until it ends or `stop` becomes readable; the
-/// caller owns the connection, the handler and the stop event, so a stopped
-/// connection can be taken over (see [`Handler::snapshot`]).
+/// Handles one whole `message` peeked on `connection`: a repeat of the one
+/// a process that died had answered is only taken off and answered again;
+/// anything else is dispatched (under the fault guard), recorded
+/// (`after_message`), taken off the socket and answered, without blocking.
+/// `Err` says why the connection must close.
+pub(super) fn handle_message(
+    connection: &UnixStream,
+    handler: &mut Handler,
+    mut message: connection::Message,
+    after_message: &dyn Fn(&UnixStream, &Handler),
+) -> Result<(), String> {
+    // A peek of a message without descriptors may pass the next
+    // message's: dropped here, and what the message really carried is
+    // counted when it is taken off.
+    let expects_fds = dispatch::expects_fds(message.code, &message.payload);
+    if !expects_fds {
+        message.fds.clear();
+    }
+    let (code, peeked_fds) = (message.code, message.fds.len());
+    let len = message.raw.len();
+    // The message a process that died had handled and recorded, left
+    // on the socket: taken off and answered again, not handled twice.
+    let taken_off = |reply: Option<&[u8]>| {
+        finish(connection, len, reply, |fds| {
+            let expected = if expects_fds { peeked_fds } else { 0 };
+            fds == expected || (code == dispatch::REM_MEM_REG && fds <= 1)
+        })
+    };
+    if let Some(reply) = handler.repeat_of_answered(&message) {
+        return taken_off(reply.as_deref());
+    }
+    let raw = message.raw.clone();
+    // Guest memory is touched by some messages too (a kick fd set on
+    // a ring with requests waiting).
+    let (result, faults) = fault_guard::guarded(|| dispatch::dispatch(handler, message));
+    if faults > 0 {
+        return Err(format!(
+            "its guest memory file shrank under the daemon ({faults} fault(s))"
+        ));
+    }
+    let handled = result?;
+    // Recorded before the message leaves the socket: a process that
+    // dies from here on is replaced by one that knows it was handled.
+    // (Queries are recorded too: their reply must not be lost.)
+    handler.set_answered(raw, handled.reply.clone());
+    after_message(connection, handler);
+    test_hooks::after_report(&handled);
+    taken_off(handled.reply.as_deref())?;
+    // A VMM that sends without reading the replies is closed long
+    // before its socket fills and a reply would wait on it.
+    if let Some(unread) = unread_replies(connection)
+        && unread > MAX_UNREAD_REPLIES
+    {
+        return Err(format!("the VMM left {unread} bytes of replies unread"));
+    }
+    Ok(())
+}
+
+/// Serves one connection on the calling thread until it ends or `stop`
+/// becomes readable; the caller owns the connection, the handler and the
+/// stop event, so a stopped connection can be taken over (see
+/// [`Handler::snapshot`]). The daemon serves its guests in event loops
+/// instead; this is the same handling, for one connection.
 pub fn run_connection(
     connection: &UnixStream,
     handler: &mut Handler,
     stop: BorrowedFd<'_>,
     limit: Duration,
 ) -> Ended {
-    run_connection_reporting(connection, handler, stop, limit, &|_, _| {})
-}
-
-/// [`run_connection`], calling `after_message` after each message the
-/// handler took (crash survival records the state it changed).
-pub fn run_connection_reporting(
-    connection: &UnixStream,
-    handler: &mut Handler,
-    stop: BorrowedFd<'_>,
-    limit: Duration,
-    after_message: &dyn Fn(&UnixStream, &Handler),
-) -> Ended {
+    let wake = match EventFd::new(libc::EFD_NONBLOCK | libc::EFD_CLOEXEC) {
+        Ok(wake) => Arc::new(wake),
+        Err(e) => return Ended::Closed(format!("cannot make a wake-up eventfd: {e}")),
+    };
+    let notify = Arc::clone(&wake);
+    handler.wake().bind(Arc::new(move || {
+        let _ = notify.write(1);
+    }));
+    handler.on_wake();
     let setup_deadline = Instant::now() + limit;
-    // Set when part of a message has arrived: the rest must follow by
-    // then.
     let mut message_deadline: Option<Instant> = None;
     loop {
         let deadline = match (handler.owned(), message_deadline) {
@@ -493,23 +348,30 @@ pub fn run_connection_reporting(
             (false, None) => Some((setup_deadline, "to claim the device (SET_OWNER)")),
             (true, None) => None,
         };
-        let timeout = match deadline {
-            None => PollTimeout::NONE,
-            Some((deadline, what)) => match deadline.checked_duration_since(Instant::now()) {
-                Some(left) if !left.is_zero() => timeout_of(left),
-                _ => {
-                    return Ended::Closed(format!("the VMM took longer than {limit:?} {what}"));
-                }
-            },
-        };
-        let (kick, wake, timer) = handler.wait_fds();
+        if let Some((deadline, what)) = deadline
+            && deadline <= Instant::now()
+        {
+            return Ended::Closed(format!("the VMM took longer than {limit:?} {what}"));
+        }
+        let next = [deadline.map(|(at, _)| at), handler.throttled_until()]
+            .into_iter()
+            .flatten()
+            .min();
+        let timeout = next.map_or(PollTimeout::NONE, |at| {
+            timeout_of(at.saturating_duration_since(Instant::now()))
+        });
+        // SAFETY: the EventFd lives in `wake` for the whole call.
+        let wake_fd = unsafe { BorrowedFd::borrow_raw(wake.as_raw_fd()) };
         let mut fds = vec![
-            PollFd::new(connection.as_fd(), PollFlags::POLLIN),
             PollFd::new(stop, PollFlags::POLLIN),
-            PollFd::new(wake, PollFlags::POLLIN),
-            PollFd::new(timer, PollFlags::POLLIN),
+            PollFd::new(wake_fd, PollFlags::POLLIN),
         ];
-        if let Some(kick) = kick {
+        // A part of a message stays readable: not waited on until its
+        // deadline (or a stop).
+        if message_deadline.is_none() {
+            fds.push(PollFd::new(connection.as_fd(), PollFlags::POLLIN));
+        }
+        if let Some(kick) = handler.kick_fd() {
             fds.push(PollFd::new(kick, PollFlags::POLLIN));
         }
         match poll(&mut fds, timeout) {
@@ -521,92 +383,52 @@ pub fn run_connection_reporting(
             .map(|fd| fd.revents().is_some_and(|r| !r.is_empty()))
             .collect();
         drop(fds);
-        if ready[1] {
+        if ready[0] {
             return Ended::Stopped;
         }
-        if ready.get(4) == Some(&true) {
-            handler.on_kick();
-        }
-        if ready[2] {
+        if ready[1] {
+            let _ = wake.read();
             handler.on_wake();
         }
-        if ready[3] {
+        if handler.kick_fd().is_some() && ready.last() == Some(&true) {
+            handler.on_kick();
+        }
+        if handler
+            .throttled_until()
+            .is_some_and(|at| at <= Instant::now())
+        {
             handler.on_timer();
         }
         if let Some(refusal) = handler.take_fatal() {
             return Ended::Closed(format!("the VMM's guest memory is unusable: {refusal}"));
         }
-        if !ready[0] {
-            continue;
-        }
-        let message = match connection::peek_message(connection) {
-            Ok(Arrival::Message(message)) => message,
-            Ok(Arrival::Closed) => return Ended::Disconnected,
-            Ok(Arrival::Partial) => {
-                message_deadline.get_or_insert(Instant::now() + limit);
-                // The stream stays readable while the part waits: pause
-                // instead of spinning, then look again.
-                let _ = wait_readable(&[stop], timeout_of(PARTIAL_MESSAGE_POLL));
-                continue;
+        loop {
+            match connection::peek_message(connection) {
+                Ok(Arrival::Message(message)) => {
+                    message_deadline = None;
+                    if let Err(reason) = handle_message(connection, handler, message, &|_, _| {}) {
+                        return Ended::Closed(reason);
+                    }
+                }
+                Ok(Arrival::Empty) => break,
+                Ok(Arrival::Closed) => return Ended::Disconnected,
+                Ok(Arrival::Partial) => {
+                    message_deadline.get_or_insert(Instant::now() + limit);
+                    // Looked at again when its deadline comes, or sooner.
+                    let _ = poll(
+                        &mut [PollFd::new(stop, PollFlags::POLLIN)],
+                        timeout_of(PARTIAL_MESSAGE_POLL),
+                    );
+                    break;
+                }
+                Err(e) => return Ended::Closed(format!("bad message from the VMM: {e}")),
             }
-            Err(e) => return Ended::Closed(format!("bad message from the VMM: {e}")),
-        };
-        message_deadline = None;
-        let mut message = message;
-        // A peek of a message without descriptors may pass the next
-        // message's: dropped here, and what the message really carried is
-        // counted when it is taken off.
-        let expects_fds = dispatch::expects_fds(message.code, &message.payload);
-        if !expects_fds {
-            message.fds.clear();
-        }
-        let (code, peeked_fds) = (message.code, message.fds.len());
-        let len = message.raw.len();
-        // The message a process that died had handled and recorded, left
-        // on the socket: taken off and answered again, not handled twice.
-        let taken_off = |reply: Option<&[u8]>| {
-            finish(connection, len, reply, |fds| {
-                let expected = if expects_fds { peeked_fds } else { 0 };
-                fds == expected || (code == dispatch::REM_MEM_REG && fds <= 1)
-            })
-        };
-        if let Some(reply) = handler.repeat_of_answered(&message) {
-            if let Err(reason) = taken_off(reply.as_deref()) {
-                return Ended::Closed(reason);
-            }
-            continue;
-        }
-        let raw = message.raw.clone();
-        // Guest memory is touched by some messages too (a kick fd set on
-        // a ring with requests waiting).
-        let (result, faults) = fault_guard::guarded(|| dispatch::dispatch(handler, message));
-        if faults > 0 {
-            return Ended::Closed(format!(
-                "its guest memory file shrank under the daemon ({faults} fault(s))"
-            ));
-        }
-        let handled = match result {
-            Err(reason) => return Ended::Closed(reason),
-            Ok(handled) => handled,
-        };
-        // Recorded before the message leaves the socket: a process that
-        // dies from here on is replaced by one that knows it was handled.
-        // (Queries are recorded too: their reply must not be lost.)
-        handler.set_answered(raw, handled.reply.clone());
-        after_message(connection, handler);
-        test_hooks::after_report(&handled);
-        if let Err(reason) = taken_off(handled.reply.as_deref()) {
-            return Ended::Closed(reason);
-        }
-        // A VMM that sends without reading the replies is closed long
-        // before its socket fills and a reply would wait on it.
-        if let Some(unread) = unread_replies(connection)
-            && unread > MAX_UNREAD_REPLIES
-        {
-            return Ended::Closed(format!("the VMM left {unread} bytes of replies unread"));
         }
     }
 }
+
+/// How often [`run_connection`] looks at an incomplete message again.
+const PARTIAL_MESSAGE_POLL: Duration = Duration::from_millis(10);
 
 /// Takes a handled message of `len` bytes off the socket, checks the
 /// descriptors it really carried (`fds_ok`), then sends its reply. (Dying
@@ -670,11 +492,8 @@ fn unread_replies(connection: &UnixStream) -> Option<usize> {
     (result == 0).then(|| usize::try_from(unread).unwrap_or(0))
 }
 
-/// How often an incomplete message is looked at again.
-const PARTIAL_MESSAGE_POLL: Duration = Duration::from_millis(10);
-
 /// Duplicates of a connection's socket and of what its state needs.
-fn capture((stream, handler): (&UnixStream, &Handler)) -> io::Result<FrozenConnection> {
+pub(super) fn capture((stream, handler): (&UnixStream, &Handler)) -> io::Result<FrozenConnection> {
     let socket = stream.as_fd().try_clone_to_owned()?;
     let (state, fds) = handler.snapshot()?;
     Ok(FrozenConnection { socket, state, fds })
@@ -697,26 +516,13 @@ fn timeout_of(duration: Duration) -> PollTimeout {
     PollTimeout::try_from(millis.min(i32::MAX as u128) as i32).unwrap_or(PollTimeout::MAX)
 }
 
-/// Blocks until one of `fds` is readable or `timeout` passes.
-fn wait_readable(fds: &[BorrowedFd<'_>], timeout: PollTimeout) -> nix::Result<()> {
-    let mut fds: Vec<PollFd<'_>> = fds
-        .iter()
-        .map(|fd| PollFd::new(*fd, PollFlags::POLLIN))
-        .collect();
-    loop {
-        match poll(&mut fds, timeout) {
-            Err(nix::errno::Errno::EINTR) => continue,
-            result => return result.map(|_| ()),
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::frontend::vhost_user::snapshot::{RestoreError, STATE_VERSION};
     use crate::guest::{GuestLimits, SharedBucket};
-    use std::thread::JoinHandle;
+    use std::os::unix::net::UnixListener;
+    use std::thread::{self, JoinHandle};
     use vhost_rng_testing::{Buffer, TestVmm, TestVmmConfig};
 
     const PATIENCE: Duration = Duration::from_secs(20);

@@ -75,8 +75,8 @@ impl Role {
 /// A thread's role in the serving process, for its extra filter.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ThreadRole {
-    /// A vhost-user guest's thread: reads VMM messages and guest memory;
-    /// `dials` when it connects to the VMM (`connect=` guests).
+    /// A vhost-user event loop: reads VMM messages and guest memory;
+    /// `dials` for the loop that connects to VMMs (`connect=` guests).
     Vring {
         /// It opens connections itself.
         dials: bool,
