@@ -6,7 +6,8 @@
 //! directory; the in-tree test VMM (`vhost_rng_testing::TestVmm`, QEMU
 //! profile, 256-entry queue, EVENT_IDX) plays the guest driver in this
 //! process and keeps the queue full: 128 requests posted, every completed
-//! request checked (used length = buffer length, or the run aborts), and
+//! request checked (used length = buffer length, or the run aborts; in
+//! vhost-rng's raw mode any length from 1 up, see below), and
 //! completed requests re-posted (with one kick if the backend asks for it)
 //! as soon as 32 have gathered. Two shapes of request, each one
 //! device-writable descriptor:
@@ -51,6 +52,17 @@
 //! - `--driver poll|sleep`: how the driver waits for completions (default poll).
 //! - `--vhost-rng-arg ARG`: append ARG to `vhost-rng serve` (repeatable),
 //!   e.g. `--vhost-rng-arg --mode --vhost-rng-arg raw`.
+//! - `--only 4k|64`: measure one request shape only (for profiling).
+//!
+//! In raw mode (vhost-rng's status says so) every byte a guest gets is
+//! conditioned full-entropy output, and a request is filled with what the
+//! pool has: partial fills are legal virtio-rng answers and are counted as
+//! delivered bytes. The benchmark then also reads the sources' counters
+//! (`vhost-rng status --json` on the control socket it gives the daemon)
+//! at both ends of each measurement and reports delivered bytes per second
+//! against the entropy the sources were credited with meanwhile, and
+//! against the most the conditioner can make of that credit (256 bits out
+//! for 320 credited bits in).
 //!
 //! With the defaults a run takes a little under a minute. Results and their
 //! analysis: `docs/performance.md`.
@@ -68,7 +80,9 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use support::{Process, Result, cpu_seconds, machine_busy_seconds, median, peer_version};
+use support::{
+    Process, Result, cpu_seconds, machine_busy_seconds, median, peer_version, tree_cpu_seconds,
+};
 use vhost_rng::entropy::drbg::{Drbg, ReseedPolicy, SEED_BYTES};
 use vhost_rng_testing::{Buffer, TestVmm, TestVmmConfig, UsedElem};
 
@@ -157,14 +171,19 @@ fn run() -> Result<()> {
     for run in 1..=options.runs {
         eprintln!("run {run}/{}", options.runs);
         for source in &mut sources {
-            source.run(BULK_LEN, source_time)?;
-            source.run(SMALL_LEN, source_time)?;
+            for &len in &options.shapes {
+                source.run(len, source_time)?;
+            }
         }
         for ((backend, vmm), rates) in backends.iter().zip(&mut vmms).zip(&mut results) {
-            let bulk = pipeline(vmm, backend, BULK_LEN, options.seconds, options.wait)?;
-            rates.bulk.push(bulk);
-            let small = pipeline(vmm, backend, SMALL_LEN, options.seconds, options.wait)?;
-            rates.small.push(small);
+            for &len in &options.shapes {
+                let rate = pipeline(vmm, backend, len, options.seconds, options.wait)?;
+                if len == BULK_LEN {
+                    rates.bulk.push(rate);
+                } else {
+                    rates.small.push(rate);
+                }
+            }
         }
     }
 
@@ -188,17 +207,20 @@ struct Options {
     runs: usize,
     wait: Wait,
     vhost_rng_args: Vec<String>,
+    /// The request shapes to measure.
+    shapes: Vec<u32>,
 }
 
 impl Options {
     fn parse(mut args: impl Iterator<Item = String>) -> Result<Self> {
         let usage = "usage: cargo bench --bench throughput [-- [--peer PATH] [--seconds S] \
-                     [--runs N] [--driver poll|sleep] [--vhost-rng-arg ARG]...]";
+                     [--runs N] [--driver poll|sleep] [--vhost-rng-arg ARG]... [--only 4k|64]]";
         let mut peer = None;
         let mut seconds = 3.0;
         let mut runs = 3;
         let mut wait = Wait::Poll;
         let mut vhost_rng_args = Vec::new();
+        let mut shapes = vec![BULK_LEN, SMALL_LEN];
         while let Some(arg) = args.next() {
             let mut value = |name: &str| {
                 args.next()
@@ -230,6 +252,13 @@ impl Options {
                     };
                 }
                 "--vhost-rng-arg" => vhost_rng_args.push(value("--vhost-rng-arg")?),
+                "--only" => {
+                    shapes = match value("--only")?.as_str() {
+                        "4k" => vec![BULK_LEN],
+                        "64" => vec![SMALL_LEN],
+                        _ => return Err(format!("--only is 4k or 64\n{usage}")),
+                    };
+                }
                 "-h" | "--help" => {
                     println!("{usage}");
                     std::process::exit(0);
@@ -268,6 +297,7 @@ impl Options {
             runs,
             wait,
             vhost_rng_args,
+            shapes,
         })
     }
 }
@@ -280,6 +310,10 @@ struct Backend {
     startup_log: Vec<String>,
     socket: PathBuf,
     process: Process,
+    /// vhost-rng's control socket, for its status (None for the peer).
+    control: Option<PathBuf>,
+    /// vhost-rng in raw mode: requests may be partly filled.
+    raw: bool,
 }
 
 impl Backend {
@@ -296,6 +330,15 @@ impl Backend {
             .arg(&socket)
             .args(args)
             .env("RUST_LOG", "info");
+        // A control socket of its own (for its status), unless one is named.
+        let control = match args.iter().position(|arg| arg == "--control") {
+            Some(at) => args.get(at + 1).map(PathBuf::from),
+            None => {
+                let control = dir.join("control.sock");
+                command.arg("--control").arg(&control);
+                Some(control)
+            }
+        };
         let mut process = Process::spawn(name, command, log, START_STOP)?;
         let log = process.wait_for_log("serving on", Duration::from_millis(10))?;
         let end = log.find("serving on").unwrap_or(0);
@@ -308,8 +351,24 @@ impl Backend {
                 args.iter().fold(String::new(), |all, arg| all + " " + arg)
             ),
             startup_log: log[..through_line].lines().map(strip_log_prefix).collect(),
+            raw: match &control {
+                Some(control) => {
+                    // The control socket comes up just after the guests'.
+                    let started = Instant::now();
+                    while !control.exists() {
+                        process.check_alive()?;
+                        if started.elapsed() > START_STOP {
+                            return Err(process.failure("did not create its control socket"));
+                        }
+                        std::thread::sleep(Duration::from_millis(10));
+                    }
+                    status(control)?["pool"]["mode"] == "raw"
+                }
+                None => false,
+            },
             socket,
             process,
+            control,
         })
     }
 
@@ -345,8 +404,45 @@ impl Backend {
             startup_log: Vec::new(),
             socket,
             process,
+            control: None,
+            raw: false,
         })
     }
+}
+
+/// `vhost-rng status --json` over `control`.
+fn status(control: &Path) -> Result<serde_json::Value> {
+    let output = Command::new(env!("CARGO_BIN_EXE_vhost-rng"))
+        .arg("status")
+        .arg("--json")
+        .arg("--control")
+        .arg(control)
+        .output()
+        .map_err(|e| format!("running vhost-rng status: {e}"))?;
+    if !output.status.success() {
+        return Err(format!(
+            "vhost-rng status: {}",
+            String::from_utf8_lossy(&output.stderr).trim()
+        ));
+    }
+    serde_json::from_slice(&output.stdout).map_err(|e| format!("vhost-rng status --json: {e}"))
+}
+
+/// Entropy the sources have released to the conditioner so far, in bytes:
+/// each source's approved bytes times its credit (bits per byte) / 8.
+fn credited_bytes(control: &Path) -> Result<f64> {
+    let status = status(control)?;
+    let sources = status["pool"]["sources"]
+        .as_array()
+        .ok_or("vhost-rng status --json: no pool.sources")?;
+    Ok(sources
+        .iter()
+        .map(|source| {
+            source["bytes_contributed"].as_f64().unwrap_or(0.0)
+                * source["min_entropy"].as_f64().unwrap_or(0.0)
+                / 8.0
+        })
+        .sum())
 }
 
 /// An env_logger line without its `[time LEVEL target]` prefix.
@@ -380,7 +476,7 @@ fn connect(backend: &Backend) -> Result<TestVmm> {
         }
         vmm.kick().map_err(fail)?;
         let used = vmm.wait_used(8, STALL).map_err(fail)?;
-        check_lengths(backend.name, &used, len)?;
+        check_lengths(backend, &used, len)?;
         for elem in &used {
             let bytes = vmm.read_buffer(elem.head, 0).map_err(fail)?;
             if bytes.iter().all(|&b| b == 0) {
@@ -396,13 +492,26 @@ fn connect(backend: &Backend) -> Result<TestVmm> {
     Ok(vmm)
 }
 
-fn check_lengths(backend: &str, used: &[UsedElem], len: u32) -> Result<()> {
-    match used.iter().find(|elem| elem.len != len) {
+/// Every request must come back full; in raw mode, with at least a byte
+/// (the pool fills it with what it has).
+fn check_lengths(backend: &Backend, used: &[UsedElem], len: u32) -> Result<()> {
+    let wrong = |elem: &&UsedElem| match backend.raw {
+        true => elem.len == 0 || elem.len > len,
+        false => elem.len != len,
+    };
+    match used.iter().find(wrong) {
         None => Ok(()),
         Some(elem) => Err(format!(
-            "{backend}: request {} of {len} bytes completed with used length {} \
-             (expected the whole buffer; is the backend rate-limited or failing?)",
-            elem.head, elem.len
+            "{}: request {} of {len} bytes completed with used length {} \
+             (expected {}; is the backend rate-limited or failing?)",
+            backend.name,
+            elem.head,
+            elem.len,
+            if backend.raw {
+                "1 to the buffer's length"
+            } else {
+                "the whole buffer"
+            }
         )),
     }
 }
@@ -442,13 +551,16 @@ struct Rate {
     kicks_per_request: f64,
     /// Call-eventfd signals received per request completed.
     calls_per_request: f64,
-    /// CPU time of the backend process per second of wall time (1.0 = one core busy).
+    /// CPU time of the backend process and its children per second of wall
+    /// time (1.0 = one core busy).
     backend_cpu: f64,
     /// The same for this process (the test VMM; nothing else runs meanwhile).
     driver_cpu: f64,
     /// Busy CPU time of the whole machine outside these two processes, per
     /// second: anything above a few hundredths means the figures are disturbed.
     other_cpu: f64,
+    /// Raw mode: entropy credited to the sources per second meanwhile, in bytes.
+    credited_per_s: Option<f64>,
 }
 
 /// Counters read when the timed window opens and when it closes.
@@ -460,17 +572,25 @@ struct Snapshot {
     backend_cpu: f64,
     driver_cpu: f64,
     machine_busy: f64,
+    /// Raw mode: the sources' credited bytes so far.
+    credited: Option<f64>,
 }
 
 impl Snapshot {
-    fn take(vmm: &mut TestVmm, pid: u32) -> vhost_rng_testing::Result<Self> {
+    fn take(vmm: &mut TestVmm, backend: &Backend) -> Result<Self> {
+        let credited = match (&backend.control, backend.raw) {
+            (Some(control), true) => Some(credited_bytes(control)?),
+            _ => None,
+        };
+        let fail = |e: vhost_rng_testing::Error| format!("{}: {e}", backend.name);
         Ok(Snapshot {
             at: Instant::now(),
             kicks: vmm.kicks(),
-            calls: vmm.notifications()?,
-            backend_cpu: cpu_seconds(&format!("/proc/{pid}/stat")),
+            calls: vmm.notifications().map_err(fail)?,
+            backend_cpu: tree_cpu_seconds(backend.process.pid()),
             driver_cpu: cpu_seconds("/proc/self/stat"),
             machine_busy: machine_busy_seconds(),
+            credited,
         })
     }
 }
@@ -484,9 +604,8 @@ fn pipeline(
     duration: Duration,
     wait: Wait,
 ) -> Result<Rate> {
-    let pid = backend.process.pid();
-    let backend = backend.name;
-    let fail = |e: vhost_rng_testing::Error| format!("{backend}: {len}-byte requests: {e}");
+    let name = backend.name;
+    let fail = |e: vhost_rng_testing::Error| format!("{name}: {len}-byte requests: {e}");
     let request = [Buffer::writable(len)];
     let mut used = Vec::with_capacity(usize::from(QUEUE_SIZE));
 
@@ -499,6 +618,7 @@ fn pipeline(
     // Taken at the first reap after the warm-up: completions count from there.
     let mut start: Option<Snapshot> = None;
     let mut counted: u64 = 0;
+    let mut counted_bytes: u64 = 0;
     let mut last_progress = Instant::now();
     let mut to_post = 0;
     let end = loop {
@@ -513,7 +633,7 @@ fn pipeline(
                 if driver.reap(usize::MAX, &mut used).map_err(fail)? == 0 {
                     if last_progress.elapsed() > STALL {
                         return Err(format!(
-                            "{backend}: {len}-byte requests: nothing completed for {} s",
+                            "{name}: {len}-byte requests: nothing completed for {} s",
                             STALL.as_secs()
                         ));
                     }
@@ -530,13 +650,14 @@ fn pipeline(
         check_lengths(backend, &used, len)?;
         match &start {
             None if Instant::now() >= warm_until => {
-                start = Some(Snapshot::take(vmm, pid).map_err(fail)?);
+                start = Some(Snapshot::take(vmm, backend)?);
             }
             None => {}
             Some(start) => {
                 counted += used.len() as u64;
+                counted_bytes += used.iter().map(|elem| u64::from(elem.len)).sum::<u64>();
                 if start.at.elapsed() >= duration {
-                    break Snapshot::take(vmm, pid).map_err(fail)?;
+                    break Snapshot::take(vmm, backend)?;
                 }
             }
         }
@@ -567,13 +688,17 @@ fn pipeline(
     let machine_busy = end.machine_busy - start.machine_busy;
     Ok(Rate {
         requests_per_s: counted as f64 / seconds,
-        bytes_per_s: counted as f64 * f64::from(len) / seconds,
+        bytes_per_s: counted_bytes as f64 / seconds,
         kicks_per_request: (end.kicks - start.kicks) as f64 / counted as f64,
         calls_per_request: (end.calls - start.calls) as f64 / counted as f64,
         backend_cpu: backend_cpu / seconds,
         driver_cpu: driver_cpu / seconds,
         // Clock-tick accounting can make this dip just below zero.
         other_cpu: ((machine_busy - backend_cpu - driver_cpu) / seconds).max(0.0),
+        credited_per_s: end
+            .credited
+            .zip(start.credited)
+            .map(|(end, start)| (end - start) / seconds),
     })
 }
 
@@ -743,7 +868,10 @@ fn print_report(backends: &[Backend], results: &[BackendRates], sources: &[Sourc
             small_of(ours) / small_of(peer)
         );
     }
-    println!("Backends (median of {} runs):", results[0].bulk.len());
+    println!(
+        "Backends (median of {} runs):",
+        results[0].bulk.len().max(results[0].small.len())
+    );
     println!();
     print!("{table}");
     println!();
@@ -785,15 +913,21 @@ fn print_report(backends: &[Backend], results: &[BackendRates], sources: &[Sourc
     }
     println!();
 
+    for (backend, rates) in backends.iter().zip(results) {
+        if backend.raw {
+            print_raw(backend, rates);
+        }
+    }
+
     println!(
         "Details: every run; medians of notifications per request and of CPU use \
          (1.00 = one core busy for the whole window), and the most CPU other processes used:"
     );
     println!();
     println!(
-        "| backend | request | runs | kicks/req | calls/req | backend CPU | driver CPU | other CPU (max) |"
+        "| backend | request | runs | kicks/req | calls/req | backend CPU | per backend core | driver CPU | other CPU (max) |"
     );
-    println!("| --- | --- | --- | ---: | ---: | ---: | ---: | ---: |");
+    println!("| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |");
     for (backend, rates) in backends.iter().zip(results) {
         for (label, runs, unit, scale) in [
             ("4 KiB", &rates.bulk, "MB/s", MB),
@@ -808,8 +942,18 @@ fn print_report(backends: &[Backend], results: &[BackendRates], sources: &[Sourc
             });
             let pick = |f: fn(&Rate) -> f64| median(runs.iter().map(f));
             let most_other = runs.iter().map(|r| r.other_cpu).fold(0.0, f64::max);
+            // The rate divided by the backend's CPU use: what one core of
+            // it would serve, when the machine's load kept it from a whole core.
+            let per_core = median(runs.iter().map(|r| {
+                let rate = if scale == MB {
+                    r.bytes_per_s
+                } else {
+                    r.requests_per_s
+                };
+                rate / r.backend_cpu / scale
+            }));
             println!(
-                "| {} | {label} | {} {unit} | {:.4} | {:.4} | {:.2} | {:.2} | {:.2} |",
+                "| {} | {label} | {} {unit} | {:.4} | {:.4} | {:.2} | {per_core:.1} {unit} | {:.2} | {:.2} |",
                 backend.name,
                 all_runs(values, scale),
                 pick(|r| r.kicks_per_request),
@@ -831,4 +975,44 @@ fn print_report(backends: &[Backend], results: &[BackendRates], sources: &[Sourc
             all_runs(source.small.iter().copied(), K),
         );
     }
+}
+
+/// Raw mode: what the guest got against what the sources were credited
+/// with. Conditioning turns 320 credited bits into 256 full-entropy bits,
+/// so the most a guest can get is 80 % of the credited entropy.
+fn print_raw(backend: &Backend, rates: &BackendRates) {
+    const CEILING: f64 = 256.0 / 320.0;
+    println!(
+        "{} in raw mode: full-entropy bytes delivered against the entropy the sources \
+         were credited with during the same window (median of runs; ceiling = credited x 256/320):",
+        backend.name
+    );
+    println!();
+    println!(
+        "| request | delivered MB/s | credited entropy MB/s | delivered / credited | delivered / ceiling | every run, delivered / ceiling |"
+    );
+    println!("| --- | ---: | ---: | ---: | ---: | --- |");
+    for (label, runs) in [("4 KiB", &rates.bulk), ("64 B", &rates.small)] {
+        if runs.is_empty() {
+            continue;
+        }
+        let delivered = median(runs.iter().map(|r| r.bytes_per_s));
+        let credited = median(runs.iter().filter_map(|r| r.credited_per_s));
+        let shares: Vec<String> = runs
+            .iter()
+            .filter_map(|r| {
+                r.credited_per_s
+                    .map(|c| format!("{:.0} %", 100.0 * r.bytes_per_s / (c * CEILING)))
+            })
+            .collect();
+        println!(
+            "| {label} | {:.2} | {:.2} | {:.0} % | {:.0} % | {} |",
+            delivered / MB,
+            credited / MB,
+            100.0 * delivered / credited,
+            100.0 * delivered / (credited * CEILING),
+            shares.join(", ")
+        );
+    }
+    println!();
 }

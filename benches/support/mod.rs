@@ -247,6 +247,23 @@ pub fn print_date() {
 
 /// User plus system CPU time of a process so far, from its `/proc/PID/stat`
 /// (`/proc/self/stat` for this one), in seconds (0 if unknown).
+/// CPU time of process `pid` and of every descendant it has now (vhost-rng
+/// serves guests in a child of the process the benchmark starts).
+#[allow(dead_code)]
+pub fn tree_cpu_seconds(pid: u32) -> f64 {
+    let mut total = cpu_seconds(&format!("/proc/{pid}/stat"));
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return total;
+    };
+    for task in tasks.flatten() {
+        let children = std::fs::read_to_string(task.path().join("children")).unwrap_or_default();
+        for child in children.split_whitespace().filter_map(|c| c.parse().ok()) {
+            total += tree_cpu_seconds(child);
+        }
+    }
+    total
+}
+
 pub fn cpu_seconds(stat_path: &str) -> f64 {
     let Ok(stat) = std::fs::read_to_string(stat_path) else {
         return 0.0;

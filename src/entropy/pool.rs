@@ -5,7 +5,7 @@
 //! ```text
 //! source threads ──(approved bytes)──> conditioner thread ──> reservoir
 //!                                                              │
-//!            DRBG mode: per-guest ChaCha20, seeded/reseeded ───┤
+//!            DRBG mode: per-guest AES-256 CTR_DRBG, reseeded ──┤
 //!            raw mode:  full-entropy bytes handed out as is ───┘
 //! ```
 //!
@@ -80,6 +80,15 @@ pub trait EntropyStream: Send {
     /// `now` is the caller's clock reading, one for a whole pass over a
     /// queue rather than one a request.
     fn fill(&mut self, buf: &mut [u8], now: Instant) -> usize;
+
+    /// Whether one fill for several requests together hands each of them
+    /// what filling it alone would: true when only the stream's own
+    /// bounds can cut a fill short, and a cut then falls where it would
+    /// have fallen anyway (the DRBG's reseed bounds); false when the
+    /// stream decides fill by fill (raw mode's fair shares).
+    fn fills_batches(&self) -> bool {
+        false
+    }
 }
 
 /// A stream's place in the queue of starved streams: registered at most
@@ -160,6 +169,12 @@ impl Pool {
             opened.push((source, stats, spec.min_entropy()));
         }
         let board = SourceBoard::new(opened.iter().map(|(_, s, _)| Arc::clone(s)).collect());
+        if config.mode == Mode::Drbg && !crate::entropy::drbg::hardware_accelerated() {
+            warn!(
+                "this CPU has no AES instructions: guests' DRBGs run AES in software, \
+                 several times slower (constant-time, as safe)"
+            );
+        }
 
         let capacity = match config.mode {
             // Seeds for a burst of reseeds; a seed is taken per guest.
@@ -445,6 +460,10 @@ impl EntropyStream for DrbgStream {
             }
         }
         self.drbg.generate(buf, now)
+    }
+
+    fn fills_batches(&self) -> bool {
+        true
     }
 }
 

@@ -281,14 +281,19 @@ impl Guest {
                 return throttled(&mut policy, now, wait);
             }
         };
+        self.end_throttle(&mut policy, now);
+        // Grants never exceed `wanted`, a usize.
+        Admission::Granted(granted as usize)
+    }
+
+    /// Counts the time a request waited for tokens, once it gets them.
+    fn end_throttle(&self, policy: &mut Policy, now: Instant) {
         if let Some(since) = policy.throttled_since.take() {
             let waited = now.saturating_duration_since(since).as_nanos();
             self.stats
                 .throttled_ns
                 .fetch_add(u64::try_from(waited).unwrap_or(u64::MAX), Ordering::Relaxed);
         }
-        // Grants never exceed `wanted`, a usize.
-        Admission::Granted(granted as usize)
     }
 
     /// Gives back the tokens of a grant the pool could not fill.
@@ -320,6 +325,36 @@ impl Guest {
                 }
             }
         }
+    }
+
+    /// Fills the start of `buf` for several requests at once, or `None`
+    /// when they must be asked for one by one ([`Guest::supply`]): when
+    /// the guest has a rate limit or a global cap applies (a token bucket
+    /// grants a request all it asks for or nothing, so a grant for the
+    /// total differs from grants request by request), or when `stream`
+    /// cannot fill batches exactly ([`EntropyStream::fills_batches`]).
+    /// Without limits every request is admitted whole, so one fill for the
+    /// total is what filling the requests in turn would hand out.
+    pub fn supply_batch(
+        &self,
+        stream: &mut dyn EntropyStream,
+        buf: &mut [u8],
+        now: Instant,
+    ) -> Option<Supplied> {
+        if !stream.fills_batches() || self.global.capped.load(Ordering::Acquire) {
+            return None;
+        }
+        {
+            let mut policy = self.policy();
+            if policy.bucket.is_some() {
+                return None;
+            }
+            self.end_throttle(&mut policy, now);
+        }
+        Some(match stream.fill(buf, now) {
+            0 => Supplied::Starved,
+            got => Supplied::Bytes(got),
+        })
     }
 
     /// Counts bytes served, for the current rate.
@@ -586,5 +621,64 @@ mod tests {
         meter.record(1000, at(20_000));
         meter.record(1000, at(9_000));
         assert_near(meter.rate(at(20_000)), 1000.0 / 9.0);
+    }
+
+    /// Fills with 0xab; says whether it fills batches as told.
+    struct Fixed {
+        batches: bool,
+        fills: usize,
+    }
+
+    impl EntropyStream for Fixed {
+        fn fill(&mut self, buf: &mut [u8], _now: Instant) -> usize {
+            self.fills += 1;
+            buf.fill(0xab);
+            buf.len()
+        }
+
+        fn fills_batches(&self) -> bool {
+            self.batches
+        }
+    }
+
+    #[test]
+    fn batches_are_filled_at_once_only_for_unlimited_guests_of_batching_streams() {
+        let now = Instant::now();
+        let mut buf = [0u8; 640];
+        let mut drbg_like = Fixed {
+            batches: true,
+            fills: 0,
+        };
+        let guest = Guest::new("g", pool());
+        assert_eq!(
+            guest.supply_batch(&mut drbg_like, &mut buf, now),
+            Some(Supplied::Bytes(640))
+        );
+        assert_eq!(drbg_like.fills, 1);
+        assert_eq!(buf, [0xab; 640]);
+
+        // Raw mode's fair shares are decided fill by fill.
+        let mut raw_like = Fixed {
+            batches: false,
+            fills: 0,
+        };
+        assert_eq!(guest.supply_batch(&mut raw_like, &mut buf, now), None);
+        assert_eq!(raw_like.fills, 0);
+
+        // A bucket grants a request all or nothing: requests go one by one.
+        guest.set_limits(limited(1_000_000));
+        assert_eq!(guest.supply_batch(&mut drbg_like, &mut buf, now), None);
+        guest.set_limits(GuestLimits::default());
+        assert!(guest.supply_batch(&mut drbg_like, &mut buf, now).is_some());
+
+        // So does a global cap, even for a guest without limits of its own.
+        let global = SharedBucket::default();
+        global.set(
+            Some(RateLimit::new(1_000_000, 1000, 1_000_000).unwrap()),
+            now,
+        );
+        let capped = Guest::with_limits("c", pool(), GuestLimits::default(), global);
+        assert_eq!(capped.supply_batch(&mut drbg_like, &mut buf, now), None);
+        assert_eq!(drbg_like.fills, 2);
     }
 }

@@ -209,6 +209,10 @@ impl Supply for GuestSupply<'_> {
     fn supply(&mut self, buf: &mut [u8]) -> Supplied {
         self.guest.supply(self.stream, buf, self.now)
     }
+
+    fn supply_batch(&mut self, buf: &mut [u8], _requests: usize) -> Option<Supplied> {
+        self.guest.supply_batch(self.stream, buf, self.now)
+    }
 }
 
 /// A pass's supply, cut off after [`PASS_REQUESTS`] answered requests or
@@ -242,6 +246,25 @@ impl Supply for PassBudget<'_> {
             self.bytes += n;
         }
         supplied
+    }
+
+    /// A batch is taken whole only when all of it fits the budget: then
+    /// every request in it would have been answered one by one too. One
+    /// that would cross the budget is asked for request by request, and
+    /// the budget cuts where it always does. (A batch the stream fills
+    /// short, at a DRBG's byte bound, counts all its requests: the pass
+    /// yields a little early then, never late.)
+    fn supply_batch(&mut self, buf: &mut [u8], requests: usize) -> Option<Supplied> {
+        let requests_after = self.requests.saturating_add(u32::try_from(requests).ok()?);
+        if requests_after > PASS_REQUESTS || self.bytes.saturating_add(buf.len()) > PASS_BYTES {
+            return None;
+        }
+        let supplied = self.inner.supply_batch(buf, requests)?;
+        if let Supplied::Bytes(n) = supplied {
+            self.requests = requests_after;
+            self.bytes += n;
+        }
+        Some(supplied)
     }
 }
 
@@ -278,6 +301,54 @@ mod tests {
                 Supplied::Starved => panic!("plenty never starves"),
             }
         }
+    }
+
+    /// Answers batches in full too.
+    struct PlentyInBatches;
+
+    impl Supply for PlentyInBatches {
+        fn supply(&mut self, buf: &mut [u8]) -> Supplied {
+            Plenty.supply(buf)
+        }
+
+        fn supply_batch(&mut self, buf: &mut [u8], _requests: usize) -> Option<Supplied> {
+            Some(Plenty.supply(buf))
+        }
+    }
+
+    #[test]
+    fn batches_count_against_the_budget_and_never_cross_it() {
+        let mut plenty = PlentyInBatches;
+        let mut budget = PassBudget::new(&mut plenty);
+        let mut batch = vec![0; 256 * 64];
+        // Three batches of 256 requests fit in 1024 requests; a fourth
+        // would fit exactly too; a fifth does not.
+        for _ in 0..4 {
+            assert_eq!(
+                budget.supply_batch(&mut batch, 256),
+                Some(Supplied::Bytes(256 * 64))
+            );
+        }
+        assert_eq!(budget.requests, PASS_REQUESTS);
+        assert_eq!(budget.supply_batch(&mut batch, 2), None);
+        // One by one, the budget yields as it always does.
+        assert_eq!(
+            budget.supply(&mut batch[..64]),
+            Supplied::Throttled(Duration::ZERO)
+        );
+
+        // A batch that would cross the byte budget goes request by request.
+        let mut plenty = PlentyInBatches;
+        let mut budget = PassBudget::new(&mut plenty);
+        budget.bytes = PASS_BYTES - 100;
+        let mut two = vec![0; 128];
+        assert_eq!(budget.supply_batch(&mut two, 2), None);
+        assert_eq!(budget.supply(&mut two[..64]), Supplied::Bytes(64));
+        assert_eq!(budget.supply(&mut two[64..]), Supplied::Bytes(64));
+        assert_eq!(
+            budget.supply(&mut two[..64]),
+            Supplied::Throttled(Duration::ZERO)
+        );
     }
 
     #[test]
