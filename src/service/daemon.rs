@@ -30,12 +30,15 @@ use crate::metrics::MetricsServer;
 use crate::service::control::{ControlServer, DEFAULT_CONTROL_PATH};
 use crate::service::registry::{Listeners, Registry, RegistryError};
 use crate::service::sandbox::{
-    self, PrivilegeError, RunAs, SandboxStatus, SeccompError, SeccompMode, seccomp,
+    self, Isolation, PrivilegeError, RunAs, SandboxStatus, SeccompError, SeccompMode, seccomp,
 };
 use crate::service::shared_sockets;
 use crate::service::supervisor::{self, Report, WorkerLink};
 use crate::service::systemd::Notifier;
 use crate::service::upgrade;
+
+mod guest_process;
+pub use guest_process::run_guest_process;
 
 /// Settings that may come from the command line or the config file; the
 /// command line wins.
@@ -88,6 +91,9 @@ pub struct Settings {
     /// What a system call outside the allow-list does (`--seccomp`,
     /// `seccomp`); kill when not given.
     pub seccomp: Option<SeccompMode>,
+    /// Whether each vhost-user guest has a process of its own
+    /// (`--isolation`, `isolation`); shared when not given.
+    pub isolation: Option<Isolation>,
     /// Directories for the socket files of guests added later
     /// (`--socket-dir`, `socket-dirs`), added to the config file's.
     pub socket_dirs: Vec<PathBuf>,
@@ -123,6 +129,7 @@ struct Resolved {
     guests_declared: bool,
     user: Option<String>,
     seccomp: SeccompMode,
+    isolation: Isolation,
     socket_dirs: Vec<PathBuf>,
 }
 
@@ -169,6 +176,9 @@ pub enum DaemonError {
     /// The seccomp filter could not be installed.
     #[error(transparent)]
     Seccomp(#[from] SeccompError),
+    /// A guest process (`--isolation guest`) could not start.
+    #[error("guest process: {0}")]
+    GuestProcess(String),
     /// `vsock-default-rate` was given without `--vsock`.
     #[error("vsock-default-rate needs a vsock port to listen on: give --vsock PORT")]
     DefaultRateWithoutVsock,
@@ -233,6 +243,7 @@ fn resolve(config: &ServeConfig) -> Result<Resolved, DaemonError> {
         guests_declared: file.guests_declared,
         user: cli.user.clone().or(file.user),
         seccomp: cli.seccomp.or(file.seccomp).unwrap_or_default(),
+        isolation: cli.isolation.or(file.isolation).unwrap_or_default(),
         socket_dirs: cli
             .socket_dirs
             .iter()
@@ -340,6 +351,10 @@ pub fn run(config: ServeConfig) -> Result<(), DaemonError> {
     info!("serving mode: {}", resolved.pool.mode.as_str());
     let pool = Pool::start(resolved.pool.clone())?;
     let registry = Registry::new(Arc::clone(&pool), resolved.access, resolved.vhost_user);
+    registry.set_isolation(resolved.isolation);
+    if resolved.isolation == Isolation::Guest && link.is_none() {
+        warn!("--isolation guest needs the top process; serving every guest in this process");
+    }
     let binary = std::env::current_exe().unwrap_or_else(|_| PathBuf::from("/proc/self/exe"));
     registry.update_lifecycle(|life| life.binary = binary);
     if let Some((link, restarts)) = &link {

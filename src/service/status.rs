@@ -49,6 +49,10 @@ pub struct GuestStatus {
     /// TCP handshakes that named the guest but did not prove its key.
     #[serde(default)]
     pub wrong_key_connections: u64,
+    /// With `--isolation guest`, the pid of the guest process that serves
+    /// this vhost-user guest alone (as that process last said).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub process: Option<u32>,
 }
 
 pub use crate::frontend::shared::ListenerStatus;
@@ -136,6 +140,10 @@ pub struct DaemonStatus {
     /// Landlock enforces; none from daemons before this field.
     #[serde(default)]
     pub sandbox: Option<crate::service::sandbox::SandboxStatus>,
+    /// `shared` or `guest` (`--isolation`). Absent from the JSON of
+    /// daemons before this field.
+    #[serde(default)]
+    pub isolation: String,
 }
 
 impl SourceStatus {

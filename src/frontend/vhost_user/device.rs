@@ -26,6 +26,7 @@ use vmm_sys_util::event::{
 };
 use vmm_sys_util::timerfd::TimerFd;
 
+use super::remote_supply::{RemoteLink, RemoteSupply};
 use super::request::{RequestProcessor, Supplied, Supply};
 use crate::entropy::pool::EntropyStream;
 use crate::guest::Guest;
@@ -60,14 +61,21 @@ pub struct RngDevice {
     wake: EventConsumer,
     /// Fires when a throttled guest has tokens again; never slept on.
     timer: TimerFd,
+    /// In a guest process (`--isolation guest`): bytes come from the main
+    /// serving process over this link, and it signals `wake`.
+    remote: Option<Arc<RemoteLink>>,
 }
 
 impl RngDevice {
     /// The device of `guest`, with its own stream from the guest's pool, the
     /// eventfd the pool wakes it with and its throttle timer.
     pub fn new(guest: Arc<Guest>) -> io::Result<Self> {
-        let (wake, wake_notifier) =
+        let (mut wake, wake_notifier) =
             new_event_consumer_and_notifier(EventFlag::NONBLOCK | EventFlag::CLOEXEC)?;
+        let remote = super::remote_supply::installed();
+        if let Some(link) = &remote {
+            wake = link.wake_consumer()?;
+        }
         let timer = TimerFd::new()?;
         let stream = guest
             .pool()
@@ -78,6 +86,7 @@ impl RngDevice {
             stream,
             wake,
             timer,
+            remote,
         })
     }
 
@@ -114,21 +123,26 @@ impl RngDevice {
     /// notified.
     pub fn serve(&mut self, queue: &mut Queue, memory: &GuestMemoryMmap) -> bool {
         let guest = Arc::clone(&self.guest);
-        let mut supply = GuestSupply {
+        let mut local = GuestSupply {
             guest: &guest,
             stream: self.stream.as_mut(),
             now: Instant::now(),
         };
-        let outcome =
-            self.processor
-                .process_queue(queue, memory, &mut supply, &mut |head, defect| {
-                    log_limited!(
-                        guest.defect_log,
-                        Level::Warn,
-                        "guest {}: request {head} answered with 0 bytes: {defect}",
-                        guest.name()
-                    );
-                });
+        let mut remote = (self.remote.as_deref()).map(|link| RemoteSupply::new(link, &guest.stats));
+        let supply: &mut dyn Supply = match remote.as_mut() {
+            Some(remote) => remote,
+            None => &mut local,
+        };
+        let outcome = self
+            .processor
+            .process_queue(queue, memory, supply, &mut |head, defect| {
+                log_limited!(
+                    guest.defect_log,
+                    Level::Warn,
+                    "guest {}: request {head} answered with 0 bytes: {defect}",
+                    guest.name()
+                );
+            });
         let outcome = match outcome {
             Ok(outcome) => outcome,
             Err(e) => {
