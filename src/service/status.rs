@@ -215,6 +215,13 @@ impl DaemonStatus {
                 sandbox.user, sandbox.seccomp, sandbox.landlock
             );
         }
+        if self.isolation == "guest" {
+            let _ = writeln!(
+                out,
+                "isolation: guest (each vhost-user guest's memory is mapped only by its own \
+                 guest process)"
+            );
+        }
         let _ = writeln!(out, "\nSOURCES");
         let _ = writeln!(
             out,
@@ -298,6 +305,10 @@ pub fn render_guests(guests: &[GuestStatus]) -> String {
             ),
             _ => format!("unlimited, weight {}", g.weight),
         };
+        let limit = match g.process {
+            Some(pid) => format!("{limit}, guest process {pid}"),
+            None => limit,
+        };
         let _ = writeln!(
             out,
             "{:<16} {:<10} {:>12} {:>10} {:>12} {:>9.1}s {:>12} {:>8} {:>8} {:>9}  {limit}",
@@ -339,6 +350,7 @@ mod tests {
             refused_connections: 0,
             evicted_connections: 0,
             wrong_key_connections: 0,
+            process: None,
         }
     }
 
@@ -363,6 +375,7 @@ mod tests {
             },
             listeners: vec![],
             sandbox: None,
+            isolation: String::new(),
         };
         let json = serde_json::to_string(&status).unwrap();
         assert_eq!(serde_json::from_str::<DaemonStatus>(&json).unwrap(), status);
@@ -415,6 +428,7 @@ mod tests {
                 ),
             ],
             sandbox: None,
+            isolation: String::new(),
         };
         let json = serde_json::to_string(&status).unwrap();
         assert_eq!(serde_json::from_str::<DaemonStatus>(&json).unwrap(), status);
@@ -467,6 +481,7 @@ mod tests {
             },
             listeners: vec![],
             sandbox: None,
+            isolation: String::new(),
         };
         assert!(!status.render().contains("LISTENERS"));
     }
@@ -492,6 +507,7 @@ mod tests {
             },
             listeners: vec![listener("tcp", "127.0.0.1:5565", &[])],
             sandbox: None,
+            isolation: String::new(),
         })
         .unwrap();
         status.as_object_mut().unwrap().remove("listeners");

@@ -30,7 +30,7 @@
 //! more than its guest may have.
 
 use std::io;
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd};
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::thread;
@@ -377,7 +377,18 @@ impl LinkServer {
             // MSG_TRUNC: the real length of a longer message, so that it
             // is refused rather than read in part.
             let got = match recv(self.socket.as_raw_fd(), &mut ask, MsgFlags::MSG_TRUNC) {
-                Ok(0) => break,
+                // An empty message, or the end: only a hang-up ends it.
+                Ok(0) if self.hung_up() => break,
+                Ok(0) => {
+                    log_limited!(
+                        self.log,
+                        Level::Warn,
+                        "guest {}: its guest process sent an empty message on the entropy \
+                         link; dropped",
+                        guest.name()
+                    );
+                    continue;
+                }
                 Ok(got) => got,
                 Err(nix::errno::Errno::EINTR) => continue,
                 Err(e) => {
@@ -423,6 +434,17 @@ impl LinkServer {
             }
         }
         info!("guest {}: entropy link closed", guest.name());
+    }
+
+    /// Whether the other end is gone (or shut its side down).
+    fn hung_up(&self) -> bool {
+        // POLLRDHUP: the guest process shut its side down.
+        let rdhup = nix::poll::PollFlags::from_bits_retain(libc::POLLRDHUP);
+        let mut fds = [nix::poll::PollFd::new(self.socket.as_fd(), rdhup)];
+        let _ = nix::poll::poll(&mut fds, nix::poll::PollTimeout::ZERO);
+        fds[0].revents().is_some_and(|r| {
+            r.intersects(nix::poll::PollFlags::POLLHUP | rdhup)
+        }) || self.stopping.load(Ordering::SeqCst)
     }
 
     /// Takes `asked`'s counters and writes its answer; the answer's length
@@ -555,6 +577,8 @@ mod tests {
             ..Default::default()
         };
         let guest = test_guest(limits);
+        // A full bucket: 1000 bytes now, then (nearly) nothing for an hour.
+        guest.restore_tokens(1000);
         let (ours, theirs) = pair();
         let wake = wake();
         let server =
