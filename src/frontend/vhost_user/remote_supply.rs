@@ -442,9 +442,10 @@ impl LinkServer {
         let rdhup = nix::poll::PollFlags::from_bits_retain(libc::POLLRDHUP);
         let mut fds = [nix::poll::PollFd::new(self.socket.as_fd(), rdhup)];
         let _ = nix::poll::poll(&mut fds, nix::poll::PollTimeout::ZERO);
-        fds[0].revents().is_some_and(|r| {
-            r.intersects(nix::poll::PollFlags::POLLHUP | rdhup)
-        }) || self.stopping.load(Ordering::SeqCst)
+        fds[0]
+            .revents()
+            .is_some_and(|r| r.intersects(nix::poll::PollFlags::POLLHUP | rdhup))
+            || self.stopping.load(Ordering::SeqCst)
     }
 
     /// Takes `asked`'s counters and writes its answer; the answer's length
