@@ -560,13 +560,9 @@ mod tests {
     }
 
     fn wake() -> OwnedFd {
-        OwnedFd::from(
-            vmm_sys_util::eventfd::EventFd::new(libc::EFD_CLOEXEC).map_or_else(
-                |e| panic!("{e}"),
-                // SAFETY: the EventFd's descriptor is ours to take.
-                |event| unsafe { OwnedFd::from_raw_fd(std::os::fd::IntoRawFd::into_raw_fd(event)) },
-            ),
-        )
+        let event = vmm_sys_util::eventfd::EventFd::new(libc::EFD_CLOEXEC).unwrap();
+        // SAFETY: the EventFd's descriptor is ours to take.
+        unsafe { OwnedFd::from_raw_fd(std::os::fd::IntoRawFd::into_raw_fd(event)) }
     }
 
     /// Every hostile message is dropped, the server goes on answering, and
