@@ -285,3 +285,127 @@ fn a_guest_process_is_held_to_its_guests_rate() {
     assert!(guest.process.is_some(), "{guest:?}");
     assert!(guest.throttled_seconds > 0.0 || got <= 2000, "{guest:?}");
 }
+
+fn cli(daemon: &Daemon, args: &[&str]) -> std::process::Output {
+    let mut all: Vec<&std::ffi::OsStr> = args.iter().map(|a| a.as_ref()).collect();
+    all.push("--control".as_ref());
+    all.push(daemon.control().as_os_str());
+    common::run_cli(all)
+}
+
+#[test]
+fn runtime_guests_and_reloads_start_and_end_guest_processes_and_upgrades_are_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("vhost-rng.toml");
+    let sock = |name: &str| dir.path().join(format!("{name}.sock"));
+    let guest = |name: &str| {
+        format!(
+            "[[guest]]\nname = \"{name}\"\nsocket = \"{}\"\n",
+            sock(name).display()
+        )
+    };
+    let head = "isolation = \"guest\"\nsources = [\"os\"]\n";
+    std::fs::write(&config, format!("{head}{}", guest("kept"))).unwrap();
+    let mut args = vec!["serve".to_owned(), "--config".into()];
+    args.push(config.display().to_string());
+    // Not --user: the test's directory is root's, where a runtime guest's
+    // socket is made (the sandbox is the first test's subject).
+    let mut daemon = Daemon::start(args);
+    daemon.wait_for_socket(&sock("kept"));
+    let mut kept = TestVmm::connect(&sock("kept"), TestVmmConfig::qemu()).unwrap();
+    serve_64(&mut kept);
+    let kept_process = guest_process(&daemon, "kept").unwrap();
+
+    // Added at runtime: a guest process of its own.
+    let spec = format!("name=added,socket={}", sock("added").display());
+    let output = cli(&daemon, &["guest", "add", &spec]);
+    assert!(output.status.success(), "{output:?}");
+    let mut added = TestVmm::connect(&sock("added"), TestVmmConfig::qemu()).unwrap();
+    serve_64(&mut added);
+    let added_process = guest_process(&daemon, "added").unwrap();
+    assert!(maps_inode(added_process, memfd_inode(&added)));
+    assert!(!maps_inode(kept_process, memfd_inode(&added)));
+    // Removed: its process ends, its socket file goes.
+    let output = cli(&daemon, &["guest", "remove", "added"]);
+    assert!(output.status.success(), "{output:?}");
+    common::wait_gone(added_process);
+    assert!(!sock("added").exists());
+    drop(added);
+
+    // A reload adds one (a process starts) and keeps the other as it is.
+    std::fs::write(
+        &config,
+        format!("{head}{}{}", guest("kept"), guest("reloaded")),
+    )
+    .unwrap();
+    signal::kill(daemon.pid(), Signal::SIGHUP).unwrap();
+    daemon.wait_for_log("SIGHUP: reloaded", 1);
+    daemon.wait_for_socket(&sock("reloaded"));
+    let mut reloaded = TestVmm::connect(&sock("reloaded"), TestVmmConfig::qemu()).unwrap();
+    serve_64(&mut reloaded);
+    let reloaded_process = guest_process(&daemon, "reloaded").unwrap();
+    assert!(maps_inode(reloaded_process, memfd_inode(&reloaded)));
+    assert_eq!(guest_process(&daemon, "kept"), Some(kept_process));
+    serve_64(&mut kept);
+    // And one that drops it ends its process.
+    std::fs::write(&config, format!("{head}{}", guest("kept"))).unwrap();
+    signal::kill(daemon.pid(), Signal::SIGHUP).unwrap();
+    daemon.wait_for_log("SIGHUP: reloaded", 2);
+    common::wait_gone(reloaded_process);
+
+    // An in-place upgrade is refused, clearly, and nothing changes.
+    let output = cli(&daemon, &["upgrade"]);
+    assert!(!output.status.success(), "{output:?}");
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains("--isolation guest"), "{stderr}");
+    let status = status_json(&daemon);
+    assert!(
+        status["last_upgrade_error"]
+            .as_str()
+            .is_some_and(|e| e.contains("--isolation guest")),
+        "{status}"
+    );
+    serve_64(&mut kept);
+    assert_eq!(guest_process(&daemon, "kept"), Some(kept_process));
+    assert!(daemon.is_running());
+}
+
+#[test]
+fn a_killed_serving_process_leaves_every_vmm_connected() {
+    let dir = tempfile::tempdir().unwrap();
+    let (mut daemon, sockets) = start(dir.path(), &[]);
+    let mut vmms: Vec<TestVmm> = sockets
+        .iter()
+        .map(|s| TestVmm::connect(s, TestVmmConfig::qemu()).unwrap())
+        .collect();
+    for vmm in &mut vmms {
+        serve_64(vmm);
+    }
+    let negotiated: Vec<usize> = vmms.iter().map(|v| v.sent_requests().len()).collect();
+    let guests: Vec<Pid> = ["vm1", "vm2"]
+        .iter()
+        .map(|name| guest_process(&daemon, name).unwrap())
+        .collect();
+    let serving = daemon_processes(&daemon)
+        .into_iter()
+        .find(|pid| *pid != daemon.pid() && !guests.contains(pid))
+        .unwrap();
+    signal::kill(serving, Signal::SIGKILL).unwrap();
+    daemon.wait_for_log_while_running("taking over 2 guest(s)", 1);
+    for vmm in &mut vmms {
+        serve_64(vmm);
+    }
+    let after: Vec<usize> = vmms.iter().map(|v| v.sent_requests().len()).collect();
+    assert_eq!(after, negotiated, "no VMM had to set its device up again");
+    let status = status_json(&daemon);
+    assert_eq!(status["worker_restarts"], 1, "{status}");
+    // Each guest's memory is still mapped by one process only.
+    for vmm in &vmms {
+        let inode = memfd_inode(vmm);
+        let mapping = daemon_processes(&daemon)
+            .into_iter()
+            .filter(|&pid| maps_inode(pid, inode))
+            .count();
+        assert_eq!(mapping, 1);
+    }
+}
