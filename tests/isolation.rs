@@ -409,3 +409,113 @@ fn a_killed_serving_process_leaves_every_vmm_connected() {
         assert_eq!(mapping, 1);
     }
 }
+
+/// A descriptor of another process, taken with pidfd_getfd (root).
+fn steal_fd(pid: Pid, fd: i32) -> std::os::fd::OwnedFd {
+    use std::os::fd::FromRawFd;
+    // SAFETY: plain system calls on integers; the results are checked.
+    let pidfd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid.as_raw(), 0) };
+    assert!(
+        pidfd >= 0,
+        "pidfd_open: {}",
+        std::io::Error::last_os_error()
+    );
+    // SAFETY: as above; `pidfd` is ours and closed below.
+    let stolen = unsafe { libc::syscall(libc::SYS_pidfd_getfd, pidfd as i32, fd, 0) };
+    let error = std::io::Error::last_os_error();
+    // SAFETY: `pidfd` is a descriptor we own.
+    unsafe { libc::close(pidfd as i32) };
+    assert!(stolen >= 0, "pidfd_getfd: {error}");
+    // SAFETY: the kernel just installed it for us.
+    unsafe { std::os::fd::OwnedFd::from_raw_fd(stolen as i32) }
+}
+
+/// A compromised guest process: the test takes its end of the entropy link
+/// and sends garbage, then asks for far more than its guest may have. The
+/// main serving process drops the garbage, answers within the guest's
+/// limit only, and goes on serving the other guest.
+#[test]
+fn a_compromised_guest_process_gets_no_more_than_its_guests_limit() {
+    use vhost_rng::frontend::vhost_user::remote_supply::{ANSWER_HEADER, Ask};
+    if !nix::unistd::geteuid().is_root() {
+        eprintln!("SKIPPED: taking another process's descriptor needs root");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let limited = dir.path().join("limited.sock");
+    let spec = format!(
+        "name=limited,socket={},rate-bytes=1000,rate-period=1000",
+        limited.display()
+    );
+    let started = Instant::now();
+    let (mut daemon, sockets) = start(dir.path(), &["--guest".into(), spec]);
+    daemon.wait_for_socket(&limited);
+    let mut vmm = TestVmm::connect(&limited, TestVmmConfig::qemu()).unwrap();
+    serve_64(&mut vmm);
+    let mut other = TestVmm::connect(&sockets[0], TestVmmConfig::qemu()).unwrap();
+    serve_64(&mut other);
+    let victim = guest_process(&daemon, "limited").unwrap();
+    let environ = std::fs::read(format!("/proc/{victim}/environ")).unwrap();
+    let link: i32 = environ
+        .split(|&b| b == 0)
+        .filter_map(|v| std::str::from_utf8(v).ok())
+        .find_map(|v| v.strip_prefix("VHOST_RNG_ENTROPY_LINK="))
+        .and_then(|v| v.split(',').next()?.parse().ok())
+        .unwrap();
+    // The real guest process stops; the test speaks for it.
+    signal::kill(victim, Signal::SIGSTOP).unwrap();
+    let link = steal_fd(victim, link);
+    use nix::sys::socket::{MsgFlags, recv, send};
+    use std::os::fd::AsRawFd;
+    let garbage: [&[u8]; 5] = [&[], &[0xff], &[1; 31], &[1; 33], &[7; 60000]];
+    for message in garbage {
+        send(link.as_raw_fd(), message, MsgFlags::MSG_NOSIGNAL).unwrap();
+    }
+    let mut too_big = Ask::default().encode();
+    too_big[8..12].copy_from_slice(&(1u32 << 24).to_le_bytes());
+    send(link.as_raw_fd(), &too_big, MsgFlags::MSG_NOSIGNAL).unwrap();
+    // Lies about counters are its own guest's business; bytes are not.
+    let mut got = 64u64;
+    let mut answer = vec![0u8; ANSWER_HEADER + 65536];
+    let mut throttled = 0;
+    let mut id = 0x5eed_0000u32;
+    // Asks as fast as the answers come, waiting only as long as told,
+    // until it has had 3000 bytes.
+    while got < 3000 {
+        id += 1;
+        let ask = Ask {
+            id,
+            want: 65536,
+            ..Ask::default()
+        };
+        send(link.as_raw_fd(), &ask.encode(), MsgFlags::MSG_NOSIGNAL).unwrap();
+        let n = recv(link.as_raw_fd(), &mut answer, MsgFlags::empty()).unwrap();
+        assert!(n >= ANSWER_HEADER);
+        assert_eq!(&answer[4..8], &ask.id.to_le_bytes(), "one answer per ask");
+        match answer[0] {
+            1 => got += (n - ANSWER_HEADER) as u64,
+            2 => {
+                throttled += 1;
+                let mut nanos = [0u8; 8];
+                nanos.copy_from_slice(&answer[8..16]);
+                std::thread::sleep(Duration::from_nanos(u64::from_le_bytes(nanos)));
+            }
+            tag => panic!("answer tag {tag}"),
+        }
+    }
+    assert!(throttled > 0);
+    // No more than the bucket's burst (1000) and 1000 bytes a second since
+    // before the daemon started, real VMM's included.
+    let bound = 1000.0 + 1000.0 * started.elapsed().as_secs_f64();
+    assert!(
+        (got as f64) <= bound,
+        "a compromised guest process got {got} bytes, more than {bound}"
+    );
+    eprintln!("compromised guest process got {got} bytes, bound {bound:.0}, throttled {throttled}");
+    assert_eq!(daemon.guest("limited").bytes, got);
+    // The main serving process lives and serves the others.
+    assert!(daemon.is_running());
+    serve_64(&mut other);
+    assert!(daemon.log().contains("bad message on the entropy link"));
+    signal::kill(victim, Signal::SIGCONT).unwrap();
+}
