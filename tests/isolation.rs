@@ -105,18 +105,30 @@ fn start(dir: &Path, extra: &[String]) -> (Daemon, Vec<PathBuf>) {
 #[test]
 fn each_guests_memory_is_mapped_only_by_its_own_sandboxed_guest_process() {
     let dir = tempfile::tempdir().unwrap();
-    let (daemon, sockets) = start(dir.path(), &[]);
+    // And one whose VMM listens (QEMU server=on): its guest process dials.
+    let dialled = dir.path().join("server.sock");
+    let listener = std::os::unix::net::UnixListener::bind(&dialled).unwrap();
+    // The guest process dials as the --user user.
+    use std::os::unix::fs::PermissionsExt;
+    for path in [dir.path(), dialled.as_path()] {
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o777)).unwrap();
+    }
+    let (daemon, sockets) = start(
+        dir.path(),
+        &["--connect".into(), dialled.display().to_string()],
+    );
     let mut vmms: Vec<TestVmm> = sockets
         .iter()
         .map(|s| TestVmm::connect(s, TestVmmConfig::qemu()).unwrap())
         .collect();
+    vmms.push(TestVmm::accept(&listener, TestVmmConfig::qemu()).unwrap());
     for vmm in &mut vmms {
         serve_64(vmm);
     }
     let status = status_json(&daemon);
     assert_eq!(status["isolation"], "guest", "{status}");
     let mut owners = BTreeSet::new();
-    for (vmm, name) in vmms.iter().zip(["vm1", "vm2"]) {
+    for (vmm, name) in vmms.iter().zip(["vm1", "vm2", "server"]) {
         let inode = memfd_inode(vmm);
         let mapping: Vec<Pid> = daemon_processes(&daemon)
             .into_iter()
@@ -141,7 +153,7 @@ fn each_guests_memory_is_mapped_only_by_its_own_sandboxed_guest_process() {
         assert_eq!(status["NoNewPrivs"], "1", "{status:?}");
         assert_eq!(status["Seccomp"], "2", "{status:?}");
     }
-    assert_eq!(owners.len(), 2, "one process per guest");
+    assert_eq!(owners.len(), 3, "one process per guest");
     // The main serving process maps neither guest.
     let serving: Vec<Pid> = daemon_processes(&daemon)
         .into_iter()
@@ -153,10 +165,19 @@ fn each_guests_memory_is_mapped_only_by_its_own_sandboxed_guest_process() {
     }
     // Counters are kept by the main serving process, as for any guest.
     let guests = daemon.guests();
+    assert_eq!(guests.len(), 3);
     for guest in &guests {
         assert!(guest.bytes >= 64, "{guest:?}");
         assert!(guest.connected, "{guest:?}");
+        assert_eq!(guest.connections, 1, "{guest:?}");
+        assert!(guest.requests >= 1, "{guest:?}");
     }
+    // No guest process died on the way (a seccomp kill, say).
+    assert!(
+        !daemon.log().contains("its guest process"),
+        "{}",
+        daemon.log()
+    );
 }
 
 #[test]

@@ -436,7 +436,12 @@ pub fn run(config: ServeConfig) -> Result<(), DaemonError> {
     shared_sockets::drop_unused();
     // Everything that needs root is done: drop it, then the filter; only
     // then do the threads reading guest input start reading it.
-    if let Err(e) = enter_sandbox(run_as.as_ref(), resolved.seccomp, landlock) {
+    if let Err(e) = enter_sandbox(
+        seccomp::Role::Worker,
+        run_as.as_ref(),
+        resolved.seccomp,
+        landlock,
+    ) {
         registry.stop_all();
         if let Some(control) = &control {
             control.stop();
@@ -531,6 +536,7 @@ pub fn run(config: ServeConfig) -> Result<(), DaemonError> {
 /// Drops privileges (`--user`), installs the serving process's filter on
 /// every thread and opens the gate for the threads that read input.
 fn enter_sandbox(
+    role: seccomp::Role,
     run_as: Option<&RunAs>,
     mode: SeccompMode,
     landlock: String,
@@ -539,7 +545,7 @@ fn enter_sandbox(
         run_as.drop_privileges()?;
         info!("running as {}", run_as.describe());
     }
-    seccomp::install_process(seccomp::Role::Worker, mode)?;
+    seccomp::install_process(role, mode)?;
     let uid = nix::unistd::getuid();
     let user = match run_as {
         Some(run_as) => run_as.describe(),

@@ -23,7 +23,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::ffi::OsString;
 use std::io::{IoSlice, IoSliceMut};
-use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::process::{CommandExt, ExitStatusExt};
 use std::path::PathBuf;
 use std::process::{Command, ExitCode};
@@ -370,16 +370,19 @@ pub fn run(handed_fds: &[RawFd]) -> ExitCode {
     let mut backoff = first_backoff;
     loop {
         let due = top.guests.restart_due(&top.binary, &top.args, &top.held);
-        let guest_reports: Vec<(String, OwnedFd)> = (top.guests.by_name.iter())
-            .filter_map(|(name, process)| Some((name.clone(), process.reports.try_clone().ok()?)))
+        let guest_reports: Vec<(String, RawFd)> = (top.guests.by_name.iter())
+            .map(|(name, process)| (name.clone(), process.reports.as_raw_fd()))
             .collect();
         let mut fds = vec![
             PollFd::new(ours.as_fd(), PollFlags::POLLIN),
             PollFd::new(signal_fd.as_fd(), PollFlags::POLLIN),
         ];
-        fds.extend(
-            (guest_reports.iter()).map(|(_, fd)| PollFd::new(fd.as_fd(), PollFlags::POLLIN)),
-        );
+        fds.extend(guest_reports.iter().map(|&(_, fd)| {
+            // SAFETY: each is a guest process's report socket, which
+            // `top.guests` keeps open until the poll below has returned
+            // (nothing changes `top` before `fds` is dropped).
+            PollFd::new(unsafe { BorrowedFd::borrow_raw(fd) }, PollFlags::POLLIN)
+        }));
         let timeout = match (top.unstored.is_empty(), due) {
             (true, None) => PollTimeout::NONE,
             (stored, due) => {
@@ -403,8 +406,7 @@ pub fn run(handed_fds: &[RawFd]) -> ExitCode {
             .collect();
         drop(fds);
         for i in ready {
-            let (name, socket) = &guest_reports[i - 2];
-            top.receive_from_guest(name, socket);
+            top.receive_from_guest(&guest_reports[i - 2].0);
         }
         if !report && !signal {
             top.resync_store();
@@ -747,8 +749,13 @@ impl Top {
     }
 
     /// Takes a guest process's report: its own guest's state, nothing else.
-    fn receive_from_guest(&mut self, name: &str, socket: &OwnedFd) {
-        let Some((report, fds)) = receive(socket) else {
+    fn receive_from_guest(&mut self, name: &str) {
+        // A guest process an earlier report of this round stopped has
+        // nothing to say any more.
+        let Some(process) = self.guests.by_name.get(name) else {
+            return;
+        };
+        let Some((report, fds)) = receive(process.reports.as_fd()) else {
             return;
         };
         match report {
@@ -773,7 +780,7 @@ impl Top {
 
     /// Takes one report if there is one; false if none was waiting.
     fn receive_now(&mut self, socket: &OwnedFd) -> bool {
-        let Some((report, fds)) = receive(socket) else {
+        let Some((report, fds)) = receive(socket.as_fd()) else {
             return false;
         };
         match report {
@@ -991,7 +998,7 @@ impl Top {
 }
 
 /// One report and its descriptors, if one was waiting.
-fn receive(socket: &OwnedFd) -> Option<(serde_json::Result<Report>, Vec<OwnedFd>)> {
+fn receive(socket: BorrowedFd<'_>) -> Option<(serde_json::Result<Report>, Vec<OwnedFd>)> {
     let mut buf = vec![0u8; MAX_RECORD];
     let mut cmsg = nix::cmsg_space!([RawFd; MAX_FDS + 3]);
     let mut iov = [IoSliceMut::new(&mut buf)];

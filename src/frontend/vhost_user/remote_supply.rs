@@ -16,8 +16,9 @@
 //! - ask, guest process to main, exactly [`ASK_LEN`] bytes: `tag=1`,
 //!   `connected` (0 or 1), 2 zero bytes, `id` u32, `want` u32 (0: counters
 //!   only, no answer), the guest process's `pid` u32, then deltas since the
-//!   last ask of `connections`, `requests`, `defective` (u32 each), 4 zero
-//!   bytes.
+//!   last ask of `connections` and `defective` requests (u32 each), 8 zero
+//!   bytes. Requests and bytes are counted by the main serving process as
+//!   it answers them.
 //! - answer, main to guest process: `tag` (1 bytes, 2 throttled, 3
 //!   starved), 3 zero bytes, the ask's `id` u32, the wait in nanoseconds u64
 //!   (throttled), then the bytes (at most `want`).
@@ -75,9 +76,8 @@ pub struct Ask {
     pub connected: bool,
     /// New VMM connections since the last ask.
     pub connections: u32,
-    /// Requests completed since the last ask.
-    pub requests: u32,
-    /// Defective requests since the last ask.
+    /// Defective requests (answered with 0 bytes without asking) since the
+    /// last ask.
     pub defective: u32,
 }
 
@@ -115,8 +115,7 @@ impl Ask {
             (8, self.want),
             (12, self.pid),
             (16, self.connections),
-            (20, self.requests),
-            (24, self.defective),
+            (20, self.defective),
         ] {
             out[at..at + 4].copy_from_slice(&value.to_le_bytes());
         }
@@ -131,7 +130,7 @@ impl Ask {
         if bytes[0] != TAG_ASK {
             return Err(AskDefect::Tag(bytes[0]));
         }
-        if bytes[1] > 1 || bytes[2..4] != [0, 0] || bytes[28..32] != [0; 4] {
+        if bytes[1] > 1 || bytes[2..4] != [0, 0] || bytes[24..32] != [0; 8] {
             return Err(AskDefect::Malformed);
         }
         let ask = Ask {
@@ -140,8 +139,7 @@ impl Ask {
             want: u32_at(bytes, 8),
             pid: u32_at(bytes, 12),
             connections: u32_at(bytes, 16),
-            requests: u32_at(bytes, 20),
-            defective: u32_at(bytes, 24),
+            defective: u32_at(bytes, 20),
         };
         if ask.want as usize > MAX_REQUEST_BYTES {
             return Err(AskDefect::TooLarge(ask.want));
@@ -161,8 +159,8 @@ pub struct RemoteLink {
 #[derive(Default)]
 struct LinkState {
     next_id: u32,
-    /// Counters as last passed on.
-    sent: (u64, u64, u64),
+    /// Counters as last passed on: connections, defective requests.
+    sent: (u64, u64),
     answer: Vec<u8>,
 }
 
@@ -200,7 +198,7 @@ impl RemoteLink {
             wake,
             state: Mutex::new(LinkState {
                 next_id: u32::from_le_bytes(seed),
-                sent: (0, 0, 0),
+                sent: (0, 0),
                 answer: vec![0; ANSWER_HEADER + MAX_REQUEST_BYTES],
             }),
         })
@@ -280,7 +278,6 @@ impl LinkState {
     fn ask(&mut self, want: u32, stats: &GuestStats) -> Ask {
         let now = (
             stats.connections.load(Ordering::Relaxed),
-            stats.requests.load(Ordering::Relaxed),
             stats.defective_requests.load(Ordering::Relaxed),
         );
         let delta =
@@ -291,8 +288,7 @@ impl LinkState {
             pid: std::process::id(),
             connected: stats.connected.load(Ordering::Relaxed),
             connections: delta(now.0, self.sent.0),
-            requests: delta(now.1, self.sent.1),
-            defective: delta(now.2, self.sent.2),
+            defective: delta(now.1, self.sent.1),
         };
         self.sent = now;
         self.next_id = self.next_id.wrapping_add(1);
@@ -463,9 +459,10 @@ impl LinkServer {
         stats
             .connections
             .fetch_add(u64::from(asked.connections), Ordering::Relaxed);
+        // A defective request is a completed one too.
         stats
             .requests
-            .fetch_add(u64::from(asked.requests), Ordering::Relaxed);
+            .fetch_add(u64::from(asked.defective), Ordering::Relaxed);
         stats
             .defective_requests
             .fetch_add(u64::from(asked.defective), Ordering::Relaxed);
@@ -484,6 +481,7 @@ impl LinkServer {
             Supplied::Bytes(n) => {
                 let n = n.min(want);
                 answer[0] = TAG_BYTES;
+                stats.requests.fetch_add(1, Ordering::Relaxed);
                 stats.bytes.fetch_add(n as u64, Ordering::Relaxed);
                 guest.record(n as u64, now);
                 ANSWER_HEADER + n
@@ -515,7 +513,6 @@ mod tests {
             pid: 42,
             connected: true,
             connections: 1,
-            requests: 2,
             defective: 3,
         };
         assert_eq!(Ask::decode(&ask.encode()), Ok(ask));

@@ -25,7 +25,7 @@ use crate::frontend::vhost_user::handler::Handler;
 use crate::frontend::vhost_user::remote_supply::{self, RemoteLink};
 use crate::frontend::vhost_user::{Endpoint, GuestServer, Resumed};
 use crate::guest::Guest;
-use crate::service::sandbox::{self, RunAs};
+use crate::service::sandbox::{self, RunAs, seccomp};
 use crate::service::supervisor::{LINK_ENV, Report, WorkerLink};
 use crate::service::upgrade::{self, Counters};
 
@@ -134,7 +134,12 @@ pub fn run_guest_process(config: ServeConfig) -> Result<(), DaemonError> {
         Some(checkpoint),
     )
     .map_err(|e| setup_error(format!("guest {}: {e}", spec.name)))?;
-    enter_sandbox(run_as.as_ref(), resolved.seccomp, landlock)?;
+    enter_sandbox(
+        seccomp::Role::GuestProcess,
+        run_as.as_ref(),
+        resolved.seccomp,
+        landlock,
+    )?;
     info!(
         "guest {}: guest process {} serves it alone",
         spec.name,
