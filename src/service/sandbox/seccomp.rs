@@ -313,9 +313,6 @@ fn any_of(arg: u8, values: &[u64]) -> Result<Vec<SeccompRule>, SeccompError> {
         .collect()
 }
 
-/// The allow-list of `role`, with argument conditions where they matter.
-// The ioctl request constants are u64 with glibc and i32 with musl.
-#[allow(clippy::unnecessary_cast)]
 /// What a guest process may not call that the serving process may: it
 /// serves one guest whose socket the serving process made, and never makes,
 /// binds, renames or removes anything.
@@ -343,6 +340,9 @@ const GUEST_PROCESS_REMOVED_X86_64: &[i64] = &[
 #[cfg(not(target_arch = "x86_64"))]
 const GUEST_PROCESS_REMOVED_X86_64: &[i64] = &[];
 
+/// The allow-list of `role`, with argument conditions where they matter.
+// The ioctl request constants are u64 with glibc and i32 with musl.
+#[allow(clippy::unnecessary_cast)]
 fn allowed(role: Role) -> Result<BTreeMap<i64, Vec<SeccompRule>>, SeccompError> {
     let mut rules: BTreeMap<i64, Vec<SeccompRule>> = BASE
         .iter()
