@@ -540,3 +540,60 @@ fn a_compromised_guest_process_gets_no_more_than_its_guests_limit() {
     assert!(daemon.log().contains("bad message on the entropy link"));
     signal::kill(victim, Signal::SIGCONT).unwrap();
 }
+
+/// Under systemd with its file descriptor store, `systemctl restart` and a
+/// kill of the top process keep a guest process's VMM connection too: the
+/// store holds what the guest process reported, and the next start hands
+/// it to a new guest process.
+#[test]
+fn guest_processes_keep_their_vmm_connections_through_restarts_by_systemd() {
+    use common::fake_systemd::FakeSystemd;
+    let dir = tempfile::tempdir().unwrap();
+    let socket = dir.path().join("vm.sock");
+    let args = [
+        "serve",
+        "--source",
+        "os",
+        "--isolation",
+        "guest",
+        "--socket",
+        socket.to_str().unwrap(),
+    ];
+    let mut systemd = FakeSystemd::new();
+    let notify = systemd.path.clone();
+    let env = [
+        ("NOTIFY_SOCKET", notify.as_os_str()),
+        ("VHOST_RNG_TEST_RESTART_BACKOFF_MS", "10".as_ref()),
+    ];
+    let mut daemon = Daemon::start_with_fds(&args, &env, &[]);
+    systemd.wait_for("READY=1\nSTATUS=serving 1 guest(s)");
+    let mut vmm = TestVmm::connect(&socket, TestVmmConfig::qemu()).unwrap();
+    serve_64(&mut vmm);
+    let negotiated = vmm.sent_requests().len();
+    for signal in [Signal::SIGTERM, Signal::SIGKILL] {
+        common::wait_until("the guest's record with its connection", || {
+            systemd
+                .record("vm")
+                .is_some_and(|r| !r["state"]["connection"].is_null())
+        });
+        let process = guest_process(&daemon, "vm").unwrap();
+        let _ = daemon.stop_with(signal);
+        common::wait_gone(process);
+        systemd.sync();
+        // Posted while no daemon runs: answered by the next one.
+        vmm.post(&[Buffer::writable(64)]).unwrap();
+        vmm.kick().unwrap();
+        daemon = Daemon::start_with_fds(&args, &env, &systemd.passed());
+        systemd.wait_for("READY=1\nSTATUS=serving 1 guest(s)");
+        assert_eq!(vmm.wait_used(1, PATIENCE).unwrap()[0].len, 64);
+        serve_64(&mut vmm);
+        assert_eq!(vmm.sent_requests().len(), negotiated, "set up again");
+        let process = guest_process(&daemon, "vm").unwrap();
+        assert!(maps_inode(process, memfd_inode(&vmm)));
+        let serving: Vec<Pid> = daemon_processes(&daemon)
+            .into_iter()
+            .filter(|&pid| maps_inode(pid, memfd_inode(&vmm)))
+            .collect();
+        assert_eq!(serving, [process]);
+    }
+}
