@@ -799,6 +799,7 @@ mod tests {
             "rate-period = 1000",
             "burst = 16384",
             "weight = 1",
+            "isolation = \"shared\"",
             "[[guest]]",
             "name = \"vm1\"",
             "socket = \"/run/vhost-rng/vm1.sock\"",
@@ -1106,6 +1107,13 @@ mod tests {
         );
         assert_eq!(config.user.as_deref(), Some("vhost-rng:kvm"));
         assert_eq!(config.seccomp, Some(SeccompMode::Log));
+        let isolated = parse_ok("isolation = \"guest\"\n");
+        assert_eq!(isolated.isolation, Some(Isolation::Guest));
+        assert_eq!(config.isolation, None);
+        assert_eq!(
+            parse_err("isolation = \"process\"\n").to_string(),
+            "/etc/vhost-rng.toml:1: key 'isolation': 'process': expected shared or guest"
+        );
         assert_eq!(
             config.socket_dirs,
             [PathBuf::from("/run/a"), PathBuf::from("/run/b")]

@@ -734,6 +734,9 @@ fn warn_restart_needed(path: &Path, running: &Resolved, new: &Resolved) {
     if new.vhost_user != running.vhost_user {
         ignored.push("vhost-user-max-regions/vhost-user-max-memory/vhost-user-setup-timeout");
     }
+    if new.isolation != running.isolation {
+        ignored.push("isolation");
+    }
     if !ignored.is_empty() {
         warn!(
             "SIGHUP: {}: changes to {} take effect only after a restart",

@@ -23,7 +23,8 @@ pub use crate::service::sandbox::Isolation;
 
 /// Why an in-place upgrade is refused in guest mode.
 pub const NO_UPGRADE: &str = "in-place upgrade is not available with --isolation guest: \
-    restart the service instead (VMMs reconnect), or run with --isolation shared";
+    restart the service under systemd instead (its file descriptor store keeps VMM \
+    connections), or run with --isolation shared";
 
 /// A vhost-user guest served by a guest process.
 pub struct RemoteGuest {
