@@ -151,7 +151,7 @@ impl GuestProcesses {
     }
 
     /// Reaps guest processes that died and starts them again (at once, or
-    /// after a delay if they keep dying); true if `pid` was one of them.
+    /// after a delay if they keep dying).
     pub(super) fn reap(
         &mut self,
         binary: &Path,
