@@ -23,6 +23,13 @@
 //!    after each disconnection: what every reconnection (a VM reboot or
 //!    migration) leaves behind accumulates here.
 //!
+//! Between steps 3 and 4, a steady load with every guest connected: for `--steady-secs`
+//! (default 10), every guest reads `--steady-rate` bytes a second
+//! (default 1024, one request a second, the guests' posts spread evenly
+//! over each second), every answer checked; measured the same way, so
+//! the daemon's CPU and RSS at a steady trickle per guest show (issue 15:
+//! 512 guests at 1 KiB/s, < 2% of a core, < 64 MiB).
+//!
 //! "Measured" means, from `/proc/PID`: VmRSS (with its anonymous and shared
 //! memory parts: pages of guest memory the backend touched count as shared),
 //! Threads (and the number of `/proc/PID/task` entries), open descriptors
@@ -39,7 +46,8 @@
 //! ```text
 //! cargo bench --bench scale
 //! cargo bench --bench scale -- --guests N --idle-secs S [--cycles N] [--peer PATH] [--no-default-sources]
-//!                              [--isolation shared|guest]
+//!                               [--steady-secs S] [--steady-rate BYTES]
+//!                               [--isolation shared|guest]
 //! ```
 //!
 //! - `--guests N`: sockets per backend (default 512).
@@ -48,6 +56,10 @@
 //! - `--peer PATH`: the `vhost-device-rng` binary (default
 //!   `$HOME/.cargo/bin/vhost-device-rng`; without it only vhost-rng runs).
 //! - `--no-default-sources`: skip the vhost-rng run with its default sources.
+//! - `--steady-secs S`: length of the steady-load window (default 10; 0
+//!   skips it).
+//! - `--steady-rate BYTES`: bytes each guest reads a second in it, as one
+//!   request (default 1024, at most 65536).
 //! - `--isolation guest`: one more vhost-rng run (`--source os
 //!   --isolation guest`: a guest process per vhost-user guest), next to the
 //!   shared one in the same run; every figure sums the top process and all
@@ -167,6 +179,10 @@ struct Options {
     default_sources: bool,
     /// Connect/disconnect cycles per backend (the first one is measured).
     cycles: usize,
+    /// Length of the steady-load window (zero: none).
+    steady: Duration,
+    /// Bytes each guest reads a second during it.
+    steady_rate: u32,
     /// Also run vhost-rng with `--isolation guest`.
     isolated: bool,
 }
@@ -174,13 +190,15 @@ struct Options {
 impl Options {
     fn parse(mut args: impl Iterator<Item = String>) -> Result<Self> {
         let usage = "usage: cargo bench --bench scale [-- [--guests N] [--idle-secs S] \
-                     [--cycles N] [--peer PATH] [--no-default-sources] \
-                     [--isolation shared|guest]]";
+                     [--cycles N] [--peer PATH] [--no-default-sources] [--steady-secs S] \
+                     [--steady-rate BYTES] [--isolation shared|guest]]";
         let mut guests = 512;
         let mut idle = 5.0;
         let mut peer = None;
         let mut default_sources = true;
         let mut cycles = 3;
+        let mut steady = 10.0;
+        let mut steady_rate = 1024;
         let mut isolated = false;
         while let Some(arg) = args.next() {
             let mut value = |name: &str| {
@@ -210,6 +228,20 @@ impl Options {
                         .ok()
                         .filter(|&n| n > 0)
                         .ok_or_else(|| format!("--cycles needs a positive integer\n{usage}"))?;
+                }
+                "--steady-secs" => {
+                    steady = value("--steady-secs")?
+                        .parse::<f64>()
+                        .ok()
+                        .filter(|s| s.is_finite() && *s >= 0.0)
+                        .ok_or_else(|| format!("--steady-secs needs a number >= 0\n{usage}"))?;
+                }
+                "--steady-rate" => {
+                    steady_rate = value("--steady-rate")?
+                        .parse::<u32>()
+                        .ok()
+                        .filter(|&n| (1..=65536).contains(&n))
+                        .ok_or_else(|| format!("--steady-rate needs 1 to 65536\n{usage}"))?;
                 }
                 "--peer" => peer = Some(PathBuf::from(value("--peer")?)),
                 "--no-default-sources" => default_sources = false,
@@ -257,6 +289,8 @@ impl Options {
             peer_note,
             default_sources,
             cycles,
+            steady: Duration::from_secs_f64(steady),
+            steady_rate,
             isolated,
         })
     }
@@ -384,6 +418,8 @@ struct Report {
     disconnect_settle: Duration,
     unconnected: Window,
     connected: Window,
+    /// Every guest reading `steady_rate` bytes a second (None: skipped).
+    steady: Option<Steady>,
     disconnected: Window,
     /// The backend with every guest connected and after they disconnected,
     /// for each connect/disconnect cycle (the first is the measured one).
@@ -427,6 +463,21 @@ fn measure(spec: &BackendSpec, dir: &Path, options: &Options) -> Result<Report> 
     eprintln!("  idle, {} guests connected", vmms.len());
     std::thread::sleep(SETTLE);
     let connected = Window::measure(pid, options.idle)?;
+
+    let mut vmms = vmms;
+    let steady = if options.steady.is_zero() {
+        None
+    } else {
+        eprintln!(
+            "  steady load: {} guests reading {} B/s each for {:.0} s",
+            vmms.len(),
+            options.steady_rate,
+            options.steady.as_secs_f64()
+        );
+        let steady = Steady::run(pid, &mut vmms, options.steady, options.steady_rate)?;
+        backend.check_alive()?;
+        Some(steady)
+    };
 
     eprintln!("  disconnecting");
     let (disconnect_all, disconnect_errors) = disconnect_round(vmms);
@@ -484,10 +535,77 @@ fn measure(spec: &BackendSpec, dir: &Path, options: &Options) -> Result<Report> 
         disconnect_settle,
         unconnected,
         connected,
+        steady,
         disconnected,
         cycles,
         log_problems,
     })
+}
+
+/// The backend while every guest reads a steady trickle.
+struct Steady {
+    window: Window,
+    /// Bytes each guest asked for a second.
+    rate: u32,
+    guests: usize,
+    /// Requests answered in full, and those that were not (late, short or
+    /// all zero).
+    answered: u64,
+    failed: u64,
+    first_failure: Option<String>,
+}
+
+impl Steady {
+    /// Every second, each guest posts one `rate`-byte request, the posts
+    /// spread evenly over the second; after the second's posts each answer
+    /// is checked.
+    fn run(pid: u32, vmms: &mut [TestVmm], length: Duration, rate: u32) -> Result<Self> {
+        let before = Sample::take(pid)?;
+        let started = Instant::now();
+        let spacing = Duration::from_secs(1) / u32::try_from(vmms.len().max(1)).unwrap_or(1);
+        let (mut answered, mut failed, mut first_failure) = (0, 0, None);
+        let mut second = 0u32;
+        while started.elapsed() < length {
+            let second_start = started + Duration::from_secs(u64::from(second));
+            let mut heads = Vec::with_capacity(vmms.len());
+            for (index, vmm) in vmms.iter_mut().enumerate() {
+                let due = second_start + spacing * u32::try_from(index).unwrap_or(0);
+                if let Some(wait) = due.checked_duration_since(Instant::now()) {
+                    std::thread::sleep(wait);
+                }
+                let head = vmm
+                    .post(&[Buffer::writable(rate)])
+                    .map_err(|e| format!("guest {index}: posting: {e}"))?;
+                vmm.kick()
+                    .map_err(|e| format!("guest {index}: kick: {e}"))?;
+                heads.push(head);
+            }
+            for (index, (vmm, head)) in vmms.iter_mut().zip(heads).enumerate() {
+                match check_served_len(vmm, head, rate) {
+                    Ok(()) => answered += 1,
+                    Err(why) => {
+                        failed += 1;
+                        first_failure.get_or_insert(format!("guest {index}: {why}"));
+                    }
+                }
+            }
+            second += 1;
+            if let Some(wait) = (started + Duration::from_secs(u64::from(second)))
+                .checked_duration_since(Instant::now())
+            {
+                std::thread::sleep(wait);
+            }
+        }
+        let after = Sample::take(pid)?;
+        Ok(Steady {
+            window: Window { before, after },
+            rate,
+            guests: vmms.len(),
+            answered,
+            failed,
+            first_failure,
+        })
+    }
 }
 
 /// One connect/disconnect cycle.
@@ -570,11 +688,17 @@ fn disconnect_round(vmms: Vec<TestVmm>) -> (Duration, usize) {
 
 /// Waits for the request with head `head` and checks it was filled.
 fn check_served(vmm: &mut TestVmm, head: u16) -> std::result::Result<(), String> {
+    check_served_len(vmm, head, REQUEST_LEN)
+}
+
+/// Waits for the `len`-byte request with head `head` and checks it was
+/// filled.
+fn check_served_len(vmm: &mut TestVmm, head: u16, len: u32) -> std::result::Result<(), String> {
     let used = vmm.wait_used(1, SERVE_TIMEOUT).map_err(|e| e.to_string())?;
     let elem = used[0];
-    if elem.head != head || elem.len != REQUEST_LEN {
+    if elem.head != head || elem.len != len {
         return Err(format!(
-            "completed head {} with {} bytes (expected head {head}, {REQUEST_LEN} bytes)",
+            "completed head {} with {} bytes (expected head {head}, {len} bytes)",
             elem.head, elem.len
         ));
     }
@@ -1018,6 +1142,74 @@ fn print_report(options: &Options, reports: &[Report]) {
             (
                 "context switches / s".into(),
                 cells(&|r| format!("{:.1}", window(r).switches_per_second())),
+            ),
+        ]);
+    }
+    if reports.iter().any(|r| r.steady.is_some()) {
+        fn steady(r: &Report) -> Option<&Steady> {
+            r.steady.as_ref()
+        }
+        let rate = reports
+            .iter()
+            .find_map(|r| r.steady.as_ref())
+            .map_or(0, |s| s.rate);
+        rows.push((
+            format!("**all guests connected, each reading {rate} B/s**"),
+            cells(&|_| String::new()),
+        ));
+        rows.extend([
+            (
+                "requests answered / failed".into(),
+                cells(&|r| match steady(r) {
+                    Some(s) => match &s.first_failure {
+                        None => format!("{} / 0", s.answered),
+                        Some(why) => format!("{} / {} (first: {why})", s.answered, s.failed),
+                    },
+                    None => "-".into(),
+                }),
+            ),
+            (
+                "bytes served a second, all guests".into(),
+                cells(&|r| match steady(r) {
+                    Some(s) => format!(
+                        "{:.0} ({} guests)",
+                        s.answered as f64 * f64::from(s.rate) / s.window.seconds(),
+                        s.guests
+                    ),
+                    None => "-".into(),
+                }),
+            ),
+            (
+                "RSS (MiB), all processes".into(),
+                cells(&|r| steady(r).map_or("-".into(), |s| mib(s.window.after.rss_kib))),
+            ),
+            (
+                "threads (Threads / tasks)".into(),
+                cells(&|r| {
+                    steady(r).map_or("-".into(), |s| {
+                        format!("{} / {}", s.window.after.threads, s.window.after.tasks)
+                    })
+                }),
+            ),
+            (
+                "CPU, utime+stime (% of a core), all processes".into(),
+                cells(&|r| {
+                    steady(r).map_or("-".into(), |s| format!("{:.2}", s.window.cpu_percent()))
+                }),
+            ),
+            (
+                "CPU, sched run time (% of a core)".into(),
+                cells(&|r| {
+                    steady(r).map_or("-".into(), |s| format!("{:.3}", s.window.exec_percent()))
+                }),
+            ),
+            (
+                "context switches / s".into(),
+                cells(&|r| {
+                    steady(r).map_or("-".into(), |s| {
+                        format!("{:.1}", s.window.switches_per_second())
+                    })
+                }),
             ),
         ]);
     }
