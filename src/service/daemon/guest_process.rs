@@ -134,6 +134,7 @@ pub fn run_guest_process(config: ServeConfig) -> Result<(), DaemonError> {
         Some(checkpoint),
     )
     .map_err(|e| setup_error(format!("guest {}: {e}", spec.name)))?;
+    give_back_setup_memory();
     enter_sandbox(
         seccomp::Role::GuestProcess,
         run_as.as_ref(),
@@ -154,4 +155,15 @@ pub fn run_guest_process(config: ServeConfig) -> Result<(), DaemonError> {
     // The serving process owns the socket file; the top process holds the
     // connection: nothing to close here.
     Ok(())
+}
+
+/// Returns the heap the command line and set-up used to the kernel: one
+/// guest process per guest makes a few hundred KiB each add up.
+fn give_back_setup_memory() {
+    #[cfg(target_env = "gnu")]
+    // SAFETY: malloc_trim only releases free heap memory; no pointer is
+    // passed and nothing in use is touched.
+    unsafe {
+        libc::malloc_trim(0);
+    }
 }
