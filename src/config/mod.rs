@@ -100,7 +100,7 @@ user = "vhost-rng"
 seccomp = "kill"
 # Which processes map guest memory: "shared" (one serving process maps every
 # vhost-user guest's memory) or "guest" (each vhost-user guest's memory is
-# mapped only by a process serving that guest alone: about 0.75 MiB and two
+# mapped only by a process serving that guest alone: about 0.5 MiB and two
 # threads more per guest, no in-place upgrade; docs/security.md).
 isolation = "shared"
 # Directories where guests added later (vhost-rng guest add, a reload) may
