@@ -388,6 +388,13 @@ fn runtime_guests_and_reloads_start_and_end_guest_processes_and_upgrades_are_ref
     );
     serve_64(&mut kept);
     assert_eq!(guest_process(&daemon, "kept"), Some(kept_process));
+    // SIGUSR2 (`systemctl kill -s USR2`) is refused the same way.
+    signal::kill(daemon.pid(), Signal::SIGUSR2).unwrap();
+    wait_until("the second refusal in status", || {
+        status_json(&daemon)["upgrade_failures"] == 2
+    });
+    serve_64(&mut kept);
+    assert_eq!(guest_process(&daemon, "kept"), Some(kept_process));
     assert!(daemon.is_running());
 }
 

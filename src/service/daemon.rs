@@ -351,9 +351,10 @@ pub fn run(config: ServeConfig) -> Result<(), DaemonError> {
     info!("serving mode: {}", resolved.pool.mode.as_str());
     let pool = Pool::start(resolved.pool.clone())?;
     let registry = Registry::new(Arc::clone(&pool), resolved.access, resolved.vhost_user);
-    registry.set_isolation(resolved.isolation);
     if resolved.isolation == Isolation::Guest && link.is_none() {
         warn!("--isolation guest needs the top process; serving every guest in this process");
+    } else {
+        registry.set_isolation(resolved.isolation);
     }
     let binary = std::env::current_exe().unwrap_or_else(|_| PathBuf::from("/proc/self/exe"));
     registry.update_lifecycle(|life| life.binary = binary);
@@ -487,6 +488,10 @@ pub fn run(config: ServeConfig) -> Result<(), DaemonError> {
                 // A serving process under a top process may not execute
                 // anything: the top process starts the new binary.
                 let upgraded = match &link {
+                    // Refused before any guest is frozen.
+                    Some(_) if registry.isolation() == Isolation::Guest => {
+                        Err(crate::service::isolation::NO_UPGRADE.to_owned())
+                    }
                     Some((link, _)) => supervisor::upgrade_through_top(&registry, link),
                     None => upgrade::perform(&registry, None).map_err(|e| e.to_string()),
                 };
