@@ -383,11 +383,12 @@ pub fn run(handed_fds: &[RawFd]) -> ExitCode {
             // (nothing changes `top` before `fds` is dropped).
             PollFd::new(unsafe { BorrowedFd::borrow_raw(fd) }, PollFlags::POLLIN)
         }));
+        // A second at most while the store needs a resync, and no later
+        // than the next guest process due to start again.
         let timeout = match (top.unstored.is_empty(), due) {
             (true, None) => PollTimeout::NONE,
-            (stored, due) => {
-                let due = due.map_or(1000, |d| d.as_millis().clamp(1, 1000) as u16);
-                PollTimeout::from(if stored { due } else { due.min(1000) })
+            (_, due) => {
+                PollTimeout::from(due.map_or(1000, |d| d.as_millis().clamp(1, 1000) as u16))
             }
         };
         match poll(&mut fds, timeout) {
