@@ -17,6 +17,7 @@ use std::os::fd::{AsRawFd, OwnedFd};
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, OnceLock};
 
+use nix::errno::Errno;
 use nix::sys::socket::{
     AddressFamily, MsgFlags, SockFlag, SockType, recv, send, setsockopt, socketpair, sockopt,
 };
@@ -85,14 +86,22 @@ pub fn run(data: &[u8]) {
 /// Sends `message` and, if it is an ask for bytes, takes and checks its
 /// answer; the bytes handed out.
 fn exchange(socket: &OwnedFd, message: &[u8], answer: &mut [u8]) -> u64 {
-    send(socket.as_raw_fd(), message, MsgFlags::MSG_NOSIGNAL).expect("the link takes a message");
+    // libFuzzer's own timers interrupt system calls: EINTR is retried.
+    while let Err(e) = send(socket.as_raw_fd(), message, MsgFlags::MSG_NOSIGNAL) {
+        assert_eq!(e, Errno::EINTR, "the link takes a message");
+    }
     let asked = match Ask::decode(message) {
         Ok(ask) if ask.want > 0 => ask,
         // Unanswered; a spurious answer would meet the next ask's check.
         _ => return 0,
     };
-    let got = recv(socket.as_raw_fd(), answer, MsgFlags::empty())
-        .expect("an answer to a well-formed ask");
+    let got = loop {
+        match recv(socket.as_raw_fd(), answer, MsgFlags::empty()) {
+            Ok(got) => break got,
+            Err(Errno::EINTR) => {}
+            Err(e) => panic!("an answer to a well-formed ask: {e}"),
+        }
+    };
     assert!(got >= ANSWER_HEADER, "an answer of {got} bytes");
     assert_eq!(
         answer[4..8],

@@ -413,11 +413,17 @@ impl LinkServer {
             if len == 0 {
                 continue;
             }
-            if let Err(e) = send(
-                self.socket.as_raw_fd(),
-                &answer[..len],
-                MsgFlags::MSG_NOSIGNAL,
-            ) {
+            let sent = loop {
+                match send(
+                    self.socket.as_raw_fd(),
+                    &answer[..len],
+                    MsgFlags::MSG_NOSIGNAL,
+                ) {
+                    Err(nix::errno::Errno::EINTR) => {}
+                    sent => break sent,
+                }
+            };
+            if let Err(e) = sent {
                 if self.stopping.load(Ordering::SeqCst) {
                     break;
                 }
