@@ -93,7 +93,7 @@ mod service {
         pub struct Settings;
     }
     pub mod sandbox {
-        pub use crate::seccomp_mode::SeccompMode;
+        pub use crate::seccomp_mode::{Isolation, SeccompMode};
     }
     pub mod seed {
         pub use crate::seed_format::*;

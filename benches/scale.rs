@@ -48,6 +48,7 @@
 //! cargo bench --bench scale
 //! cargo bench --bench scale -- --guests N --idle-secs S [--cycles N] [--peer PATH] [--no-default-sources]
 //!                               [--steady-secs S] [--steady-rate BYTES]
+//!                               [--isolation shared|guest]
 //! ```
 //!
 //! - `--guests N`: sockets per backend (default 512).
@@ -60,6 +61,11 @@
 //!   skips it).
 //! - `--steady-rate BYTES`: bytes each guest reads a second in it, as one
 //!   request (default 1024, at most 65536).
+//! - `--isolation guest`: one more vhost-rng run (`--source os
+//!   --isolation guest`: a guest process per vhost-user guest), next to the
+//!   shared one in the same run; every figure sums the top process and all
+//!   its children, so guest processes count. `shared` (the default) adds
+//!   nothing.
 //!
 //! With the defaults a run takes a little over a minute. This process
 //! raises its soft open-file limit to the hard limit before starting the
@@ -134,9 +140,19 @@ fn run() -> Result<()> {
 
     let mut specs = vec![BackendSpec::VhostRng {
         sources: Some("os"),
+        isolated: false,
     }];
+    if options.isolated {
+        specs.push(BackendSpec::VhostRng {
+            sources: Some("os"),
+            isolated: true,
+        });
+    }
     if options.default_sources {
-        specs.push(BackendSpec::VhostRng { sources: None });
+        specs.push(BackendSpec::VhostRng {
+            sources: None,
+            isolated: false,
+        });
     }
     if let Some(peer) = &options.peer {
         specs.push(BackendSpec::Peer(peer.clone()));
@@ -168,12 +184,15 @@ struct Options {
     steady: Duration,
     /// Bytes each guest reads a second during it.
     steady_rate: u32,
+    /// Also run vhost-rng with `--isolation guest`.
+    isolated: bool,
 }
 
 impl Options {
     fn parse(mut args: impl Iterator<Item = String>) -> Result<Self> {
         let usage = "usage: cargo bench --bench scale [-- [--guests N] [--idle-secs S] \
-                     [--cycles N] [--peer PATH] [--no-default-sources] [--steady-secs S] [--steady-rate BYTES]]";
+                     [--cycles N] [--peer PATH] [--no-default-sources] [--steady-secs S] \
+                     [--steady-rate BYTES] [--isolation shared|guest]]";
         let mut guests = 512;
         let mut idle = 5.0;
         let mut peer = None;
@@ -181,6 +200,7 @@ impl Options {
         let mut cycles = 3;
         let mut steady = 10.0;
         let mut steady_rate = 1024;
+        let mut isolated = false;
         while let Some(arg) = args.next() {
             let mut value = |name: &str| {
                 args.next()
@@ -226,6 +246,13 @@ impl Options {
                 }
                 "--peer" => peer = Some(PathBuf::from(value("--peer")?)),
                 "--no-default-sources" => default_sources = false,
+                "--isolation" => {
+                    isolated = match value("--isolation")?.as_str() {
+                        "guest" => true,
+                        "shared" => false,
+                        _ => return Err(format!("--isolation takes shared or guest\n{usage}")),
+                    };
+                }
                 "-h" | "--help" => {
                     println!("{usage}");
                     std::process::exit(0);
@@ -265,14 +292,19 @@ impl Options {
             cycles,
             steady: Duration::from_secs_f64(steady),
             steady_rate,
+            isolated,
         })
     }
 }
 
 /// Which backend to run.
 enum BackendSpec {
-    /// vhost-rng, with `--source SOURCE` or (None) its default sources.
-    VhostRng { sources: Option<&'static str> },
+    /// vhost-rng, with `--source SOURCE` or (None) its default sources,
+    /// and `--isolation guest` if `isolated`.
+    VhostRng {
+        sources: Option<&'static str>,
+        isolated: bool,
+    },
     /// vhost-device-rng at this path.
     Peer(PathBuf),
 }
@@ -282,8 +314,13 @@ impl BackendSpec {
         match self {
             BackendSpec::VhostRng {
                 sources: Some(source),
+                isolated: false,
             } => format!("vhost-rng --source {source}"),
-            BackendSpec::VhostRng { sources: None } => "vhost-rng (default sources)".into(),
+            BackendSpec::VhostRng {
+                sources: Some(source),
+                isolated: true,
+            } => format!("vhost-rng --source {source} --isolation guest"),
+            BackendSpec::VhostRng { sources: None, .. } => "vhost-rng (default sources)".into(),
             BackendSpec::Peer(_) => "vhost-device-rng".into(),
         }
     }
@@ -292,7 +329,7 @@ impl BackendSpec {
     /// the command line.
     fn command(&self, dir: &Path, guests: usize) -> (Command, Vec<PathBuf>, String) {
         match self {
-            BackendSpec::VhostRng { sources } => {
+            BackendSpec::VhostRng { sources, isolated } => {
                 let sockets: Vec<PathBuf> = (0..guests)
                     .map(|i| dir.join(format!("g{i:03}.sock")))
                     .collect();
@@ -305,6 +342,10 @@ impl BackendSpec {
                 if let Some(source) = sources {
                     command.arg("--source").arg(source);
                     let _ = write!(shown, " --source {source}");
+                }
+                if *isolated {
+                    command.arg("--isolation").arg("guest");
+                    shown.push_str(" --isolation guest");
                 }
                 command.arg("--control").arg(dir.join("control.sock"));
                 shown.push_str(" --control DIR/control.sock");
@@ -737,6 +778,12 @@ struct Sample {
     rss_kib: u64,
     anon_kib: u64,
     shmem_kib: u64,
+    /// Proportional set size (`Pss:` of smaps_rollup): file pages shared by
+    /// several processes (the binary of each guest process) counted once
+    /// in all.
+    pss_kib: u64,
+    /// Processes summed.
+    processes: usize,
     /// `Threads:` from status.
     threads: u64,
     /// Entries of /proc/PID/task.
@@ -773,6 +820,8 @@ impl Sample {
             sample.rss_kib += part.rss_kib;
             sample.anon_kib += part.anon_kib;
             sample.shmem_kib += part.shmem_kib;
+            sample.pss_kib += part.pss_kib;
+            sample.processes += 1;
             sample.threads += part.threads;
             sample.tasks += part.tasks;
             sample.fds += part.fds;
@@ -805,6 +854,11 @@ impl Sample {
             rss_kib: status_field(&status, "VmRSS").unwrap_or(0),
             anon_kib: status_field(&status, "RssAnon").unwrap_or(0),
             shmem_kib: status_field(&status, "RssShmem").unwrap_or(0),
+            pss_kib: std::fs::read_to_string(format!("{proc_dir}/smaps_rollup"))
+                .ok()
+                .and_then(|rollup| status_field(&rollup, "Pss"))
+                .unwrap_or(0),
+            processes: 1,
             threads: status_field(&status, "Threads").unwrap_or(0),
             tasks: count_dir(&format!("{proc_dir}/task")),
             fds: count_dir(&format!("{proc_dir}/fd")),
@@ -1085,6 +1139,13 @@ fn print_report(options: &Options, reports: &[Report]) {
                 cells(&|r| {
                     let s = &window(r).after;
                     format!("{} / {}", mib(s.anon_kib), mib(s.shmem_kib))
+                }),
+            ),
+            (
+                "  PSS (MiB); processes".into(),
+                cells(&|r| {
+                    let s = &window(r).after;
+                    format!("{}; {}", mib(s.pss_kib), s.processes)
                 }),
             ),
             (

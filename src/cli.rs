@@ -15,7 +15,7 @@ use crate::entropy::pool::Mode;
 use crate::entropy::source::{self, SourceSpec};
 use crate::service::control::DEFAULT_CONTROL_PATH;
 use crate::service::daemon::Settings;
-use crate::service::sandbox::SeccompMode;
+use crate::service::sandbox::{Isolation, SeccompMode};
 
 /// The `vhost-rng` command line: one subcommand, with its options.
 #[derive(Debug, Parser)]
@@ -369,6 +369,14 @@ pub struct ServeArgs {
     #[arg(long, value_enum, value_name = "ACTION")]
     pub seccomp: Option<SeccompMode>,
 
+    /// Which processes map guest memory: shared (one serving process maps
+    /// every vhost-user guest's memory) or guest (each vhost-user guest's
+    /// memory is mapped only in a process of its own, which serves that
+    /// guest alone; a process more per guest, no in-place upgrade)
+    /// [default: shared].
+    #[arg(long, value_enum, value_name = "MODE")]
+    pub isolation: Option<Isolation>,
+
     /// A directory where guests added later (vhost-rng guest add, a
     /// reload) may have their socket files, besides those of the sockets
     /// served at start and the control socket's; repeatable. Landlock lets
@@ -465,6 +473,7 @@ impl From<&ServeArgs> for Settings {
             vhost_user_setup_timeout: args.vhost_user_setup_timeout,
             user: args.user.clone(),
             seccomp: args.seccomp,
+            isolation: args.isolation,
             socket_dirs: args.socket_dirs.clone(),
         }
     }

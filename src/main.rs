@@ -33,6 +33,7 @@ fn main() -> ExitCode {
     match command {
         Command::Serve(args) => {
             let handed = vhost_rng::service::supervisor::is_worker()
+                || vhost_rng::service::supervisor::is_guest_process()
                 || std::env::var_os("LISTEN_FDS").is_some();
             if let Err(message) = args.validate(handed) {
                 Cli::command()
@@ -56,6 +57,24 @@ fn main() -> ExitCode {
                     }
                     Err(e) => {
                         eprintln!("vhost-rng: configuration refused: {e}");
+                        ExitCode::FAILURE
+                    }
+                };
+            }
+            if vhost_rng::service::supervisor::is_guest_process() {
+                let config = ServeConfig {
+                    guests: Vec::new(),
+                    config_file: args.config.clone(),
+                    settings: Settings::from(&*args),
+                };
+                // Every guest of the command line was parsed: a guest
+                // process keeps none of them (it serves the one it is
+                // handed), and 512 of them held a third of its memory.
+                drop(args);
+                return match daemon::run_guest_process(config) {
+                    Ok(()) => ExitCode::SUCCESS,
+                    Err(e) => {
+                        error!("{e}");
                         ExitCode::FAILURE
                     }
                 };

@@ -47,6 +47,7 @@ fn status(bytes: u64) -> DaemonStatus {
             refused_connections: 3,
             evicted_connections: 4,
             wrong_key_connections: 2,
+            process: None,
         }],
         pool: PoolStatus {
             mode: "raw".into(),
@@ -88,6 +89,7 @@ fn status(bytes: u64) -> DaemonStatus {
             },
         ],
         sandbox: None,
+        isolation: String::new(),
     }
 }
 

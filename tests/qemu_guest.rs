@@ -52,6 +52,51 @@ fn guest_reads_one_mib_from_hwrng_through_the_daemon() {
     daemon.wait_for_log("guest vm: VMM disconnected from", 1);
 }
 
+/// `--isolation guest`: the same read, served by the guest's own guest
+/// process (unprivileged, filtered), fed by the serving process.
+#[test]
+fn a_guest_reads_through_a_guest_process_of_its_own() {
+    let Some(guest) = test_guest() else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let socket = dir.path().join("vm.sock");
+    let received = dir.path().join("received.bin");
+    let mut daemon = Daemon::start_sandboxed([
+        "serve",
+        "--isolation",
+        "guest",
+        "--socket",
+        socket.to_str().unwrap(),
+    ]);
+    daemon.wait_for_socket(&socket);
+    let report = boot_guest(
+        &guest,
+        &[
+            "--socket",
+            socket.to_str().unwrap(),
+            "--bytes",
+            &MIB.to_string(),
+            "--out",
+            received.to_str().unwrap(),
+        ],
+    );
+    report.assert_read(MIB);
+    assert_eq!(sha256_prefix(&received, MIB), report.get("sha256"));
+    daemon.wait_for_log("guest vm: VMM disconnected from", 1);
+    let status = daemon.guest("vm");
+    assert!(status.bytes >= MIB as u64, "{status:?}");
+    let process = status.process.expect("a guest process");
+    assert!(
+        daemon
+            .log()
+            .contains(&format!("guest process {process} serves it alone"))
+    );
+    assert!(
+        !daemon.log().contains("its guest process"),
+        "{}",
+        daemon.log()
+    );
+}
+
 #[test]
 fn three_power_cycles_against_one_daemon_socket() {
     let Some(guest) = test_guest() else { return };

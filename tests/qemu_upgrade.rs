@@ -16,6 +16,101 @@ use nix::sys::signal::{self, Signal};
 
 const BYTES: usize = 4 << 20;
 
+/// `--isolation guest`: the guest process that maps the guest's memory is
+/// killed twice and the serving process once while the guest reads; each
+/// time that guest's process is started again with the VMM's connection,
+/// and every byte arrives.
+#[test]
+fn a_guest_reading_through_kills_of_its_guest_process_gets_every_byte() {
+    let Some(guest) = test_guest() else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let socket = dir.path().join("vm.sock");
+    let received = dir.path().join("received.bin");
+    let mut args = vec![
+        "serve".to_owned(),
+        "--isolation".into(),
+        "guest".into(),
+        "--socket".into(),
+        socket.display().to_string(),
+    ];
+    if let Some(user) = common::test_user() {
+        args.push("--user".into());
+        args.push(user);
+    }
+    let backoff = std::ffi::OsString::from("10");
+    let mut daemon = Daemon::start_with_env(
+        args,
+        &[("VHOST_RNG_TEST_RESTART_BACKOFF_MS", backoff.as_os_str())],
+    );
+    daemon.wait_for_socket(&socket);
+    let qemu = spawn_guest(
+        &guest,
+        &[
+            "--socket",
+            socket.to_str().unwrap(),
+            "--bytes",
+            &BYTES.to_string(),
+            "--out",
+            received.to_str().unwrap(),
+        ],
+    );
+    let process = |daemon: &Daemon| {
+        nix::unistd::Pid::from_raw(daemon.guest("vm").process.unwrap_or(0) as i32)
+    };
+    let mut read = 0;
+    for event in ["guest process", "serving process", "guest process"] {
+        read = daemon.wait_served_more("vm", read);
+        let victim = process(&daemon);
+        if event == "guest process" {
+            signal::kill(victim, Signal::SIGKILL).unwrap();
+        } else {
+            // The top process's other child.
+            let top = daemon.pid();
+            let children =
+                std::fs::read_to_string(format!("/proc/{top}/task/{top}/children")).unwrap();
+            let worker = children
+                .split_whitespace()
+                .map(|pid| nix::unistd::Pid::from_raw(pid.parse().unwrap()))
+                .find(|&pid| pid != victim)
+                .unwrap();
+            signal::kill(worker, Signal::SIGKILL).unwrap();
+        }
+        wait_until("another guest process", || {
+            let now = process(&daemon);
+            now.as_raw() != 0 && now != victim
+        });
+    }
+    assert!(
+        (read as usize) < BYTES,
+        "the guest had finished before the last kill; nothing was tested"
+    );
+    let report = wait_guest(qemu);
+    report.assert_read(BYTES);
+    assert_eq!(sha256_prefix(&received, BYTES), report.get("sha256"));
+    for bad in ["Failed", "ring restore", "Assertion", "vhost_dev_start"] {
+        assert!(
+            !report.console.contains(bad),
+            "QEMU said {bad}:\n{}",
+            report.console
+        );
+    }
+    let log = daemon.log();
+    assert_eq!(log.matches("VMM connected on").count(), 1, "{log}");
+    assert_eq!(
+        log.matches("its guest process was killed by SIGKILL")
+            .count(),
+        2,
+        "{log}"
+    );
+    assert_eq!(
+        log.matches("the serving process was killed by SIGKILL")
+            .count(),
+        1,
+        "{log}"
+    );
+    assert!(daemon.is_running());
+}
+
 #[test]
 fn a_guest_reading_through_crashes_and_an_upgrade_gets_every_byte() {
     let Some(guest) = test_guest() else { return };

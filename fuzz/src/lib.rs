@@ -19,6 +19,7 @@ pub mod control;
 pub mod daemon;
 pub mod descriptor_chain;
 pub mod egd;
+pub mod entropy_link;
 pub mod input;
 pub mod metrics_http;
 pub mod stream;
@@ -71,5 +72,10 @@ pub const TARGETS: &[Target] = &[
         name: "metrics_http",
         run: metrics_http::run,
         seeds: metrics_http::seeds,
+    },
+    Target {
+        name: "entropy_link",
+        run: entropy_link::run,
+        seeds: entropy_link::seeds,
     },
 ];

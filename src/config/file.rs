@@ -22,10 +22,10 @@ use super::{Address, ConfigError, GuestDefaults, GuestKey, GuestSpec, GuestSpecE
 use crate::entropy::pool::Mode;
 use crate::entropy::source::SourceSpec;
 use crate::guest::limiter::MAX_BYTES;
-use crate::service::sandbox::SeccompMode;
+use crate::service::sandbox::{Isolation, SeccompMode};
 
 /// The keys a configuration file may have at its top level.
-pub const FILE_KEYS: [&str; 20] = [
+pub const FILE_KEYS: [&str; 21] = [
     "sources",
     "mode",
     "reseed-bytes",
@@ -43,6 +43,7 @@ pub const FILE_KEYS: [&str; 20] = [
     "vhost-user-setup-timeout",
     "user",
     "seccomp",
+    "isolation",
     "socket-dirs",
     "defaults",
     "guest",
@@ -90,6 +91,8 @@ pub struct ConfigFile {
     pub user: Option<String>,
     /// `seccomp`: what a system call outside the allow-list does.
     pub seccomp: Option<SeccompMode>,
+    /// `isolation`: whether each vhost-user guest has a process of its own.
+    pub isolation: Option<Isolation>,
     /// `socket-dirs`: directories where guests added later (control
     /// socket, reload) may have their socket files.
     pub socket_dirs: Vec<PathBuf>,
@@ -178,6 +181,7 @@ struct FileTable {
     vhost_user_setup_timeout: Option<Spanned<Found>>,
     user: Option<Spanned<Found>>,
     seccomp: Option<Spanned<Found>>,
+    isolation: Option<Spanned<Found>>,
     socket_dirs: Option<Spanned<ListOr<Found>>>,
     defaults: Option<Spanned<TableOr<DefaultsTable>>>,
     guest: Option<Spanned<ListOr<TableOr<GuestTable>>>>,
@@ -241,6 +245,7 @@ impl FileTable {
                 file.text("user", v, "\"USER\" or \"USER:GROUP\" as a string")
             }),
             seccomp: first.check(self.seccomp, |v| file.seccomp(v)),
+            isolation: first.check(self.isolation, |v| file.isolation(v)),
             socket_dirs: first
                 .check(self.socket_dirs, |v| file.paths("socket-dirs", v))
                 .unwrap_or_default(),
@@ -511,6 +516,13 @@ impl FileText<'_> {
         let text = self.text("seccomp", value, "\"kill\", \"log\" or \"none\"")?;
         text.parse()
             .map_err(|message| self.value_error("seccomp", span, message))
+    }
+
+    fn isolation(&self, value: Spanned<Found>) -> Result<Isolation, ConfigError> {
+        let span = value.span();
+        let text = self.text("isolation", value, "\"shared\" or \"guest\"")?;
+        text.parse()
+            .map_err(|message| self.value_error("isolation", span, message))
     }
 
     fn socket_mode(&self, value: Spanned<Found>) -> Result<u32, ConfigError> {
@@ -787,6 +799,7 @@ mod tests {
             "rate-period = 1000",
             "burst = 16384",
             "weight = 1",
+            "isolation = \"shared\"",
             "[[guest]]",
             "name = \"vm1\"",
             "socket = \"/run/vhost-rng/vm1.sock\"",
@@ -980,8 +993,8 @@ mod tests {
             "/etc/vhost-rng.toml:3: unknown key 'max_rate' (valid: sources, mode, \
              reseed-bytes, reseed-secs, max-rate, socket-mode, socket-group, control, \
              metrics, vsock, vsock-default-rate, listen-tcp, vhost-user-max-regions, \
-             vhost-user-max-memory, vhost-user-setup-timeout, user, seccomp, socket-dirs, \
-             defaults, guest)"
+             vhost-user-max-memory, vhost-user-setup-timeout, user, seccomp, isolation, \
+             socket-dirs, defaults, guest)"
         );
         assert_eq!(err.line(), Some(3));
         assert_eq!(err.key(), Some("max_rate"));
@@ -1094,6 +1107,13 @@ mod tests {
         );
         assert_eq!(config.user.as_deref(), Some("vhost-rng:kvm"));
         assert_eq!(config.seccomp, Some(SeccompMode::Log));
+        let isolated = parse_ok("isolation = \"guest\"\n");
+        assert_eq!(isolated.isolation, Some(Isolation::Guest));
+        assert_eq!(config.isolation, None);
+        assert_eq!(
+            parse_err("isolation = \"process\"\n").to_string(),
+            "/etc/vhost-rng.toml:1: key 'isolation': 'process': expected shared or guest"
+        );
         assert_eq!(
             config.socket_dirs,
             [PathBuf::from("/run/a"), PathBuf::from("/run/b")]

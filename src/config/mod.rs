@@ -98,6 +98,11 @@ user = "vhost-rng"
 # serving process is killed with SIGSYS and restarted), "log" (allowed and
 # logged by the kernel, to find what a new kernel or libc needs) or "none".
 seccomp = "kill"
+# Which processes map guest memory: "shared" (one serving process maps every
+# vhost-user guest's memory) or "guest" (each vhost-user guest's memory is
+# mapped only by a process serving that guest alone: about 0.5 MiB and two
+# threads more per guest, no in-place upgrade; docs/security.md).
+isolation = "shared"
 # Directories where guests added later (vhost-rng guest add, a reload) may
 # have their socket files, besides those of the sockets served at start and
 # the control socket's: with Landlock, the serving process can make and

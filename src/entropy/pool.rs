@@ -224,6 +224,24 @@ impl Pool {
         Ok(pool)
     }
 
+    /// A pool with no sources and no threads, never fed: for a process
+    /// that gets its bytes from elsewhere (a guest process of `--isolation
+    /// guest`, which draws through the main serving process).
+    pub fn empty(mode: Mode) -> Arc<Pool> {
+        Arc::new(Pool {
+            mode,
+            reseed: ReseedPolicy::default(),
+            reservoir: Mutex::new(Reservoir {
+                bytes: VecDeque::new(),
+                capacity: 0,
+                waiters: Vec::new(),
+                fairness: Fairness::default(),
+            }),
+            space: Condvar::new(),
+            board: SourceBoard::new(Vec::new()),
+        })
+    }
+
     /// How guests are served, as configured.
     pub fn mode(&self) -> Mode {
         self.mode

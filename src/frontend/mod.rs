@@ -49,6 +49,11 @@ pub trait GuestFrontend: Send + Sync {
     /// Goes on serving after a [`GuestFrontend::handover`] that was not
     /// used (the upgrade did not happen).
     fn thaw(&self) {}
+    /// The pid of the process that serves this guest alone, if one does
+    /// (`--isolation guest`).
+    fn process(&self) -> Option<u32> {
+        None
+    }
 }
 
 /// Told what a guest holds after every change (a VMM connected, a message

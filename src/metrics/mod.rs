@@ -820,6 +820,7 @@ mod tests {
             refused_connections: if limited { 5 } else { 0 },
             evicted_connections: if limited { 6 } else { 0 },
             wrong_key_connections: if limited { 0 } else { 4 },
+            process: None,
         }
     }
 
@@ -888,6 +889,7 @@ mod tests {
                 ),
             ],
             sandbox: None,
+            isolation: String::new(),
         }
     }
 

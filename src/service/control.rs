@@ -184,6 +184,14 @@ pub fn handle(registry: &Registry, request: Request) -> Response {
 /// signal loop): the answer says whether the upgrade was started, not
 /// whether it succeeded, which `vhost-rng upgrade` follows in the status.
 fn request_upgrade(registry: &Registry) -> Result<Response, String> {
+    if registry.isolation() == crate::service::isolation::Isolation::Guest {
+        let message = crate::service::isolation::NO_UPGRADE.to_owned();
+        registry.update_lifecycle(|life| {
+            life.last_upgrade_error = Some(message.clone());
+            life.upgrade_failures += 1;
+        });
+        return Err(message);
+    }
     // A serving process may not execute anything: its top process runs
     // the check.
     let checked = match registry.link() {

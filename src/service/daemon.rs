@@ -30,12 +30,15 @@ use crate::metrics::MetricsServer;
 use crate::service::control::{ControlServer, DEFAULT_CONTROL_PATH};
 use crate::service::registry::{Listeners, Registry, RegistryError};
 use crate::service::sandbox::{
-    self, PrivilegeError, RunAs, SandboxStatus, SeccompError, SeccompMode, seccomp,
+    self, Isolation, PrivilegeError, RunAs, SandboxStatus, SeccompError, SeccompMode, seccomp,
 };
 use crate::service::shared_sockets;
 use crate::service::supervisor::{self, Report, WorkerLink};
 use crate::service::systemd::Notifier;
 use crate::service::upgrade;
+
+mod guest_process;
+pub use guest_process::run_guest_process;
 
 /// Settings that may come from the command line or the config file; the
 /// command line wins.
@@ -88,6 +91,9 @@ pub struct Settings {
     /// What a system call outside the allow-list does (`--seccomp`,
     /// `seccomp`); kill when not given.
     pub seccomp: Option<SeccompMode>,
+    /// Whether each vhost-user guest has a process of its own
+    /// (`--isolation`, `isolation`); shared when not given.
+    pub isolation: Option<Isolation>,
     /// Directories for the socket files of guests added later
     /// (`--socket-dir`, `socket-dirs`), added to the config file's.
     pub socket_dirs: Vec<PathBuf>,
@@ -123,6 +129,7 @@ struct Resolved {
     guests_declared: bool,
     user: Option<String>,
     seccomp: SeccompMode,
+    isolation: Isolation,
     socket_dirs: Vec<PathBuf>,
 }
 
@@ -169,6 +176,9 @@ pub enum DaemonError {
     /// The seccomp filter could not be installed.
     #[error(transparent)]
     Seccomp(#[from] SeccompError),
+    /// A guest process (`--isolation guest`) could not start.
+    #[error("guest process: {0}")]
+    GuestProcess(String),
     /// `vsock-default-rate` was given without `--vsock`.
     #[error("vsock-default-rate needs a vsock port to listen on: give --vsock PORT")]
     DefaultRateWithoutVsock,
@@ -233,6 +243,7 @@ fn resolve(config: &ServeConfig) -> Result<Resolved, DaemonError> {
         guests_declared: file.guests_declared,
         user: cli.user.clone().or(file.user),
         seccomp: cli.seccomp.or(file.seccomp).unwrap_or_default(),
+        isolation: cli.isolation.or(file.isolation).unwrap_or_default(),
         socket_dirs: cli
             .socket_dirs
             .iter()
@@ -340,6 +351,11 @@ pub fn run(config: ServeConfig) -> Result<(), DaemonError> {
     info!("serving mode: {}", resolved.pool.mode.as_str());
     let pool = Pool::start(resolved.pool.clone())?;
     let registry = Registry::new(Arc::clone(&pool), resolved.access, resolved.vhost_user);
+    if resolved.isolation == Isolation::Guest && link.is_none() {
+        warn!("--isolation guest needs the top process; serving every guest in this process");
+    } else {
+        registry.set_isolation(resolved.isolation);
+    }
     let binary = std::env::current_exe().unwrap_or_else(|_| PathBuf::from("/proc/self/exe"));
     registry.update_lifecycle(|life| life.binary = binary);
     if let Some((link, restarts)) = &link {
@@ -421,7 +437,12 @@ pub fn run(config: ServeConfig) -> Result<(), DaemonError> {
     shared_sockets::drop_unused();
     // Everything that needs root is done: drop it, then the filter; only
     // then do the threads reading guest input start reading it.
-    if let Err(e) = enter_sandbox(run_as.as_ref(), resolved.seccomp, landlock) {
+    if let Err(e) = enter_sandbox(
+        seccomp::Role::Worker,
+        run_as.as_ref(),
+        resolved.seccomp,
+        landlock,
+    ) {
         registry.stop_all();
         if let Some(control) = &control {
             control.stop();
@@ -469,6 +490,10 @@ pub fn run(config: ServeConfig) -> Result<(), DaemonError> {
                 // A serving process under a top process may not execute
                 // anything: the top process starts the new binary.
                 let upgraded = match &link {
+                    // Refused before any guest is frozen.
+                    Some(_) if registry.isolation() == Isolation::Guest => {
+                        Err(crate::service::isolation::NO_UPGRADE.to_owned())
+                    }
                     Some((link, _)) => supervisor::upgrade_through_top(&registry, link),
                     None => upgrade::perform(&registry, None).map_err(|e| e.to_string()),
                 };
@@ -518,6 +543,7 @@ pub fn run(config: ServeConfig) -> Result<(), DaemonError> {
 /// Drops privileges (`--user`), installs the serving process's filter on
 /// every thread and opens the gate for the threads that read input.
 fn enter_sandbox(
+    role: seccomp::Role,
     run_as: Option<&RunAs>,
     mode: SeccompMode,
     landlock: String,
@@ -526,7 +552,7 @@ fn enter_sandbox(
         run_as.drop_privileges()?;
         info!("running as {}", run_as.describe());
     }
-    seccomp::install_process(seccomp::Role::Worker, mode)?;
+    seccomp::install_process(role, mode)?;
     let uid = nix::unistd::getuid();
     let user = match run_as {
         Some(run_as) => run_as.describe(),
@@ -714,6 +740,9 @@ fn warn_restart_needed(path: &Path, running: &Resolved, new: &Resolved) {
     }
     if new.vhost_user != running.vhost_user {
         ignored.push("vhost-user-max-regions/vhost-user-max-memory/vhost-user-setup-timeout");
+    }
+    if new.isolation != running.isolation {
+        ignored.push("isolation");
     }
     if !ignored.is_empty() {
         warn!(

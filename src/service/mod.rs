@@ -7,7 +7,8 @@
 //! ([`supervisor`]) and what it keeps in systemd's file descriptor store
 //! ([`fd_store`]), the listening sockets all guests share and that are
 //! handed over like theirs ([`shared_sockets`]), the sandbox of both
-//! processes ([`sandbox`]), `vhost-rng check` ([`check`]) and `vhost-rng
+//! processes ([`sandbox`]), the guest processes of `--isolation guest`
+//! ([`isolation`]), `vhost-rng check` ([`check`]) and `vhost-rng
 //! seed` ([`seed`]).
 
 pub mod activation;
@@ -15,6 +16,7 @@ pub mod check;
 pub mod control;
 pub mod daemon;
 pub mod fd_store;
+pub mod isolation;
 pub mod libvirt_hook;
 pub mod registry;
 pub mod sandbox;

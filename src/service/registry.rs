@@ -31,6 +31,7 @@ use crate::frontend::{Checkpoint, GuestFrontend, Handover};
 use crate::frontend::{channel, egd};
 use crate::guest::limiter::{RateLimit, RateLimitError};
 use crate::guest::{Guest, GuestLimits, SharedBucket};
+use crate::service::isolation::{Isolation, RemoteGuest};
 use crate::service::status::{DaemonStatus, GuestStatus, ListenerStatus, PoolStatus, SourceStatus};
 use crate::service::supervisor::{Report, WorkerLink};
 use crate::service::upgrade::{self, Counters};
@@ -180,6 +181,8 @@ pub struct Registry {
     /// The top process, when this is a serving process it restarts after
     /// a crash: told what each guest holds after every change.
     link: OnceLock<Arc<WorkerLink>>,
+    /// Whether vhost-user guests are served by guest processes.
+    isolation: Mutex<Isolation>,
 }
 
 /// The daemon's life across in-place upgrades.
@@ -329,6 +332,7 @@ impl Registry {
                 ..Lifecycle::default()
             }),
             link: OnceLock::new(),
+            isolation: Mutex::new(Isolation::Shared),
         })
     }
 
@@ -390,6 +394,17 @@ impl Registry {
         self.forget(name);
         info!("guest {name}: removed");
         Ok(())
+    }
+
+    /// Serves vhost-user guests added from now on in guest processes
+    /// (`--isolation guest`), or here.
+    pub fn set_isolation(&self, isolation: Isolation) {
+        *self.isolation.lock().unwrap_or_else(|e| e.into_inner()) = isolation;
+    }
+
+    /// The isolation mode, for status.
+    pub fn isolation(&self) -> Isolation {
+        *self.isolation.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     /// Reports guests' changes to the top process from now on.
@@ -755,6 +770,26 @@ impl Registry {
         };
         let mut key = None;
         let server: Arc<dyn GuestFrontend> = match endpoint {
+            Opened::VhostUser(endpoint)
+                if self.isolation() == Isolation::Guest && self.link.get().is_some() =>
+            {
+                info!(
+                    "guest {}: serving on {} in a guest process of its own ({spec})",
+                    spec.name,
+                    endpoint.path().display()
+                );
+                // What a previous serving process held for it stays with
+                // the top process, which hands it to the guest process:
+                // guest memory is never mapped here.
+                drop(connection);
+                let top = self.link.get().ok_or_else(|| {
+                    spawn_error(std::io::Error::other("no top process to start it"))
+                })?;
+                Arc::new(
+                    RemoteGuest::start(guest, &spec, runtime, endpoint, top)
+                        .map_err(spawn_error)?,
+                )
+            }
             Opened::VhostUser(endpoint) => {
                 info!(
                     "guest {}: serving on {} ({spec})",
@@ -962,13 +997,14 @@ impl Registry {
     /// the ones a listener's default policy let in.
     pub fn guest_statuses(&self) -> Vec<GuestStatus> {
         let now = Instant::now();
-        let configured: Vec<(Arc<Guest>, &'static str, String)> = self
+        let configured: Vec<(Arc<Guest>, &'static str, String, Option<u32>)> = self
             .lock()
             .values()
             .map(|entry| {
                 let endpoint = &entry.spec.endpoint;
                 let guest = Arc::clone(entry.server.guest());
-                (guest, endpoint.key().as_str(), endpoint.value())
+                let process = entry.server.process();
+                (guest, endpoint.key().as_str(), endpoint.value(), process)
             })
             .collect();
         let automatic = self
@@ -977,11 +1013,11 @@ impl Registry {
             .map(|vsock| vsock.directory().automatic())
             .unwrap_or_default()
             .into_iter()
-            .map(|(cid, guest)| (guest, "cid", cid.to_string()));
+            .map(|(cid, guest)| (guest, "cid", cid.to_string(), None));
         configured
             .into_iter()
             .chain(automatic)
-            .map(|(guest, endpoint, address)| {
+            .map(|(guest, endpoint, address, process)| {
                 let stats = guest.stats.snapshot();
                 let limits = guest.limits();
                 GuestStatus {
@@ -1002,6 +1038,7 @@ impl Registry {
                     refused_connections: stats.refused_connections,
                     evicted_connections: stats.evicted_connections,
                     wrong_key_connections: stats.wrong_key_connections,
+                    process,
                 }
             })
             .collect()
@@ -1038,6 +1075,7 @@ impl Registry {
                 .map(Listeners::statuses)
                 .unwrap_or_default(),
             sandbox: crate::service::sandbox::status(),
+            isolation: self.isolation().as_str().into(),
         }
     }
 }

@@ -49,6 +49,10 @@ pub struct GuestStatus {
     /// TCP handshakes that named the guest but did not prove its key.
     #[serde(default)]
     pub wrong_key_connections: u64,
+    /// With `--isolation guest`, the pid of the guest process that serves
+    /// this vhost-user guest alone (as that process last said).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub process: Option<u32>,
 }
 
 pub use crate::frontend::shared::ListenerStatus;
@@ -136,6 +140,10 @@ pub struct DaemonStatus {
     /// Landlock enforces; none from daemons before this field.
     #[serde(default)]
     pub sandbox: Option<crate::service::sandbox::SandboxStatus>,
+    /// `shared` or `guest` (`--isolation`). Absent from the JSON of
+    /// daemons before this field.
+    #[serde(default)]
+    pub isolation: String,
 }
 
 impl SourceStatus {
@@ -205,6 +213,13 @@ impl DaemonStatus {
                 out,
                 "sandbox: user {}, seccomp {}, Landlock {}",
                 sandbox.user, sandbox.seccomp, sandbox.landlock
+            );
+        }
+        if self.isolation == "guest" {
+            let _ = writeln!(
+                out,
+                "isolation: guest (each vhost-user guest's memory is mapped only by its own \
+                 guest process)"
             );
         }
         let _ = writeln!(out, "\nSOURCES");
@@ -290,6 +305,10 @@ pub fn render_guests(guests: &[GuestStatus]) -> String {
             ),
             _ => format!("unlimited, weight {}", g.weight),
         };
+        let limit = match g.process {
+            Some(pid) => format!("{limit}, guest process {pid}"),
+            None => limit,
+        };
         let _ = writeln!(
             out,
             "{:<16} {:<10} {:>12} {:>10} {:>12} {:>9.1}s {:>12} {:>8} {:>8} {:>9}  {limit}",
@@ -331,6 +350,7 @@ mod tests {
             refused_connections: 0,
             evicted_connections: 0,
             wrong_key_connections: 0,
+            process: None,
         }
     }
 
@@ -355,6 +375,7 @@ mod tests {
             },
             listeners: vec![],
             sandbox: None,
+            isolation: String::new(),
         };
         let json = serde_json::to_string(&status).unwrap();
         assert_eq!(serde_json::from_str::<DaemonStatus>(&json).unwrap(), status);
@@ -407,6 +428,7 @@ mod tests {
                 ),
             ],
             sandbox: None,
+            isolation: String::new(),
         };
         let json = serde_json::to_string(&status).unwrap();
         assert_eq!(serde_json::from_str::<DaemonStatus>(&json).unwrap(), status);
@@ -459,6 +481,7 @@ mod tests {
             },
             listeners: vec![],
             sandbox: None,
+            isolation: String::new(),
         };
         assert!(!status.render().contains("LISTENERS"));
     }
@@ -484,6 +507,7 @@ mod tests {
             },
             listeners: vec![listener("tcp", "127.0.0.1:5565", &[])],
             sandbox: None,
+            isolation: String::new(),
         })
         .unwrap();
         status.as_object_mut().unwrap().remove("listeners");

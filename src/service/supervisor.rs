@@ -23,7 +23,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::ffi::OsString;
 use std::io::{IoSlice, IoSliceMut};
-use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::process::{CommandExt, ExitStatusExt};
 use std::path::PathBuf;
 use std::process::{Command, ExitCode};
@@ -48,8 +48,10 @@ use super::fd_store::{self, FdStore};
 use super::systemd::{self, Notifier};
 use super::upgrade::{self, DaemonState, GuestState, UPGRADE_STATE_VERSION};
 
+mod guest_process;
 mod handoff;
 mod leftovers;
+pub use guest_process::{GUEST_PROCESS_ENV, LINK_ENV, is_guest_process};
 pub use handoff::{Verdict, check_through_top, upgrade_through_top};
 
 /// The variable that makes `vhost-rng serve` a worker; it names the
@@ -107,6 +109,18 @@ pub enum Report {
         name: String,
         /// Its counters.
         counters: upgrade::Counters,
+    },
+    /// `--isolation guest`: start (or start again, with this new link) a
+    /// guest process for a vhost-user guest. Descriptors: the guest
+    /// process's end of the entropy link, the wake eventfd, and the
+    /// listening socket of a `socket=` guest.
+    StartGuest {
+        /// The guest's name.
+        name: String,
+        /// Its spec, as `--guest` takes it.
+        spec: String,
+        /// Added at runtime.
+        runtime: bool,
     },
     /// A guest no longer served.
     Gone {
@@ -175,7 +189,16 @@ impl WorkerLink {
     /// variables stay set, so that an in-place upgrade of the worker keeps
     /// its link.
     pub fn from_env() -> Option<(WorkerLink, Restarts)> {
-        let fd: RawFd = std::env::var(WORKER_ENV).ok()?.parse().ok()?;
+        Self::named_by(WORKER_ENV)
+    }
+
+    /// A guest process's link to the top process.
+    pub fn for_guest_process() -> Option<WorkerLink> {
+        Self::named_by(GUEST_PROCESS_ENV).map(|(link, _)| link)
+    }
+
+    fn named_by(variable: &str) -> Option<(WorkerLink, Restarts)> {
+        let fd: RawFd = std::env::var(variable).ok()?.parse().ok()?;
         // SAFETY: the top process passed this descriptor, open and meant
         // for this process alone, under this name.
         let socket = unsafe { OwnedFd::from_raw_fd(fd) };
@@ -316,6 +339,7 @@ pub fn run(handed_fds: &[RawFd]) -> ExitCode {
         shared: Vec::new(),
         store: None,
         unstored: BTreeSet::new(),
+        guests: guest_process::GuestProcesses::default(),
     };
     let passed = systemd::listen_fds();
     if FdStore::wanted(&top.notifier) {
@@ -345,14 +369,27 @@ pub fn run(handed_fds: &[RawFd]) -> ExitCode {
     let (first_backoff, max_backoff) = backoff_bounds();
     let mut backoff = first_backoff;
     loop {
-        let mut fds = [
+        let due = top.guests.restart_due(&top.binary, &top.args, &top.held);
+        let guest_reports: Vec<(String, RawFd)> = (top.guests.by_name.iter())
+            .map(|(name, process)| (name.clone(), process.reports.as_raw_fd()))
+            .collect();
+        let mut fds = vec![
             PollFd::new(ours.as_fd(), PollFlags::POLLIN),
             PollFd::new(signal_fd.as_fd(), PollFlags::POLLIN),
         ];
-        let timeout = if top.unstored.is_empty() {
-            PollTimeout::NONE
-        } else {
-            PollTimeout::from(1000u16)
+        fds.extend(guest_reports.iter().map(|&(_, fd)| {
+            // SAFETY: each is a guest process's report socket, which
+            // `top.guests` keeps open until the poll below has returned
+            // (nothing changes `top` before `fds` is dropped).
+            PollFd::new(unsafe { BorrowedFd::borrow_raw(fd) }, PollFlags::POLLIN)
+        }));
+        // A second at most while the store needs a resync, and no later
+        // than the next guest process due to start again.
+        let timeout = match (top.unstored.is_empty(), due) {
+            (true, None) => PollTimeout::NONE,
+            (_, due) => {
+                PollTimeout::from(due.map_or(1000, |d| d.as_millis().clamp(1, 1000) as u16))
+            }
         };
         match poll(&mut fds, timeout) {
             Ok(_) | Err(nix::errno::Errno::EINTR) => {}
@@ -365,6 +402,13 @@ pub fn run(handed_fds: &[RawFd]) -> ExitCode {
             fds[0].revents().is_some_and(|r| !r.is_empty()),
             fds[1].revents().is_some_and(|r| !r.is_empty()),
         );
+        let ready: Vec<usize> = (2..fds.len())
+            .filter(|&i| fds[i].revents().is_some_and(|r| !r.is_empty()))
+            .collect();
+        drop(fds);
+        for i in ready {
+            top.receive_from_guest(&guest_reports[i - 2].0);
+        }
         if !report && !signal {
             top.resync_store();
         }
@@ -390,6 +434,7 @@ pub fn run(handed_fds: &[RawFd]) -> ExitCode {
         };
         match signal {
             Signal::SIGCHLD => {
+                top.guests.reap(&top.binary, &top.args, &top.held);
                 // Reports the dead worker sent before it died count.
                 while top.receive_now(&ours) {}
                 let status = match waitpid(worker, Some(WaitPidFlag::WNOHANG)) {
@@ -405,6 +450,7 @@ pub fn run(handed_fds: &[RawFd]) -> ExitCode {
                         std::thread::sleep(Duration::from_millis(20));
                         top.resync_store();
                     }
+                    top.guests.stop_all();
                     // Unless systemd keeps them for the next start.
                     if top.store.is_none() {
                         leftovers::remove(top.leftovers.values());
@@ -422,6 +468,7 @@ pub fn run(handed_fds: &[RawFd]) -> ExitCode {
                     }
                 }
                 if !top.ready {
+                    top.guests.stop_all();
                     error!("the serving process could not start ({status}); stopping");
                     return exit_code(status);
                 }
@@ -496,6 +543,8 @@ struct Top {
     /// Guests whose last change systemd's full queue did not take whole;
     /// stored again from scratch a second later.
     unstored: BTreeSet<String>,
+    /// `--isolation guest`: each vhost-user guest's own process.
+    guests: guest_process::GuestProcesses,
 }
 
 impl Top {
@@ -700,37 +749,42 @@ impl Top {
         self.spawn(Some((&memfd, kept)))
     }
 
-    /// Takes one report if there is one; false if none was waiting.
-    fn receive_now(&mut self, socket: &OwnedFd) -> bool {
-        let mut buf = vec![0u8; MAX_RECORD];
-        let mut cmsg = nix::cmsg_space!([RawFd; MAX_FDS + 3]);
-        let mut iov = [IoSliceMut::new(&mut buf)];
-        let received = match recvmsg::<()>(
-            socket.as_raw_fd(),
-            &mut iov,
-            Some(&mut cmsg),
-            MsgFlags::MSG_DONTWAIT | MsgFlags::MSG_CMSG_CLOEXEC,
-        ) {
-            Ok(received) => received,
-            Err(_) => return false,
+    /// Takes a guest process's report: its own guest's state, nothing else.
+    fn receive_from_guest(&mut self, name: &str) {
+        // A guest process an earlier report of this round stopped has
+        // nothing to say any more.
+        let Some(process) = self.guests.by_name.get(name) else {
+            return;
         };
-        let bytes = received.bytes;
-        let mut fds = Vec::new();
-        if let Ok(messages) = received.cmsgs() {
-            for message in messages {
-                if let ControlMessageOwned::ScmRights(raw) = message {
-                    // SAFETY: the kernel installed these for us just now.
-                    fds.extend(
-                        raw.into_iter()
-                            .map(|fd| unsafe { OwnedFd::from_raw_fd(fd) }),
+        let Some((report, fds)) = receive(process.reports.as_fd()) else {
+            return;
+        };
+        match report {
+            Ok(Report::Guest {
+                name: reported,
+                state,
+            }) if reported == name => {
+                if let Some(state) = self.guests.accept(name, *state, self.held.get(name)) {
+                    self.apply(
+                        Report::Guest {
+                            name: name.to_owned(),
+                            state: Box::new(state),
+                        },
+                        fds,
                     );
                 }
             }
+            Ok(_) => warn!("guest {name}: its guest process sent a report it may not; ignored"),
+            Err(e) => warn!("guest {name}: an unreadable report from its guest process: {e}"),
         }
-        if bytes == 0 {
+    }
+
+    /// Takes one report if there is one; false if none was waiting.
+    fn receive_now(&mut self, socket: &OwnedFd) -> bool {
+        let Some((report, fds)) = receive(socket.as_fd()) else {
             return false;
-        }
-        match serde_json::from_slice::<Report>(&buf[..bytes]) {
+        };
+        match report {
             Ok(Report::CheckUpgrade { id }) => self.check_upgrade(id, socket),
             Ok(report) => self.apply(report, fds),
             Err(e) => warn!("an unreadable report from the serving process: {e}"),
@@ -773,7 +827,22 @@ impl Top {
                     }
                 }
             }
+            Report::StartGuest {
+                name,
+                spec,
+                runtime,
+            } => {
+                self.guests.start(
+                    &self.binary,
+                    &self.args,
+                    &mut self.held,
+                    (name.clone(), spec, runtime),
+                    fds,
+                );
+                self.note_socket_file(&name);
+            }
             Report::Gone { name } => {
+                self.guests.stop(&name);
                 if let Some(store) = &mut self.store
                     && !store.forget(&self.notifier, &name)
                 {
@@ -927,6 +996,37 @@ impl Top {
         set_inherited(false);
         format!("cannot execute {}: {error}", self.binary.display())
     }
+}
+
+/// One report and its descriptors, if one was waiting.
+fn receive(socket: BorrowedFd<'_>) -> Option<(serde_json::Result<Report>, Vec<OwnedFd>)> {
+    let mut buf = vec![0u8; MAX_RECORD];
+    let mut cmsg = nix::cmsg_space!([RawFd; MAX_FDS + 3]);
+    let mut iov = [IoSliceMut::new(&mut buf)];
+    let received = recvmsg::<()>(
+        socket.as_raw_fd(),
+        &mut iov,
+        Some(&mut cmsg),
+        MsgFlags::MSG_DONTWAIT | MsgFlags::MSG_CMSG_CLOEXEC,
+    )
+    .ok()?;
+    let bytes = received.bytes;
+    let mut fds = Vec::new();
+    if let Ok(messages) = received.cmsgs() {
+        for message in messages {
+            if let ControlMessageOwned::ScmRights(raw) = message {
+                // SAFETY: the kernel installed these for us just now.
+                fds.extend(
+                    raw.into_iter()
+                        .map(|fd| unsafe { OwnedFd::from_raw_fd(fd) }),
+                );
+            }
+        }
+    }
+    if bytes == 0 {
+        return None;
+    }
+    Some((serde_json::from_slice::<Report>(&buf[..bytes]), fds))
 }
 
 fn forward(worker: &Pid, signal: Signal) {

@@ -21,6 +21,7 @@ use virtio_bindings::bindings::virtio_ring::{
 use virtio_queue::Queue;
 use vm_memory::GuestMemoryMmap;
 
+use super::remote_supply::{RemoteLink, RemoteSupply};
 use super::request::{RequestProcessor, Supplied, Supply};
 use crate::entropy::pool::EntropyStream;
 use crate::guest::Guest;
@@ -56,6 +57,10 @@ pub struct RngDevice {
     /// When a throttled guest has tokens again; the serving loop's one
     /// timer fires then (no descriptor of its own).
     throttled_until: Option<Instant>,
+    /// In a guest process (`--isolation guest`): bytes come from the main
+    /// serving process over this link, which wakes the device through the
+    /// loop ([`super::event_loop`] watches the link's wake eventfd).
+    remote: Option<Arc<RemoteLink>>,
 }
 
 /// The pool's wake-up for a starved device: a flag, and once the device is
@@ -69,7 +74,9 @@ pub struct Wake {
 }
 
 impl Wake {
-    fn signal(&self) {
+    /// The pool (or, in a guest process, the main serving process over the
+    /// entropy link) can serve the device again.
+    pub fn signal(&self) {
         if !self.woken.swap(true, Ordering::SeqCst)
             && let Some(hook) = self.hook.get()
         {
@@ -101,6 +108,7 @@ impl RngDevice {
             stream,
             wake,
             throttled_until: None,
+            remote: super::remote_supply::installed(),
         })
     }
 
@@ -128,12 +136,17 @@ impl RngDevice {
     /// notified.
     pub fn serve(&mut self, queue: &mut Queue, memory: &GuestMemoryMmap) -> bool {
         let guest = Arc::clone(&self.guest);
-        let mut supply = GuestSupply {
+        let mut local = GuestSupply {
             guest: &guest,
             stream: self.stream.as_mut(),
             now: Instant::now(),
         };
-        let mut supply = PassBudget::new(&mut supply);
+        let mut remote = (self.remote.as_deref()).map(|link| RemoteSupply::new(link, &guest.stats));
+        let inner: &mut dyn Supply = match remote.as_mut() {
+            Some(remote) => remote,
+            None => &mut local,
+        };
+        let mut supply = PassBudget::new(inner);
         let outcome =
             self.processor
                 .process_queue(queue, memory, &mut supply, &mut |head, defect| {

@@ -74,6 +74,9 @@ const SETUP_RETRY: Duration = Duration::from_millis(500);
 const CONTROL: u64 = 0;
 const WAKE: u64 = 1;
 const TIMER: u64 = 2;
+/// In a guest process: the entropy link's wake eventfd (the main serving
+/// process can serve the starved guest again).
+const REMOTE_WAKE: u64 = 3;
 const LISTENER: u64 = 1;
 const CONNECTION: u64 = 2;
 const KICK: u64 = 3;
@@ -136,8 +139,11 @@ static LOOPS: Mutex<Loops> = Mutex::new(Loops {
 static NEXT_SLOT: AtomicU64 = AtomicU64::new(1);
 
 /// How many loops serve listening guests: one per CPU, at most
-/// [`MAX_LOOPS`].
+/// [`MAX_LOOPS`]; one in a guest process, which serves one guest.
 fn listen_loops() -> usize {
+    if super::remote_supply::installed().is_some() {
+        return 1;
+    }
     thread::available_parallelism()
         .map_or(1, |n| n.get())
         .clamp(1, MAX_LOOPS)
@@ -196,6 +202,9 @@ fn start(name: String, dials: bool) -> io::Result<LoopHandle> {
         EpollEvent::new(readable, WAKE),
     )?;
     epoll.add(timer.as_fd(), EpollEvent::new(readable, TIMER))?;
+    if let Some(link) = super::remote_supply::installed() {
+        epoll.add(link.wake_fd(), EpollEvent::new(readable, REMOTE_WAKE))?;
+    }
     let mut event_loop = EventLoop {
         shared: Arc::clone(&shared),
         epoll,
@@ -320,6 +329,18 @@ impl EventLoop {
                 );
                 for slot in woken {
                     self.with_connection(slot, |connection| connection.handler.on_wake());
+                }
+            }
+            REMOTE_WAKE => {
+                if let Some(link) = super::remote_supply::installed() {
+                    link.take_wake();
+                }
+                // Through each device's own flag, as the pool wakes it: a
+                // frozen guest finds the flag set when it is thawed.
+                for entry in self.slots.values() {
+                    if let Some(connection) = &entry.connection {
+                        connection.handler.wake().signal();
+                    }
                 }
             }
             TIMER => {

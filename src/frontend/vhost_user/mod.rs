@@ -14,6 +14,8 @@
 //! - [`snapshot`]: a connection's state as data, to hand it over.
 //! - [`device`]: the virtio-rng device offered over each connection.
 //! - [`request`]: answering the requests on its queue.
+//! - [`remote_supply`]: `--isolation guest`'s entropy link between a guest
+//!   process and the main serving process.
 
 pub mod connection;
 pub mod device;
@@ -22,6 +24,7 @@ pub mod event_loop;
 pub mod fault_guard;
 pub mod handler;
 pub mod memory;
+pub mod remote_supply;
 pub mod request;
 pub mod server;
 pub mod snapshot;

@@ -24,7 +24,7 @@ use std::sync::{Condvar, Mutex};
 
 use serde::{Deserialize, Serialize};
 
-pub use mode::SeccompMode;
+pub use mode::{Isolation, SeccompMode};
 pub use privileges::{PrivilegeError, RunAs};
 pub use seccomp::{SeccompError, ThreadRole};
 

@@ -52,3 +52,43 @@ impl FromStr for SeccompMode {
         }
     }
 }
+
+/// Which processes map which guests' memory (`--isolation`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "kebab-case")]
+pub enum Isolation {
+    /// One serving process maps every vhost-user guest's memory.
+    #[default]
+    Shared,
+    /// Each vhost-user guest's memory is mapped in a guest process that
+    /// serves that guest alone.
+    Guest,
+}
+
+impl Isolation {
+    /// The name `--isolation` takes.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Isolation::Shared => "shared",
+            Isolation::Guest => "guest",
+        }
+    }
+}
+
+impl fmt::Display for Isolation {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl FromStr for Isolation {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "shared" => Ok(Isolation::Shared),
+            "guest" => Ok(Isolation::Guest),
+            other => Err(format!("'{other}': expected shared or guest")),
+        }
+    }
+}

@@ -61,6 +61,10 @@ pub enum Role {
     Top,
     /// The serving process after its set-up.
     Worker,
+    /// A guest process of `--isolation guest` after its set-up: the
+    /// serving process's list without what only guests added, removed or
+    /// reloaded need (binding, listening, making or removing files).
+    GuestProcess,
 }
 
 impl Role {
@@ -68,6 +72,7 @@ impl Role {
         match self {
             Role::Top => "top-process",
             Role::Worker => "serving-process",
+            Role::GuestProcess => "guest-process",
         }
     }
 }
@@ -308,6 +313,33 @@ fn any_of(arg: u8, values: &[u64]) -> Result<Vec<SeccompRule>, SeccompError> {
         .collect()
 }
 
+/// What a guest process may not call that the serving process may: it
+/// serves one guest whose socket the serving process made, and never makes,
+/// binds, renames or removes anything.
+const GUEST_PROCESS_REMOVED: &[i64] = &[
+    libc::SYS_bind,
+    libc::SYS_listen,
+    libc::SYS_socketpair,
+    libc::SYS_unlinkat,
+    libc::SYS_renameat,
+    libc::SYS_renameat2,
+    libc::SYS_mkdirat,
+    libc::SYS_mknodat,
+    libc::SYS_fchmodat,
+    libc::SYS_fchownat,
+    libc::SYS_fchmod,
+    libc::SYS_fchown,
+];
+#[cfg(target_arch = "x86_64")]
+const GUEST_PROCESS_REMOVED_X86_64: &[i64] = &[
+    libc::SYS_unlink,
+    libc::SYS_rename,
+    libc::SYS_mkdir,
+    libc::SYS_chmod,
+];
+#[cfg(not(target_arch = "x86_64"))]
+const GUEST_PROCESS_REMOVED_X86_64: &[i64] = &[];
+
 /// The allow-list of `role`, with argument conditions where they matter.
 // The ioctl request constants are u64 with glibc and i32 with musl.
 #[allow(clippy::unnecessary_cast)]
@@ -323,7 +355,7 @@ fn allowed(role: Role) -> Result<BTreeMap<i64, Vec<SeccompRule>>, SeccompError> 
                 rules.insert(call, Vec::new());
             }
         }
-        Role::Worker => {
+        Role::Worker | Role::GuestProcess => {
             let pid = u64::from(std::process::id());
             // FIFOs (`fifo=` guests), and no other special file.
             rules.insert(
@@ -390,6 +422,14 @@ fn allowed(role: Role) -> Result<BTreeMap<i64, Vec<SeccompRule>>, SeccompError> 
                     ],
                 )?,
             );
+        }
+    }
+    if role == Role::GuestProcess {
+        for call in GUEST_PROCESS_REMOVED
+            .iter()
+            .chain(GUEST_PROCESS_REMOVED_X86_64)
+        {
+            rules.remove(call);
         }
     }
     Ok(rules)
@@ -545,7 +585,7 @@ mod tests {
     #[test]
     fn every_filter_compiles_in_every_mode() {
         for mode in [SeccompMode::Kill, SeccompMode::Log] {
-            for role in [Role::Top, Role::Worker] {
+            for role in [Role::Top, Role::Worker, Role::GuestProcess] {
                 assert!(process_filter(role, mode).unwrap().is_some());
             }
         }
@@ -578,6 +618,23 @@ mod tests {
         assert!(top.contains_key(&libc::SYS_execve));
         assert!(!top.contains_key(&libc::SYS_personality));
         assert!(!top.contains_key(&libc::SYS_ptrace));
+    }
+
+    #[test]
+    fn a_guest_process_cannot_make_or_remove_files_or_listen() {
+        let guest = allowed(Role::GuestProcess).unwrap();
+        let worker = allowed(Role::Worker).unwrap();
+        for call in [
+            libc::SYS_bind,
+            libc::SYS_listen,
+            libc::SYS_unlinkat,
+            libc::SYS_mknodat,
+            libc::SYS_execve,
+        ] {
+            assert!(!guest.contains_key(&call), "{call}");
+        }
+        assert!(worker.contains_key(&libc::SYS_bind));
+        assert!(guest.keys().all(|call| worker.contains_key(call)));
     }
 
     #[test]
