@@ -604,3 +604,52 @@ fn guest_processes_keep_their_vmm_connections_through_restarts_by_systemd() {
         assert_eq!(serving, [process]);
     }
 }
+
+/// A starved guest in a guest process (raw mode, a FIFO source with nothing
+/// in it yet) is answered once the source delivers, without another kick:
+/// the serving process wakes it over the entropy link's eventfd, which the
+/// guest process's event loop waits on.
+#[test]
+fn a_starved_guest_in_a_guest_process_is_woken_over_its_link() {
+    let dir = tempfile::tempdir().unwrap();
+    // The source is opened by the serving process, which runs as the test
+    // user: let it in.
+    std::fs::set_permissions(
+        dir.path(),
+        std::os::unix::fs::PermissionsExt::from_mode(0o755),
+    )
+    .unwrap();
+    let fifo = dir.path().join("entropy.fifo");
+    nix::unistd::mkfifo(&fifo, nix::sys::stat::Mode::from_bits_truncate(0o644)).unwrap();
+    let socket = dir.path().join("starved.sock");
+    let source = format!("file={}", fifo.display());
+    let mut daemon = Daemon::start_sandboxed([
+        "serve",
+        "--isolation",
+        "guest",
+        "--mode",
+        "raw",
+        "--source",
+        &source,
+        "--socket",
+        socket.to_str().unwrap(),
+    ]);
+    daemon.wait_for_socket(&socket);
+    let mut vmm = TestVmm::connect(&socket, TestVmmConfig::qemu()).unwrap();
+    let head = vmm.post(&[Buffer::writable(64)]).unwrap();
+    vmm.kick().unwrap();
+    assert!(
+        vmm.wait_used(1, Duration::from_secs(2)).is_err(),
+        "served with no source data"
+    );
+    let writer = common::feed_uniform_bytes(fifo);
+    let used = vmm
+        .wait_used(1, PATIENCE)
+        .unwrap_or_else(|e| panic!("{e}\n{}", daemon.log()));
+    // (Raw mode may answer with part of the request: virtio-rng allows it.)
+    assert_eq!(used[0].head, head);
+    assert!(used[0].len > 0 && used[0].len <= 64, "{:?}", used[0]);
+    drop(vmm);
+    drop(daemon);
+    writer.join().unwrap();
+}

@@ -663,25 +663,7 @@ fn a_starved_guest_is_woken_by_the_pool_without_polling() {
         "served with no source data"
     );
     // The source delivers: answered without another kick.
-    let writer = std::thread::spawn(move || {
-        use std::io::Write;
-        let mut fifo = std::fs::OpenOptions::new().write(true).open(&fifo).unwrap();
-        let mut state = 42u64;
-        let mut chunk = [0u8; 4096];
-        loop {
-            for word in chunk.chunks_mut(8) {
-                // splitmix64: uniform test bytes the health tests accept.
-                state = state.wrapping_add(0x9e37_79b9_7f4a_7c15);
-                let mut z = state;
-                z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-                z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-                word.copy_from_slice(&(z ^ (z >> 31)).to_le_bytes());
-            }
-            if fifo.write_all(&chunk).is_err() {
-                return;
-            }
-        }
-    });
+    let writer = common::feed_uniform_bytes(fifo);
     let used = vmm.wait_used(1, Duration::from_secs(30)).unwrap();
     // (Raw mode may answer with part of the request: virtio-rng allows it.)
     assert_eq!(used[0].head, head);

@@ -667,3 +667,27 @@ impl Daemon {
             .unwrap_or_else(|e| panic!("'{addr}' in the daemon log: {e}\n{log}"))
     }
 }
+
+/// Writes deterministic, uniformly distributed bytes (splitmix64, which the
+/// health tests accept) into the FIFO at `path` until its reader is gone:
+/// a `--source file=FIFO` that has data from now on.
+pub fn feed_uniform_bytes(path: std::path::PathBuf) -> std::thread::JoinHandle<()> {
+    std::thread::spawn(move || {
+        use std::io::Write;
+        let mut fifo = std::fs::OpenOptions::new().write(true).open(&path).unwrap();
+        let mut state = 42u64;
+        let mut chunk = [0u8; 4096];
+        loop {
+            for word in chunk.chunks_mut(8) {
+                state = state.wrapping_add(0x9e37_79b9_7f4a_7c15);
+                let mut z = state;
+                z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+                z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+                word.copy_from_slice(&(z ^ (z >> 31)).to_le_bytes());
+            }
+            if fifo.write_all(&chunk).is_err() {
+                return;
+            }
+        }
+    })
+}
