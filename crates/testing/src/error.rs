@@ -87,6 +87,11 @@ pub enum Error {
     #[error("device returned used element with id {0}, which is not an in-flight chain head")]
     BogusUsedId(u32),
 
+    /// [`crate::SplitRingDriver::repost_reaped`] was asked for chains that
+    /// are not the last ones reaped, or not single-descriptor ones.
+    #[error("cannot post again: {0}")]
+    NotRepostable(String),
+
     /// The used index moved by more than the queue size since the last look,
     /// which no correct device can do.
     #[error("used index advanced by {advanced}, more than the queue size {queue_size}")]
