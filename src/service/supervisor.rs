@@ -662,24 +662,8 @@ impl Top {
             inherit.push(record.as_raw_fd());
             inherit.extend(fds);
         }
-        // SAFETY: between fork and exec only async-signal-safe calls are
-        // made (fcntl, prctl, sigprocmask), on descriptors this process owns
-        // and keeps open until the child has started.
-        unsafe {
-            command.pre_exec(move || {
-                for &fd in &inherit {
-                    if libc::fcntl(fd, libc::F_SETFD, 0) != 0 {
-                        return Err(std::io::Error::last_os_error());
-                    }
-                }
-                // The worker goes when the top process does.
-                libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM);
-                let mut none: libc::sigset_t = std::mem::zeroed();
-                libc::sigemptyset(&mut none);
-                libc::sigprocmask(libc::SIG_SETMASK, &none, std::ptr::null_mut());
-                Ok(())
-            });
-        }
+        // The worker goes when the top process does.
+        inherit_into_child(&mut command, inherit, libc::SIGTERM);
         let child = command.spawn()?;
         // Waited for with waitpid (SIGCHLD), by this image or the next one.
         Ok(Pid::from_raw(child.id() as i32))
@@ -1052,5 +1036,29 @@ fn exit_code(status: std::process::ExitStatus) -> ExitCode {
         Some(0) => ExitCode::SUCCESS,
         Some(code) => ExitCode::from(u8::try_from(code).unwrap_or(1)),
         None => ExitCode::FAILURE,
+    }
+}
+
+/// Makes `command`'s child inherit the descriptors `inherit` (close-on-exec
+/// cleared in the child only), receive `death_signal` when the top process
+/// dies, and start with no signal blocked (the top process blocks the ones
+/// it reads from its signalfd).
+pub(super) fn inherit_into_child(command: &mut Command, inherit: Vec<RawFd>, death_signal: i32) {
+    // SAFETY: between fork and exec only async-signal-safe calls are made
+    // (fcntl, prctl, sigprocmask), on descriptors this process owns and
+    // keeps open until the child has started.
+    unsafe {
+        command.pre_exec(move || {
+            for &fd in &inherit {
+                if libc::fcntl(fd, libc::F_SETFD, 0) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+            }
+            libc::prctl(libc::PR_SET_PDEATHSIG, death_signal);
+            let mut none: libc::sigset_t = std::mem::zeroed();
+            libc::sigemptyset(&mut none);
+            libc::sigprocmask(libc::SIG_SETMASK, &none, std::ptr::null_mut());
+            Ok(())
+        });
     }
 }

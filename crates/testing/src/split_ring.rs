@@ -545,6 +545,13 @@ impl SplitRingDriver {
     /// index. [`Self::post`] does this itself; call it directly only for
     /// chains built with [`Self::write_descriptor`].
     pub fn publish_head(&mut self, head: u16) -> Result<()> {
+        self.append_avail(head)?;
+        self.store_avail_idx(self.avail_idx.0)
+    }
+
+    /// Writes `head` into the next available-ring slot; the index is not
+    /// published.
+    fn append_avail(&mut self, head: u16) -> Result<()> {
         let slot = u64::from(self.avail_idx.0 % self.layout.queue_size);
         let entry = self
             .layout
@@ -554,7 +561,7 @@ impl SplitRingDriver {
             .write_obj(head.to_le(), entry)
             .map_err(Error::memory(entry.raw_value()))?;
         self.avail_idx += Wrapping(1);
-        self.store_avail_idx(self.avail_idx.0)
+        Ok(())
     }
 
     /// Posts the last `count` chains reaped again, as they were (same
@@ -583,15 +590,7 @@ impl SplitRingDriver {
             }
             chain.in_flight = true;
             self.in_flight += 1;
-            let slot = u64::from(self.avail_idx.0 % self.layout.queue_size);
-            let entry = self
-                .layout
-                .avail_ring
-                .unchecked_add(RING_ENTRIES + AVAIL_ENTRY_SIZE * slot);
-            self.memory
-                .write_obj(head.to_le(), entry)
-                .map_err(Error::memory(entry.raw_value()))?;
-            self.avail_idx += Wrapping(1);
+            self.append_avail(head)?;
         }
         self.store_avail_idx(self.avail_idx.0)
     }

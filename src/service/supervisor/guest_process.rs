@@ -14,7 +14,6 @@
 
 use std::collections::BTreeMap;
 use std::os::fd::{AsRawFd, OwnedFd, RawFd};
-use std::os::unix::process::CommandExt;
 use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
@@ -327,24 +326,8 @@ impl GuestProcess {
         ] {
             command.env_remove(variable);
         }
-        // SAFETY: between fork and exec only async-signal-safe calls are
-        // made (fcntl, prctl, sigprocmask), on descriptors this process owns
-        // and keeps open until the child has started.
-        unsafe {
-            command.pre_exec(move || {
-                for &fd in &inherit {
-                    if libc::fcntl(fd, libc::F_SETFD, 0) != 0 {
-                        return Err(std::io::Error::last_os_error());
-                    }
-                }
-                // A guest process goes when the top process does.
-                libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
-                let mut none: libc::sigset_t = std::mem::zeroed();
-                libc::sigemptyset(&mut none);
-                libc::sigprocmask(libc::SIG_SETMASK, &none, std::ptr::null_mut());
-                Ok(())
-            });
-        }
+        // A guest process goes when the top process does.
+        super::inherit_into_child(&mut command, inherit, libc::SIGKILL);
         let child = command.spawn()?;
         Ok(Pid::from_raw(child.id() as i32))
     }
