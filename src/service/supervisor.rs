@@ -272,6 +272,38 @@ struct Held {
     fds: Vec<OwnedFd>,
 }
 
+impl Held {
+    /// The guest's state as a child process is handed it: every descriptor
+    /// index replaced by the raw descriptor the child inherits, which is
+    /// added to `inherit` (an index with no descriptor becomes -1); the
+    /// stream clients only `with_clients` (a guest process has none to
+    /// take).
+    fn for_child(&self, inherit: &mut Vec<RawFd>, with_clients: bool) -> GuestState {
+        let mut at = |index: RawFd| {
+            let raw = usize::try_from(index)
+                .ok()
+                .and_then(|i| self.fds.get(i))
+                .map_or(-1, AsRawFd::as_raw_fd);
+            if raw >= 0 {
+                inherit.push(raw);
+            }
+            raw
+        };
+        let mut state = self.state.clone();
+        state.listener = state.listener.map(&mut at);
+        if let Some(connection) = state.connection.as_mut() {
+            connection.socket = at(connection.socket);
+            connection.fds = connection.fds.iter().map(|&fd| at(fd)).collect();
+        }
+        state.clients = if with_clients {
+            state.clients.iter().map(|&fd| at(fd)).collect()
+        } else {
+            Vec::new()
+        };
+        state
+    }
+}
+
 /// The top process's loop: starts the worker and restarts it when it dies,
 /// until SIGTERM or SIGINT. Returns the worker's exit status when it is
 /// stopped, or when the first worker fails to start. `handed_fds` are the
@@ -682,21 +714,7 @@ impl Top {
             .held
             .values()
             .map(|held| {
-                let mut at = |index: RawFd| {
-                    let raw = usize::try_from(index)
-                        .ok()
-                        .and_then(|i| held.fds.get(i))
-                        .map_or(-1, AsRawFd::as_raw_fd);
-                    kept.push(raw);
-                    raw
-                };
-                let mut state = held.state.clone();
-                state.listener = state.listener.map(&mut at);
-                if let Some(connection) = state.connection.as_mut() {
-                    connection.socket = at(connection.socket);
-                    connection.fds = connection.fds.iter().map(|&fd| at(fd)).collect();
-                }
-                state.clients = state.clients.iter().map(|&fd| at(fd)).collect();
+                let mut state = held.for_child(&mut kept, true);
                 // Start empty: tokens reported before the crash may have
                 // been spent since.
                 if !keep_tokens {
@@ -726,7 +744,6 @@ impl Top {
             })
             .collect();
         let record = DaemonState { shared, ..record };
-        kept.retain(|&fd| fd >= 0);
         let memfd = upgrade::write_record(&record)?;
         // Close-on-exec is cleared in the child only (pre_exec): ours stay
         // as they are.

@@ -13,7 +13,7 @@
 //! counters and tokens are the top process's.
 
 use std::collections::BTreeMap;
-use std::os::fd::{AsRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsRawFd, OwnedFd};
 use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
@@ -277,24 +277,7 @@ impl GuestProcess {
         ];
         let mut guests = Vec::new();
         if let Some(held) = held {
-            let mut at = |index: RawFd| {
-                let raw = usize::try_from(index)
-                    .ok()
-                    .and_then(|i| held.fds.get(i))
-                    .map_or(-1, AsRawFd::as_raw_fd);
-                if raw >= 0 {
-                    inherit.push(raw);
-                }
-                raw
-            };
-            let mut state = held.state.clone();
-            state.listener = state.listener.map(&mut at);
-            if let Some(connection) = state.connection.as_mut() {
-                connection.socket = at(connection.socket);
-                connection.fds = connection.fds.iter().map(|&fd| at(fd)).collect();
-            }
-            state.clients = Vec::new();
-            guests.push(state);
+            guests.push(held.for_child(&mut inherit, false));
         }
         let record = DaemonState {
             version: UPGRADE_STATE_VERSION,
