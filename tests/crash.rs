@@ -32,16 +32,6 @@ fn usage(pid: nix::unistd::Pid) -> (usize, usize) {
     (count("fd"), count("task"))
 }
 
-fn status_json(daemon: &Daemon) -> serde_json::Value {
-    let output = common::run_cli([
-        "status".as_ref(),
-        "--json".as_ref(),
-        "--control".as_ref(),
-        daemon.control().as_os_str(),
-    ]);
-    serde_json::from_slice(&output.stdout).unwrap_or_default()
-}
-
 #[test]
 fn killed_serving_processes_are_replaced_and_no_vmm_notices() {
     let dir = tempfile::tempdir().unwrap();
@@ -118,7 +108,7 @@ fn killed_serving_processes_are_replaced_and_no_vmm_notices() {
             posted[n] = 0;
         }
         egd_level(&mut egd_client);
-        let status = status_json(&daemon);
+        let status = daemon.status_json();
         assert_eq!(status["worker_restarts"], kill, "{status}");
         assert_eq!(
             status["last_worker_exit"], "was killed by SIGKILL",

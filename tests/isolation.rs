@@ -22,19 +22,9 @@ use vhost_rng_testing::{Buffer, TestVmm, TestVmmConfig};
 
 const PATIENCE: Duration = Duration::from_secs(60);
 
-fn status_json(daemon: &Daemon) -> serde_json::Value {
-    let output = common::run_cli([
-        "status".as_ref(),
-        "--json".as_ref(),
-        "--control".as_ref(),
-        daemon.control().as_os_str(),
-    ]);
-    serde_json::from_slice(&output.stdout).unwrap_or_default()
-}
-
 /// The guest process of `name`, as status shows it.
 fn guest_process(daemon: &Daemon, name: &str) -> Option<Pid> {
-    let status = status_json(daemon);
+    let status = daemon.status_json();
     let guests = status["guests"].as_array()?;
     let guest = guests.iter().find(|g| g["name"] == name)?;
     Some(Pid::from_raw(guest["process"].as_i64()? as i32))
@@ -125,7 +115,7 @@ fn each_guests_memory_is_mapped_only_by_its_own_sandboxed_guest_process() {
     for vmm in &mut vmms {
         serve_64(vmm);
     }
-    let status = status_json(&daemon);
+    let status = daemon.status_json();
     assert_eq!(status["isolation"], "guest", "{status}");
     let mut owners = BTreeSet::new();
     for (vmm, name) in vmms.iter().zip(["vm1", "vm2", "server"]) {
@@ -241,7 +231,7 @@ fn a_killed_guest_process_is_restarted_alone_with_its_vmm_connection() {
     let after: Vec<usize> = vmms.iter().map(|v| v.sent_requests().len()).collect();
     assert_eq!(after, negotiated, "no VMM had to set its device up again");
     // The serving process was not restarted.
-    let status = status_json(&daemon);
+    let status = daemon.status_json();
     assert_eq!(status["worker_restarts"], 0, "{status}");
     let still: Vec<Pid> = daemon_processes(&daemon);
     let serving = serving_before
@@ -379,7 +369,7 @@ fn runtime_guests_and_reloads_start_and_end_guest_processes_and_upgrades_are_ref
     assert!(!output.status.success(), "{output:?}");
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(stderr.contains("--isolation guest"), "{stderr}");
-    let status = status_json(&daemon);
+    let status = daemon.status_json();
     assert!(
         status["last_upgrade_error"]
             .as_str()
@@ -391,7 +381,7 @@ fn runtime_guests_and_reloads_start_and_end_guest_processes_and_upgrades_are_ref
     // SIGUSR2 (`systemctl kill -s USR2`) is refused the same way.
     signal::kill(daemon.pid(), Signal::SIGUSR2).unwrap();
     wait_until("the second refusal in status", || {
-        status_json(&daemon)["upgrade_failures"] == 2
+        daemon.status_json()["upgrade_failures"] == 2
     });
     serve_64(&mut kept);
     assert_eq!(guest_process(&daemon, "kept"), Some(kept_process));
@@ -425,7 +415,7 @@ fn a_killed_serving_process_leaves_every_vmm_connected() {
     }
     let after: Vec<usize> = vmms.iter().map(|v| v.sent_requests().len()).collect();
     assert_eq!(after, negotiated, "no VMM had to set its device up again");
-    let status = status_json(&daemon);
+    let status = daemon.status_json();
     assert_eq!(status["worker_restarts"], 1, "{status}");
     // Each guest's memory is still mapped by one process only.
     for vmm in &vmms {
@@ -636,19 +626,8 @@ fn a_starved_guest_in_a_guest_process_is_woken_over_its_link() {
     ]);
     daemon.wait_for_socket(&socket);
     let mut vmm = TestVmm::connect(&socket, TestVmmConfig::qemu()).unwrap();
-    let head = vmm.post(&[Buffer::writable(64)]).unwrap();
-    vmm.kick().unwrap();
-    assert!(
-        vmm.wait_used(1, Duration::from_secs(2)).is_err(),
-        "served with no source data"
-    );
-    let writer = common::feed_uniform_bytes(fifo);
-    let used = vmm
-        .wait_used(1, PATIENCE)
-        .unwrap_or_else(|e| panic!("{e}\n{}", daemon.log()));
-    // (Raw mode may answer with part of the request: virtio-rng allows it.)
-    assert_eq!(used[0].head, head);
-    assert!(used[0].len > 0 && used[0].len <= 64, "{:?}", used[0]);
+    let writer =
+        common::starved_request_is_answered_once_fed(&mut vmm, fifo, PATIENCE, || daemon.log());
     drop(vmm);
     drop(daemon);
     writer.join().unwrap();

@@ -27,16 +27,6 @@ fn serve_64(vmm: &mut TestVmm) {
     assert_eq!(vmm.wait_used(1, PATIENCE).unwrap()[0].len, 64);
 }
 
-fn status_json(daemon: &Daemon) -> serde_json::Value {
-    let output = run_cli([
-        "status".as_ref(),
-        "--json".as_ref(),
-        "--control".as_ref(),
-        daemon.control().as_os_str(),
-    ]);
-    serde_json::from_slice(&output.stdout).unwrap_or_default()
-}
-
 /// A directory the `--user` user may enter (tempdirs are root's alone),
 /// as /run/vhost-rng would be.
 fn shared_dir() -> tempfile::TempDir {
@@ -72,7 +62,7 @@ fn the_serving_process_runs_unprivileged_with_no_capabilities_and_a_filter() {
     let mut vmm = TestVmm::connect(&socket, TestVmmConfig::qemu()).unwrap();
     serve_64(&mut vmm);
 
-    let status = status_json(&daemon);
+    let status = daemon.status_json();
     let sandbox = &status["sandbox"];
     assert_eq!(sandbox["seccomp"], "kill", "{status}");
     assert!(
@@ -145,7 +135,7 @@ fn a_forbidden_system_call_kills_the_serving_process_and_another_takes_over() {
     daemon.wait_for_log("taking over 1 guest(s)", 1);
     assert!(daemon.is_running());
 
-    let status = status_json(&daemon);
+    let status = daemon.status_json();
     assert_eq!(status["worker_restarts"], 1, "{status}");
     assert_eq!(
         status["last_worker_exit"], "was killed by SIGSYS",
@@ -166,7 +156,7 @@ fn with_seccomp_log_the_call_goes_through_and_the_process_lives() {
     let answer = control::request(daemon.control(), &Request::ForbiddenSyscallProbe).unwrap();
     assert_eq!(answer, Response::Ok);
     assert_eq!(daemon.serving_pid(), worker);
-    assert_eq!(status_json(&daemon)["sandbox"]["seccomp"], "log");
+    assert_eq!(daemon.status_json()["sandbox"]["seccomp"], "log");
     daemon.assert_sandboxed();
 }
 
@@ -279,7 +269,7 @@ fn an_upgrade_keeps_the_guest_and_the_sandbox() {
     wait_until("the new serving process", || daemon.serving_pid() != worker);
     assert_eq!(daemon.pid(), top);
     serve_64(&mut vmm);
-    let status = status_json(&daemon);
+    let status = daemon.status_json();
     assert_eq!(status["upgrades"], 1, "{status}");
     assert_eq!(status["worker_restarts"], 0, "{status}");
     daemon.assert_sandboxed();

@@ -328,6 +328,18 @@ impl Daemon {
         });
     }
 
+    /// `vhost-rng status --json` against this daemon (null if it did not
+    /// answer).
+    pub fn status_json(&self) -> serde_json::Value {
+        let output = run_cli([
+            "status".as_ref(),
+            "--json".as_ref(),
+            "--control".as_ref(),
+            self.control().as_os_str(),
+        ]);
+        serde_json::from_slice(&output.stdout).unwrap_or_default()
+    }
+
     pub fn log(&self) -> String {
         fs::read_to_string(&self.log_path).unwrap_or_default()
     }
@@ -690,4 +702,33 @@ pub fn feed_uniform_bytes(path: std::path::PathBuf) -> std::thread::JoinHandle<(
             }
         }
     })
+}
+
+/// A 64-byte request posted while the daemon's only source (the FIFO at
+/// `fifo`, `--mode raw`) has nothing: not answered for 2 s, then, once the
+/// FIFO is fed (no further kick), answered within `patience` with 1 to 64
+/// bytes (raw mode may answer part of a request, as virtio-rng allows).
+/// `log` is shown if it is not. Returns the feeder, which ends when the
+/// daemon is gone.
+pub fn starved_request_is_answered_once_fed(
+    vmm: &mut vhost_rng_testing::TestVmm,
+    fifo: PathBuf,
+    patience: Duration,
+    log: impl Fn() -> String,
+) -> thread::JoinHandle<()> {
+    let head = vmm
+        .post(&[vhost_rng_testing::Buffer::writable(64)])
+        .unwrap();
+    vmm.kick().unwrap();
+    assert!(
+        vmm.wait_used(1, Duration::from_secs(2)).is_err(),
+        "served with no source data"
+    );
+    let writer = feed_uniform_bytes(fifo);
+    let used = vmm
+        .wait_used(1, patience)
+        .unwrap_or_else(|e| panic!("{e}\n{}", log()));
+    assert_eq!(used[0].head, head);
+    assert!(used[0].len > 0 && used[0].len <= 64, "{:?}", used[0]);
+    writer
 }
