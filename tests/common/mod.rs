@@ -369,7 +369,12 @@ impl Daemon {
 
     /// The serving process (the top process's child), which maps guest
     /// memory and holds the guests' threads; waits until there is one.
+    ///
+    /// Waits for the first serving process's READY as well: one that dies
+    /// before it is ready stops the daemon (a start that cannot finish),
+    /// which is not what a test killing it means to exercise.
     pub fn serving_pid(&self) -> Pid {
+        self.wait_for_log("serving process ready", 1);
         let children = format!("/proc/{0}/task/{0}/children", self.child.id());
         let mut pid = None;
         wait_until("the serving process to start", || {
