@@ -237,7 +237,7 @@ impl Daemon {
     }
 
     /// Starts `vhost-rng serve` listening on each of `sockets` and waits
-    /// until every socket accepts connections.
+    /// until every socket accepts connections and the daemon is ready.
     pub fn serve(sockets: &[&Path]) -> Daemon {
         let mut args = vec!["serve".to_owned()];
         for socket in sockets {
@@ -248,6 +248,9 @@ impl Daemon {
         for socket in sockets {
             daemon.wait_for_socket(socket);
         }
+        // The control socket and the shared listeners come after the
+        // guests' sockets; READY after them.
+        daemon.wait_for_log_while_running("serving process ready", 1);
         daemon
     }
 
