@@ -550,6 +550,43 @@ fn a_call_eventfd_at_its_maximum_does_not_block_the_guest() {
 }
 
 #[test]
+fn a_kick_eventfd_that_stays_readable_does_not_make_the_loop_spin() {
+    let mut target = Target::start(&[]);
+    let mut vmm = RawVmm::connect(&target.victim);
+    vmm.claim();
+    let memory = GuestMemory::new(MEMORY_SIZE);
+    vmm.set_mem_table(&[(0, MEMORY_SIZE, VMM_BASE, 0)], &[memory.fd()]);
+    vmm.set_up_ring();
+    vmm.send_u64(SET_VRING_CALL, 0, &[eventfd(0).as_raw_fd()]);
+    // A semaphore eventfd gives 1 per read: with 2^40 in it, a loop that
+    // read one count per wake-up would find it readable forever.
+    let kick_fd =
+        vmm_sys_util::eventfd::EventFd::new(libc::EFD_SEMAPHORE | libc::EFD_CLOEXEC).unwrap();
+    kick_fd.write(1 << 40).unwrap();
+    vmm.send_u64(SET_VRING_KICK, 0, &[kick_fd.as_raw_fd()]);
+    vmm.sync();
+    let (run_before, switches_before) = common::event_loop_cost(&target.daemon);
+    thread::sleep(Duration::from_secs(1));
+    let (run_after, switches_after) = common::event_loop_cost(&target.daemon);
+    let (run, switches) = (run_after - run_before, switches_after - switches_before);
+    eprintln!("event loops over 1 s: {run} ns, {switches} context switches");
+    assert!(
+        switches <= common::WAITING_SWITCHES,
+        "{switches} context switches"
+    );
+    assert!(run <= common::WAITING_RUN_TIME, "{run} ns of run time");
+    // Each kick is still a wake-up.
+    for n in 0..3 {
+        memory.post(n);
+        kick_fd.write(1).unwrap();
+        wait_until("the request to be served", || memory.used_idx() == n + 1);
+    }
+    serve_one_request(&target.bystander);
+    drop(vmm);
+    target.assert_recovered();
+}
+
+#[test]
 fn messages_before_set_owner_close_the_connection() {
     let mut target = Target::start(&[]);
     let mut vmm = RawVmm::connect(&target.victim);

@@ -561,51 +561,6 @@ fn a_vmm_stalled_mid_message_does_not_delay_other_guests() {
     );
 }
 
-/// Run time (ns) and context switches of the serving process's event-loop
-/// threads (`vhost-user-*`), summed.
-fn loop_threads_cost(daemon: &Daemon) -> (u64, u64) {
-    let pid = daemon.serving_pid();
-    let mut cost = (0, 0);
-    for task in std::fs::read_dir(format!("/proc/{pid}/task")).unwrap() {
-        let task = task.unwrap().path();
-        let Ok(name) = std::fs::read_to_string(task.join("comm")) else {
-            continue;
-        };
-        if !name.starts_with("vhost-user") {
-            continue;
-        }
-        let schedstat = std::fs::read_to_string(task.join("schedstat")).unwrap();
-        cost.0 += schedstat
-            .split_whitespace()
-            .next()
-            .unwrap()
-            .parse::<u64>()
-            .unwrap();
-        let status = std::fs::read_to_string(task.join("status")).unwrap();
-        for line in status.lines() {
-            if line.starts_with("voluntary_ctxt_switches")
-                || line.starts_with("nonvoluntary_ctxt_switches")
-            {
-                cost.1 += line
-                    .split_whitespace()
-                    .last()
-                    .unwrap()
-                    .parse::<u64>()
-                    .unwrap();
-            }
-        }
-    }
-    cost
-}
-
-/// Most context switches the event loops may make while a guest waits for
-/// one throttle period or for the pool: a handful of wake-ups, where a loop
-/// that polled would make hundreds.
-const WAITING_SWITCHES: u64 = 40;
-/// Most run time (ns) of the event loops over such a wait: a few
-/// milliseconds of work, where a loop that spun would run for most of it.
-const WAITING_RUN_TIME: u64 = 250_000_000;
-
 #[test]
 fn a_throttled_guest_is_woken_by_the_timer_without_polling() {
     let dir = tempfile::tempdir().unwrap();
@@ -619,7 +574,7 @@ fn a_throttled_guest_is_woken_by_the_timer_without_polling() {
     let mut vmm = TestVmm::connect(&socket, TestVmmConfig::qemu()).unwrap();
     // 64 bytes a second: the first request waits for the bucket to fill
     // (it starts empty), the second for the next period.
-    let (before, switches_before) = loop_threads_cost(&daemon);
+    let (before, switches_before) = common::event_loop_cost(&daemon);
     let first = vmm.post(&[Buffer::writable(64)]).unwrap();
     let second = vmm.post(&[Buffer::writable(64)]).unwrap();
     vmm.kick().unwrap();
@@ -628,11 +583,14 @@ fn a_throttled_guest_is_woken_by_the_timer_without_polling() {
         used.iter().map(|u| (u.head, u.len)).collect::<Vec<_>>(),
         [(first, 64), (second, 64)]
     );
-    let (after, switches_after) = loop_threads_cost(&daemon);
+    let (after, switches_after) = common::event_loop_cost(&daemon);
     let (run, switches) = (after - before, switches_after - switches_before);
     eprintln!("event loops: {run} ns, {switches} context switches");
-    assert!(switches <= WAITING_SWITCHES, "{switches} context switches");
-    assert!(run <= WAITING_RUN_TIME, "{run} ns of run time");
+    assert!(
+        switches <= common::WAITING_SWITCHES,
+        "{switches} context switches"
+    );
+    assert!(run <= common::WAITING_RUN_TIME, "{run} ns of run time");
 }
 
 #[test]
@@ -654,7 +612,7 @@ fn a_starved_guest_is_woken_by_the_pool_without_polling() {
     daemon.wait_for_socket(&socket);
     let mut vmm = TestVmm::connect(&socket, TestVmmConfig::qemu()).unwrap();
 
-    let (before, switches_before) = loop_threads_cost(&daemon);
+    let (before, switches_before) = common::event_loop_cost(&daemon);
     // Nothing to give: the request waits (and nothing in the loops runs);
     // the source delivers: answered without another kick.
     let writer = common::starved_request_is_answered_once_fed(
@@ -663,11 +621,14 @@ fn a_starved_guest_is_woken_by_the_pool_without_polling() {
         Duration::from_secs(30),
         || daemon.log(),
     );
-    let (after, switches_after) = loop_threads_cost(&daemon);
+    let (after, switches_after) = common::event_loop_cost(&daemon);
     let (run, switches) = (after - before, switches_after - switches_before);
     eprintln!("event loops: {run} ns, {switches} context switches");
-    assert!(switches <= WAITING_SWITCHES, "{switches} context switches");
-    assert!(run <= WAITING_RUN_TIME, "{run} ns of run time");
+    assert!(
+        switches <= common::WAITING_SWITCHES,
+        "{switches} context switches"
+    );
+    assert!(run <= common::WAITING_RUN_TIME, "{run} ns of run time");
     drop(vmm);
     drop(daemon);
     writer.join().unwrap();

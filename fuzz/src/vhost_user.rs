@@ -191,12 +191,18 @@ fn handle_message(
 }
 
 /// What the server's event loop does when its epoll returns: the kick if
-/// it is readable, the pool's wake-up (the handler serves only if the pool
-/// woke it) and the rate-limit deadline if it has come.
+/// it was written since the last look (the loop waits on it edge-triggered;
+/// here the count is taken to see the next write), the pool's wake-up (the
+/// handler serves only if the pool woke it) and the rate-limit deadline if
+/// it has come.
 fn events(handler: &mut Handler) {
     let kicked = handler.kick_fd().is_some_and(|kick| {
         let mut fds = [PollFd::new(kick, PollFlags::POLLIN)];
-        poll(&mut fds, PollTimeout::ZERO).is_ok_and(|ready| ready > 0)
+        let ready = poll(&mut fds, PollTimeout::ZERO).is_ok_and(|ready| ready > 0);
+        if ready {
+            let _ = nix::unistd::read(kick, &mut [0u8; 8]);
+        }
+        ready
     });
     if kicked {
         handler.on_kick();

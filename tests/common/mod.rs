@@ -282,6 +282,7 @@ impl Daemon {
         for socket in sockets {
             daemon.wait_for_socket(socket);
         }
+        daemon.wait_for_log_while_running("serving process ready", 1);
         daemon
     }
 
@@ -740,3 +741,48 @@ pub fn starved_request_is_answered_once_fed(
     assert!(used[0].len > 0 && used[0].len <= 64, "{:?}", used[0]);
     writer
 }
+
+/// Run time (ns) and context switches of the serving process's event-loop
+/// threads (`vhost-user-*`), summed.
+pub fn event_loop_cost(daemon: &Daemon) -> (u64, u64) {
+    let pid = daemon.serving_pid();
+    let mut cost = (0, 0);
+    for task in std::fs::read_dir(format!("/proc/{pid}/task")).unwrap() {
+        let task = task.unwrap().path();
+        let Ok(name) = std::fs::read_to_string(task.join("comm")) else {
+            continue;
+        };
+        if !name.starts_with("vhost-user") {
+            continue;
+        }
+        let schedstat = std::fs::read_to_string(task.join("schedstat")).unwrap();
+        cost.0 += schedstat
+            .split_whitespace()
+            .next()
+            .unwrap()
+            .parse::<u64>()
+            .unwrap();
+        let status = std::fs::read_to_string(task.join("status")).unwrap();
+        for line in status.lines() {
+            if line.starts_with("voluntary_ctxt_switches")
+                || line.starts_with("nonvoluntary_ctxt_switches")
+            {
+                cost.1 += line
+                    .split_whitespace()
+                    .last()
+                    .unwrap()
+                    .parse::<u64>()
+                    .unwrap();
+            }
+        }
+    }
+    cost
+}
+
+/// Most context switches the event loops may make while a guest waits for
+/// one throttle period or for the pool: a handful of wake-ups, where a loop
+/// that polled would make hundreds.
+pub const WAITING_SWITCHES: u64 = 40;
+/// Most run time (ns) of the event loops over such a wait: a few
+/// milliseconds of work, where a loop that spun would run for most of it.
+pub const WAITING_RUN_TIME: u64 = 250_000_000;

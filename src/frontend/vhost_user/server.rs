@@ -390,7 +390,12 @@ pub fn run_connection(
             let _ = wake.read();
             handler.on_wake();
         }
-        if handler.kick_fd().is_some() && ready.last() == Some(&true) {
+        if let Some(kick) = handler.kick_fd()
+            && ready.last() == Some(&true)
+        {
+            // poll(2) is level-triggered: the kick is taken here, where
+            // the event loops wait on it edge-triggered and never read it.
+            let _ = nix::unistd::read(kick, &mut [0u8; 8]);
             handler.on_kick();
         }
         if handler
