@@ -786,3 +786,14 @@ pub const WAITING_SWITCHES: u64 = 40;
 /// Most run time (ns) of the event loops over such a wait: a few
 /// milliseconds of work, where a loop that spun would run for most of it.
 pub const WAITING_RUN_TIME: u64 = 250_000_000;
+
+/// Asserts that the event loops, since [`event_loop_cost`] gave `before`,
+/// only waited: at most [`WAITING_SWITCHES`] context switches and
+/// [`WAITING_RUN_TIME`] of run time.
+pub fn assert_event_loops_waited(daemon: &Daemon, before: (u64, u64)) {
+    let after = event_loop_cost(daemon);
+    let (run, switches) = (after.0 - before.0, after.1 - before.1);
+    eprintln!("event loops: {run} ns, {switches} context switches");
+    assert!(switches <= WAITING_SWITCHES, "{switches} context switches");
+    assert!(run <= WAITING_RUN_TIME, "{run} ns of run time");
+}
