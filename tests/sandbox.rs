@@ -293,3 +293,86 @@ fn socket_files_the_unprivileged_process_cannot_remove_are_removed_at_stop() {
         assert!(!path.exists(), "{} left behind", path.display());
     }
 }
+
+#[test]
+fn socket_dirs_are_made_for_the_user_and_one_it_cannot_write_is_named_at_start() {
+    let user = test_user().expect("the sandbox tests run as root");
+    let user = nix::unistd::User::from_name(&user).unwrap().unwrap();
+    let dir = shared_dir();
+    let socket = dir.path().join("vm.sock");
+    // Missing: made for the user.
+    let made = dir.path().join("runtime/guests");
+    // Root's, 0755: the user cannot make files there.
+    let roots = shared_dir();
+    // Root's, the user's group may write, sticky: as the packaged unit
+    // leaves /run/vhost-rng.
+    let sticky = shared_dir();
+    nix::unistd::chown(sticky.path(), None, Some(user.gid)).unwrap();
+    std::fs::set_permissions(sticky.path(), std::fs::Permissions::from_mode(0o1775)).unwrap();
+    let (made_arg, roots_arg, sticky_arg) = (
+        made.display().to_string(),
+        roots.path().display().to_string(),
+        sticky.path().display().to_string(),
+    );
+    let daemon = start(
+        &socket,
+        &[
+            "--socket-dir",
+            &made_arg,
+            "--socket-dir",
+            &roots_arg,
+            "--socket-dir",
+            &sticky_arg,
+        ],
+        &[],
+    );
+    let meta = std::fs::metadata(&made).unwrap();
+    use std::os::unix::fs::MetadataExt;
+    assert_eq!(
+        (meta.uid(), meta.gid(), meta.mode() & 0o7777),
+        (user.uid.as_raw(), user.gid.as_raw(), 0o755)
+    );
+    let warning = |dir: &str| format!("--socket-dir {dir}: the serving process runs as");
+    daemon.wait_for_log(&warning(&roots_arg), 1);
+    assert!(!daemon.log().contains(&warning(&sticky_arg)));
+    assert!(!daemon.log().contains(&warning(&made_arg)));
+
+    let control = |args: &[&str]| {
+        let mut full: Vec<&std::ffi::OsStr> = args.iter().map(|a| a.as_ref()).collect();
+        full.extend(["--control".as_ref(), daemon.control().as_os_str()]);
+        run_cli(full)
+    };
+    let late = made.join("late.sock");
+    let added = control(&[
+        "guest",
+        "add",
+        &format!("name=late,socket={}", late.display()),
+    ]);
+    assert!(added.status.success(), "{added:?}");
+    let mut vmm = TestVmm::connect(&late, TestVmmConfig::qemu()).unwrap();
+    serve_64(&mut vmm);
+    let refused = control(&[
+        "guest",
+        "add",
+        &format!("name=no,socket={}", roots.path().join("no.sock").display()),
+    ]);
+    assert!(!refused.status.success());
+    assert!(
+        String::from_utf8_lossy(&refused.stderr).contains("Permission denied"),
+        "{refused:?}"
+    );
+    let shared = sticky.path().join("shared.sock");
+    let added = control(&[
+        "guest",
+        "add",
+        &format!("name=shared,socket={}", shared.display()),
+    ]);
+    assert!(added.status.success(), "{added:?}");
+    assert!(shared.exists());
+    let removed = control(&["guest", "remove", "shared"]);
+    assert!(removed.status.success(), "{removed:?}");
+    assert!(
+        !shared.exists(),
+        "the socket file is removed with its guest"
+    );
+}

@@ -346,6 +346,8 @@ pub fn run(config: ServeConfig) -> Result<(), DaemonError> {
     if let Some(control) = &resolved.control {
         ControlServer::prepare_directory(control);
     }
+    // Runtime additions make their sockets there as --user.
+    sandbox::socket_dirs::prepare(&resolved.socket_dirs, run_as.as_ref());
     // Before any thread starts, so that every thread is confined.
     let landlock = sandbox::landlock::restrict(&reachable(&config, &resolved, inherited.as_ref()));
     info!("serving mode: {}", resolved.pool.mode.as_str());

@@ -5,7 +5,8 @@
 //! system-call allow-list ([`seccomp`], `--seccomp`).
 //!
 //! Order in the serving process: stdin on /dev/null and umask 077 first;
-//! then, before any thread starts, Landlock (inherited by every thread);
+//! then the `--socket-dir` directories made ready ([`socket_dirs`]); then,
+//! before any thread starts, Landlock (inherited by every thread);
 //! then the set-up that needs root (sockets, devices, the control socket);
 //! then the privilege drop and the process-wide filter. Threads that read
 //! guest, VMM or network input wait at a gate ([`enter`]) until all of that
@@ -15,6 +16,7 @@
 pub mod landlock;
 pub mod privileges;
 pub mod seccomp;
+pub mod socket_dirs;
 
 mod mode;
 
