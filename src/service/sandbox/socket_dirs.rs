@@ -32,14 +32,16 @@ fn writable_by(uid: Uid, gid: Gid, meta: &fs::Metadata) -> bool {
     }
 }
 
-/// Makes each of `dirs` that is missing (owned by `run_as`'s user and
-/// group, mode 0755, parents as root makes them) and warns about each that
-/// `run_as` cannot write. Nothing here stops the start: guests named at
-/// start do not need these directories.
+/// Makes each of `dirs` that is missing (mode 0755 with any missing
+/// parents, the directory itself owned by `run_as`'s user and group) and
+/// warns about each that `run_as` cannot write. Nothing here stops the
+/// start: guests named at start do not need these directories.
 pub fn prepare(dirs: &[impl AsRef<Path>], run_as: Option<&RunAs>) {
     for dir in dirs {
         let dir = dir.as_ref();
-        match fs::symlink_metadata(dir) {
+        // A symbolic link to a directory is that directory, for Landlock
+        // too.
+        match fs::metadata(dir) {
             Ok(meta) if !meta.is_dir() => warn!(
                 "--socket-dir {}: not a directory; guests added later cannot have their \
                  sockets there",
