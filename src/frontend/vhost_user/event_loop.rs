@@ -466,9 +466,7 @@ impl EventLoop {
                     entry.server.guest().name(),
                     socket.path().display()
                 );
-                entry.retry_at = Some(Instant::now() + SETUP_RETRY);
-                self.unlisten(slot);
-                self.queue_deadline(slot);
+                self.retry_later(slot);
             }
         }
     }
