@@ -967,9 +967,8 @@ mod tests {
         vq.add_desc_chains(&descs, 0).unwrap();
         let mut queue: Queue = vq.create_queue().unwrap();
         queue.set_event_idx(true);
-        // Per the split-ring layout: used_event follows the avail ring,
-        // avail_event follows the used ring.
-        let used_event = vq.avail_addr().unchecked_add(4 + 2 * u64::from(QUEUE_SIZE));
+        // Per the split-ring layout, avail_event follows the used ring.
+        let used_event = used_event_addr(&vq);
         let avail_event = vq.used_addr().unchecked_add(4 + 8 * u64::from(QUEUE_SIZE));
         let mut processor = RequestProcessor::default();
         let mut stream = PatternStream::unlimited();
@@ -1271,6 +1270,12 @@ mod tests {
     /// avail ring's `used_event`, which these tests need to set first.
     const USED_RING: u64 = 0x8000;
 
+    /// The driver's `used_event`: per the split-ring layout, it follows
+    /// the avail ring.
+    fn used_event_addr(vq: &MockSplitQueue<GuestMemoryMmap>) -> GuestAddress {
+        vq.avail_addr().unchecked_add(4 + 2 * u64::from(QUEUE_SIZE))
+    }
+
     fn queue_with_separate_used_ring(vq: &MockSplitQueue<GuestMemoryMmap>) -> Queue {
         let mut queue: Queue = vq.create_queue().unwrap();
         queue.set_used_ring_address(Some(USED_RING as u32), Some(0));
@@ -1311,7 +1316,7 @@ mod tests {
         }
         vq.avail().idx().store(start.wrapping_add(4));
         // The driver wants to hear once the request at index 65535 is used.
-        let used_event = vq.avail_addr().unchecked_add(4 + 2 * u64::from(QUEUE_SIZE));
+        let used_event = used_event_addr(&vq);
         mem.write_obj(u16::MAX, used_event).unwrap();
 
         let outcome = RequestProcessor::default()
@@ -1337,7 +1342,7 @@ mod tests {
         let mem = memory();
         let vq = MockSplitQueue::new(&mem, QUEUE_SIZE);
         let mut queue = queue_with_separate_used_ring(&vq);
-        let used_event = vq.avail_addr().unchecked_add(4 + 2 * u64::from(QUEUE_SIZE));
+        let used_event = used_event_addr(&vq);
         let descs: Vec<_> = (0..4).map(|i| writable(BUFFERS + i * 0x1000, 8)).collect();
         vq.add_desc_chains(&descs, 0).unwrap();
         let mut processor = RequestProcessor::default();
